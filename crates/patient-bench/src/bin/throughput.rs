@@ -1,0 +1,133 @@
+//! Throughput: enqueue → `on_complete` through patient's processor versus a
+//! bare hyper-util client loop, same upstream route (`/fast`), same
+//! concurrency.
+//!
+//! ```text
+//! cargo run --release -p patient-bench --bin throughput [-- --n 50000 --c 64,256]
+//! ```
+
+use std::{
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use patient_bench::{
+    args::Args,
+    bare,
+    harness::{
+        main_with, BoxError, Completion, Harness, Program, Side, SideContext, SideReport, Watchdog,
+    },
+    patient_side::BenchHandler,
+    report::{push_ratio, ratio, Line},
+    stats::Summary,
+};
+use patient_http::{Config, Processor, Request};
+
+const BENCH: &str = "throughput";
+const TARGET_RATIO: f64 = 0.9;
+
+const USAGE: &str =
+    "usage: throughput [--n N] [--c C1,C2] [--url BASE] [--only patient|hyper] [--timeout-s S]
+
+Sends N requests (default 50000) to BASE/fast with C outstanding at a time
+(default 64,256: both are run), once through patient's processor and once
+through a bare hyper-util client, each in a process of its own. Without
+--url it starts its own upstream in a child process. Prints one key=value
+line per run and a ratio line; target: patient req/s >= 0.9x bare hyper.
+The whole program stops after --timeout-s seconds (default 120).";
+
+fn main() -> ExitCode {
+    main_with(Program {
+        bench: BENCH,
+        usage: USAGE,
+        value_flags: &["--n", "--c"],
+        parent,
+        side,
+    })
+}
+
+fn parent(harness: &mut Harness, args: &Args) -> Result<(), BoxError> {
+    let n: u64 = args.get("--n", 50_000)?;
+    let concurrencies: Vec<usize> = args.list("--c", &[64, 256])?;
+    for c in concurrencies {
+        let flags = [("--n", n.to_string()), ("--c", c.to_string())];
+        let hyper = harness
+            .wants(Side::Hyper)
+            .then(|| harness.run(Side::Hyper, &flags));
+        let patient = harness
+            .wants(Side::Patient)
+            .then(|| harness.run(Side::Patient, &flags));
+        let (Some(hyper), Some(patient)) = (hyper, patient) else {
+            continue;
+        };
+        let req_s = ratio(patient.number("req_s"), hyper.number("req_s"));
+        let wall = ratio(patient.number("wall_s"), hyper.number("wall_s"));
+        let rss = ratio(patient.number("peak_rss_mb"), hyper.number("peak_rss_mb"));
+        let pass = patient.is_complete()
+            && hyper.is_complete()
+            && req_s.is_some_and(|r| r >= TARGET_RATIO);
+        let line = Line::new(BENCH).text("c", c);
+        let line = push_ratio(line, "ratio_req_s", req_s);
+        let line = push_ratio(line, "ratio_wall", wall);
+        let line = push_ratio(line, "ratio_rss", rss);
+        harness.emit(
+            line.text("target", format!("ratio_req_s>={TARGET_RATIO}"))
+                .text("pass", pass),
+        );
+    }
+    Ok(())
+}
+
+fn side(ctx: &SideContext, args: &Args) -> Result<SideReport, BoxError> {
+    let n: u64 = args.get("--n", 50_000)?;
+    let c: usize = args.get("--c", 64)?;
+    let url = format!("{}/fast", ctx.url);
+    let line = ctx.line(BENCH).text("c", c).text("n", n);
+    let completion;
+    let (wall, latencies, complete) = match ctx.side {
+        Side::Patient => {
+            let handler = BenchHandler::new(Request::get(&url).build()?, n, true);
+            completion = handler.completion();
+            let _watchdog = Watchdog::arm(ctx.deadline, completion.clone(), line.clone());
+            let config = Config::builder().max_connections(c * 2).build()?;
+            let processor = Processor::builder().config(config).build(handler.clone())?;
+            processor.start()?;
+            handler.attach(processor.clone());
+            let start = Instant::now();
+            handler.issue(c as u64);
+            let complete = completion.wait(ctx.deadline);
+            let wall = start.elapsed();
+            processor.stop(Some(Duration::from_secs(1)));
+            (wall, handler.latencies(), complete)
+        }
+        Side::Hyper => {
+            completion = Arc::new(Completion::new(n));
+            let _watchdog = Watchdog::arm(ctx.deadline, completion.clone(), line.clone());
+            let runtime = bare::runtime(SideContext::workers())?;
+            let run = bare::closed_loop(
+                &runtime,
+                url.parse()?,
+                c,
+                n,
+                completion.clone(),
+                ctx.deadline,
+            )?;
+            runtime.shutdown_background();
+            (run.wall, run.latencies, run.complete)
+        }
+    };
+    let summary = Summary::from_nanos(latencies);
+    let wall_s = wall.as_secs_f64();
+    let mut line = line
+        .round("req_s", completion.done() as f64 / wall_s)
+        .fixed("wall_s", wall_s, 3)
+        .fixed("p50_ms", summary.p50_ms(), 3)
+        .fixed("p99_ms", summary.p99_ms(), 3)
+        .peak_rss()
+        .text("errors", completion.errors());
+    if !complete {
+        line = line.text("done", completion.done()).text("timeout", true);
+    }
+    Ok(SideReport { line, complete })
+}

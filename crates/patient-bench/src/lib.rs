@@ -1,0 +1,35 @@
+//! Benchmarks of patient's processor against a bare hyper-util client.
+//!
+//! Three programs live in `src/bin/`:
+//!
+//! * `throughput` — enqueue → `on_complete` through the processor versus a
+//!   bare hyper-util client loop, same upstream route and concurrency;
+//! * `scale` — thousands of requests in flight at once against a slow route;
+//! * `enqueue_latency` — how long `Processor::enqueue` takes on application
+//!   threads while the processor is busy.
+//!
+//! Each program re-executes itself: once as the upstream server
+//! (`--upstream-child`, see [`upstream`]), and once per measured side
+//! (`--side patient|hyper`, see [`harness`]), so that the upstream's sockets
+//! and each side's peak RSS are counted in a process of their own. Every
+//! child prints one `key=value` line ([`report`]); the parent prints those
+//! lines and a ratio line.
+//!
+//! ```
+//! use patient_bench::{report::Line, stats::Summary};
+//!
+//! let summary = Summary::from_nanos(vec![1_000_000, 2_000_000, 3_000_000]);
+//! let line = Line::new("throughput")
+//!     .text("side", "patient")
+//!     .fixed("p50_ms", summary.p50_ms(), 3);
+//! assert_eq!(line.to_string(), "bench=throughput side=patient p50_ms=2.000");
+//! ```
+
+pub mod args;
+pub mod bare;
+pub mod harness;
+pub mod patient_side;
+pub mod report;
+pub mod rss;
+pub mod stats;
+pub mod upstream;

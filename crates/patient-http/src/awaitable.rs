@@ -1,0 +1,47 @@
+//! The awaitable client: the same request path as an `async fn`.
+
+use std::sync::Arc;
+
+use patient_wire::{Request, Response, TaskError};
+
+use crate::{engine::Engine, Builder, Task};
+
+/// Runs requests in the caller's own async runtime and returns their outcome,
+/// with the same redirects, secrets, preprocessors and error wrapping as the
+/// processor. Cheap to clone.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use patient_http::{AwaitableClient, Request};
+///
+/// let client = AwaitableClient::builder().build_awaitable()?;
+/// let response = client.send(Request::get("https://example.com/").build()?).await?;
+/// println!("{}", response.status);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct AwaitableClient {
+    engine: Arc<Engine>,
+}
+
+impl AwaitableClient {
+    /// A builder for the configuration, secrets, preprocessors and observers.
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+
+    pub(crate) fn from_engine(engine: Arc<Engine>) -> AwaitableClient {
+        AwaitableClient { engine }
+    }
+
+    /// Runs a task: a response, or the error the processor would hand to `on_error`.
+    pub async fn execute(&self, task: &Task) -> Result<Response, TaskError> {
+        self.engine.execute(task).await
+    }
+
+    /// Runs a request as a task with a new id and no callback.
+    pub async fn send(&self, request: Request) -> Result<Response, TaskError> {
+        self.engine.execute(&Task::new(request, "")).await
+    }
+}

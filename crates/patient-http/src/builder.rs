@@ -1,0 +1,97 @@
+//! One builder for every face of the engine: the processor, the inline
+//! executor and the awaitable client.
+
+use std::sync::{atomic::AtomicU64, Arc};
+
+use crate::{
+    client::HttpClient,
+    engine::Engine,
+    preprocess::{Preprocessor, Preprocessors},
+    secret::{Secret, Secrets},
+    AwaitableClient, Config, ConfigError, InlineExecutor, Processor, ProcessorObserver,
+    TaskHandler,
+};
+
+/// Collects the configuration, secrets, preprocessors and observers, then
+/// builds a [`Processor`], an [`InlineExecutor`] or an [`AwaitableClient`].
+#[must_use]
+#[derive(Default)]
+pub struct Builder {
+    config: Config,
+    secrets: Secrets,
+    preprocessors: Preprocessors,
+    observers: Vec<Arc<dyn ProcessorObserver>>,
+}
+
+impl Builder {
+    /// Default configuration, no secrets, no preprocessors, no observers.
+    pub fn new() -> Builder {
+        Builder::default()
+    }
+
+    /// The configuration (default: [`Config::default`]).
+    pub fn config(mut self, config: Config) -> Builder {
+        self.config = config;
+        self
+    }
+
+    /// Registers a named secret that requests reference as `{"$secret": name}`.
+    pub fn secret(mut self, name: impl Into<String>, secret: impl Into<Secret>) -> Builder {
+        self.secrets.insert(name, secret);
+        self
+    }
+
+    /// Registers every secret of a registry.
+    pub fn secrets(mut self, secrets: Secrets) -> Builder {
+        self.secrets = secrets;
+        self
+    }
+
+    /// Registers a named preprocessor that requests list in `preprocessors`.
+    pub fn preprocessor(mut self, name: impl Into<String>, p: impl Preprocessor) -> Builder {
+        self.preprocessors.insert(name, p);
+        self
+    }
+
+    /// Adds an observer.
+    pub fn observer(mut self, observer: impl ProcessorObserver) -> Builder {
+        self.observers.push(Arc::new(observer));
+        self
+    }
+
+    /// Adds a shared observer.
+    pub fn observer_arc(mut self, observer: Arc<dyn ProcessorObserver>) -> Builder {
+        self.observers.push(observer);
+        self
+    }
+
+    fn engine(self) -> Result<Arc<Engine>, ConfigError> {
+        let client = HttpClient::new(self.config.client.clone())
+            .map_err(|e| ConfigError::new(e.field(), e.reason().to_string()))?;
+        Ok(Arc::new(Engine {
+            config: self.config,
+            client,
+            secrets: self.secrets,
+            preprocessors: self.preprocessors,
+            observers: self.observers,
+            panics: AtomicU64::new(0),
+        }))
+    }
+
+    /// A processor that hands outcomes to `handler`. It is stopped: call
+    /// [`Processor::start`].
+    pub fn build(self, handler: impl TaskHandler) -> Result<Processor, ConfigError> {
+        Ok(Processor::from_engine(self.engine()?, Arc::new(handler)))
+    }
+
+    /// An inline executor that runs each task on the calling thread and hands
+    /// outcomes to `handler`.
+    pub fn build_inline(self, handler: impl TaskHandler) -> Result<InlineExecutor, ConfigError> {
+        InlineExecutor::from_engine(self.engine()?, Arc::new(handler))
+    }
+
+    /// An awaitable client for async code.
+    pub fn build_awaitable(self) -> Result<AwaitableClient, ConfigError> {
+        Ok(AwaitableClient::from_engine(self.engine()?))
+    }
+}

@@ -1,0 +1,85 @@
+//! rustls client configuration: webpki roots plus extra PEM roots, client
+//! certificates and ALPN.
+
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsConnector;
+
+use super::{
+    config::{ClientConfig, HttpVersionPref},
+    error::ClientConfigError,
+};
+
+/// The TLS connectors of a client.
+pub(crate) struct TlsConnectors {
+    /// For target servers; ALPN as the HTTP version preference says.
+    pub(crate) target: TlsConnector,
+    /// For `https://` proxies; ALPN `http/1.1`.
+    pub(crate) proxy: TlsConnector,
+}
+
+pub(crate) fn build(config: &ClientConfig) -> Result<TlsConnectors, ClientConfigError> {
+    const FIELD_ROOTS: &str = "extra_root_certs_pem";
+    const FIELD_IDENTITY: &str = "client_identity";
+
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for (index, pem) in config.extra_root_certs_pem.iter().enumerate() {
+        let mut found = 0;
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| {
+                ClientConfigError::new(FIELD_ROOTS, format!("certificate {index}: {e}"))
+            })?;
+            roots.add(cert).map_err(|e| {
+                ClientConfigError::new(FIELD_ROOTS, format!("certificate {index}: {e}"))
+            })?;
+            found += 1;
+        }
+        if found == 0 {
+            return Err(ClientConfigError::new(
+                FIELD_ROOTS,
+                format!("entry {index} holds no PEM certificate"),
+            ));
+        }
+    }
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientConfigError::new(FIELD_ROOTS, e.to_string()))?
+        .with_root_certificates(roots);
+    let mut target = match &config.client_identity {
+        None => builder.with_no_client_auth(),
+        Some((chain_pem, key_pem)) => {
+            let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    ClientConfigError::new(FIELD_IDENTITY, format!("certificate chain: {e}"))
+                })?;
+            if chain.is_empty() {
+                return Err(ClientConfigError::new(
+                    FIELD_IDENTITY,
+                    "the certificate chain holds no PEM certificate",
+                ));
+            }
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+                .map_err(|e| ClientConfigError::new(FIELD_IDENTITY, format!("private key: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| ClientConfigError::new(FIELD_IDENTITY, e.to_string()))?
+        }
+    };
+    let mut proxy = target.clone();
+    target.alpn_protocols = match config.http_version {
+        HttpVersionPref::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        HttpVersionPref::Http1Only => vec![b"http/1.1".to_vec()],
+        HttpVersionPref::Http2Only => vec![b"h2".to_vec()],
+    };
+    proxy.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnectors {
+        target: TlsConnector::from(Arc::new(target)),
+        proxy: TlsConnector::from(Arc::new(proxy)),
+    })
+}

@@ -1,0 +1,244 @@
+//! Processor configuration with validated defaults.
+
+use std::time::Duration;
+
+use crate::client::{ClientConfig, HttpVersionPref, ProxyConfig};
+
+/// Why a configuration was rejected. The message names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {field}: {reason}")]
+pub struct ConfigError {
+    /// The name of the rejected setting, as in [`ConfigBuilder`].
+    pub field: &'static str,
+    /// What is wrong with its value.
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        ConfigError {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The settings of a processor, an inline executor or an awaitable client.
+///
+/// Build one with [`Config::builder`]; every setting's default is stated on its
+/// setter. A `Config` is always valid: the builder checks every field.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) max_connections: usize,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) raise_error_responses: bool,
+    pub(crate) max_redirects: u32,
+    pub(crate) payload_store_threshold: usize,
+    pub(crate) worker_threads: usize,
+    pub(crate) client: ClientConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_connections: 256,
+            shutdown_timeout: Duration::from_secs(30),
+            raise_error_responses: false,
+            max_redirects: 5,
+            payload_store_threshold: 64 * 1024,
+            worker_threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            client: ClientConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Starts from the defaults.
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder {
+            config: Config::default(),
+        }
+    }
+
+    /// Most tasks queued or in flight at once; `enqueue` fails with *at capacity* past it.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// How long `stop` waits for tasks in flight before handing them to `retry`.
+    pub fn shutdown_timeout(&self) -> Duration {
+        self.shutdown_timeout
+    }
+
+    /// Whether non-2xx responses become HTTP errors for tasks that do not say.
+    pub fn raise_error_responses(&self) -> bool {
+        self.raise_error_responses
+    }
+
+    /// Redirects followed for requests that do not say.
+    pub fn max_redirects(&self) -> u32 {
+        self.max_redirects
+    }
+
+    /// Size in bytes of a serialized payload above which it goes to a payload store.
+    pub fn payload_store_threshold(&self) -> usize {
+        self.payload_store_threshold
+    }
+
+    /// Number of runtime threads the processor owns.
+    pub fn worker_threads(&self) -> usize {
+        self.worker_threads
+    }
+
+    /// Whole-request timeout for requests that do not set one.
+    pub fn request_timeout(&self) -> Duration {
+        self.client.request_timeout
+    }
+
+    /// The transport settings.
+    pub fn client(&self) -> &ClientConfig {
+        &self.client
+    }
+}
+
+/// Builds a [`Config`]; `build` validates every field.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ConfigBuilder {
+    config: Config,
+}
+
+impl ConfigBuilder {
+    /// Most tasks queued or in flight at once (default 256). Must be at least 1.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.config.max_connections = n;
+        self
+    }
+
+    /// Whole-request timeout, for requests that do not set their own (default 60 s).
+    /// It covers connecting, sending, every redirect hop and reading the body.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.client.request_timeout = timeout;
+        self
+    }
+
+    /// How long `stop` waits for tasks in flight before handing the rest to
+    /// `retry` (default 30 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Largest response body read, in bytes (default 1 MiB, 1,048,576). A larger
+    /// one ends in a `response_too_large` error and its connection is dropped.
+    pub fn max_response_size(mut self, bytes: usize) -> Self {
+        self.config.client.max_response_size = bytes;
+        self
+    }
+
+    /// `User-Agent` sent when a request has none (default `PatientHttp`).
+    pub fn user_agent(mut self, agent: impl Into<String>) -> Self {
+        self.config.client.user_agent = agent.into();
+        self
+    }
+
+    /// Whether non-2xx responses become HTTP errors when a task does not say
+    /// (default false).
+    pub fn raise_error_responses(mut self, raise: bool) -> Self {
+        self.config.raise_error_responses = raise;
+        self
+    }
+
+    /// Redirects followed when a request does not say (default 5; 0 disables).
+    pub fn max_redirects(mut self, n: u32) -> Self {
+        self.config.max_redirects = n;
+        self
+    }
+
+    /// Most hosts with a pool of kept-alive connections; the least recently used
+    /// host's pool is closed past it (default 100).
+    pub fn connection_pool_size(mut self, hosts: usize) -> Self {
+        self.config.client.connection_pool_size = hosts;
+        self
+    }
+
+    /// Connect timeout, apart from the request timeout (default none: the
+    /// request timeout applies).
+    pub fn connection_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.client.connect_timeout = timeout;
+        self
+    }
+
+    /// Forward proxy for every request (default none).
+    pub fn proxy(mut self, proxy: Option<ProxyConfig>) -> Self {
+        self.config.client.proxy = proxy;
+        self
+    }
+
+    /// Connection-level retries of idempotent requests whose pooled connection
+    /// turned out to be closed before any byte was sent (default 3).
+    pub fn retries(mut self, n: u32) -> Self {
+        self.config.client.retries = n;
+        self
+    }
+
+    /// Size in bytes of a serialized payload above which it is moved to a payload
+    /// store (default 64 KiB, 65,536).
+    pub fn payload_store_threshold(mut self, bytes: usize) -> Self {
+        self.config.payload_store_threshold = bytes;
+        self
+    }
+
+    /// Runtime threads owned by a processor (default: the number of CPUs).
+    pub fn worker_threads(mut self, n: usize) -> Self {
+        self.config.worker_threads = n;
+        self
+    }
+
+    /// HTTP version policy (default: ALPN on TLS, HTTP/1.1 on plain connections).
+    pub fn http_version(mut self, pref: HttpVersionPref) -> Self {
+        self.config.client.http_version = pref;
+        self
+    }
+
+    /// Replaces every transport setting at once.
+    pub fn client(mut self, client: ClientConfig) -> Self {
+        self.config.client = client;
+        self
+    }
+
+    /// Edits the transport settings in place.
+    pub fn client_with(mut self, edit: impl FnOnce(&mut ClientConfig)) -> Self {
+        edit(&mut self.config.client);
+        self
+    }
+
+    /// Checks every field and returns the configuration.
+    pub fn build(self) -> Result<Config, ConfigError> {
+        let c = &self.config;
+        if c.max_connections == 0 {
+            return Err(ConfigError::new("max_connections", "must be at least 1"));
+        }
+        if c.worker_threads == 0 {
+            return Err(ConfigError::new("worker_threads", "must be at least 1"));
+        }
+        if c.payload_store_threshold == 0 {
+            return Err(ConfigError::new(
+                "payload_store_threshold",
+                "must be at least 1 byte",
+            ));
+        }
+        if c.shutdown_timeout > Duration::from_secs(24 * 3600) {
+            return Err(ConfigError::new(
+                "shutdown_timeout",
+                "must be at most 24 hours",
+            ));
+        }
+        c.client
+            .validate()
+            .map_err(|e| ConfigError::new(e.field(), e.reason().to_string()))?;
+        Ok(self.config)
+    }
+}

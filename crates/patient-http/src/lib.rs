@@ -1,0 +1,74 @@
+//! Hand off slow HTTP calls to an in-process processor; get every outcome
+//! back exactly once.
+//!
+//! Any thread hands a [`Task`] (a [`Request`] plus the name of a callback and
+//! its arguments) to a [`Processor`] and returns at once. The processor runs
+//! thousands of requests at once on its own async runtime and hands each
+//! outcome to your [`TaskHandler`]: `on_complete` with a [`Response`],
+//! `on_error` with a [`TaskError`], or `retry` with the task when it could not
+//! finish before a stop.
+//!
+//! The same request path runs inline on the calling thread
+//! ([`InlineExecutor`]) and as an `async fn` ([`AwaitableClient`]);
+//! application code can depend on the [`Dispatch`] trait instead of any of
+//! them. Requests, responses and errors serialize to the JSON of the
+//! PatientHttp gem ([`patient_wire`]).
+//!
+//! ```no_run
+//! use std::sync::mpsc;
+//!
+//! use patient_http::{CallbackArgs, Outcome, Processor, Request, Task};
+//!
+//! let (tx, rx) = mpsc::channel::<Outcome>();
+//! let processor = Processor::builder().secret("api_key", "s3cr3t").build(tx)?;
+//! processor.start()?;
+//!
+//! let request = Request::post("https://api.example.com/v1/complete")
+//!     .secret_header("authorization", "api_key")
+//!     .json(&serde_json::json!({"prompt": "hello"}))
+//!     .build()?;
+//! let mut args = CallbackArgs::new();
+//! args.insert("user_id", 42);
+//! processor.enqueue(Task::new(request, "CompletionCallback").with_callback_args(args))?;
+//!
+//! match rx.recv()? {
+//!     Outcome::Completed { response, .. } => println!("{}", response.status),
+//!     Outcome::Failed { error, .. } => eprintln!("{error}"),
+//!     Outcome::Retry(task) => println!("enqueue {} again", task.id),
+//! }
+//! processor.stop(None);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod awaitable;
+mod builder;
+pub mod client;
+mod config;
+mod dispatch;
+mod engine;
+mod handler;
+mod inline;
+mod observer;
+pub mod preprocess;
+mod processor;
+mod secret;
+mod task;
+
+pub use awaitable::AwaitableClient;
+pub use builder::Builder;
+pub use config::{Config, ConfigBuilder, ConfigError};
+pub use dispatch::{Body, Dispatch, DispatchError, DispatchOptions};
+pub use handler::{Outcome, TaskHandler};
+pub use inline::InlineExecutor;
+pub use observer::{ProcessorObserver, RequestEnd, RequestStart};
+pub use patient_wire::{
+    self as wire, CallbackArgs, ErrorType, HeaderValue, Headers, HttpError, Method, Payload,
+    RedirectError, RedirectErrorKind, Request, RequestBuilder, RequestError, RequestTemplate,
+    Response, SecretRef, TaskError,
+};
+pub use preprocess::{Preprocessor, SigV4};
+pub use processor::{
+    EnqueueError, EnqueueErrorKind, Processor, ProcessorCounts, ProcessorError, ProcessorState,
+};
+pub use secret::{Secret, SecretError, Secrets};
+pub use task::Task;

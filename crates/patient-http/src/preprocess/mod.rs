@@ -1,0 +1,154 @@
+//! Preprocessors: named hooks that see the final outgoing request.
+//!
+//! A preprocessor runs after secrets are resolved, just before each send, and
+//! again on every redirect hop to the same origin; a cross-origin hop drops
+//! them. It may set headers and add query parameters, for example to sign the
+//! request ([`SigV4`] ships built in).
+
+mod sigv4;
+
+use std::{collections::HashMap, fmt, sync::Arc};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+pub use sigv4::{AwsCredentials, SigV4};
+use url::Url;
+
+/// Why a preprocessor refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("preprocessor {name:?} failed: {reason}")]
+pub struct PreprocessError {
+    /// The preprocessor's registered name.
+    pub name: String,
+    /// What went wrong.
+    pub reason: String,
+}
+
+/// The request as it will be sent: what a preprocessor sees and may change.
+#[derive(Debug)]
+pub struct PreparedRequest {
+    pub(crate) method: Method,
+    pub(crate) url: Url,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+}
+
+impl PreparedRequest {
+    /// A request to prepare (used by tests and custom executors).
+    pub fn new(method: Method, url: Url, headers: HeaderMap, body: Bytes) -> Self {
+        PreparedRequest {
+            method,
+            url,
+            headers,
+            body,
+        }
+    }
+
+    /// The method.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The final URL, with query parameters and secret parameters.
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
+    /// The headers, with secrets resolved.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// The headers, to change.
+    pub fn headers_mut(&mut self) -> &mut HeaderMap {
+        &mut self.headers
+    }
+
+    /// The body (empty when there is none).
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Sets a header, replacing any value it had; the name and value are checked.
+    pub fn set_header(&mut self, name: &str, value: &str) -> Result<(), String> {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("invalid header name {name:?}"))?;
+        let value =
+            HeaderValue::from_str(value).map_err(|_| format!("invalid value for header {name}"))?;
+        self.headers.insert(name, value);
+        Ok(())
+    }
+
+    /// Appends a query parameter, form-encoded.
+    pub fn add_query_param(&mut self, name: &str, value: &str) {
+        self.url.query_pairs_mut().append_pair(name, value);
+    }
+
+    pub(crate) fn into_parts(self) -> (Method, Url, HeaderMap, Bytes) {
+        (self.method, self.url, self.headers, self.body)
+    }
+}
+
+/// A hook that sees and may change the outgoing request.
+pub trait Preprocessor: Send + Sync + 'static {
+    /// Changes the request; an `Err` ends the task in a request error that
+    /// carries the reason.
+    fn process(&self, request: &mut PreparedRequest) -> Result<(), String>;
+}
+
+impl<F> Preprocessor for F
+where
+    F: Fn(&mut PreparedRequest) -> Result<(), String> + Send + Sync + 'static,
+{
+    fn process(&self, request: &mut PreparedRequest) -> Result<(), String> {
+        self(request)
+    }
+}
+
+/// The preprocessors registered on a processor, by name.
+#[derive(Clone, Default)]
+pub struct Preprocessors {
+    map: HashMap<String, Arc<dyn Preprocessor>>,
+}
+
+impl fmt::Debug for Preprocessors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.map.keys()).finish()
+    }
+}
+
+impl Preprocessors {
+    /// No preprocessors.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers (or replaces) a preprocessor under a name.
+    pub fn insert(&mut self, name: impl Into<String>, preprocessor: impl Preprocessor) {
+        self.map.insert(name.into(), Arc::new(preprocessor));
+    }
+
+    /// Whether one of that name is registered.
+    pub fn contains(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+
+    /// Runs the named preprocessors in order.
+    pub(crate) fn run(
+        &self,
+        names: &[String],
+        request: &mut PreparedRequest,
+    ) -> Result<(), PreprocessError> {
+        for name in names {
+            let p = self.map.get(name).ok_or_else(|| PreprocessError {
+                name: name.clone(),
+                reason: "not registered".into(),
+            })?;
+            p.process(request).map_err(|reason| PreprocessError {
+                name: name.clone(),
+                reason,
+            })?;
+        }
+        Ok(())
+    }
+}

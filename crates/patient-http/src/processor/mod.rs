@@ -1,0 +1,484 @@
+//! The in-process processor: any thread hands it a task and returns at once;
+//! the outcome comes back through the [`TaskHandler`].
+//!
+//! The processor owns a multi-threaded tokio runtime on threads of its own.
+//! `enqueue` checks the state and capacity with atomics and spawns the task on
+//! that runtime: it never blocks on I/O.
+//!
+//! # Exactly one outcome
+//!
+//! Each accepted task is owned by a guard from the moment `enqueue` accepts it.
+//! The guard hands the task to exactly one of `on_complete`, `on_error` or
+//! `retry`: the request's own outcome when it finishes; `retry` when `stop`
+//! runs out of time; and `retry` from its `Drop` when the runtime is shut down
+//! with the task still in it (queued, not yet polled, or mid-request). The
+//! guard gives up the task the first time, so no second outcome can follow.
+
+mod error;
+mod state;
+
+use std::{
+    panic::{catch_unwind, AssertUnwindSafe},
+    sync::{
+        atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering},
+        Arc, Condvar, Mutex, RwLock,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+pub use error::{EnqueueError, EnqueueErrorKind, ProcessorError};
+pub use state::ProcessorState;
+use tokio::sync::{oneshot, watch};
+use tracing::Instrument;
+
+use crate::{engine::Engine, Builder, Outcome, Task, TaskHandler};
+
+std::thread_local! {
+    /// The id of the processor whose runtime owns this thread (0: none).
+    static PROCESSOR_THREAD: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// An in-process processor of tasks. Cheap to clone; every clone is the same
+/// processor.
+///
+/// ```no_run
+/// use std::sync::mpsc;
+/// use patient_http::{Outcome, Processor, Request, Task};
+///
+/// let (tx, rx) = mpsc::channel::<Outcome>();
+/// let processor = Processor::builder().build(tx)?;
+/// processor.start()?;
+/// let request = Request::get("https://example.com/").build()?;
+/// processor.enqueue(Task::new(request, "ExampleCallback"))?;
+/// println!("{:?}", rx.recv()?);
+/// processor.stop(None);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct Processor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: u64,
+    engine: Arc<Engine>,
+    handler: Arc<dyn TaskHandler>,
+    state: AtomicU8,
+    /// Serializes `start`, `drain` and `stop`.
+    lifecycle: Mutex<()>,
+    run: RwLock<Option<Arc<Run>>>,
+    /// Queued plus in-flight tasks (the capacity count).
+    pending: AtomicUsize,
+    /// Tasks whose request is being executed.
+    in_flight: AtomicUsize,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    retried: AtomicU64,
+    idle_lock: Mutex<()>,
+    idle_cv: Condvar,
+}
+
+/// One run of the processor: its runtime and the signals to stop it.
+struct Run {
+    handle: tokio::runtime::Handle,
+    cancel: watch::Sender<bool>,
+    shutdown: Mutex<Option<oneshot::Sender<()>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Counts of a processor's tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ProcessorCounts {
+    /// Tasks queued or in flight (what `max_connections` bounds).
+    pub pending: usize,
+    /// Tasks whose request is being executed.
+    pub in_flight: usize,
+    /// Tasks that ended in `on_complete`.
+    pub completed: u64,
+    /// Tasks that ended in `on_error`.
+    pub failed: u64,
+    /// Tasks handed to `retry`.
+    pub retried: u64,
+    /// Panics caught in handlers and observers.
+    pub panics: u64,
+}
+
+impl ProcessorCounts {
+    /// Tasks that have had their outcome.
+    pub fn total(&self) -> u64 {
+        self.completed + self.failed + self.retried
+    }
+}
+
+impl Processor {
+    /// A builder for the configuration, secrets, preprocessors and observers.
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+
+    pub(crate) fn from_engine(engine: Arc<Engine>, handler: Arc<dyn TaskHandler>) -> Processor {
+        Processor {
+            inner: Arc::new(Inner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                engine,
+                handler,
+                state: AtomicU8::new(ProcessorState::Stopped as u8),
+                lifecycle: Mutex::new(()),
+                run: RwLock::new(None),
+                pending: AtomicUsize::new(0),
+                in_flight: AtomicUsize::new(0),
+                completed: AtomicU64::new(0),
+                failed: AtomicU64::new(0),
+                retried: AtomicU64::new(0),
+                idle_lock: Mutex::new(()),
+                idle_cv: Condvar::new(),
+            }),
+        }
+    }
+
+    /// The current lifecycle state.
+    pub fn state(&self) -> ProcessorState {
+        ProcessorState::from_u8(self.inner.state.load(Ordering::Acquire))
+    }
+
+    /// Whether it accepts tasks.
+    pub fn is_running(&self) -> bool {
+        self.state() == ProcessorState::Running
+    }
+
+    /// Whether it is draining.
+    pub fn is_draining(&self) -> bool {
+        self.state() == ProcessorState::Draining
+    }
+
+    /// Whether it is stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.state() == ProcessorState::Stopped
+    }
+
+    /// Whether no task is queued or in flight.
+    pub fn is_idle(&self) -> bool {
+        self.inner.pending.load(Ordering::Acquire) == 0
+    }
+
+    /// Whether it is draining and has no task left.
+    pub fn is_drained(&self) -> bool {
+        self.is_draining() && self.is_idle()
+    }
+
+    /// Counts of its tasks.
+    pub fn counts(&self) -> ProcessorCounts {
+        let i = &self.inner;
+        ProcessorCounts {
+            pending: i.pending.load(Ordering::Acquire),
+            in_flight: i.in_flight.load(Ordering::Acquire),
+            completed: i.completed.load(Ordering::Acquire),
+            failed: i.failed.load(Ordering::Acquire),
+            retried: i.retried.load(Ordering::Acquire),
+            panics: i.engine.panics.load(Ordering::Acquire),
+        }
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &crate::Config {
+        &self.inner.engine.config
+    }
+
+    /// Starts the runtime and returns when the processor is running. Starting a
+    /// running processor does nothing; starting one that is draining or
+    /// stopping is an error (stop it first).
+    pub fn start(&self) -> Result<(), ProcessorError> {
+        let inner = &self.inner;
+        {
+            let _lock = lock(&inner.lifecycle);
+            match self.state() {
+                ProcessorState::Running | ProcessorState::Starting => return Ok(()),
+                ProcessorState::Draining | ProcessorState::Stopping => {
+                    return Err(ProcessorError::InvalidState {
+                        action: "start",
+                        state: self.state(),
+                    })
+                }
+                ProcessorState::Stopped => {}
+            }
+            inner.set_state(ProcessorState::Starting);
+            let run = match self.spawn_runtime() {
+                Ok(run) => run,
+                Err(e) => {
+                    inner.set_state(ProcessorState::Stopped);
+                    return Err(ProcessorError::Runtime(e));
+                }
+            };
+            *inner.run.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(run));
+            inner.set_state(ProcessorState::Running);
+        }
+        tracing::info!(processor = inner.id, "processor started");
+        inner.engine.notify(|o| o.on_start());
+        Ok(())
+    }
+
+    fn spawn_runtime(&self) -> std::io::Result<Run> {
+        let id = self.inner.id;
+        let workers = self.inner.engine.config.worker_threads;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("patient-processor".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(workers)
+                    .thread_name("patient-worker")
+                    .on_thread_start(move || PROCESSOR_THREAD.with(|c| c.set(id)))
+                    .enable_all()
+                    .build();
+                let runtime = match runtime {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(runtime.handle().clone()));
+                PROCESSOR_THREAD.with(|c| c.set(id));
+                runtime.block_on(async {
+                    let _ = shutdown_rx.await;
+                });
+                // Tasks still inside are dropped here; their guards hand them to `retry`.
+                runtime.shutdown_timeout(Duration::from_secs(5));
+            })?;
+        let handle = match ready_rx.recv() {
+            Ok(Ok(handle)) => handle,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(std::io::Error::other(
+                    "the processor thread ended before its runtime started",
+                ))
+            }
+        };
+        let (cancel, _) = watch::channel(false);
+        Ok(Run {
+            handle,
+            cancel,
+            shutdown: Mutex::new(Some(shutdown_tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Hands a task to the processor and returns at once. Fails fast, giving the
+    /// task back, when the processor is not running or is at capacity (queued
+    /// plus in-flight tasks reached `max_connections`).
+    pub fn enqueue(&self, task: Task) -> Result<(), EnqueueError> {
+        let inner = &self.inner;
+        let run = inner.run.read().unwrap_or_else(|e| e.into_inner());
+        let state = self.state();
+        let run = match (&*run, state) {
+            (Some(run), ProcessorState::Running) => run,
+            _ => {
+                return Err(EnqueueError::new(
+                    EnqueueErrorKind::NotRunning { state },
+                    task,
+                ))
+            }
+        };
+        let max = inner.engine.config.max_connections;
+        if inner.pending.fetch_add(1, Ordering::AcqRel) >= max {
+            inner.finish_one();
+            inner.engine.notify(|o| o.on_capacity_exceeded(&task));
+            return Err(EnqueueError::new(
+                EnqueueErrorKind::AtCapacity { max },
+                task,
+            ));
+        }
+        let guard = TaskGuard {
+            inner: Arc::clone(inner),
+            task: Some(task),
+        };
+        let cancel = run.cancel.subscribe();
+        run.handle.spawn(run_task(guard, cancel));
+        Ok(())
+    }
+
+    /// Stops accepting tasks and keeps running those it has. `stop` ends it.
+    pub fn drain(&self) {
+        let _lock = lock(&self.inner.lifecycle);
+        if self.state() == ProcessorState::Running {
+            self.inner.set_state(ProcessorState::Draining);
+            tracing::info!(processor = self.inner.id, "processor draining");
+        }
+    }
+
+    /// Stops the processor: refuses new tasks, waits up to `timeout` (default:
+    /// the configured `shutdown_timeout`) for tasks in flight, hands the rest
+    /// to `retry`, and shuts the runtime down. Every task has had its outcome
+    /// when this returns.
+    ///
+    /// Called from inside a handler or an observer (on one of the processor's
+    /// own threads), it starts the stop on another thread and returns at once.
+    pub fn stop(&self, timeout: Option<Duration>) {
+        if PROCESSOR_THREAD.with(|c| c.get()) == self.inner.id {
+            let this = self.clone();
+            let _ = std::thread::Builder::new()
+                .name("patient-stop".into())
+                .spawn(move || this.stop(timeout));
+            return;
+        }
+        let inner = &self.inner;
+        let _lock = lock(&inner.lifecycle);
+        if matches!(
+            self.state(),
+            ProcessorState::Stopped | ProcessorState::Stopping
+        ) {
+            return;
+        }
+        inner.set_state(ProcessorState::Stopping);
+        // No enqueue is past its state check once the run is taken out.
+        let run = inner.run.write().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(run) = run {
+            let timeout = timeout.unwrap_or(inner.engine.config.shutdown_timeout);
+            if !inner.wait_idle(timeout) {
+                // Out of time: every task still running goes to `retry`.
+                let _ = run.cancel.send(true);
+                inner.wait_idle(Duration::from_secs(1));
+            }
+            if let Some(tx) = lock(&run.shutdown).take() {
+                let _ = tx.send(());
+            }
+            if let Some(thread) = lock(&run.thread).take() {
+                let _ = thread.join();
+            }
+        }
+        inner.set_state(ProcessorState::Stopped);
+        tracing::info!(processor = inner.id, "processor stopped");
+        inner.engine.notify(|o| o.on_stop());
+    }
+
+    /// Waits until no task is queued or in flight; false if `timeout` passed first.
+    pub fn wait_for_idle(&self, timeout: Duration) -> bool {
+        self.inner.wait_idle(timeout)
+    }
+
+    /// Waits until at least one task is being executed; false on timeout.
+    pub fn wait_for_processing(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.inner.in_flight.load(Ordering::Acquire) == 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is gone: make sure the runtime thread ends.
+        if let Some(run) = self.run.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = run.cancel.send(true);
+            if let Some(tx) = lock(&run.shutdown).take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn set_state(&self, state: ProcessorState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    /// One task left the pending count.
+    fn finish_one(&self) {
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _lock = lock(&self.idle_lock);
+            self.idle_cv.notify_all();
+        }
+    }
+
+    fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut guard = lock(&self.idle_lock);
+        while self.pending.load(Ordering::Acquire) != 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            guard = match self.idle_cv.wait_timeout(guard, deadline - now) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        true
+    }
+
+    /// Hands an outcome to the handler, containing a panic.
+    fn deliver(&self, outcome: Outcome) {
+        let counter = match &outcome {
+            Outcome::Completed { .. } => &self.completed,
+            Outcome::Failed { .. } => &self.failed,
+            Outcome::Retry(_) => &self.retried,
+        };
+        let id = outcome.task_id().to_owned();
+        if catch_unwind(AssertUnwindSafe(|| outcome.deliver(self.handler.as_ref()))).is_err() {
+            self.engine.panics.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(task_id = %id, "the task handler panicked; the panic was contained");
+        }
+        counter.fetch_add(1, Ordering::AcqRel);
+        self.finish_one();
+    }
+}
+
+/// Owns an accepted task until its one outcome is delivered.
+struct TaskGuard {
+    inner: Arc<Inner>,
+    task: Option<Task>,
+}
+
+impl TaskGuard {
+    fn deliver(&mut self, outcome: impl FnOnce(Task) -> Outcome) {
+        if let Some(task) = self.task.take() {
+            self.inner.deliver(outcome(task));
+        }
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        // Dropped undelivered: the runtime shut down with the task inside.
+        self.deliver(Outcome::Retry);
+    }
+}
+
+async fn run_task(mut guard: TaskGuard, mut cancel: watch::Receiver<bool>) {
+    let Some(task) = guard.task.as_ref() else {
+        return;
+    };
+    let engine = Arc::clone(&guard.inner.engine);
+    let in_flight = &guard.inner.in_flight;
+    in_flight.fetch_add(1, Ordering::AcqRel);
+    let span = tracing::debug_span!("task", task_id = %task.id, method = %task.request.method());
+    let result = tokio::select! {
+        biased;
+        _ = cancel.wait_for(|stop| *stop) => None,
+        result = engine.execute(task).instrument(span) => Some(result),
+    };
+    guard.inner.in_flight.fetch_sub(1, Ordering::AcqRel);
+    match result {
+        None => guard.deliver(Outcome::Retry),
+        Some(Ok(response)) => guard.deliver(|task| Outcome::Completed {
+            response,
+            callback: task.callback,
+        }),
+        Some(Err(error)) => guard.deliver(|task| Outcome::Failed {
+            error,
+            callback: task.callback,
+        }),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

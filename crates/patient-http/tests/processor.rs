@@ -1,0 +1,725 @@
+//! The processor, the inline executor and the awaitable client against a real
+//! upstream server.
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use patient_http::{
+    Body, CallbackArgs, Config, Dispatch, DispatchOptions, ErrorType, InlineExecutor, Outcome,
+    Processor, ProcessorObserver, ProcessorState, RedirectErrorKind, Request, RequestEnd,
+    RequestStart, Response, Task, TaskError, TaskHandler,
+};
+use patient_testkit::{Fault, Upstream};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Starts an upstream on a runtime of its own that lives as long as the test.
+fn upstream() -> (Upstream, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let up = rt.block_on(Upstream::start()).unwrap();
+    (up, rt)
+}
+
+fn processor(config: Config) -> (Processor, mpsc::Receiver<Outcome>) {
+    let (tx, rx) = mpsc::channel();
+    let p = Processor::builder().config(config).build(tx).unwrap();
+    p.start().unwrap();
+    (p, rx)
+}
+
+fn task(url: &str) -> Task {
+    Task::new(Request::get(url).build().unwrap(), "TestCallback")
+}
+
+fn completed(outcome: Outcome) -> Response {
+    match outcome {
+        Outcome::Completed { response, .. } => response,
+        other => panic!("expected a response, got {other:?}"),
+    }
+}
+
+fn failed(outcome: Outcome) -> TaskError {
+    match outcome {
+        Outcome::Failed { error, .. } => error,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+fn echo_json(response: &Response) -> serde_json::Value {
+    serde_json::from_slice(response.body.as_deref().unwrap_or_default()).unwrap()
+}
+
+#[test]
+fn enqueue_completes_with_the_response_and_callback_args() {
+    let (up, _rt) = upstream();
+    let (p, rx) = processor(Config::default());
+    let mut args = CallbackArgs::new();
+    args.insert("user_id", 123);
+    let t = task(&up.url("/fast")).with_callback_args(args.clone());
+    let id = t.id.clone();
+    p.enqueue(t).unwrap();
+    match rx.recv_timeout(WAIT).unwrap() {
+        Outcome::Completed { response, callback } => {
+            assert_eq!(callback, "TestCallback");
+            assert_eq!(response.status, 200);
+            assert_eq!(response.body.as_deref(), Some(&b"ok"[..]));
+            assert_eq!(response.request_id, id);
+            assert_eq!(response.url, up.url("/fast"));
+            assert_eq!(response.callback_args, args);
+            assert!(response.redirects.is_empty());
+            assert!(response.duration > Duration::ZERO);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(p.wait_for_idle(WAIT));
+    let counts = p.counts();
+    assert_eq!((counts.completed, counts.pending), (1, 0));
+    p.stop(None);
+    assert_eq!(p.state(), ProcessorState::Stopped);
+}
+
+#[test]
+fn enqueue_fails_fast_when_not_running_and_gives_the_task_back() {
+    let (tx, _rx) = mpsc::channel();
+    let p = Processor::builder().build(tx).unwrap();
+    let t = task("http://127.0.0.1:1/");
+    let id = t.id.clone();
+    let err = p.enqueue(t).unwrap_err();
+    assert!(err.is_not_running(), "{err}");
+    assert!(err.to_string().contains("stopped"), "{err}");
+    assert_eq!(err.into_task().id, id);
+}
+
+#[derive(Default)]
+struct Events {
+    starts: AtomicUsize,
+    stops: AtomicUsize,
+    request_starts: AtomicUsize,
+    request_ends: AtomicUsize,
+    errors: AtomicUsize,
+    capacity: AtomicUsize,
+}
+
+struct Recorder(Arc<Events>);
+
+impl ProcessorObserver for Recorder {
+    fn on_start(&self) {
+        self.0.starts.fetch_add(1, Ordering::SeqCst);
+    }
+    fn on_stop(&self) {
+        self.0.stops.fetch_add(1, Ordering::SeqCst);
+    }
+    fn on_request_start(&self, _: &RequestStart<'_>) {
+        self.0.request_starts.fetch_add(1, Ordering::SeqCst);
+    }
+    fn on_request_end(&self, e: &RequestEnd<'_>) {
+        assert!(e.duration > Duration::ZERO);
+        self.0.request_ends.fetch_add(1, Ordering::SeqCst);
+    }
+    fn on_request_error(&self, _: &TaskError) {
+        self.0.errors.fetch_add(1, Ordering::SeqCst);
+    }
+    fn on_capacity_exceeded(&self, _: &Task) {
+        self.0.capacity.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn capacity_counts_queued_and_in_flight_tasks() {
+    let (up, _rt) = upstream();
+    let events = Arc::new(Events::default());
+    let (tx, rx) = mpsc::channel();
+    let config = Config::builder().max_connections(2).build().unwrap();
+    let p = Processor::builder()
+        .config(config)
+        .observer(Recorder(events.clone()))
+        .build(tx)
+        .unwrap();
+    p.start().unwrap();
+    p.enqueue(task(&up.url("/delay?ms=300"))).unwrap();
+    p.enqueue(task(&up.url("/delay?ms=300"))).unwrap();
+    let err = p.enqueue(task(&up.url("/fast"))).unwrap_err();
+    assert!(err.is_at_capacity(), "{err}");
+    assert!(err.to_string().contains("max capacity (2"), "{err}");
+    assert_eq!(events.capacity.load(Ordering::SeqCst), 1);
+    completed(rx.recv_timeout(WAIT).unwrap());
+    completed(rx.recv_timeout(WAIT).unwrap());
+    assert!(p.wait_for_idle(WAIT));
+    p.enqueue(task(&up.url("/fast"))).unwrap();
+    completed(rx.recv_timeout(WAIT).unwrap());
+    p.stop(None);
+    assert_eq!(events.starts.load(Ordering::SeqCst), 1);
+    assert_eq!(events.stops.load(Ordering::SeqCst), 1);
+    assert_eq!(events.request_starts.load(Ordering::SeqCst), 3);
+    assert_eq!(events.request_ends.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn stop_hands_unfinished_tasks_to_retry() {
+    let (up, _rt) = upstream();
+    let (p, rx) = processor(Config::default());
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let t = task(&up.url("/delay?ms=5000"));
+        ids.push(t.id.clone());
+        p.enqueue(t).unwrap();
+    }
+    p.enqueue(task(&up.url("/fast"))).unwrap();
+    assert!(p.wait_for_processing(WAIT));
+    std::thread::sleep(Duration::from_millis(100));
+    p.stop(Some(Duration::from_millis(200)));
+    let outcomes: Vec<Outcome> = rx.try_iter().collect();
+    assert_eq!(outcomes.len(), 21, "every task has exactly one outcome");
+    let mut retried: Vec<String> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Retry(t) => Some(t.id.clone()),
+            _ => None,
+        })
+        .collect();
+    retried.sort();
+    ids.sort();
+    assert_eq!(retried, ids);
+    let counts = p.counts();
+    assert_eq!(
+        (counts.retried, counts.completed, counts.pending),
+        (20, 1, 0)
+    );
+}
+
+#[test]
+fn drain_refuses_new_tasks_and_finishes_the_rest() {
+    let (up, _rt) = upstream();
+    let (p, rx) = processor(Config::default());
+    p.enqueue(task(&up.url("/delay?ms=200"))).unwrap();
+    p.drain();
+    assert_eq!(p.state(), ProcessorState::Draining);
+    let err = p.enqueue(task(&up.url("/fast"))).unwrap_err();
+    assert!(err.is_not_running());
+    assert!(err.to_string().contains("draining"));
+    // Starting while draining is refused, not a second runtime.
+    assert!(p.start().is_err());
+    completed(rx.recv_timeout(WAIT).unwrap());
+    assert!(p.wait_for_idle(WAIT));
+    assert!(p.is_drained());
+    p.stop(None);
+    assert!(p.is_stopped());
+    // And it starts again after a stop.
+    p.start().unwrap();
+    p.enqueue(task(&up.url("/fast"))).unwrap();
+    completed(rx.recv_timeout(WAIT).unwrap());
+    p.stop(None);
+}
+
+#[test]
+fn raise_error_responses_turns_non_2xx_into_http_errors() {
+    let (up, _rt) = upstream();
+    let config = Config::builder()
+        .raise_error_responses(true)
+        .build()
+        .unwrap();
+    let (p, rx) = processor(config);
+    p.enqueue(task(&up.url("/status/404"))).unwrap();
+    let e = failed(rx.recv_timeout(WAIT).unwrap());
+    match &e {
+        TaskError::Http(h) => {
+            assert!(h.is_client_error());
+            assert_eq!(h.response.status, 404);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        e.message(),
+        format!("HTTP 404 response from GET {}", up.url("/status/404"))
+    );
+    // Per task it can be switched off again.
+    p.enqueue(task(&up.url("/status/503")).with_raise_error_responses(false))
+        .unwrap();
+    assert_eq!(completed(rx.recv_timeout(WAIT).unwrap()).status, 503);
+    p.stop(None);
+}
+
+#[test]
+fn redirects_are_followed_and_recorded() {
+    let (up, _rt) = upstream();
+    let (p, rx) = processor(Config::default());
+    p.enqueue(task(&up.url("/redirect/3"))).unwrap();
+    let r = completed(rx.recv_timeout(WAIT).unwrap());
+    assert_eq!(r.status, 200);
+    assert_eq!(r.redirects.len(), 3, "{:?}", r.redirects);
+    assert_eq!(r.redirects[0], up.url("/redirect/3"));
+    assert!(r.url.contains("/echo"), "{}", r.url);
+
+    // Too many.
+    let t = Task::new(
+        Request::get(up.url("/redirect/3"))
+            .max_redirects(2)
+            .build()
+            .unwrap(),
+        "C",
+    );
+    p.enqueue(t).unwrap();
+    match failed(rx.recv_timeout(WAIT).unwrap()) {
+        TaskError::Redirect(e) => {
+            assert_eq!(e.kind, RedirectErrorKind::TooManyRedirects);
+            assert_eq!(e.redirects.len(), 3);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A loop.
+    p.enqueue(task(&up.url("/redirect-loop"))).unwrap();
+    match failed(rx.recv_timeout(WAIT).unwrap()) {
+        TaskError::Redirect(e) => assert_eq!(e.kind, RedirectErrorKind::RecursiveRedirect),
+        other => panic!("{other:?}"),
+    }
+
+    // max_redirects 0: the redirect itself is the response.
+    let t = Task::new(
+        Request::get(up.url("/redirect/1"))
+            .max_redirects(0)
+            .build()
+            .unwrap(),
+        "C",
+    );
+    p.enqueue(t).unwrap();
+    let r = completed(rx.recv_timeout(WAIT).unwrap());
+    assert!(r.is_redirect(), "{}", r.status);
+    p.stop(None);
+}
+
+#[test]
+fn redirect_method_rules_and_cross_origin_header_stripping() {
+    let (up, rt) = upstream();
+    let other = rt.block_on(Upstream::start()).unwrap();
+    let (p, rx) = processor(Config::default());
+    let echo = other.url("/echo");
+    let post = |status: u16, target: &str| {
+        Task::new(
+            Request::post(up.url(&format!(
+                "/redirect-to?status={status}&url={}",
+                urlencode(target)
+            )))
+            .header("authorization", "Bearer t")
+            .header("cookie", "a=b")
+            .header("x-keep", "yes")
+            .body("payload")
+            .build()
+            .unwrap(),
+            "C",
+        )
+    };
+    // 303: GET without body; cross-origin: authorization and cookie dropped.
+    p.enqueue(post(303, &echo)).unwrap();
+    let r = completed(rx.recv_timeout(WAIT).unwrap());
+    let j = echo_json(&r);
+    assert_eq!(j["method"], "GET");
+    assert!(j["body"].is_null() || j["body"] == "", "{j}");
+    assert!(j["headers"].get("authorization").is_none(), "{j}");
+    assert!(j["headers"].get("cookie").is_none(), "{j}");
+    assert_eq!(j["headers"]["x-keep"], "yes");
+    assert_eq!(r.method, patient_http::Method::Get);
+
+    // 307 to the same origin keeps method, body and credentials.
+    p.enqueue(post(307, &up.url("/echo"))).unwrap();
+    let j = echo_json(&completed(rx.recv_timeout(WAIT).unwrap()));
+    assert_eq!(j["method"], "POST");
+    assert_eq!(j["body"], "payload");
+    assert_eq!(j["headers"]["authorization"], "Bearer t");
+    assert_eq!(j["headers"]["cookie"], "a=b");
+    p.stop(None);
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+#[test]
+fn secrets_are_resolved_at_send_time_and_never_serialized() {
+    let (up, _rt) = upstream();
+    let (tx, rx) = mpsc::channel();
+    let p = Processor::builder()
+        .secret("api_key", "s3cr3t-value")
+        .secret(
+            "token",
+            patient_http::Secret::computed(|| Ok("computed-token".into())),
+        )
+        .build(tx)
+        .unwrap();
+    p.start().unwrap();
+    let request = Request::get(up.url("/echo"))
+        .secret_header("x-api-key", "api_key")
+        .secret_param("token", "token")
+        .build()
+        .unwrap();
+    let serialized = request.to_json().to_string();
+    assert!(!serialized.contains("s3cr3t"));
+    p.enqueue(Task::new(request, "C")).unwrap();
+    let r = completed(rx.recv_timeout(WAIT).unwrap());
+    let j = echo_json(&r);
+    assert_eq!(j["headers"]["x-api-key"], "s3cr3t-value");
+    assert!(j["query"].to_string().contains("computed-token"), "{j}");
+    // The response's own JSON carries the URL without the secret parameter.
+    assert!(!r.url.contains("computed-token"), "{}", r.url);
+
+    // An unknown secret is a request error naming it.
+    let request = Request::get(up.url("/echo"))
+        .secret_header("x-api-key", "missing")
+        .build()
+        .unwrap();
+    p.enqueue(Task::new(request, "C")).unwrap();
+    match failed(rx.recv_timeout(WAIT).unwrap()) {
+        TaskError::Request(e) => {
+            assert_eq!(e.error_type, ErrorType::Unknown);
+            assert!(e.message.contains("missing"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    p.stop(None);
+}
+
+#[test]
+fn preprocessors_run_on_same_origin_hops_and_are_dropped_cross_origin() {
+    let (up, rt) = upstream();
+    let other = rt.block_on(Upstream::start()).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let (tx, rx) = mpsc::channel();
+    let p = Processor::builder()
+        .preprocessor(
+            "sign",
+            move |req: &mut patient_http::preprocess::PreparedRequest| {
+                c.fetch_add(1, Ordering::SeqCst);
+                let sig = format!("{}:{}", req.method(), req.body().len());
+                req.set_header("x-signature", &sig)?;
+                req.add_query_param("signed", "1");
+                Ok(())
+            },
+        )
+        .build(tx)
+        .unwrap();
+    p.start().unwrap();
+    let req = |url: String| {
+        Request::post(url)
+            .body("abc")
+            .preprocessor("sign")
+            .build()
+            .unwrap()
+    };
+    p.enqueue(Task::new(req(up.url("/echo")), "C")).unwrap();
+    let j = echo_json(&completed(rx.recv_timeout(WAIT).unwrap()));
+    assert_eq!(j["headers"]["x-signature"], "POST:3");
+    assert!(j["query"].to_string().contains("signed"), "{j}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // Same origin redirect (307): run again on the hop.
+    let target = urlencode(&up.url("/echo"));
+    p.enqueue(Task::new(
+        req(up.url(&format!("/redirect-to?status=307&url={target}"))),
+        "C",
+    ))
+    .unwrap();
+    let j = echo_json(&completed(rx.recv_timeout(WAIT).unwrap()));
+    assert_eq!(j["headers"]["x-signature"], "POST:3");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+    // Cross-origin: dropped.
+    let target = urlencode(&other.url("/echo"));
+    p.enqueue(Task::new(
+        req(up.url(&format!("/redirect-to?status=307&url={target}"))),
+        "C",
+    ))
+    .unwrap();
+    let j = echo_json(&completed(rx.recv_timeout(WAIT).unwrap()));
+    assert!(j["headers"].get("x-signature").is_none(), "{j}");
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    p.stop(None);
+}
+
+#[test]
+fn timeouts_and_faults_become_typed_request_errors() {
+    let (up, _rt) = upstream();
+    let (p, rx) = processor(Config::default());
+    let timed = Task::new(
+        Request::get(up.url("/delay?ms=3000"))
+            .timeout(Duration::from_millis(100))
+            .build()
+            .unwrap(),
+        "C",
+    );
+    p.enqueue(timed).unwrap();
+    match failed(rx.recv_timeout(WAIT).unwrap()) {
+        TaskError::Request(e) => {
+            assert_eq!(e.error_type, ErrorType::Timeout);
+            assert!(e.duration < Duration::from_secs(2));
+        }
+        other => panic!("{other:?}"),
+    }
+    for (fault, expected) in [
+        (Fault::ResetMidBody, ErrorType::Connection),
+        (Fault::CloseBeforeHeaders, ErrorType::Connection),
+        (Fault::MalformedChunked, ErrorType::Connection),
+        (Fault::ShortBody, ErrorType::Connection),
+        (Fault::OversizedHeaders, ErrorType::Connection),
+    ] {
+        p.enqueue(task(&up.fault_url(fault))).unwrap();
+        match failed(rx.recv_timeout(WAIT).unwrap()) {
+            TaskError::Request(e) => assert_eq!(e.error_type, expected, "{fault:?}: {e:?}"),
+            other => panic!("{fault:?}: {other:?}"),
+        }
+    }
+    let trickle = Task::new(
+        Request::get(up.fault_url(Fault::TrickleHeaders))
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap(),
+        "C",
+    );
+    p.enqueue(trickle).unwrap();
+    match failed(rx.recv_timeout(WAIT).unwrap()) {
+        TaskError::Request(e) => assert_eq!(e.error_type, ErrorType::Timeout),
+        other => panic!("{other:?}"),
+    }
+    // A dead port.
+    p.enqueue(task("http://127.0.0.1:1/")).unwrap();
+    match failed(rx.recv_timeout(WAIT).unwrap()) {
+        TaskError::Request(e) => assert_eq!(e.error_type, ErrorType::Connection),
+        other => panic!("{other:?}"),
+    }
+    p.stop(None);
+}
+
+/// A handler that panics on some tasks.
+struct Panicky {
+    outcomes: Mutex<Vec<String>>,
+}
+
+impl TaskHandler for Panicky {
+    fn on_complete(&self, response: Response, _callback: &str) {
+        if response.url.contains("panic") {
+            panic!("handler failure");
+        }
+        self.outcomes.lock().unwrap().push(response.request_id);
+    }
+    fn on_error(&self, error: TaskError, _callback: &str) {
+        self.outcomes
+            .lock()
+            .unwrap()
+            .push(error.request_id().to_owned());
+    }
+    fn retry(&self, task: Task) {
+        self.outcomes.lock().unwrap().push(task.id);
+    }
+}
+
+struct PanickyObserver;
+
+impl ProcessorObserver for PanickyObserver {
+    fn on_request_start(&self, _: &RequestStart<'_>) {
+        panic!("observer failure");
+    }
+}
+
+#[test]
+fn a_panicking_handler_or_observer_does_not_kill_the_processor() {
+    let (up, _rt) = upstream();
+    let handler = Arc::new(Panicky {
+        outcomes: Mutex::new(Vec::new()),
+    });
+    struct Shared(Arc<Panicky>);
+    impl TaskHandler for Shared {
+        fn on_complete(&self, r: Response, c: &str) {
+            self.0.on_complete(r, c)
+        }
+        fn on_error(&self, e: TaskError, c: &str) {
+            self.0.on_error(e, c)
+        }
+        fn retry(&self, t: Task) {
+            self.0.retry(t)
+        }
+    }
+    let p = Processor::builder()
+        .observer(PanickyObserver)
+        .build(Shared(handler.clone()))
+        .unwrap();
+    p.start().unwrap();
+    for i in 0..10 {
+        let path = if i % 2 == 0 { "/fast?panic=1" } else { "/fast" };
+        p.enqueue(task(&up.url(path))).unwrap();
+    }
+    assert!(p.wait_for_idle(WAIT));
+    let counts = p.counts();
+    assert_eq!(counts.completed, 10);
+    assert_eq!(
+        counts.panics,
+        5 + 10,
+        "5 handler panics, 10 observer panics"
+    );
+    assert_eq!(handler.outcomes.lock().unwrap().len(), 5);
+    p.stop(None);
+}
+
+/// An observer that calls back into its processor.
+struct Reentrant {
+    processor: Mutex<Option<Processor>>,
+    seen: AtomicUsize,
+}
+
+struct ReentrantObserver(Arc<Reentrant>);
+
+impl ProcessorObserver for ReentrantObserver {
+    fn on_request_end(&self, _: &RequestEnd<'_>) {
+        if let Some(p) = self.0.processor.lock().unwrap().clone() {
+            let _ = p.counts();
+            let _ = p.state();
+            self.0.seen.fetch_add(1, Ordering::SeqCst);
+            // Stopping from inside is allowed too; it completes elsewhere.
+            p.stop(Some(Duration::from_secs(5)));
+        }
+    }
+}
+
+#[test]
+fn an_observer_may_call_back_into_the_processor() {
+    let (up, _rt) = upstream();
+    let obs = Arc::new(Reentrant {
+        processor: Mutex::new(None),
+        seen: AtomicUsize::new(0),
+    });
+    let (tx, rx) = mpsc::channel();
+    let p = Processor::builder()
+        .observer(ReentrantObserver(obs.clone()))
+        .build(tx)
+        .unwrap();
+    *obs.processor.lock().unwrap() = Some(p.clone());
+    p.start().unwrap();
+    p.enqueue(task(&up.url("/fast"))).unwrap();
+    completed(rx.recv_timeout(WAIT).unwrap());
+    let deadline = std::time::Instant::now() + WAIT;
+    while !p.is_stopped() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(p.is_stopped());
+    assert!(obs.seen.load(Ordering::SeqCst) >= 1);
+    obs.processor.lock().unwrap().take();
+}
+
+#[test]
+fn enqueue_from_many_threads() {
+    let (up, _rt) = upstream();
+    let config = Config::builder().max_connections(10_000).build().unwrap();
+    let (p, rx) = processor(config);
+    let url = up.url("/fast");
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            let p = p.clone();
+            let url = url.clone();
+            s.spawn(move || {
+                for _ in 0..100 {
+                    p.enqueue(task(&url)).unwrap();
+                }
+            });
+        }
+    });
+    for _ in 0..800 {
+        completed(rx.recv_timeout(WAIT).unwrap());
+    }
+    assert!(p.wait_for_idle(WAIT));
+    assert_eq!(p.counts().completed, 800);
+    p.stop(None);
+}
+
+#[test]
+fn inline_executor_runs_the_full_lifecycle_on_the_calling_thread() {
+    let (up, rt) = upstream();
+    let (tx, rx) = mpsc::channel();
+    let inline = InlineExecutor::builder().build_inline(tx).unwrap();
+    let r = completed(inline.run(task(&up.url("/redirect/2"))));
+    assert_eq!(r.redirects.len(), 2);
+    // Through the handler.
+    inline.execute(task(&up.url("/status/500")));
+    assert_eq!(completed(rx.try_recv().unwrap()).status, 500);
+    // Inside an async context it still works.
+    let outcome = rt.block_on(async { inline.run(task(&up.url("/fast"))) });
+    assert!(outcome.is_completed());
+}
+
+#[test]
+fn dispatch_is_the_same_for_the_processor_and_inline_execution() {
+    let (up, _rt) = upstream();
+    let (p, rx) = processor(Config::default());
+    let (tx2, rx2) = mpsc::channel();
+    let inline = InlineExecutor::builder().build_inline(tx2).unwrap();
+    fn call(d: &dyn Dispatch, url: &str) -> String {
+        let mut args = CallbackArgs::new();
+        args.insert("n", 1);
+        d.post(
+            url,
+            Body::Json(serde_json::json!({"a": 1})),
+            "Cb",
+            DispatchOptions {
+                callback_args: args,
+                headers: vec![("x-h".into(), "v".into())],
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+    let id = call(&p, &up.url("/echo"));
+    let id2 = call(&inline, &up.url("/echo"));
+    for (rx, id) in [(&rx, id), (&rx2, id2)] {
+        match rx.recv_timeout(WAIT).unwrap() {
+            Outcome::Completed { response, callback } => {
+                assert_eq!(callback, "Cb");
+                assert_eq!(response.request_id, id);
+                let j = echo_json(&response);
+                assert_eq!(j["method"], "POST");
+                assert_eq!(j["headers"]["x-h"], "v");
+                assert!(j["headers"]["content-type"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("application/json"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    p.stop(None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn awaitable_client_times_out_on_the_paused_clock() {
+    let up = Upstream::start().await.unwrap();
+    let client = patient_http::AwaitableClient::builder()
+        .build_awaitable()
+        .unwrap();
+    let ok = client
+        .send(Request::get(up.url("/fast")).build().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200);
+    let started = tokio::time::Instant::now();
+    let err = client
+        .send(
+            Request::get(up.url("/delay?ms=60000"))
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    match err {
+        TaskError::Request(e) => assert_eq!(e.error_type, ErrorType::Timeout),
+        other => panic!("{other:?}"),
+    }
+    // The paused clock jumped the 30 s; no real wait.
+    assert!(started.elapsed() >= Duration::from_secs(30));
+}

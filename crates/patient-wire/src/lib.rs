@@ -1,0 +1,81 @@
+//! The wire types of patient: requests, responses, errors and their payloads,
+//! and the exact JSON they travel as between processes (job queues, webhooks,
+//! the daemon's API, payload stores).
+//!
+//! The JSON is the one the Ruby PatientHttp gem uses, so a callback written
+//! against the gem can load what patient delivers, and a request the gem
+//! serialized can be executed by patient:
+//!
+//! * [`Request`] (built and validated with [`RequestBuilder`], or from a
+//!   [`RequestTemplate`]) and [`Response`];
+//! * [`TaskError`]: an [`HttpError`], a [`RequestError`] or a
+//!   [`RedirectError`], loaded by [`TaskError::load`];
+//! * [`Payload`]: a body as text, gzipped text or Base64 binary;
+//! * [`Headers`] with [`SecretRef`] values, [`CallbackArgs`],
+//!   [`StorageRef`] and [`EncryptedEnvelope`].
+//!
+//! Every type has `to_json` / `from_json` and implements `Serialize` /
+//! `Deserialize` with the same JSON. Loading errors are [`WireError`]s naming
+//! the offending field.
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! use patient_wire::{Request, TaskError};
+//! use serde_json::json;
+//!
+//! let request = Request::post("https://api.example.com/users")
+//!     .secret_header("Authorization", "api_key")
+//!     .json(&json!({"name": "Ada"}))
+//!     .param("notify", "true")
+//!     .timeout(Duration::from_secs(30))
+//!     .build()?;
+//!
+//! let wire = request.to_json();
+//! assert_eq!(wire["http_method"], "post");
+//! assert_eq!(wire["url"], "https://api.example.com/users?notify=true");
+//! assert_eq!(wire["headers"]["authorization"], json!({"$secret": "api_key"}));
+//! assert_eq!(wire["headers"]["content-type"], "application/json; charset=utf-8");
+//! assert_eq!(wire["body"], json!({"encoding": "text", "value": r#"{"name":"Ada"}"#, "charset": "UTF-8"}));
+//! assert_eq!(Request::from_json(&wire)?, request);
+//!
+//! let error = TaskError::load(&json!({
+//!     "error_class": "PatientHttp::TooManyRedirectsError",
+//!     "url": "https://a.example/3", "http_method": "get", "duration": 0.4,
+//!     "request_id": "b5c3", "redirects": ["https://a.example/1", "https://a.example/2"],
+//!     "callback_args": {}
+//! }))?;
+//! assert!(error.is_redirect());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod callback_args;
+pub mod envelope;
+pub mod error;
+mod fields;
+pub mod headers;
+pub mod method;
+pub mod payload;
+pub mod request;
+pub mod response;
+pub mod secret;
+pub mod storage;
+pub mod template;
+pub mod wire_error;
+
+pub use callback_args::{CallbackArgs, CallbackArgsError};
+pub use envelope::{is_encrypted, EncryptedEnvelope, ENCRYPTED_KEY};
+pub use error::{ErrorType, HttpError, RedirectError, RedirectErrorKind, RequestError, TaskError};
+pub use headers::{HeaderValue, Headers};
+pub use method::{Method, ParseMethodError};
+pub use payload::{
+    charset_param, is_text_content_type, Payload, PayloadEncoding, BINARY_CHARSET, GZIP_THRESHOLD,
+    TEXT_CHARSET,
+};
+pub use request::{Request, RequestBuilder, RequestValidationError, JSON_CONTENT_TYPE};
+pub use response::{Response, ResponseJsonError};
+pub use secret::{is_secret_ref, SecretRef, SECRET_KEY};
+pub use storage::{is_storage_ref, StorageRef, REF_KEY};
+pub use template::RequestTemplate;
+pub use url::Url;
+pub use wire_error::{WireError, WireErrorKind};

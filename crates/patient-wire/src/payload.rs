@@ -1,0 +1,403 @@
+//! Bodies as JSON: text, gzipped text, or Base64 binary.
+
+use std::{
+    borrow::Cow,
+    io::{Read, Write},
+};
+
+use base64::{
+    alphabet,
+    engine::{general_purpose, DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
+    Engine as _,
+};
+use encoding_rs::Encoding;
+use flate2::{read::MultiGzDecoder, write::GzEncoder, Compression};
+use serde_json::{Map, Value};
+
+use crate::{
+    fields::{serde_via_json, Fields},
+    wire_error::{WireError, WireErrorKind},
+};
+
+/// Text of this many bytes or more is gzipped when that makes it smaller.
+pub const GZIP_THRESHOLD: usize = 4096;
+
+/// The `charset` written for text: text is always stored as UTF-8.
+pub const TEXT_CHARSET: &str = "UTF-8";
+
+/// The `charset` written for binary payloads (the Ruby name for raw bytes).
+pub const BINARY_CHARSET: &str = "ASCII-8BIT";
+
+/// Decodes Base64 with or without padding and ignores line breaks, as the
+/// Ruby loader does; encoding always uses [`general_purpose::STANDARD`].
+const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true),
+);
+
+/// How a [`Payload`] stores its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PayloadEncoding {
+    /// `"text"`: the value is the text itself.
+    Text,
+    /// `"gzipped"`: the value is the gzip of the text, in Base64.
+    Gzipped,
+    /// `"binary"`: the value is the bytes, in Base64.
+    Binary,
+}
+
+impl PayloadEncoding {
+    const NAMES: &'static [&'static str] = &["text", "gzipped", "binary"];
+
+    /// The wire name: `"text"`, `"gzipped"` or `"binary"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PayloadEncoding::Text => "text",
+            PayloadEncoding::Gzipped => "gzipped",
+            PayloadEncoding::Binary => "binary",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "text" => Some(PayloadEncoding::Text),
+            "gzipped" => Some(PayloadEncoding::Gzipped),
+            "binary" => Some(PayloadEncoding::Binary),
+            _ => None,
+        }
+    }
+}
+
+/// A body as JSON: `{"encoding": .., "value": .., "charset": ..}`.
+///
+/// [`Payload::encode`] applies the rules of the wire format:
+///
+/// * a body is text when its content type starts with `text/` or contains
+///   `application/json`, `application/xml` or `application/javascript`
+///   ([`is_text_content_type`]); otherwise it is binary;
+/// * text is stored as UTF-8: transcoded from a known `charset=` parameter,
+///   kept as is without one; text that does not decode as declared (or is not
+///   UTF-8 when nothing is declared) is stored as binary so no byte is lost;
+/// * text under [`GZIP_THRESHOLD`] bytes is stored as `text`; longer text is
+///   gzipped and stored as `gzipped` (Base64) only when the gzip is smaller;
+/// * binary is stored as `binary`, standard Base64 without line breaks,
+///   charset `ASCII-8BIT`.
+///
+/// A missing body is JSON `null`, not a payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload {
+    /// How `value` stores the bytes.
+    pub encoding: PayloadEncoding,
+    /// The text, or the Base64 of the gzip or of the bytes.
+    pub value: String,
+    /// The character set of the stored text (`UTF-8`), or `ASCII-8BIT` for
+    /// binary.
+    pub charset: String,
+}
+
+impl Payload {
+    /// Encodes a body given its content type.
+    pub fn encode(body: &[u8], content_type: Option<&str>) -> Payload {
+        if let Some(ct) = content_type.filter(|ct| is_text_content_type(ct)) {
+            if let Some(text) = decode_declared(body, ct) {
+                return Payload::text(&text);
+            }
+        }
+        Payload::binary(body)
+    }
+
+    /// Stores text: as `text` below [`GZIP_THRESHOLD`] bytes, otherwise as
+    /// `gzipped` when the gzip output is smaller than the text.
+    pub fn text(text: &str) -> Payload {
+        if text.len() >= GZIP_THRESHOLD {
+            if let Some(gz) = gzip(text.as_bytes()).filter(|gz| gz.len() < text.len()) {
+                return Payload {
+                    encoding: PayloadEncoding::Gzipped,
+                    value: general_purpose::STANDARD.encode(gz),
+                    charset: TEXT_CHARSET.to_owned(),
+                };
+            }
+        }
+        Payload {
+            encoding: PayloadEncoding::Text,
+            value: text.to_owned(),
+            charset: TEXT_CHARSET.to_owned(),
+        }
+    }
+
+    /// Stores bytes as `binary`: standard Base64 without line breaks.
+    pub fn binary(bytes: &[u8]) -> Payload {
+        Payload {
+            encoding: PayloadEncoding::Binary,
+            value: general_purpose::STANDARD.encode(bytes),
+            charset: BINARY_CHARSET.to_owned(),
+        }
+    }
+
+    /// Whether this payload holds text (`text` or `gzipped`).
+    pub fn is_text(&self) -> bool {
+        self.encoding != PayloadEncoding::Binary
+    }
+
+    /// The stored bytes: the text as UTF-8 for `text` and `gzipped`, the exact
+    /// bytes that went in for `binary`.
+    pub fn decode(&self) -> Result<Vec<u8>, WireError> {
+        self.decode_at("")
+    }
+
+    /// The body as it was on the wire of HTTP: like [`Payload::decode`], but
+    /// text stored as UTF-8 is encoded back into the charset the content type
+    /// declares (say `ISO-8859-1`), so that encoding the result again with the
+    /// same content type gives the same payload. Text that charset cannot
+    /// represent is returned as UTF-8.
+    pub fn decode_for(&self, content_type: Option<&str>) -> Result<Vec<u8>, WireError> {
+        self.decode_for_at(content_type, "")
+    }
+
+    pub(crate) fn decode_for_at(
+        &self,
+        content_type: Option<&str>,
+        path: &str,
+    ) -> Result<Vec<u8>, WireError> {
+        let bytes = self.decode_at(path)?;
+        if !self.is_text() || !is_utf8_label(&self.charset) {
+            return Ok(bytes);
+        }
+        let Some(target) = content_type.and_then(declared_encoding) else {
+            return Ok(bytes);
+        };
+        if target == encoding_rs::UTF_8 {
+            return Ok(bytes);
+        }
+        match String::from_utf8(bytes) {
+            Ok(text) => Ok(encode_into(&text, target).unwrap_or_else(|| text.into_bytes())),
+            Err(e) => Ok(e.into_bytes()),
+        }
+    }
+
+    pub(crate) fn decode_at(&self, path: &str) -> Result<Vec<u8>, WireError> {
+        self.decode_limited_at(None, path)
+    }
+
+    /// Like [`Payload::decode`], but fails with [`WireErrorKind::TooLarge`]
+    /// rather than produce more than `max_len` bytes. Use it on payloads from
+    /// untrusted sources: a small gzipped value can expand enormously.
+    pub fn decode_limited(&self, max_len: usize) -> Result<Vec<u8>, WireError> {
+        self.decode_limited_at(Some(max_len), "")
+    }
+
+    fn decode_limited_at(&self, limit: Option<usize>, path: &str) -> Result<Vec<u8>, WireError> {
+        let value_path = crate::fields::join(path, "value");
+        let too_large =
+            |limit: usize| WireError::new(value_path.as_str(), WireErrorKind::TooLarge { limit });
+        let bytes = match self.encoding {
+            PayloadEncoding::Text => self.value.as_bytes().to_vec(),
+            PayloadEncoding::Binary => base64_decode(&self.value, &value_path)?,
+            PayloadEncoding::Gzipped => {
+                let gz = base64_decode(&self.value, &value_path)?;
+                let mut out = Vec::with_capacity(gz.len().saturating_mul(4));
+                let decoder = MultiGzDecoder::new(gz.as_slice());
+                let read = match limit {
+                    Some(limit) => decoder
+                        .take(u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1))
+                        .read_to_end(&mut out),
+                    None => {
+                        let mut decoder = decoder;
+                        decoder.read_to_end(&mut out)
+                    }
+                };
+                read.map_err(|e| WireError::new(value_path.as_str(), WireErrorKind::Gzip(e)))?;
+                out
+            }
+        };
+        match limit {
+            Some(limit) if bytes.len() > limit => Err(too_large(limit)),
+            _ => Ok(bytes),
+        }
+    }
+
+    /// `{"encoding": .., "value": .., "charset": ..}`.
+    pub fn to_json(&self) -> Value {
+        let mut map = Map::new();
+        map.insert("encoding".into(), self.encoding.as_str().into());
+        map.insert("value".into(), self.value.clone().into());
+        map.insert("charset".into(), self.charset.clone().into());
+        Value::Object(map)
+    }
+
+    /// Loads a payload object. A missing `charset` means `UTF-8` for text
+    /// and `ASCII-8BIT` for binary.
+    pub fn from_json(value: &Value) -> Result<Payload, WireError> {
+        Self::load(value, "")
+    }
+
+    pub(crate) fn load(value: &Value, path: &str) -> Result<Payload, WireError> {
+        let fields = Fields::new(value, path)?;
+        let name = fields.string("encoding")?;
+        let encoding = PayloadEncoding::from_name(name).ok_or_else(|| {
+            WireError::new(
+                fields.path_of("encoding"),
+                WireErrorKind::UnknownValue {
+                    value: name.to_owned(),
+                    expected: PayloadEncoding::NAMES,
+                },
+            )
+        })?;
+        let value = fields.string("value")?.to_owned();
+        let charset = match fields.opt_string("charset")? {
+            Some(c) => c.to_owned(),
+            None if encoding == PayloadEncoding::Binary => BINARY_CHARSET.to_owned(),
+            None => TEXT_CHARSET.to_owned(),
+        };
+        Ok(Payload {
+            encoding,
+            value,
+            charset,
+        })
+    }
+}
+
+serde_via_json!(Payload);
+
+/// Loads an optional body at `key` of `fields`: `null`, an absent key or a
+/// payload without a `value` are no body (as the Ruby loader treats
+/// them); anything else is decoded for `content_type`.
+pub(crate) fn load_body(
+    fields: &Fields<'_>,
+    key: &str,
+    content_type: Option<&str>,
+) -> Result<Option<bytes::Bytes>, WireError> {
+    let Some(v) = fields.value(key) else {
+        return Ok(None);
+    };
+    if v.is_object() && v.get("value").is_none_or(Value::is_null) {
+        return Ok(None);
+    }
+    let path = fields.path_of(key);
+    let payload = Payload::load(v, &path)?;
+    payload
+        .decode_for_at(content_type, &path)
+        .map(|b| Some(b.into()))
+}
+
+/// Whether a body of this content type is text: it starts with `text/` or
+/// contains `application/json`, `application/xml` or `application/javascript`
+/// (ignoring case).
+pub fn is_text_content_type(content_type: &str) -> bool {
+    let ct = content_type.trim_start().to_ascii_lowercase();
+    ct.starts_with("text/")
+        || ct.contains("application/json")
+        || ct.contains("application/xml")
+        || ct.contains("application/javascript")
+}
+
+/// The value of the `charset` parameter of a content type, unquoted.
+pub fn charset_param(content_type: &str) -> Option<&str> {
+    content_type.split(';').skip(1).find_map(|param| {
+        let (name, value) = param.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("charset")
+            .then(|| value.trim().trim_matches('"').trim())
+            .filter(|v| !v.is_empty())
+    })
+}
+
+/// The encoding a content type declares, when its `charset` is a known label.
+pub(crate) fn declared_encoding(content_type: &str) -> Option<&'static Encoding> {
+    charset_param(content_type).and_then(|label| Encoding::for_label(label.as_bytes()))
+}
+
+/// The text of a body: decoded from the declared charset, or UTF-8 when none
+/// (or an unknown one) is declared. `None` when the bytes do not decode.
+fn decode_declared<'a>(body: &'a [u8], content_type: &str) -> Option<Cow<'a, str>> {
+    match declared_encoding(content_type) {
+        Some(enc) => enc.decode_without_bom_handling_and_without_replacement(body),
+        None => std::str::from_utf8(body).ok().map(Cow::Borrowed),
+    }
+}
+
+/// Text encoded into `target`, `None` when `target` cannot represent it.
+fn encode_into(text: &str, target: &'static Encoding) -> Option<Vec<u8>> {
+    if target == encoding_rs::UTF_16LE {
+        return Some(text.encode_utf16().flat_map(u16::to_le_bytes).collect());
+    }
+    if target == encoding_rs::UTF_16BE {
+        return Some(text.encode_utf16().flat_map(u16::to_be_bytes).collect());
+    }
+    if target.output_encoding() != target {
+        return None;
+    }
+    let (bytes, used, had_errors) = target.encode(text);
+    (used == target && !had_errors).then(|| bytes.into_owned())
+}
+
+fn is_utf8_label(charset: &str) -> bool {
+    charset.eq_ignore_ascii_case("UTF-8") || charset.eq_ignore_ascii_case("UTF8")
+}
+
+fn gzip(bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut encoder = GzEncoder::new(Vec::with_capacity(bytes.len() / 2), Compression::default());
+    encoder.write_all(bytes).ok()?;
+    encoder.finish().ok()
+}
+
+fn base64_decode(value: &str, path: &str) -> Result<Vec<u8>, WireError> {
+    let result = if value.bytes().any(|b| b.is_ascii_whitespace()) {
+        let compact: Vec<u8> = value.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+        LENIENT_BASE64.decode(compact)
+    } else {
+        LENIENT_BASE64.decode(value)
+    };
+    result.map_err(|e| WireError::new(path, WireErrorKind::Base64(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_content_types() {
+        assert!(is_text_content_type("text/html; charset=utf-8"));
+        assert!(is_text_content_type("application/json"));
+        assert!(is_text_content_type("application/xml"));
+        assert!(is_text_content_type("application/javascript"));
+        assert!(is_text_content_type("Application/JSON"));
+        assert!(!is_text_content_type("application/octet-stream"));
+        assert!(!is_text_content_type("image/png"));
+    }
+
+    #[test]
+    fn charset_parameter() {
+        assert_eq!(
+            charset_param("text/plain; charset=ISO-8859-1"),
+            Some("ISO-8859-1")
+        );
+        assert_eq!(charset_param("text/plain;Charset=\"utf-8\""), Some("utf-8"));
+        assert_eq!(charset_param("text/plain"), None);
+        assert_eq!(charset_param("text/plain; charset="), None);
+    }
+
+    #[test]
+    fn base64_decoding_is_lenient_about_line_breaks_and_padding() {
+        assert_eq!(base64_decode("aGVs\nbG8=", "v").unwrap(), b"hello");
+        assert_eq!(base64_decode("aGVsbG8", "v").unwrap(), b"hello");
+        assert_eq!(
+            base64_decode("!!", "body.value").unwrap_err().path(),
+            "body.value"
+        );
+    }
+
+    #[test]
+    fn utf16_is_re_encoded_by_hand() {
+        let payload = Payload::encode(&[0x68, 0, 0x69, 0], Some("text/plain; charset=utf-16le"));
+        assert_eq!(payload.value, "hi");
+        assert_eq!(
+            payload
+                .decode_for(Some("text/plain; charset=utf-16le"))
+                .unwrap(),
+            vec![0x68, 0, 0x69, 0]
+        );
+    }
+}
