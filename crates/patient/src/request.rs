@@ -62,7 +62,7 @@ pub(crate) struct RequestArgs {
     params: Vec<String>,
 
     /// The whole-request timeout in seconds (default 60).
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     timeout: Option<f64>,
 
     /// Redirects followed (default 5; 0 disables).
@@ -87,7 +87,7 @@ pub(crate) struct RequestArgs {
     secret_env: Vec<String>,
 
     /// Connect timeout in seconds (default: the request timeout applies).
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     connect_timeout: Option<f64>,
 
     /// Largest response body read, in bytes (default 1048576).
