@@ -6,8 +6,14 @@ use std::{fmt, str::FromStr};
 /// Flags with a value that every benchmark program accepts.
 ///
 /// `--side` and `--deadline-ms` are passed by the parent to its children.
-pub const COMMON_VALUE_FLAGS: &[&str] =
-    &["--url", "--timeout-s", "--only", "--side", "--deadline-ms"];
+pub const COMMON_VALUE_FLAGS: &[&str] = &[
+    "--url",
+    "--timeout-s",
+    "--only",
+    "--rounds",
+    "--side",
+    "--deadline-ms",
+];
 
 /// Switches (flags without a value) that every benchmark program accepts.
 pub const COMMON_SWITCHES: &[&str] = &["--upstream-child", "--help", "-h"];

@@ -27,6 +27,9 @@ use crate::{
     upstream::{run_upstream_child, UpstreamProcess, UPSTREAM_CHILD_FLAG},
 };
 
+/// The flag for the number of measured rounds (default 1).
+pub const ROUNDS_FLAG: &str = "--rounds";
+
 /// Default hard limit on a whole program run, in seconds (`--timeout-s`).
 pub const DEFAULT_TIMEOUT_S: u64 = 120;
 
@@ -241,6 +244,34 @@ impl Harness {
                 self.emit(fallback.text("error", e.kind()))
             }
         }
+    }
+
+    /// Runs both sides (those [`wants`](Self::wants) allows) with the same
+    /// `flags`: bare hyper first in even rounds, patient first in odd ones,
+    /// so that neither always runs on a warmer upstream. Returns
+    /// `(patient, hyper)`.
+    pub fn run_pair(
+        &mut self,
+        round: u32,
+        flags: &[(&str, String)],
+    ) -> (Option<Record>, Option<Record>) {
+        let order = if round % 2 == 0 {
+            [Side::Hyper, Side::Patient]
+        } else {
+            [Side::Patient, Side::Hyper]
+        };
+        let (mut patient, mut hyper) = (None, None);
+        for side in order {
+            if !self.wants(side) {
+                continue;
+            }
+            let record = self.run(side, flags);
+            match side {
+                Side::Patient => patient = Some(record),
+                Side::Hyper => hyper = Some(record),
+            }
+        }
+        (patient, hyper)
     }
 
     /// Prints `line` and returns it parsed.

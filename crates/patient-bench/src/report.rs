@@ -41,6 +41,15 @@ impl Line {
             None => self.text("peak_rss_mb", "na"),
         }
     }
+
+    /// Appends the CPU time (user + system) this process used so far as
+    /// `cpu_s` (`na` without `/proc`).
+    pub fn cpu(self) -> Line {
+        match crate::rss::cpu_seconds() {
+            Some(s) => self.fixed("cpu_s", s, 2),
+            None => self.text("cpu_s", "na"),
+        }
+    }
 }
 
 impl Display for Line {

@@ -1,4 +1,4 @@
-//! Memory and descriptor figures of the current process, read from `/proc`.
+//! Memory, CPU-time and descriptor figures of the current process, read from `/proc`.
 
 use std::fs;
 
@@ -7,6 +7,26 @@ use std::fs;
 pub fn peak_rss_mb() -> Option<f64> {
     let status = fs::read_to_string("/proc/self/status").ok()?;
     status_kib(&status, "VmHWM:").map(|kib| kib as f64 / 1024.0)
+}
+
+/// CPU time (user + system) this process has used, in seconds, from
+/// `/proc/self/stat` (10 ms resolution).
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = fs::read_to_string("/proc/self/stat").ok()?;
+    stat_cpu_ticks(&stat).map(|ticks| ticks as f64 / CLOCK_TICKS_PER_SECOND)
+}
+
+/// `USER_HZ`, the unit of the times in `/proc/PID/stat`: 100 on Linux.
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
+/// `utime + stime` (fields 14 and 15) of a `/proc/PID/stat` text, in clock ticks.
+pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) may hold spaces: count from its closing ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 /// The value in kB of the `field` line (e.g. `"VmHWM:"`) of a
@@ -55,7 +75,14 @@ mod tests {
     }
 
     #[test]
+    fn reads_stat_cpu_ticks() {
+        let stat = "42 (a b) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0";
+        assert_eq!(stat_cpu_ticks(stat), Some(300));
+    }
+
+    #[test]
     fn reads_this_process() {
+        assert!(cpu_seconds().is_some());
         assert!(peak_rss_mb().is_some_and(|mb| mb > 0.0));
         assert!(open_files_limit().is_some_and(|n| n > 0));
     }

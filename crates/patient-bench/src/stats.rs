@@ -53,6 +53,21 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// The median of `values` (the mean of the middle two for an even count);
+/// `None` when empty.
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 0 {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    })
+}
+
 /// Start and end times of numbered tasks, written from any thread without a
 /// lock. Slot `seq` holds the enqueue instant until the task ends, then its
 /// latency.
@@ -126,6 +141,13 @@ mod tests {
         );
         assert_eq!(Summary::from_nanos(vec![7]).p999, 7);
         assert_eq!(Summary::from_nanos(Vec::new()), Summary::default());
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0]), Some(2.5));
+        assert_eq!(median(Vec::new()), None);
     }
 
     #[test]

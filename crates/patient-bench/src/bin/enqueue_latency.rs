@@ -162,6 +162,7 @@ fn side(ctx: &SideContext, args: &Args) -> Result<SideReport, BoxError> {
         .fixed("p50_ms", tasks.p50_ms(), 3)
         .fixed("p99_ms", tasks.p99_ms(), 3)
         .peak_rss()
+        .cpu()
         .text("errors", completion.errors());
     if !complete {
         line = line.text("done", completion.done()).text("timeout", true);

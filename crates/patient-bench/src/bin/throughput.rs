@@ -17,15 +17,17 @@ use patient_bench::{
     bare,
     harness::{
         main_with, BoxError, Completion, Harness, Program, Side, SideContext, SideReport, Watchdog,
+        ROUNDS_FLAG,
     },
     patient_side::BenchHandler,
     report::{push_ratio, ratio, Line},
-    stats::Summary,
+    stats::{median, Summary},
 };
 use patient_http::{Config, Processor, Request};
 
 const BENCH: &str = "throughput";
 const TARGET_RATIO: f64 = 0.9;
+const TARGET: &str = "ratio_req_s>=0.9";
 
 const USAGE: &str =
     "usage: throughput [--n N] [--c C1,C2] [--url BASE] [--only patient|hyper] [--timeout-s S]
@@ -35,6 +37,8 @@ Sends N requests (default 50000) to BASE/fast with C outstanding at a time
 through a bare hyper-util client, each in a process of its own. Without
 --url it starts its own upstream in a child process. Prints one key=value
 line per run and a ratio line; target: patient req/s >= 0.9x bare hyper.
+With --rounds R (default 1) each pair is measured R times, alternating
+which side goes first, followed by the median ratio.
 The whole program stops after --timeout-s seconds (default 120).";
 
 fn main() -> ExitCode {
@@ -50,31 +54,50 @@ fn main() -> ExitCode {
 fn parent(harness: &mut Harness, args: &Args) -> Result<(), BoxError> {
     let n: u64 = args.get("--n", 50_000)?;
     let concurrencies: Vec<usize> = args.list("--c", &[64, 256])?;
+    let rounds: u32 = args.get(ROUNDS_FLAG, 1)?;
     for c in concurrencies {
         let flags = [("--n", n.to_string()), ("--c", c.to_string())];
-        let hyper = harness
-            .wants(Side::Hyper)
-            .then(|| harness.run(Side::Hyper, &flags));
-        let patient = harness
-            .wants(Side::Patient)
-            .then(|| harness.run(Side::Patient, &flags));
-        let (Some(hyper), Some(patient)) = (hyper, patient) else {
-            continue;
-        };
-        let req_s = ratio(patient.number("req_s"), hyper.number("req_s"));
-        let wall = ratio(patient.number("wall_s"), hyper.number("wall_s"));
-        let rss = ratio(patient.number("peak_rss_mb"), hyper.number("peak_rss_mb"));
-        let pass = patient.is_complete()
-            && hyper.is_complete()
-            && req_s.is_some_and(|r| r >= TARGET_RATIO);
-        let line = Line::new(BENCH).text("c", c);
-        let line = push_ratio(line, "ratio_req_s", req_s);
-        let line = push_ratio(line, "ratio_wall", wall);
-        let line = push_ratio(line, "ratio_rss", rss);
-        harness.emit(
-            line.text("target", format!("ratio_req_s>={TARGET_RATIO}"))
-                .text("pass", pass),
-        );
+        let mut ratios = Vec::new();
+        let mut all_pass = true;
+        for round in 0..rounds {
+            let (Some(patient), Some(hyper)) = harness.run_pair(round, &flags) else {
+                continue;
+            };
+            let req_s = ratio(patient.number("req_s"), hyper.number("req_s"));
+            let pass = patient.is_complete()
+                && hyper.is_complete()
+                && req_s.is_some_and(|r| r >= TARGET_RATIO);
+            all_pass &= pass;
+            ratios.extend(req_s);
+            let mut line = Line::new(BENCH).text("c", c);
+            if rounds > 1 {
+                line = line.text("round", round + 1);
+            }
+            let line = push_ratio(line, "ratio_req_s", req_s);
+            let line = push_ratio(
+                line,
+                "ratio_wall",
+                ratio(patient.number("wall_s"), hyper.number("wall_s")),
+            );
+            let line = push_ratio(
+                line,
+                "ratio_rss",
+                ratio(patient.number("peak_rss_mb"), hyper.number("peak_rss_mb")),
+            );
+            let line = push_ratio(
+                line,
+                "ratio_cpu",
+                ratio(patient.number("cpu_s"), hyper.number("cpu_s")),
+            );
+            harness.emit(line.text("target", TARGET).text("pass", pass));
+        }
+        if rounds > 1 && !ratios.is_empty() {
+            let median = median(ratios);
+            let pass = all_pass || median.is_some_and(|r| r >= TARGET_RATIO);
+            let line = Line::new(BENCH).text("c", c).text("rounds", rounds);
+            let line = push_ratio(line, "median_ratio_req_s", median);
+            harness.emit(line.text("target", TARGET).text("pass", pass));
+        }
     }
     Ok(())
 }
@@ -125,6 +148,7 @@ fn side(ctx: &SideContext, args: &Args) -> Result<SideReport, BoxError> {
         .fixed("p50_ms", summary.p50_ms(), 3)
         .fixed("p99_ms", summary.p99_ms(), 3)
         .peak_rss()
+        .cpu()
         .text("errors", completion.errors());
     if !complete {
         line = line.text("done", completion.done()).text("timeout", true);
