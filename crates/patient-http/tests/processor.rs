@@ -723,3 +723,128 @@ async fn awaitable_client_times_out_on_the_paused_clock() {
     // The paused clock jumped the 30 s; no real wait.
     assert!(started.elapsed() >= Duration::from_secs(30));
 }
+
+#[test]
+fn invalid_configuration_names_the_field() {
+    let cases: Vec<(patient_http::ConfigBuilder, &str)> = vec![
+        (Config::builder().max_connections(0), "max_connections"),
+        (Config::builder().worker_threads(0), "worker_threads"),
+        (
+            Config::builder().payload_store_threshold(0),
+            "payload_store_threshold",
+        ),
+        (
+            Config::builder().request_timeout(Duration::ZERO),
+            "request_timeout",
+        ),
+        (Config::builder().max_response_size(0), "max_response_size"),
+        (
+            Config::builder().connection_pool_size(0),
+            "connection_pool_size",
+        ),
+        (
+            Config::builder().client_with(|c| c.extra_root_certs_pem.push("not a pem".into())),
+            "extra_root_certs_pem",
+        ),
+    ];
+    for (builder, field) in cases {
+        let err = match builder.build() {
+            Ok(config) => match Processor::builder().config(config).build(mpsc::channel().0) {
+                Ok(_) => panic!("{field}: accepted"),
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        assert_eq!(err.field, field, "{err}");
+        assert!(err.to_string().contains(field), "{err}");
+    }
+    let d = Config::default();
+    assert_eq!(d.max_connections(), 256);
+    assert_eq!(d.request_timeout(), Duration::from_secs(60));
+    assert_eq!(d.shutdown_timeout(), Duration::from_secs(30));
+    assert_eq!(d.client().max_response_size, 1024 * 1024);
+    assert_eq!(d.client().user_agent, "PatientHttp");
+    assert!(!d.raise_error_responses());
+    assert_eq!(d.max_redirects(), 5);
+    assert_eq!(d.client().connection_pool_size, 100);
+    assert_eq!(d.client().connect_timeout, None);
+    assert!(d.client().proxy.is_none());
+    assert_eq!(d.client().retries, 3);
+    assert_eq!(d.payload_store_threshold(), 64 * 1024);
+}
+
+#[test]
+fn sigv4_signs_the_request_as_sent() {
+    let (up, _rt) = upstream();
+    let (tx, rx) = mpsc::channel();
+    let signer = patient_http::SigV4::new(
+        patient_http::preprocess::AwsCredentials {
+            access_key_id: "AKIDEXAMPLE".into(),
+            secret_access_key: "secret".into(),
+            session_token: Some("session".into()),
+        },
+        "us-east-1",
+        "execute-api",
+    );
+    let p = Processor::builder()
+        .preprocessor("sigv4", signer)
+        .build(tx)
+        .unwrap();
+    p.start().unwrap();
+    let request = Request::post(up.url("/echo?b=2&a=1"))
+        .json(&serde_json::json!({"x": 1}))
+        .preprocessor("sigv4")
+        .build()
+        .unwrap();
+    p.enqueue(Task::new(request, "C")).unwrap();
+    let j = echo_json(&completed(rx.recv_timeout(WAIT).unwrap()));
+    let auth = j["headers"]["authorization"].as_str().unwrap();
+    assert!(
+        auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/"),
+        "{auth}"
+    );
+    assert!(
+        auth.contains("/us-east-1/execute-api/aws4_request"),
+        "{auth}"
+    );
+    assert!(
+        auth.contains("SignedHeaders=content-type;host;x-amz-date;x-amz-security-token"),
+        "{auth}"
+    );
+    assert_eq!(j["headers"]["x-amz-security-token"], "session");
+    assert!(j["headers"]["x-amz-date"].as_str().unwrap().ends_with('Z'));
+    p.stop(None);
+}
+
+#[test]
+fn outcomes_round_trip_through_the_wire_format() {
+    let (up, _rt) = upstream();
+    let (p, rx) = processor(Config::default());
+    let mut args = CallbackArgs::new();
+    args.insert("tags", serde_json::json!(["a", 1, null, {"k": 2.5}]));
+    p.enqueue(task(&up.url("/redirect/1")).with_callback_args(args.clone()))
+        .unwrap();
+    p.enqueue(task(&up.url("/bytes?n=10000")).with_callback_args(args.clone()))
+        .unwrap();
+    p.enqueue(task("http://127.0.0.1:1/").with_callback_args(args))
+        .unwrap();
+    for _ in 0..3 {
+        match rx.recv_timeout(WAIT).unwrap() {
+            Outcome::Completed { response, .. } => {
+                let json = response.to_json();
+                let back = Response::from_json(&json).unwrap();
+                assert_eq!(back.to_json(), json);
+                assert_eq!(back.body, response.body);
+                assert_eq!(back.redirects, response.redirects);
+            }
+            Outcome::Failed { error, .. } => {
+                let json = error.to_json();
+                let back = TaskError::load(&json).unwrap();
+                assert_eq!(back.to_json(), json);
+                assert_eq!(back.request_id(), error.request_id());
+            }
+            Outcome::Retry(t) => panic!("{t:?}"),
+        }
+    }
+    p.stop(None);
+}
