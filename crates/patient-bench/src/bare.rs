@@ -62,7 +62,7 @@ pub struct BareRun {
 }
 
 /// `c` tasks each sending GET `uri` one after another until `n` requests are
-/// done in total. Progress is counted in `progress`.
+/// done in total (or `deadline` passed). Progress is counted in `progress`.
 pub fn closed_loop(
     runtime: &Runtime,
     uri: Uri,
@@ -85,7 +85,7 @@ pub fn closed_loop(
             );
             tasks.spawn(async move {
                 let mut latencies = Vec::with_capacity((n as usize / c.max(1)) + 1);
-                while issued.fetch_add(1, Ordering::Relaxed) < n {
+                while Instant::now() < deadline && issued.fetch_add(1, Ordering::Relaxed) < n {
                     let sent = Instant::now();
                     let ok = get(&client, &uri).await;
                     latencies.push(sent.elapsed().as_nanos() as u64);
@@ -94,11 +94,15 @@ pub fn closed_loop(
                 latencies
             });
         }
-        collect(tasks, start, deadline).await
+        let mut run = collect(tasks, start, deadline).await;
+        // The loops also stop at the deadline: finished is not complete.
+        run.complete &= progress.is_complete();
+        run
     }))
 }
 
-/// `n` tasks spawned at once, each sending one GET of `uri`.
+/// `n` tasks spawned at once, each sending one GET of `uri`; each latency
+/// runs from the task's spawn to the end of its response body.
 pub fn all_at_once(
     runtime: &Runtime,
     uri: Uri,
@@ -112,10 +116,11 @@ pub fn all_at_once(
         let mut tasks = JoinSet::new();
         for _ in 0..n {
             let (client, uri, progress) = (client.clone(), uri.clone(), progress.clone());
+            // Timed from the spawn, as patient's tasks are from `enqueue`.
+            let spawned = Instant::now();
             tasks.spawn(async move {
-                let sent = Instant::now();
                 let ok = get(&client, &uri).await;
-                let latency = sent.elapsed().as_nanos() as u64;
+                let latency = spawned.elapsed().as_nanos() as u64;
                 progress.record(ok);
                 vec![latency]
             });

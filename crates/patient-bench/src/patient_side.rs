@@ -6,7 +6,7 @@
 //! the task's slot in a [`LatencyBook`] from `Response::request_id` alone.
 
 use std::sync::{
-    atomic::{AtomicU64, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering},
     Arc, OnceLock,
 };
 
@@ -30,6 +30,8 @@ struct State {
     /// Whether each outcome enqueues the next task.
     chain: bool,
     issued: AtomicU64,
+    /// Set when no more tasks are to be issued.
+    halted: AtomicBool,
     refused: AtomicU64,
     book: LatencyBook,
     completion: Arc<Completion>,
@@ -46,6 +48,7 @@ impl BenchHandler {
                 n,
                 chain,
                 issued: AtomicU64::new(0),
+                halted: AtomicBool::new(false),
                 refused: AtomicU64::new(0),
                 book: LatencyBook::new(n as usize),
                 completion: Arc::new(Completion::new(n)),
@@ -73,6 +76,11 @@ impl BenchHandler {
         }
     }
 
+    /// Issues no more tasks (call before stopping the processor).
+    pub fn halt(&self) {
+        self.state.halted.store(true, Ordering::Release);
+    }
+
     /// Task number `seq` with the enqueue instant recorded; hand it to
     /// [`Processor::enqueue`] next, and report a refusal with [`refused`](Self::refused).
     pub fn task(&self, seq: u64) -> Task {
@@ -98,23 +106,30 @@ impl BenchHandler {
         self.state.book.latencies()
     }
 
-    /// Enqueues the next numbered task; false once `n` were issued or when no
-    /// processor is attached. A refused task counts as an error and the next
-    /// one is tried, so the loop keeps its concurrency.
+    /// Enqueues the next numbered task; false once `n` were issued, after
+    /// [`halt`](Self::halt), when the processor is not running or when none
+    /// is attached. A task refused at capacity counts as an error and the
+    /// next one is tried, so the loop keeps its concurrency.
     fn issue_next(&self) -> bool {
         let Some(processor) = self.state.processor.get() else {
             return false;
         };
-        loop {
+        while !self.state.halted.load(Ordering::Acquire) {
             let seq = self.state.issued.fetch_add(1, Ordering::Relaxed);
             if seq >= self.state.n {
                 return false;
             }
             match processor.enqueue(self.task(seq)) {
                 Ok(()) => return true,
-                Err(e) => self.on_refused(seq, &e),
+                Err(e) => {
+                    self.on_refused(seq, &e);
+                    if e.is_not_running() {
+                        self.halt();
+                    }
+                }
             }
         }
+        false
     }
 
     fn on_refused(&self, seq: u64, error: &EnqueueError) {

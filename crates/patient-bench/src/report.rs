@@ -2,6 +2,8 @@
 
 use std::fmt::{self, Display};
 
+use crate::stats::Summary;
+
 /// One output line: `bench=NAME key=value …`, fields in insertion order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use]
@@ -40,6 +42,15 @@ impl Line {
             Some(mb) => self.fixed("peak_rss_mb", mb, 1),
             None => self.text("peak_rss_mb", "na"),
         }
+    }
+
+    /// Appends `p50_ms` and `p99_ms` of `summary` (`na` when it is empty).
+    pub fn latency_ms(self, summary: &Summary) -> Line {
+        if summary.count == 0 {
+            return self.text("p50_ms", "na").text("p99_ms", "na");
+        }
+        self.fixed("p50_ms", summary.p50_ms(), 3)
+            .fixed("p99_ms", summary.p99_ms(), 3)
     }
 
     /// Appends the CPU time (user + system) this process used so far as

@@ -37,11 +37,18 @@ impl AwaitableClient {
 
     /// Runs a task: a response, or the error the processor would hand to `on_error`.
     pub async fn execute(&self, task: &Task) -> Result<Response, TaskError> {
-        self.engine.execute(task).await
+        self.engine.execute(task, tokio::time::Instant::now()).await
+    }
+
+    /// The metrics of this client's requests.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.engine.metrics
     }
 
     /// Runs a request as a task with a new id and no callback.
     pub async fn send(&self, request: Request) -> Result<Response, TaskError> {
-        self.engine.execute(&Task::new(request, "")).await
+        self.engine
+            .execute(&Task::new(request, ""), tokio::time::Instant::now())
+            .await
     }
 }

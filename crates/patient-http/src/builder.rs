@@ -1,12 +1,18 @@
 //! One builder for every face of the engine: the processor, the inline
 //! executor and the awaitable client.
 
-use std::sync::{atomic::AtomicU64, Arc};
+use std::{
+    collections::HashMap,
+    sync::{atomic::AtomicU64, Arc, Mutex},
+};
 
 use crate::{
     client::HttpClient,
     engine::Engine,
+    interceptor::{Interceptor, Interceptors},
+    metrics::Metrics,
     preprocess::{Preprocessor, Preprocessors},
+    resilience::ResilienceConfig,
     secret::{Secret, Secrets},
     AwaitableClient, Config, ConfigError, InlineExecutor, Processor, ProcessorObserver,
     TaskHandler,
@@ -20,7 +26,10 @@ pub struct Builder {
     config: Config,
     secrets: Secrets,
     preprocessors: Preprocessors,
+    interceptors: Interceptors,
     observers: Vec<Arc<dyn ProcessorObserver>>,
+    resilience: ResilienceConfig,
+    metrics: Option<Metrics>,
 }
 
 impl Builder {
@@ -53,6 +62,28 @@ impl Builder {
         self
     }
 
+    /// Appends an interceptor to the chain: request hooks run in the order
+    /// added, response hooks in reverse.
+    pub fn interceptor(mut self, interceptor: impl Interceptor) -> Builder {
+        self.interceptors.push(interceptor);
+        self
+    }
+
+    /// The resilience settings: retries, hedging, deadlines, breakers, limits,
+    /// fallbacks, by upstream (default: [`ResilienceConfig::default`] —
+    /// idempotent methods retried up to 3 attempts, no breaker, no limits).
+    pub fn resilience(mut self, resilience: ResilienceConfig) -> Builder {
+        self.resilience = resilience;
+        self
+    }
+
+    /// Records metrics into this instance (default: a new one per engine,
+    /// reachable from the processor or client).
+    pub fn metrics(mut self, metrics: Metrics) -> Builder {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// Adds an observer.
     pub fn observer(mut self, observer: impl ProcessorObserver) -> Builder {
         self.observers.push(Arc::new(observer));
@@ -73,7 +104,13 @@ impl Builder {
             client,
             secrets: self.secrets,
             preprocessors: self.preprocessors,
+            interceptors: self.interceptors,
             observers: self.observers,
+            resilience: self.resilience,
+            metrics: self.metrics.unwrap_or_default(),
+            breakers: Mutex::new(HashMap::new()),
+            limits: Mutex::new(HashMap::new()),
+            latencies: Mutex::new(HashMap::new()),
             panics: AtomicU64::new(0),
         }))
     }

@@ -35,6 +35,7 @@ pub struct Config {
     pub(crate) max_redirects: u32,
     pub(crate) payload_store_threshold: usize,
     pub(crate) worker_threads: usize,
+    pub(crate) max_in_flight: Option<usize>,
     pub(crate) client: ClientConfig,
 }
 
@@ -49,6 +50,7 @@ impl Default for Config {
             worker_threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
+            max_in_flight: None,
             client: ClientConfig::default(),
         }
     }
@@ -90,6 +92,11 @@ impl Config {
     /// Number of runtime threads the processor owns.
     pub fn worker_threads(&self) -> usize {
         self.worker_threads
+    }
+
+    /// Most tasks executing at once; the rest wait, high priority first.
+    pub fn max_in_flight(&self) -> Option<usize> {
+        self.max_in_flight
     }
 
     /// Whole-request timeout for requests that do not set one.
@@ -197,6 +204,14 @@ impl ConfigBuilder {
         self
     }
 
+    /// Most tasks executing at once (default none: every accepted task runs).
+    /// When set below `max_connections`, accepted tasks beyond it wait and are
+    /// dispatched by priority (high, normal, low), in arrival order within one.
+    pub fn max_in_flight(mut self, n: Option<usize>) -> Self {
+        self.config.max_in_flight = n;
+        self
+    }
+
     /// HTTP version policy (default: ALPN on TLS, HTTP/1.1 on plain connections).
     pub fn http_version(mut self, pref: HttpVersionPref) -> Self {
         self.config.client.http_version = pref;
@@ -223,6 +238,9 @@ impl ConfigBuilder {
         }
         if c.worker_threads == 0 {
             return Err(ConfigError::new("worker_threads", "must be at least 1"));
+        }
+        if c.max_in_flight == Some(0) {
+            return Err(ConfigError::new("max_in_flight", "must be at least 1"));
         }
         if c.payload_store_threshold == 0 {
             return Err(ConfigError::new(

@@ -1,28 +1,38 @@
 //! The request path shared by the processor, the inline executor and the
-//! awaitable client: secrets, preprocessors, the transport, redirects and the
-//! wrapping of every failure into a wire-format error.
+//! awaitable client. This file runs one attempt: secrets, interceptors,
+//! preprocessors, the transport and redirects, and wraps every failure into a
+//! wire-format error. The attempts themselves (retries, hedging, deadlines,
+//! breakers, limits) are in `pipeline.rs`.
 
 use std::{
+    collections::HashMap,
     panic::{catch_unwind, AssertUnwindSafe},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue as HttpHeaderValue};
 use patient_wire::{
-    ErrorType, HeaderValue, Headers, HttpError, Method, RedirectError, RedirectErrorKind,
+    ErrorType, HeaderValue, Headers, Method, Priority, RedirectError, RedirectErrorKind,
     RequestError, Response, TaskError,
 };
+use tokio::time::Instant;
 use url::Url;
 
 use crate::{
+    breaker::CircuitBreaker,
     client::{HttpClient, OutgoingRequest, TransportError},
+    interceptor::{InterceptContext, Interceptors, ResponseParts},
+    limit::KeyLimits,
+    metrics::Metrics,
     observer::{RequestEnd, RequestStart},
     preprocess::{PreparedRequest, Preprocessors},
+    propagation::propagation_headers,
+    resilience::ResilienceConfig,
     secret::Secrets,
     Config, ProcessorObserver, Task,
 };
@@ -33,12 +43,44 @@ pub(crate) struct Engine {
     pub(crate) client: HttpClient,
     pub(crate) secrets: Secrets,
     pub(crate) preprocessors: Preprocessors,
+    pub(crate) interceptors: Interceptors,
     pub(crate) observers: Vec<Arc<dyn ProcessorObserver>>,
+    pub(crate) resilience: ResilienceConfig,
+    pub(crate) metrics: Metrics,
+    /// Breakers by upstream key, made on first use.
+    pub(crate) breakers: Mutex<HashMap<String, Arc<CircuitBreaker>>>,
+    /// Rate and concurrency limits by upstream key, made on first use.
+    pub(crate) limits: Mutex<HashMap<String, Arc<KeyLimits>>>,
+    /// Recent latencies by upstream key, for adaptive hedging.
+    pub(crate) latencies: Mutex<HashMap<String, crate::pipeline::LatencyWindow>>,
     /// Panics caught in handlers and observers.
     pub(crate) panics: AtomicU64,
 }
 
-/// One hop of a task: what is sent next.
+/// What one attempt produced.
+pub(crate) struct AttemptResult {
+    /// A response of any status, or a request or redirect error (never an
+    /// HTTP error: `raise_error_responses` applies to the final outcome).
+    pub(crate) result: Result<Response, TaskError>,
+    /// The final response's headers, for retry decisions.
+    pub(crate) headers: Option<HeaderMap>,
+}
+
+/// How one attempt is made.
+pub(crate) struct AttemptPlan<'a> {
+    pub(crate) number: u32,
+    /// The attempt's own time limit.
+    pub(crate) timeout: Duration,
+    /// The task's deadline, for `X-Request-Timeout`.
+    pub(crate) deadline: Option<Instant>,
+    /// Priority to send upstream, when propagation is on.
+    pub(crate) propagate_priority: Option<Priority>,
+    pub(crate) upstream: &'a str,
+    /// When the task began executing: durations count from here.
+    pub(crate) started: Instant,
+}
+
+/// One hop of an attempt: what is sent next.
 struct Hop {
     method: Method,
     /// The URL as the task knows it (no secret values).
@@ -60,18 +102,11 @@ impl Engine {
         }
     }
 
-    /// Runs a task to its outcome: a response, or a wire-format error.
-    pub(crate) async fn execute(&self, task: &Task) -> Result<Response, TaskError> {
-        let started = Instant::now();
+    /// Makes one attempt of a task, following redirects.
+    pub(crate) async fn run_attempt(&self, task: &Task, plan: &AttemptPlan<'_>) -> AttemptResult {
         let request = &task.request;
-        let timeout = request
-            .timeout()
-            .unwrap_or(self.config.client.request_timeout);
-        let deadline = started + timeout;
+        let attempt_deadline = Instant::now() + plan.timeout;
         let max_redirects = request.max_redirects().unwrap_or(self.config.max_redirects);
-        let raise = task
-            .raise_error_responses
-            .unwrap_or(self.config.raise_error_responses);
 
         let mut hop = Hop {
             method: request.method(),
@@ -84,34 +119,42 @@ impl Engine {
         let mut redirects: Vec<String> = Vec::new();
         let mut hop_number = 1u32;
 
-        let result = loop {
+        loop {
             let hop_id = if hop_number == 1 {
                 task.id.clone()
             } else {
                 format!("{}/{hop_number}", task.id)
             };
             let now = Instant::now();
-            if now >= deadline {
-                break Err(self.request_error(
-                    task,
-                    &hop,
-                    started,
-                    ErrorType::Timeout,
-                    "Timeout",
-                    format!("request timed out after {:.3}s", timeout.as_secs_f64()),
-                ));
+            if now >= attempt_deadline {
+                return AttemptResult {
+                    result: Err(self.request_error(
+                        task,
+                        &hop.url,
+                        hop.method,
+                        plan.started,
+                        ErrorType::Timeout,
+                        "Timeout",
+                        format!("request timed out after {:.3}s", plan.timeout.as_secs_f64()),
+                    )),
+                    headers: None,
+                };
             }
-            let outgoing = match self.prepare(task, &hop, deadline - now) {
+            let outgoing = match self.prepare(task, &hop, plan, attempt_deadline - now) {
                 Ok(outgoing) => outgoing,
                 Err((class, message)) => {
-                    break Err(self.request_error(
-                        task,
-                        &hop,
-                        started,
-                        ErrorType::Unknown,
-                        class,
-                        message,
-                    ))
+                    return AttemptResult {
+                        result: Err(self.request_error(
+                            task,
+                            &hop.url,
+                            hop.method,
+                            plan.started,
+                            ErrorType::Unknown,
+                            class,
+                            message,
+                        )),
+                        headers: None,
+                    }
                 }
             };
             let url_str = hop.url.as_str();
@@ -125,21 +168,44 @@ impl Engine {
             let sent_at = Instant::now();
             let raw = match self.client.send(outgoing).await {
                 Ok(raw) => raw,
-                Err(e) => break Err(self.transport_error(task, &hop, started, e)),
+                Err(e) => {
+                    self.metrics.record_request(
+                        plan.upstream,
+                        hop.method.as_str(),
+                        e.kind().as_str(),
+                        sent_at.elapsed(),
+                    );
+                    return AttemptResult {
+                        result: Err(self.transport_error(task, &hop, plan.started, e)),
+                        headers: None,
+                    };
+                }
             };
+            let elapsed = sent_at.elapsed();
+            self.metrics
+                .record_response(plan.upstream, hop.method.as_str(), raw.status, elapsed);
             self.notify(|o| {
                 o.on_request_end(&RequestEnd {
                     hop_id: &hop_id,
                     method: hop.method,
                     url: url_str,
                     status: raw.status,
-                    duration: sent_at.elapsed(),
+                    duration: elapsed,
                 })
             });
+            let mut parts = ResponseParts::new(raw.status, raw.headers);
+            if !self.interceptors.is_empty() {
+                let ctx = InterceptContext {
+                    task_id: &task.id,
+                    attempt: plan.number,
+                    upstream: plan.upstream,
+                };
+                self.interceptors.run_response(&mut parts, &ctx);
+            }
 
             // Redirects.
-            if matches!(raw.status, 301 | 302 | 303 | 307 | 308) && max_redirects > 0 {
-                if let Some(location) = raw
+            if matches!(parts.status, 301 | 302 | 303 | 307 | 308) && max_redirects > 0 {
+                if let Some(location) = parts
                     .headers
                     .get(http::header::LOCATION)
                     .and_then(|v| v.to_str().ok())
@@ -148,81 +214,81 @@ impl Engine {
                     let next = match hop.url.join(location) {
                         Ok(next) => next,
                         Err(e) => {
-                            break Err(self.request_error(
-                                task,
-                                &hop,
-                                started,
-                                ErrorType::Unknown,
-                                "InvalidRedirectLocation",
-                                format!("redirect to an invalid location {location:?}: {e}"),
-                            ))
+                            return AttemptResult {
+                                result: Err(self.request_error(
+                                    task,
+                                    &hop.url,
+                                    hop.method,
+                                    plan.started,
+                                    ErrorType::Unknown,
+                                    "InvalidRedirectLocation",
+                                    format!("redirect to an invalid location {location:?}: {e}"),
+                                )),
+                                headers: None,
+                            }
                         }
                     };
-                    if redirects.len() >= max_redirects as usize {
-                        let mut chain = redirects.clone();
-                        chain.push(hop.url.to_string());
-                        break Err(TaskError::Redirect(RedirectError {
-                            kind: RedirectErrorKind::TooManyRedirects,
-                            url: next.to_string(),
-                            method: hop.method,
-                            duration: started.elapsed(),
-                            request_id: task.id.clone(),
-                            redirects: chain,
-                            callback_args: task.callback_args.clone(),
-                        }));
-                    }
+                    let too_many = redirects.len() >= max_redirects as usize;
                     let next_str = next.as_str();
-                    if next_str == hop.url.as_str() || redirects.iter().any(|u| u == next_str) {
-                        let mut chain = redirects.clone();
+                    let recursive =
+                        next_str == hop.url.as_str() || redirects.iter().any(|u| u == next_str);
+                    if too_many || recursive {
+                        let mut chain = redirects;
                         chain.push(hop.url.to_string());
-                        break Err(TaskError::Redirect(RedirectError {
-                            kind: RedirectErrorKind::RecursiveRedirect,
-                            url: next.to_string(),
-                            method: hop.method,
-                            duration: started.elapsed(),
-                            request_id: task.id.clone(),
-                            redirects: chain,
-                            callback_args: task.callback_args.clone(),
-                        }));
+                        return AttemptResult {
+                            result: Err(TaskError::Redirect(RedirectError {
+                                kind: if too_many {
+                                    RedirectErrorKind::TooManyRedirects
+                                } else {
+                                    RedirectErrorKind::RecursiveRedirect
+                                },
+                                url: next.to_string(),
+                                method: hop.method,
+                                duration: plan.started.elapsed(),
+                                request_id: task.id.clone(),
+                                redirects: chain,
+                                callback_args: task.callback_args.clone(),
+                            })),
+                            headers: None,
+                        };
                     }
                     redirects.push(hop.url.to_string());
-                    hop = redirect_hop(hop, raw.status, next);
+                    hop = redirect_hop(hop, parts.status, next);
                     hop_number += 1;
                     continue;
                 }
             }
 
             let response = Response {
-                status: raw.status,
-                headers: wire_headers(&raw.headers),
+                status: parts.status,
+                headers: wire_headers(&parts.headers),
                 body: if raw.body.is_empty() {
                     None
                 } else {
                     Some(raw.body)
                 },
-                duration: started.elapsed(),
+                duration: plan.started.elapsed(),
                 request_id: task.id.clone(),
                 url: hop.url.to_string(),
                 method: hop.method,
                 callback_args: task.callback_args.clone(),
                 redirects,
+                attempts: Vec::new(),
             };
-            if raise && !response.is_success() {
-                break Err(TaskError::Http(HttpError { response }));
-            }
-            break Ok(response);
-        };
-        if let Err(error) = &result {
-            self.notify(|o| o.on_request_error(error));
+            return AttemptResult {
+                result: Ok(response),
+                headers: Some(parts.headers),
+            };
         }
-        result
     }
 
-    /// Resolves secrets, builds the outgoing request and runs preprocessors.
+    /// Resolves secrets, builds the outgoing request, runs interceptors and
+    /// preprocessors.
     fn prepare(
         &self,
         task: &Task,
         hop: &Hop,
+        plan: &AttemptPlan<'_>,
         remaining: Duration,
     ) -> Result<OutgoingRequest, (&'static str, String)> {
         let mut url = hop.url.clone();
@@ -236,7 +302,7 @@ impl Engine {
                 pairs.append_pair(name, &value);
             }
         }
-        let mut headers = HeaderMap::with_capacity(hop.headers.len() + 2);
+        let mut headers = HeaderMap::with_capacity(hop.headers.len() + 4);
         for (name, value) in hop.headers.iter() {
             let header_name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| ("InvalidHeader", format!("invalid header name {name:?}")))?;
@@ -257,31 +323,58 @@ impl Engine {
             .map_err(|_| ("InvalidHeader", format!("invalid value for header {name}")))?;
             headers.append(header_name, value);
         }
+        let options = task.request.request_options();
+        if let Some(key) = &options.idempotency_key {
+            if !headers.contains_key("idempotency-key") {
+                let value = HttpHeaderValue::from_str(key)
+                    .map_err(|_| ("InvalidHeader", "invalid idempotency key".to_owned()))?;
+                headers.insert(HeaderName::from_static("idempotency-key"), value);
+            }
+        }
+        if let Some(priority) = plan.propagate_priority {
+            let remaining = plan
+                .deadline
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            for (name, value) in propagation_headers(remaining, priority) {
+                headers.insert(name, value);
+            }
+        }
         let method = http_method(hop.method);
         let body = hop.body.clone().unwrap_or_default();
+        let mut prepared = PreparedRequest::new(method, url, headers, body);
+        if !self.interceptors.is_empty() {
+            let ctx = InterceptContext {
+                task_id: &task.id,
+                attempt: plan.number,
+                upstream: plan.upstream,
+            };
+            self.interceptors
+                .run_request(&mut prepared, &ctx)
+                .map_err(|e| ("InterceptorError", e.to_string()))?;
+        }
         let names = task.request.preprocessors();
-        let (method, url, headers, body) = if hop.preprocessors && !names.is_empty() {
-            let mut prepared = PreparedRequest::new(method, url, headers, body);
+        if hop.preprocessors && !names.is_empty() {
             self.preprocessors
                 .run(names, &mut prepared)
                 .map_err(|e| ("PreprocessError", e.to_string()))?;
-            prepared.into_parts()
-        } else {
-            (method, url, headers, body)
-        };
+        }
+        let (method, url, headers, body) = prepared.into_parts();
         Ok(OutgoingRequest {
             method,
             url,
             headers,
             body,
             timeout: Some(remaining),
+            stall_timeout: None,
         })
     }
 
-    fn request_error(
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn request_error(
         &self,
         task: &Task,
-        hop: &Hop,
+        url: &Url,
+        method: Method,
         started: Instant,
         error_type: ErrorType,
         class_name: &str,
@@ -294,9 +387,10 @@ impl Engine {
             request_id: task.id.clone(),
             error_type,
             duration: started.elapsed(),
-            url: hop.url.to_string(),
-            method: hop.method,
+            url: url.to_string(),
+            method,
             callback_args: task.callback_args.clone(),
+            attempts: Vec::new(),
         })
     }
 
@@ -309,7 +403,8 @@ impl Engine {
     ) -> TaskError {
         self.request_error(
             task,
-            hop,
+            &hop.url,
+            hop.method,
             started,
             error.kind(),
             error.class_name(),

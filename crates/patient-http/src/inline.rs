@@ -53,7 +53,7 @@ impl InlineExecutor {
 
     fn run_here(&self, task: Task) -> Outcome {
         let runtime = self.runtime.lock().unwrap_or_else(|e| e.into_inner());
-        let result = runtime.block_on(self.engine.execute(&task));
+        let result = runtime.block_on(self.engine.execute(&task, tokio::time::Instant::now()));
         match result {
             Ok(response) => Outcome::Completed {
                 response,

@@ -41,6 +41,7 @@
 //! ```
 
 mod awaitable;
+pub mod breaker;
 mod builder;
 pub mod client;
 mod config;
@@ -48,9 +49,16 @@ mod dispatch;
 mod engine;
 mod handler;
 mod inline;
+pub mod interceptor;
+pub mod limit;
+pub mod metrics;
 mod observer;
+mod pipeline;
 pub mod preprocess;
 mod processor;
+pub mod propagation;
+pub mod resilience;
+pub mod retry;
 mod secret;
 mod task;
 
@@ -62,13 +70,15 @@ pub use handler::{Outcome, TaskHandler};
 pub use inline::InlineExecutor;
 pub use observer::{ProcessorObserver, RequestEnd, RequestStart};
 pub use patient_wire::{
-    self as wire, CallbackArgs, ErrorType, HeaderValue, Headers, HttpError, Method, Payload,
-    RedirectError, RedirectErrorKind, Request, RequestBuilder, RequestError, RequestTemplate,
-    Response, SecretRef, TaskError,
+    self as wire, Attempt, CallbackArgs, DeadlineMode, ErrorType, HeaderValue, Headers, HttpError,
+    Method, Payload, Priority, RedirectError, RedirectErrorKind, Request, RequestBuilder,
+    RequestError, RequestOptions, RequestTemplate, Response, RetryOptions, SecretRef, Strategy,
+    TaskError,
 };
 pub use preprocess::{Preprocessor, SigV4};
 pub use processor::{
     EnqueueError, EnqueueErrorKind, Processor, ProcessorCounts, ProcessorError, ProcessorState,
 };
+pub use resilience::{Fallback, HedgeDelay, ResilienceConfig, UpstreamPolicy};
 pub use secret::{Secret, SecretError, Secrets};
 pub use task::Task;

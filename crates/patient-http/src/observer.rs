@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use patient_wire::{Method, TaskError};
 
-use crate::Task;
+use crate::{breaker::BreakerState, Task};
 
 /// A request about to be sent: one per hop of a task (redirects included).
 #[derive(Debug, Clone)]
@@ -55,4 +55,10 @@ pub trait ProcessorObserver: Send + Sync + 'static {
 
     /// A task was refused because the processor was at capacity.
     fn on_capacity_exceeded(&self, _task: &Task) {}
+
+    /// A task is about to be retried: attempt `attempt` starts after `delay`.
+    fn on_retry(&self, _task_id: &str, _attempt: u32, _delay: Duration) {}
+
+    /// The circuit breaker of an upstream changed state.
+    fn on_breaker_state_change(&self, _upstream: &str, _from: BreakerState, _to: BreakerState) {}
 }

@@ -825,3 +825,26 @@ fn client_is_built_outside_a_runtime() {
     let client = HttpClient::new(ClientConfig::default()).unwrap();
     assert_eq!(client.pool_stats().hosts, 0);
 }
+
+/// A body that trickles: the stall timeout ends it, the request timeout alone does not.
+#[tokio::test(start_paused = true)]
+async fn stall_timeout_ends_a_trickling_body() {
+    let up = Upstream::start().await.unwrap();
+    let client =
+        HttpClient::new(ClientConfig::default().stall_timeout(Some(Duration::from_millis(200))))
+            .unwrap();
+    let url = url::Url::parse(&up.url("/sse?events=5&interval_ms=500")).unwrap();
+    let err = client
+        .send(OutgoingRequest::new(Method::GET, url.clone()))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert_eq!(err.class_name(), "StallTimeout");
+
+    // Per request, a longer stall limit lets the same body through.
+    let mut request = OutgoingRequest::new(Method::GET, url);
+    request.stall_timeout = Some(Duration::from_secs(1));
+    let response = client.send(request).await.unwrap();
+    assert_eq!(response.status, 200);
+    assert!(String::from_utf8_lossy(&response.body).contains("event 4"));
+}

@@ -5,6 +5,7 @@ use std::{fmt, time::Duration};
 use serde_json::{Map, Value};
 
 use crate::{
+    attempt::{insert_attempts, load_attempts, Attempt},
     callback_args::CallbackArgs,
     fields::{seconds_to_json, serde_via_json, Fields},
     method::Method,
@@ -28,7 +29,7 @@ pub enum ErrorType {
 }
 
 impl ErrorType {
-    const NAMES: &'static [&'static str] = &[
+    pub(crate) const NAMES: &'static [&'static str] = &[
         "timeout",
         "connection",
         "ssl",
@@ -103,6 +104,9 @@ pub struct RequestError {
     pub method: Method,
     /// The callback arguments of the task.
     pub callback_args: CallbackArgs,
+    /// Every attempt when the request was retried or hedged (serialized only
+    /// when there was more than one).
+    pub attempts: Vec<Attempt>,
 }
 
 impl RequestError {
@@ -138,6 +142,7 @@ impl RequestError {
         map.insert("url".into(), self.url.clone().into());
         map.insert("http_method".into(), self.method.as_lower().into());
         map.insert("callback_args".into(), self.callback_args.to_json());
+        insert_attempts(&mut map, &self.attempts);
         Value::Object(map)
     }
 
@@ -169,6 +174,7 @@ impl RequestError {
             url: fields.string("url")?.to_owned(),
             method: fields.method("http_method")?,
             callback_args: fields.callback_args("callback_args")?,
+            attempts: load_attempts(&fields)?,
         })
     }
 }

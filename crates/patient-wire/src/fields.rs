@@ -163,7 +163,7 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn seconds_from_json(v: &Value, path: &str) -> Result<Duration, WireError> {
+pub(crate) fn seconds_from_json(v: &Value, path: &str) -> Result<Duration, WireError> {
     let secs = v
         .as_f64()
         .ok_or_else(|| WireError::wrong_type(path, "a number", v))?;

@@ -49,12 +49,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod attempt;
 pub mod callback_args;
 pub mod envelope;
 pub mod error;
 mod fields;
 pub mod headers;
 pub mod method;
+pub mod options;
 pub mod payload;
 pub mod request;
 pub mod response;
@@ -63,11 +65,13 @@ pub mod storage;
 pub mod template;
 pub mod wire_error;
 
+pub use attempt::Attempt;
 pub use callback_args::{CallbackArgs, CallbackArgsError};
 pub use envelope::{is_encrypted, EncryptedEnvelope, ENCRYPTED_KEY};
 pub use error::{ErrorType, HttpError, RedirectError, RedirectErrorKind, RequestError, TaskError};
 pub use headers::{HeaderValue, Headers};
 pub use method::{Method, ParseMethodError};
+pub use options::{DeadlineMode, Priority, RequestOptions, RetryOptions, Strategy};
 pub use payload::{
     charset_param, is_text_content_type, Payload, PayloadEncoding, BINARY_CHARSET, GZIP_THRESHOLD,
     TEXT_CHARSET,

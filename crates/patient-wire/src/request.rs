@@ -10,6 +10,7 @@ use crate::{
     fields::{join, serde_via_json, Fields},
     headers::{HeaderValue, Headers},
     method::Method,
+    options::{Priority, RequestOptions, Strategy},
     payload::{load_body, Payload},
     secret::SecretRef,
     wire_error::{WireError, WireErrorKind},
@@ -88,6 +89,7 @@ pub struct Request {
     max_redirects: Option<u32>,
     secret_params: BTreeMap<String, SecretRef>,
     preprocessors: Vec<String>,
+    options: RequestOptions,
 }
 
 macro_rules! method_constructors {
@@ -169,6 +171,11 @@ impl Request {
         &self.preprocessors
     }
 
+    /// The resilience options (empty unless set).
+    pub fn request_options(&self) -> &RequestOptions {
+        &self.options
+    }
+
     /// A builder holding everything this request has, to derive a changed
     /// request (for a redirect hop, say). The URL keeps its query parameters.
     pub fn to_builder(&self) -> RequestBuilder {
@@ -187,6 +194,7 @@ impl Request {
             timeout: self.timeout,
             max_redirects: self.max_redirects,
             preprocessors: self.preprocessors.clone(),
+            options: self.options.clone(),
         }
     }
 
@@ -222,6 +230,9 @@ impl Request {
         }
         if !self.preprocessors.is_empty() {
             map.insert("preprocessors".into(), self.preprocessors.clone().into());
+        }
+        if !self.options.is_empty() {
+            map.insert("options".into(), self.options.to_json());
         }
         Value::Object(map)
     }
@@ -264,6 +275,10 @@ impl Request {
             }
         }
         let preprocessors = fields.strings("preprocessors")?;
+        let options = match fields.value("options") {
+            Some(v) => RequestOptions::load(v, &fields.path_of("options"))?,
+            None => RequestOptions::default(),
+        };
 
         let builder = RequestBuilder {
             method,
@@ -279,6 +294,7 @@ impl Request {
             timeout,
             max_redirects,
             preprocessors,
+            options,
         };
         builder.build().map_err(|e| {
             let field = match &e {
@@ -330,6 +346,7 @@ pub struct RequestBuilder {
     timeout: Option<Duration>,
     max_redirects: Option<u32>,
     preprocessors: Vec<String>,
+    options: RequestOptions,
 }
 
 impl RequestBuilder {
@@ -345,6 +362,7 @@ impl RequestBuilder {
             timeout: None,
             max_redirects: None,
             preprocessors: Vec::new(),
+            options: RequestOptions::default(),
         }
     }
 
@@ -439,6 +457,37 @@ impl RequestBuilder {
         self
     }
 
+    /// Sets every resilience option at once (none by default).
+    pub fn request_options(mut self, options: RequestOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Dispatch priority, also sent upstream as `X-Request-Priority` (default normal).
+    pub fn priority(mut self, priority: Priority) -> Self {
+        self.options.priority = Some(priority);
+        self
+    }
+
+    /// One budget for the whole task: queue wait and every attempt (none by default).
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.options.deadline = Some(deadline);
+        self
+    }
+
+    /// An idempotency key, sent as `Idempotency-Key`; it makes a POST or
+    /// PATCH safe to retry (none by default).
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.options.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// How attempts are made (default: by method).
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.options.strategy = Some(strategy);
+        self
+    }
+
     /// Validates and builds the request.
     ///
     /// Fails when the URL does not parse or is not `http`/`https`, a header
@@ -504,6 +553,7 @@ impl RequestBuilder {
             max_redirects: self.max_redirects,
             secret_params: self.secret_params,
             preprocessors: self.preprocessors,
+            options: self.options,
         })
     }
 }

@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::{
+    attempt::{insert_attempts, load_attempts, Attempt},
     callback_args::CallbackArgs,
     fields::{seconds_to_json, serde_via_json, Fields},
     headers::Headers,
@@ -38,6 +39,9 @@ pub struct Response {
     pub callback_args: CallbackArgs,
     /// The URLs visited before `url`, oldest first; empty without redirects.
     pub redirects: Vec<String>,
+    /// Every attempt when the request was retried or hedged (serialized only
+    /// when there was more than one).
+    pub attempts: Vec<Attempt>,
 }
 
 /// Why [`Response::json`] could not give the body as JSON.
@@ -150,6 +154,7 @@ impl Response {
         map.insert("http_method".into(), self.method.as_lower().into());
         map.insert("callback_args".into(), self.callback_args.to_json());
         map.insert("redirects".into(), self.redirects.clone().into());
+        insert_attempts(&mut map, &self.attempts);
         Value::Object(map)
     }
 
@@ -187,6 +192,7 @@ impl Response {
             method: fields.method("http_method")?,
             callback_args: fields.callback_args("callback_args")?,
             redirects: fields.strings("redirects")?,
+            attempts: load_attempts(&fields)?,
             headers,
         })
     }

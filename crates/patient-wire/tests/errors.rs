@@ -24,6 +24,7 @@ fn http_error(status: u16) -> HttpError {
         method: Method::Post,
         callback_args: args(),
         redirects: vec![],
+        attempts: vec![],
     })
 }
 
@@ -61,6 +62,7 @@ fn request_error_round_trip() {
         url: "https://api.example.com/slow".into(),
         method: Method::Post,
         callback_args: args(),
+        attempts: vec![],
     };
     let wire = e.to_json();
     assert_eq!(

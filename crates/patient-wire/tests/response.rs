@@ -22,6 +22,7 @@ fn response(status: u16, content_type: Option<&str>, body: Option<&[u8]>) -> Res
         method: Method::Get,
         callback_args,
         redirects: vec!["https://old.example.com/users/1".into()],
+        attempts: vec![],
     }
 }
 

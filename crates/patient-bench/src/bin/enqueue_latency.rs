@@ -159,8 +159,7 @@ fn side(ctx: &SideContext, args: &Args) -> Result<SideReport, BoxError> {
         .text("refused", handler.refusals())
         .round("req_s", completion.done() as f64 / wall_s)
         .fixed("wall_s", wall_s, 3)
-        .fixed("p50_ms", tasks.p50_ms(), 3)
-        .fixed("p99_ms", tasks.p99_ms(), 3)
+        .latency_ms(&tasks)
         .peak_rss()
         .cpu()
         .text("errors", completion.errors());

@@ -31,7 +31,7 @@ const TARGET_WALL: f64 = 1.1;
 const TARGET_RSS: f64 = 1.0;
 
 const USAGE: &str =
-    "usage: scale [--n N] [--delay-ms MS] [--url BASE] [--only patient|hyper] [--timeout-s S]
+    "usage: scale [--n N] [--delay-ms MS] [--rounds R] [--url BASE] [--only patient|hyper] [--timeout-s S]
 
 Starts N requests (default 10000) at once against BASE/delay?ms=MS (default
 1000), once through patient's processor (all enqueued from one thread) and
@@ -115,6 +115,7 @@ fn side(ctx: &SideContext, args: &Args) -> Result<SideReport, BoxError> {
             handler.issue(n);
             let complete = completion.wait(ctx.deadline);
             let wall = start.elapsed();
+            handler.halt();
             processor.stop(Some(Duration::from_secs(1)));
             (wall, handler.latencies(), complete)
         }
@@ -133,8 +134,7 @@ fn side(ctx: &SideContext, args: &Args) -> Result<SideReport, BoxError> {
     let mut line = line
         .round("req_s", completion.done() as f64 / wall_s)
         .fixed("wall_s", wall_s, 3)
-        .fixed("p50_ms", summary.p50_ms(), 3)
-        .fixed("p99_ms", summary.p99_ms(), 3)
+        .latency_ms(&summary)
         .peak_rss()
         .cpu()
         .text("errors", completion.errors());

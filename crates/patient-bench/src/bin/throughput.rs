@@ -30,7 +30,7 @@ const TARGET_RATIO: f64 = 0.9;
 const TARGET: &str = "ratio_req_s>=0.9";
 
 const USAGE: &str =
-    "usage: throughput [--n N] [--c C1,C2] [--url BASE] [--only patient|hyper] [--timeout-s S]
+    "usage: throughput [--n N] [--c C1,C2] [--rounds R] [--url BASE] [--only patient|hyper] [--timeout-s S]
 
 Sends N requests (default 50000) to BASE/fast with C outstanding at a time
 (default 64,256: both are run), once through patient's processor and once
@@ -121,6 +121,7 @@ fn side(ctx: &SideContext, args: &Args) -> Result<SideReport, BoxError> {
             handler.issue(c as u64);
             let complete = completion.wait(ctx.deadline);
             let wall = start.elapsed();
+            handler.halt();
             processor.stop(Some(Duration::from_secs(1)));
             (wall, handler.latencies(), complete)
         }
@@ -145,8 +146,7 @@ fn side(ctx: &SideContext, args: &Args) -> Result<SideReport, BoxError> {
     let mut line = line
         .round("req_s", completion.done() as f64 / wall_s)
         .fixed("wall_s", wall_s, 3)
-        .fixed("p50_ms", summary.p50_ms(), 3)
-        .fixed("p99_ms", summary.p99_ms(), 3)
+        .latency_ms(&summary)
         .peak_rss()
         .cpu()
         .text("errors", completion.errors());

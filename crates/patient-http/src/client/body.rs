@@ -18,6 +18,8 @@ pub(crate) enum ReadError {
     TooLarge { read: usize },
     /// The connection failed.
     Hyper(hyper::Error),
+    /// No data arrived within the stall timeout.
+    Stalled { after: std::time::Duration },
 }
 
 /// Reads the whole body, failing as soon as more than `limit` bytes arrived.
@@ -26,11 +28,19 @@ pub(crate) async fn read_limited(
     mut body: Incoming,
     limit: usize,
     content_length: Option<u64>,
+    stall: Option<std::time::Duration>,
 ) -> Result<Bytes, ReadError> {
     let mut first: Option<Bytes> = None;
     let mut rest: Option<BytesMut> = None;
     let mut total = 0usize;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let next = match stall {
+            None => body.frame().await,
+            Some(after) => tokio::time::timeout(after, body.frame())
+                .await
+                .map_err(|_| ReadError::Stalled { after })?,
+        };
+        let Some(frame) = next else { break };
         let frame = frame.map_err(ReadError::Hyper)?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers

@@ -38,6 +38,10 @@ pub struct ClientConfig {
     /// Timeout of establishing a connection (TCP, proxy tunnel, TLS).
     /// Default `None`: only the request timeout applies.
     pub connect_timeout: Option<Duration>,
+    /// Longest wait for the next piece of a response body (an idle-read
+    /// limit, apart from the whole-request timeout, for long responses that
+    /// trickle). Default `None`: only the request timeout applies.
+    pub stall_timeout: Option<Duration>,
     /// Largest response body accepted, in bytes (after decompression when
     /// decompressing). Default 1 MiB. Must be greater than 0.
     pub max_response_size: usize,
@@ -83,6 +87,7 @@ impl Default for ClientConfig {
         ClientConfig {
             request_timeout: Duration::from_secs(60),
             connect_timeout: None,
+            stall_timeout: None,
             max_response_size: 1024 * 1024,
             user_agent: "PatientHttp".to_owned(),
             connection_pool_size: 100,
@@ -106,6 +111,7 @@ impl fmt::Debug for ClientConfig {
         f.debug_struct("ClientConfig")
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("stall_timeout", &self.stall_timeout)
             .field("max_response_size", &self.max_response_size)
             .field("user_agent", &self.user_agent)
             .field("connection_pool_size", &self.connection_pool_size)
@@ -153,6 +159,10 @@ impl ClientConfig {
     setter!(
         /// Sets [`connect_timeout`](Self::connect_timeout) (default `None`).
         connect_timeout: Option<Duration>
+    );
+    setter!(
+        /// Sets [`stall_timeout`](Self::stall_timeout) (default `None`).
+        stall_timeout: Option<Duration>
     );
     setter!(
         /// Sets [`max_response_size`](Self::max_response_size) (default 1 MiB).
@@ -226,6 +236,12 @@ impl ClientConfig {
         if self.connect_timeout.is_some_and(|d| d.is_zero()) {
             return Err(ClientConfigError::new(
                 "connect_timeout",
+                "must be greater than 0",
+            ));
+        }
+        if self.stall_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(ClientConfigError::new(
+                "stall_timeout",
                 "must be greater than 0",
             ));
         }

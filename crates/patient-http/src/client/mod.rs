@@ -68,6 +68,9 @@ pub struct OutgoingRequest {
     /// Timeout of the whole request (connect, send, reading the whole body);
     /// `None` uses the client's `request_timeout`.
     pub timeout: Option<Duration>,
+    /// Longest wait for the next piece of the body; `None` uses the client's
+    /// `stall_timeout`.
+    pub stall_timeout: Option<Duration>,
 }
 
 impl OutgoingRequest {
@@ -79,6 +82,7 @@ impl OutgoingRequest {
             headers: HeaderMap::new(),
             body: Bytes::new(),
             timeout: None,
+            stall_timeout: None,
         }
     }
 }
@@ -156,6 +160,7 @@ struct Prepared {
     host: HeaderValue,
     headers: HeaderMap,
     body: Bytes,
+    stall_timeout: Option<Duration>,
 }
 
 impl Prepared {
@@ -250,7 +255,9 @@ impl Inner {
             mut headers,
             mut body,
             timeout: _,
+            stall_timeout,
         } = request;
+        let stall_timeout = stall_timeout.or(self.config.stall_timeout);
         let https = match url.scheme() {
             "https" => true,
             "http" => false,
@@ -339,6 +346,7 @@ impl Inner {
             host: host_header,
             headers,
             body,
+            stall_timeout,
         })
     }
 
@@ -546,8 +554,20 @@ impl Inner {
                 )));
             }
         }
-        let data = match body::read_limited(incoming, limit, content_length).await {
+        let data = match body::read_limited(incoming, limit, content_length, p.stall_timeout).await
+        {
             Ok(data) => data,
+            Err(body::ReadError::Stalled { after }) => {
+                if let InUse::H2(c) = &conn {
+                    self.pool.retire_h2(&p.key, c.id);
+                }
+                return Err(AttemptError::Fatal(TransportError::timeout(
+                    "StallTimeout",
+                    &p.key.authority(),
+                    Phase::Body,
+                    after,
+                )));
+            }
             Err(body::ReadError::TooLarge { read }) => {
                 return Err(AttemptError::Fatal(TransportError::too_large(
                     &p.key.authority(),

@@ -15,6 +15,7 @@
 //! guard gives up the task the first time, so no second outcome can follow.
 
 mod error;
+mod gate;
 mod state;
 
 use std::{
@@ -32,6 +33,7 @@ pub use state::ProcessorState;
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
+use self::gate::PriorityGate;
 use crate::{engine::Engine, Builder, Outcome, Task, TaskHandler};
 
 std::thread_local! {
@@ -79,6 +81,8 @@ struct Inner {
     retried: AtomicU64,
     idle_lock: Mutex<()>,
     idle_cv: Condvar,
+    /// Orders tasks by priority when `max_in_flight` is set.
+    gate: Option<Arc<PriorityGate>>,
 }
 
 /// One run of the processor: its runtime and the signals to stop it.
@@ -123,7 +127,6 @@ impl Processor {
         Processor {
             inner: Arc::new(Inner {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-                engine,
                 handler,
                 state: AtomicU8::new(ProcessorState::Stopped as u8),
                 lifecycle: Mutex::new(()),
@@ -135,6 +138,8 @@ impl Processor {
                 retried: AtomicU64::new(0),
                 idle_lock: Mutex::new(()),
                 idle_cv: Condvar::new(),
+                gate: engine.config.max_in_flight.map(PriorityGate::new),
+                engine,
             }),
         }
     }
@@ -180,6 +185,11 @@ impl Processor {
             retried: i.retried.load(Ordering::Acquire),
             panics: i.engine.panics.load(Ordering::Acquire),
         }
+    }
+
+    /// Its metrics, in the Prometheus text format with [`Metrics::render`](crate::metrics::Metrics::render).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.engine.metrics
     }
 
     /// The configuration it runs with.
@@ -295,6 +305,7 @@ impl Processor {
         let guard = TaskGuard {
             inner: Arc::clone(inner),
             task: Some(task),
+            queued_at: tokio::time::Instant::now(),
         };
         let cancel = run.cancel.subscribe();
         run.handle.spawn(run_task(guard, cancel));
@@ -435,6 +446,7 @@ impl Inner {
 struct TaskGuard {
     inner: Arc<Inner>,
     task: Option<Task>,
+    queued_at: tokio::time::Instant,
 }
 
 impl TaskGuard {
@@ -457,15 +469,32 @@ async fn run_task(mut guard: TaskGuard, mut cancel: watch::Receiver<bool>) {
         return;
     };
     let engine = Arc::clone(&guard.inner.engine);
-    let in_flight = &guard.inner.in_flight;
-    in_flight.fetch_add(1, Ordering::AcqRel);
+    let gate = guard.inner.gate.clone();
+    let queued_at = guard.queued_at;
     let span = tracing::debug_span!("task", task_id = %task.id, method = %task.request.method());
+    let work = async {
+        // Saturated: wait for a slot, high priority first.
+        let _slot = match &gate {
+            Some(gate) => {
+                let priority = task.request.request_options().priority.unwrap_or_default();
+                engine.metrics.set_queue_depth(gate.waiting() + 1);
+                let slot = gate.acquire(priority).await;
+                engine.metrics.set_queue_depth(gate.waiting());
+                Some(slot)
+            }
+            None => None,
+        };
+        guard.inner.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _in_flight = engine.metrics.track_in_flight();
+        let result = engine.execute(task, queued_at).instrument(span).await;
+        guard.inner.in_flight.fetch_sub(1, Ordering::AcqRel);
+        result
+    };
     let result = tokio::select! {
         biased;
         _ = cancel.wait_for(|stop| *stop) => None,
-        result = engine.execute(task).instrument(span) => Some(result),
+        result = work => Some(result),
     };
-    guard.inner.in_flight.fetch_sub(1, Ordering::AcqRel);
     match result {
         None => guard.deliver(Outcome::Retry),
         Some(Ok(response)) => guard.deliver(|task| Outcome::Completed {

@@ -1,0 +1,566 @@
+//! Prometheus metrics of the resilience pipeline.
+//!
+//! A [`Metrics`] owns its own [`Registry`]: there is no global state, so
+//! several processors (or several tests) in one process never share or clash
+//! over counters. The engine calls the cheap `record_*` / `set_*` methods; an
+//! application exposes [`Metrics::render`] (the OpenMetrics text format, which
+//! Prometheus scrapes) on an endpoint of its choice, with
+//! [`CONTENT_TYPE`] as the `Content-Type`.
+//!
+//! | family | type | labels |
+//! |---|---|---|
+//! | `requests_total` | counter | `upstream`, `method`, `status` (a status code, or an error type) |
+//! | `request_duration_seconds` | histogram ([`LATENCY_BUCKETS`]) | `upstream` |
+//! | `attempts_total` | counter | `upstream` |
+//! | `retries_total` | counter | `upstream` |
+//! | `hedges_total` | counter | `upstream` |
+//! | `breaker_state` | gauge (0 closed, 1 open, 2 half-open) | `upstream` |
+//! | `rate_limit_waits_total` | counter | `upstream` |
+//! | `rate_limit_wait_seconds` | histogram ([`WAIT_BUCKETS`]) | `upstream` |
+//! | `in_flight` | gauge | — |
+//! | `queue_depth` | gauge | — |
+//!
+//! Names carry no prefix unless one is given with [`Metrics::with_prefix`]
+//! (`patient` gives `patient_requests_total`, …).
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! use patient_http::metrics::{Metrics, BREAKER_OPEN};
+//!
+//! let metrics = Metrics::new();
+//! metrics.record_attempt("api.example.com:443");
+//! metrics.record_request("api.example.com:443", "GET", "200", Duration::from_millis(42));
+//! metrics.set_breaker_state("api.example.com:443", BREAKER_OPEN);
+//!
+//! let text = metrics.render();
+//! assert!(text.contains(
+//!     r#"requests_total{upstream="api.example.com:443",method="GET",status="200"} 1"#
+//! ));
+//! ```
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// The `Content-Type` of [`Metrics::render`]'s output (OpenMetrics text 1.0.0).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Bucket upper bounds, in seconds, of `request_duration_seconds`: 5 ms to 60 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Bucket upper bounds, in seconds, of `rate_limit_wait_seconds`: 1 ms to 60 s.
+pub const WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// The value of the `breaker_state` gauge: one of [`BREAKER_CLOSED`],
+/// [`BREAKER_OPEN`], [`BREAKER_HALF_OPEN`].
+pub type BreakerStateCode = u8;
+
+/// `breaker_state` of a closed breaker (requests flow).
+pub const BREAKER_CLOSED: BreakerStateCode = 0;
+/// `breaker_state` of an open breaker (requests fail fast).
+pub const BREAKER_OPEN: BreakerStateCode = 1;
+/// `breaker_state` of a half-open breaker (probes go through).
+pub const BREAKER_HALF_OPEN: BreakerStateCode = 2;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    upstream: String,
+    method: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+impl UpstreamLabels {
+    fn new(upstream: &str) -> Self {
+        UpstreamLabels {
+            upstream: label_value(upstream),
+        }
+    }
+}
+
+type HistogramFamily = Family<UpstreamLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS.iter().copied())
+}
+
+fn wait_histogram() -> Histogram {
+    Histogram::new(WAIT_BUCKETS.iter().copied())
+}
+
+/// Escapes a label value for the text format (the encoder writes values
+/// verbatim): backslash, double quote and line feed.
+fn label_value(s: &str) -> String {
+    if !s.contains(['\\', '"', '\n']) {
+        return s.to_owned();
+    }
+    let mut out = String::with_capacity(s.len() + 2);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The metric families; each is a cheap handle over shared values, so clones
+/// registered elsewhere report the same numbers.
+#[derive(Clone)]
+struct Families {
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistogramFamily,
+    attempts: Family<UpstreamLabels, Counter>,
+    retries: Family<UpstreamLabels, Counter>,
+    hedges: Family<UpstreamLabels, Counter>,
+    breaker_state: Family<UpstreamLabels, Gauge>,
+    rate_limit_waits: Family<UpstreamLabels, Counter>,
+    rate_limit_wait: HistogramFamily,
+    in_flight: Gauge,
+    queue_depth: Gauge,
+}
+
+impl Families {
+    fn new() -> Self {
+        Families {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            attempts: Family::default(),
+            retries: Family::default(),
+            hedges: Family::default(),
+            breaker_state: Family::default(),
+            rate_limit_waits: Family::default(),
+            rate_limit_wait: Family::new_with_constructor(wait_histogram),
+            in_flight: Gauge::default(),
+            queue_depth: Gauge::default(),
+        }
+    }
+
+    /// Registers a clone of every family. Counter names go without `_total`:
+    /// the encoder adds it.
+    fn register(&self, registry: &mut Registry) {
+        let f = self.clone();
+        registry.register(
+            "requests",
+            "Finished requests by upstream, method and final status code or error type",
+            f.requests,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from the first attempt to the final outcome of a request",
+            f.request_duration,
+        );
+        registry.register(
+            "attempts",
+            "Attempts sent, first attempts, retries and hedges included",
+            f.attempts,
+        );
+        registry.register("retries", "Attempts made after a failed one", f.retries);
+        registry.register(
+            "hedges",
+            "Hedged attempts started while an earlier one was still running",
+            f.hedges,
+        );
+        registry.register(
+            "breaker_state",
+            "Circuit breaker state per upstream: 0 closed, 1 open, 2 half-open",
+            f.breaker_state,
+        );
+        registry.register(
+            "rate_limit_waits",
+            "Requests that waited for a rate or concurrency limit",
+            f.rate_limit_waits,
+        );
+        registry.register(
+            "rate_limit_wait_seconds",
+            "Time spent waiting for a rate or concurrency limit",
+            f.rate_limit_wait,
+        );
+        registry.register("in_flight", "Requests being sent now", f.in_flight);
+        registry.register(
+            "queue_depth",
+            "Tasks waiting for dispatch in the processor's queue",
+            f.queue_depth,
+        );
+    }
+}
+
+struct Inner {
+    registry: Registry,
+    families: Families,
+}
+
+/// The pipeline's Prometheus metrics, with their own registry.
+///
+/// Cheap to clone: clones share the registry and the values. Recording
+/// methods take `&self` and never block for long (a read lock on the family's
+/// map, a write lock the first time a label set is seen).
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Metrics in a new registry, names without a prefix (`requests_total`).
+    pub fn new() -> Self {
+        Self::in_registry(Registry::default())
+    }
+
+    /// Metrics in a new registry whose names start with `prefix` and an
+    /// underscore (`patient` gives `patient_requests_total`).
+    pub fn with_prefix(prefix: impl Into<String>) -> Self {
+        Self::in_registry(Registry::with_prefix(prefix))
+    }
+
+    fn in_registry(mut registry: Registry) -> Self {
+        let families = Families::new();
+        families.register(&mut registry);
+        Metrics {
+            inner: Arc::new(Inner { registry, families }),
+        }
+    }
+
+    /// The registry these metrics live in, for encoding together with other
+    /// registries (`prometheus_client::encoding::text::encode_registry` for
+    /// each, then `encode_eof` once).
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Registers the same metric families (live handles, not copies of the
+    /// values) into another registry, for an application that exposes one
+    /// registry of its own; use `Registry::sub_registry_with_prefix` first for
+    /// a prefix. These metrics keep reporting through [`Metrics::render`] too.
+    pub fn register(&self, registry: &mut Registry) {
+        self.inner.families.register(registry);
+    }
+
+    /// Counts a finished request and observes its duration.
+    ///
+    /// `status` is the final status code (`"200"`) or, for a request that
+    /// ended without a response, its error type (`"timeout"`); `duration`
+    /// runs from the first attempt to the outcome.
+    pub fn record_request(&self, upstream: &str, method: &str, status: &str, duration: Duration) {
+        let f = &self.inner.families;
+        f.requests
+            .get_or_create(&RequestLabels {
+                upstream: label_value(upstream),
+                method: label_value(method),
+                status: label_value(status),
+            })
+            .inc();
+        f.request_duration
+            .get_or_create(&UpstreamLabels::new(upstream))
+            .observe(duration.as_secs_f64());
+    }
+
+    /// [`record_request`](Self::record_request) with a numeric status code.
+    pub fn record_response(&self, upstream: &str, method: &str, status: u16, duration: Duration) {
+        self.record_request(upstream, method, &status.to_string(), duration);
+    }
+
+    /// Counts one attempt sent to `upstream` (first attempts, retries and
+    /// hedges alike).
+    pub fn record_attempt(&self, upstream: &str) {
+        inc(&self.inner.families.attempts, upstream);
+    }
+
+    /// Counts one retry to `upstream`.
+    pub fn record_retry(&self, upstream: &str) {
+        inc(&self.inner.families.retries, upstream);
+    }
+
+    /// Counts one hedged attempt to `upstream`.
+    pub fn record_hedge(&self, upstream: &str) {
+        inc(&self.inner.families.hedges, upstream);
+    }
+
+    /// Sets the breaker state of `upstream`: [`BREAKER_CLOSED`],
+    /// [`BREAKER_OPEN`] or [`BREAKER_HALF_OPEN`].
+    pub fn set_breaker_state(&self, upstream: &str, state: BreakerStateCode) {
+        self.inner
+            .families
+            .breaker_state
+            .get_or_create(&UpstreamLabels::new(upstream))
+            .set(i64::from(state));
+    }
+
+    /// Counts one wait for a rate or concurrency limit of `upstream` and
+    /// observes how long it lasted. Call it only when the task did wait.
+    pub fn record_rate_limit_wait(&self, upstream: &str, waited: Duration) {
+        let f = &self.inner.families;
+        let labels = UpstreamLabels::new(upstream);
+        f.rate_limit_waits.get_or_create(&labels).inc();
+        f.rate_limit_wait
+            .get_or_create(&labels)
+            .observe(waited.as_secs_f64());
+    }
+
+    /// One more request in flight.
+    pub fn in_flight_inc(&self) {
+        self.inner.families.in_flight.inc();
+    }
+
+    /// One request fewer in flight.
+    pub fn in_flight_dec(&self) {
+        self.inner.families.in_flight.dec();
+    }
+
+    /// Counts a request in flight until the guard is dropped, so a cancelled
+    /// future cannot leave the gauge high.
+    #[must_use = "the request stops counting as in flight when the guard is dropped"]
+    pub fn track_in_flight(&self) -> InFlightGuard {
+        let gauge = self.inner.families.in_flight.clone();
+        gauge.inc();
+        InFlightGuard { gauge }
+    }
+
+    /// Sets the number of tasks waiting in the processor's queue.
+    pub fn set_queue_depth(&self, depth: usize) {
+        let depth = i64::try_from(depth).unwrap_or(i64::MAX);
+        self.inner.families.queue_depth.set(depth);
+    }
+
+    /// Every metric in the OpenMetrics text format (ends with `# EOF`), for a
+    /// `/metrics` endpoint served with [`CONTENT_TYPE`].
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail and the label sets always encode,
+        // so an error here could only leave the output partial: keep it.
+        let _ = encode(&mut out, &self.inner.registry);
+        out
+    }
+}
+
+fn inc(family: &Family<UpstreamLabels, Counter>, upstream: &str) {
+    family.get_or_create(&UpstreamLabels::new(upstream)).inc();
+}
+
+/// Keeps one request counted in the `in_flight` gauge; see
+/// [`Metrics::track_in_flight`].
+#[derive(Debug)]
+pub struct InFlightGuard {
+    gauge: Gauge,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// Sample lines (`name{labels} value`) of a rendering, by series.
+    fn samples(text: &str) -> HashMap<String, String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (series, value) = l.rsplit_once(' ').expect("sample line has a value");
+                (series.to_owned(), value.to_owned())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn records_and_renders_exact_lines() {
+        let m = Metrics::new();
+        let up = "api.example.com:443";
+        m.record_attempt(up);
+        m.record_attempt(up);
+        m.record_attempt(up);
+        m.record_retry(up);
+        m.record_hedge(up);
+        m.record_request(up, "GET", "200", Duration::from_millis(42));
+        m.record_response(up, "GET", 200, Duration::from_millis(3));
+        m.record_request(up, "POST", "timeout", Duration::from_secs(61));
+        m.set_breaker_state(up, BREAKER_HALF_OPEN);
+        m.record_rate_limit_wait(up, Duration::from_millis(300));
+        m.in_flight_inc();
+        m.in_flight_inc();
+        m.in_flight_dec();
+        m.set_queue_depth(7);
+
+        let text = m.render();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(text.contains("# TYPE requests counter\n"), "{text}");
+        assert!(
+            text.contains("# TYPE request_duration_seconds histogram\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE breaker_state gauge\n"), "{text}");
+        let s = samples(&text);
+        let get = |k: &str| s.get(k).map(String::as_str);
+        let u = r#"upstream="api.example.com:443""#;
+
+        assert_eq!(
+            get(&format!(
+                r#"requests_total{{{u},method="GET",status="200"}}"#
+            )),
+            Some("2")
+        );
+        assert_eq!(
+            get(&format!(
+                r#"requests_total{{{u},method="POST",status="timeout"}}"#
+            )),
+            Some("1")
+        );
+        assert_eq!(get(&format!("attempts_total{{{u}}}")), Some("3"));
+        assert_eq!(get(&format!("retries_total{{{u}}}")), Some("1"));
+        assert_eq!(get(&format!("hedges_total{{{u}}}")), Some("1"));
+        assert_eq!(get(&format!("breaker_state{{{u}}}")), Some("2"));
+        assert_eq!(get(&format!("rate_limit_waits_total{{{u}}}")), Some("1"));
+        assert_eq!(get("in_flight"), Some("1"));
+        assert_eq!(get("queue_depth"), Some("7"));
+
+        // Latency: 3 ms, 42 ms and 61 s; buckets are cumulative.
+        let bucket = |le: &str| {
+            get(&format!(
+                r#"request_duration_seconds_bucket{{le="{le}",{u}}}"#
+            ))
+        };
+        assert_eq!(bucket("0.005"), Some("1"));
+        assert_eq!(bucket("0.025"), Some("1"));
+        assert_eq!(bucket("0.05"), Some("2"));
+        assert_eq!(bucket("60.0"), Some("2"));
+        assert_eq!(bucket("+Inf"), Some("3"));
+        assert_eq!(
+            get(&format!("request_duration_seconds_count{{{u}}}")),
+            Some("3")
+        );
+        let sum: f64 = get(&format!("request_duration_seconds_sum{{{u}}}"))
+            .expect("sum")
+            .parse()
+            .expect("a number");
+        assert!((sum - 61.045).abs() < 1e-9, "{sum}");
+
+        let wait = |le: &str| {
+            get(&format!(
+                r#"rate_limit_wait_seconds_bucket{{le="{le}",{u}}}"#
+            ))
+        };
+        assert_eq!(wait("0.25"), Some("0"));
+        assert_eq!(wait("0.5"), Some("1"));
+        assert_eq!(
+            get(&format!("rate_limit_wait_seconds_count{{{u}}}")),
+            Some("1")
+        );
+    }
+
+    #[test]
+    fn untouched_families_render_without_samples() {
+        let text = Metrics::new().render();
+        let s = samples(&text);
+        assert_eq!(s.len(), 2, "only the label-less gauges: {text}");
+        assert_eq!(s.get("in_flight").map(String::as_str), Some("0"));
+        assert_eq!(s.get("queue_depth").map(String::as_str), Some("0"));
+    }
+
+    #[test]
+    fn instances_do_not_share_values() {
+        let a = Metrics::new();
+        let b = Metrics::new();
+        a.record_attempt("x");
+        a.record_attempt("x");
+        b.record_attempt("x");
+        assert_eq!(
+            samples(&a.render()).get(r#"attempts_total{upstream="x"}"#),
+            Some(&"2".to_owned())
+        );
+        assert_eq!(
+            samples(&b.render()).get(r#"attempts_total{upstream="x"}"#),
+            Some(&"1".to_owned())
+        );
+        // Clones share.
+        let a2 = a.clone();
+        a2.record_attempt("x");
+        assert_eq!(
+            samples(&a.render()).get(r#"attempts_total{upstream="x"}"#),
+            Some(&"3".to_owned())
+        );
+    }
+
+    #[test]
+    fn prefix_and_embedding() {
+        let m = Metrics::with_prefix("patient");
+        m.record_retry("x");
+        assert!(m
+            .render()
+            .contains("\npatient_retries_total{upstream=\"x\"} 1\n"));
+
+        let mut app = Registry::default();
+        let m = Metrics::new();
+        m.register(app.sub_registry_with_prefix("outbound"));
+        m.record_hedge("y");
+        let mut text = String::new();
+        encode(&mut text, &app).expect("encodes");
+        assert!(
+            text.contains("\noutbound_hedges_total{upstream=\"y\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn in_flight_guard_decrements_on_drop() {
+        let m = Metrics::new();
+        let g1 = m.track_in_flight();
+        let g2 = m.track_in_flight();
+        assert_eq!(samples(&m.render()).get("in_flight"), Some(&"2".into()));
+        drop(g1);
+        drop(g2);
+        assert_eq!(samples(&m.render()).get("in_flight"), Some(&"0".into()));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Metrics::new();
+        m.record_request("a\"b\\c\nd", "GET", "200", Duration::ZERO);
+        let text = m.render();
+        assert!(
+            text.contains(r#"requests_total{upstream="a\"b\\c\nd",method="GET",status="200"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn breaker_state_follows_the_last_value() {
+        let m = Metrics::new();
+        m.set_breaker_state("x", BREAKER_OPEN);
+        m.set_breaker_state("x", BREAKER_CLOSED);
+        m.set_breaker_state("y", BREAKER_OPEN);
+        let s = samples(&m.render());
+        assert_eq!(s.get(r#"breaker_state{upstream="x"}"#), Some(&"0".into()));
+        assert_eq!(s.get(r#"breaker_state{upstream="y"}"#), Some(&"1".into()));
+    }
+}
