@@ -1,8 +1,10 @@
 //! Interceptors: an ordered chain of request and response hooks.
 //!
 //! An [`Interceptor`] sees every attempt of every task: [`on_request`] just
-//! before the attempt is sent (after secrets are resolved and preprocessors
-//! have run) and [`on_response`] when its response head arrives. Hooks of an
+//! before the attempt is sent (after secrets are resolved and before the
+//! request's preprocessors run, so a signing preprocessor such as SigV4 signs
+//! the headers interceptors added) and [`on_response`] when its response head
+//! arrives. Hooks of an
 //! [`Interceptors`] chain run in the order they were pushed for requests and
 //! in the reverse order for responses, like middleware unwinding: the first
 //! interceptor is the outermost.
@@ -106,8 +108,8 @@ pub trait Interceptor: Send + Sync + 'static {
 
     /// Runs before each attempt is sent, in chain order. May change the
     /// request; an `Err` refuses it: nothing is sent, the hooks after this
-    /// one do not run, and the task ends in a request error that carries the
-    /// reason (refusals are not retried).
+    /// one do not run, and the attempt ends in a request error that carries
+    /// the reason (error class `InterceptorError`).
     fn on_request(
         &self,
         request: &mut PreparedRequest,

@@ -75,7 +75,13 @@ impl Engine {
         task: &Task,
         queued_at: Instant,
     ) -> Result<Response, TaskError> {
-        let plan = self.plan(task, queued_at);
+        let plan = match self.plan(task, queued_at) {
+            Ok(plan) => plan,
+            Err(error) => {
+                self.notify(|o| o.on_request_error(&error));
+                return Err(error);
+            }
+        };
         let (result, mut attempts) = match plan.strategy {
             Strategy::Hedged => self.hedged(task, &plan).await,
             Strategy::Single | Strategy::Sequential => self.sequential(task, &plan).await,
@@ -112,7 +118,7 @@ impl Engine {
         result
     }
 
-    fn plan<'a>(&'a self, task: &Task, queued_at: Instant) -> Plan<'a> {
+    fn plan<'a>(&'a self, task: &Task, queued_at: Instant) -> Result<Plan<'a>, TaskError> {
         let request = &task.request;
         let options = request.request_options();
         let key = options
@@ -120,12 +126,21 @@ impl Engine {
             .clone()
             .unwrap_or_else(|| upstream_key(request.url()));
         let policy = self.resilience.policy_for(&key);
-        let base = policy
-            .retry
-            .clone()
-            .unwrap_or_else(|| RetryPolicy::default_for(request.method()));
+        // The default policy retries idempotent methods only, unless the
+        // request carries an idempotency key or opts in.
+        let base = policy.retry.clone().unwrap_or_default();
         let retry = match &options.retry {
-            Some(overrides) => base.with_overrides(overrides).unwrap_or(base),
+            Some(overrides) => base.with_overrides(overrides).map_err(|e| {
+                self.request_error(
+                    task,
+                    request.url(),
+                    request.method(),
+                    Instant::now(),
+                    ErrorType::Unknown,
+                    "InvalidRetryOptions",
+                    format!("options.retry: {e}"),
+                )
+            })?,
             None => base,
         };
         let strategy = options
@@ -139,7 +154,7 @@ impl Engine {
             Strategy::Sequential => retry.max_attempts(),
             Strategy::Hedged => 1 + self.hedge_delays(task, policy, &key).len() as u32,
         };
-        Plan {
+        Ok(Plan {
             policy,
             retry,
             strategy: if max_attempts == 1 {
@@ -155,7 +170,7 @@ impl Engine {
                 .timeout()
                 .unwrap_or(self.config.client.request_timeout),
             key,
-        }
+        })
     }
 
     /// The delays before each hedged attempt.

@@ -82,9 +82,9 @@ impl fmt::Debug for Fallback {
 /// The resilience settings of one upstream (or the defaults of all).
 #[derive(Debug, Clone)]
 pub struct UpstreamPolicy {
-    /// The retry policy. Default `None`: by method — idempotent methods get
-    /// [`RetryPolicy::default`], POST and PATCH none (unless they carry an
-    /// idempotency key).
+    /// The retry policy. Default `None`: [`RetryPolicy::default`], which
+    /// retries idempotent methods and leaves POST and PATCH to one attempt
+    /// unless they carry an idempotency key or opt in.
     pub retry: Option<RetryPolicy>,
     /// How attempts are made. Default `None`: sequential, as far as the retry
     /// policy allows.

@@ -101,6 +101,8 @@ struct Stats {
     open_connections: AtomicU64,
     requests: AtomicU64,
     by_path: Mutex<HashMap<String, u64>>,
+    /// Per-key request counters of `/sequence`.
+    sequences: routes::Sequences,
 }
 
 impl Stats {
@@ -151,6 +153,8 @@ impl Drop for OpenGuard {
 /// | `/html` | a small `text/html; charset=utf-8` page |
 /// | `/headers?n=N&size=S` | N response headers `x-header-{i}` (i in `0..N`) with S-byte values (default 16) |
 /// | `/set?name=value&…` | `200 ok` with every query pair as a response header |
+/// | `/sequence?key=K&steps=503,503,200&delays=0,0,5&retry_after=S&x_do_not_retry=1` | the n-th request (from 0) for key K answers `steps[n]` after `delays[n]` ms (the last step and the last delay repeat; steps default `200`, delays `0`); non-2xx steps carry `Retry-After: S` when given and `X-Do-Not-Retry: 1` with `x_do_not_retry=1`; body `{"key","n","status","headers"}`, where `headers` echoes `x-request-timeout`, `x-request-priority`, `idempotency-key` and `x-request-id` when sent |
+/// | `/bimodal?slow_pct=5&slow_ms=1000&fast_ms=5` | each request is slow with probability `slow_pct` % (waits `slow_ms` ms), otherwise fast (`fast_ms` ms); body and header `x-latency-mode` are `slow` or `fast` |
 ///
 /// `/echo` answers with any method:
 /// `{"method","path","query" (raw, null if none),"args" {name: value},
@@ -278,6 +282,11 @@ impl Upstream {
         let by_path = self.stats.by_path.lock().unwrap_or_else(|e| e.into_inner());
         by_path.get(path).copied().unwrap_or(0)
     }
+
+    /// Requests `/sequence` has received for `key` so far.
+    pub fn sequence_count(&self, key: &str) -> usize {
+        self.stats.sequences.count(key)
+    }
 }
 
 impl Drop for Upstream {
@@ -302,7 +311,7 @@ async fn serve_connection(
         let stats = stats.clone();
         async move {
             stats.record_request(request.uri().path());
-            Ok::<_, Infallible>(routes::handle(request, id).await)
+            Ok::<_, Infallible>(routes::handle(request, id, &stats.sequences).await)
         }
     });
     match tls {

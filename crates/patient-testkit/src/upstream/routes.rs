@@ -1,6 +1,12 @@
 //! Request routing and the route handlers of the upstream server.
 
-use std::{collections::VecDeque, io::Write, str::FromStr, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    io::Write,
+    str::FromStr,
+    sync::Mutex,
+    time::Duration,
+};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -40,20 +46,62 @@ const MAX_BYTES: usize = 256 * 1024 * 1024;
 /// The repeated pattern of `/bytes`.
 const PATTERN: &[u8] = b"abcdefghijklmnopqrstuvwxyz";
 
+/// Per-key request counters of `/sequence`, shared by every connection of
+/// one upstream.
+#[derive(Debug, Default)]
+pub(super) struct Sequences {
+    counts: Mutex<HashMap<String, usize>>,
+}
+
+impl Sequences {
+    /// Counts one more request for `key`; returns its index (0 for the first).
+    fn next(&self, key: &str) -> usize {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        match counts.get_mut(key) {
+            Some(n) => {
+                *n += 1;
+                *n - 1
+            }
+            None => {
+                counts.insert(key.to_owned(), 1);
+                0
+            }
+        }
+    }
+
+    /// Requests counted for `key` so far.
+    pub(super) fn count(&self, key: &str) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.get(key).copied().unwrap_or(0)
+    }
+}
+
+/// Request headers that `/sequence` echoes back.
+const SEQUENCE_ECHOED: &[&str] = &[
+    "x-request-timeout",
+    "x-request-priority",
+    "idempotency-key",
+    "x-request-id",
+];
+
 /// Routes one request. Never fails: problems become `4xx` responses.
-pub(super) async fn handle(request: Request<Incoming>, conn: u64) -> Response<Body> {
+pub(super) async fn handle(
+    request: Request<Incoming>,
+    conn: u64,
+    sequences: &Sequences,
+) -> Response<Body> {
     // The hot benchmark path: no query parsing, no allocation beyond hyper's.
     if request.uri().path() == "/fast" {
         return text(StatusCode::OK, "ok");
     }
-    route(request, conn)
+    route(request, conn, sequences)
         .await
         .unwrap_or_else(|message| text(StatusCode::BAD_REQUEST, message))
 }
 
 type Outcome = Result<Response<Body>, String>;
 
-async fn route(request: Request<Incoming>, conn: u64) -> Outcome {
+async fn route(request: Request<Incoming>, conn: u64, sequences: &Sequences) -> Outcome {
     let query = Query::from_uri(request.uri().query());
     let path = request.uri().path().to_owned();
     match path.as_str() {
@@ -86,6 +134,8 @@ async fn route(request: Request<Incoming>, conn: u64) -> Outcome {
         )),
         "/headers" => many_headers(&query),
         "/set" => set_headers(&query),
+        "/sequence" => sequence(request.headers(), &query, sequences).await,
+        "/bimodal" => bimodal(&query).await,
         _ => {
             if let Some(code) = path.strip_prefix("/status/") {
                 status(code, &query)
@@ -403,6 +453,98 @@ fn set_headers(query: &Query) -> Outcome {
             .map_err(|_| format!("invalid header name {name:?}"))?;
         headers.append(name, header_value(value)?);
     }
+    Ok(response)
+}
+
+/// A comma-separated list of `T`, or `default` when absent; never empty.
+fn list<T: FromStr + Clone>(query: &Query, name: &str, default: T) -> Result<Vec<T>, String> {
+    let Some(raw) = query.get(name).filter(|v| !v.is_empty()) else {
+        return Ok(vec![default]);
+    };
+    raw.split(',')
+        .map(|item| {
+            item.trim()
+                .parse()
+                .map_err(|_| format!("invalid value in {name}: {item:?}"))
+        })
+        .collect()
+}
+
+/// The `n`-th item of `items`, the last one repeating.
+fn nth<T: Copy>(items: &[T], n: usize) -> T {
+    items[n.min(items.len() - 1)]
+}
+
+async fn sequence(headers: &http::HeaderMap, query: &Query, sequences: &Sequences) -> Outcome {
+    let key = query.get("key").ok_or("missing key parameter")?;
+    let steps: Vec<u16> = list(query, "steps", 200)?;
+    let delays: Vec<u64> = list(query, "delays", 0)?;
+    let retry_after = query.get("retry_after").map(header_value).transpose()?;
+    let do_not_retry = query.flag("x_do_not_retry");
+    let statuses = steps
+        .iter()
+        .map(|&code| {
+            StatusCode::from_u16(code)
+                .ok()
+                .filter(|_| code >= 200)
+                .ok_or_else(|| format!("invalid status code {code}"))
+        })
+        .collect::<Result<Vec<StatusCode>, String>>()?;
+
+    let mut echoed = Map::new();
+    for name in SEQUENCE_ECHOED {
+        if let Some(value) = headers.get(*name) {
+            echoed.insert(
+                (*name).to_owned(),
+                Value::String(String::from_utf8_lossy(value.as_bytes()).into_owned()),
+            );
+        }
+    }
+
+    let n = sequences.next(key);
+    let status = nth(&statuses, n);
+    tokio::time::sleep(Duration::from_millis(nth(&delays, n))).await;
+    let body = json!({
+        "key": key,
+        "n": n,
+        "status": status.as_u16(),
+        "headers": echoed,
+    });
+    let mut response = with_type(status, "application/json", body.to_string());
+    if !status.is_success() {
+        let headers = response.headers_mut();
+        if let Some(value) = retry_after {
+            headers.insert(header::RETRY_AFTER, value);
+        }
+        if do_not_retry {
+            headers.insert(
+                HeaderName::from_static("x-do-not-retry"),
+                HeaderValue::from_static("1"),
+            );
+        }
+    }
+    Ok(response)
+}
+
+async fn bimodal(query: &Query) -> Outcome {
+    let slow_pct: f64 = query.value("slow_pct", 5.0)?;
+    if !(0.0..=100.0).contains(&slow_pct) {
+        return Err(format!("slow_pct must be in 0..=100, got {slow_pct}"));
+    }
+    let slow_ms: u64 = query.value("slow_ms", 1000)?;
+    let fast_ms: u64 = query.value("fast_ms", 5)?;
+    let slow = fastrand::f64() * 100.0 < slow_pct;
+    let (mode, ms) = if slow {
+        ("slow", slow_ms)
+    } else {
+        ("fast", fast_ms)
+    };
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let mut response = text(StatusCode::OK, mode);
+    response.headers_mut().insert(
+        HeaderName::from_static("x-latency-mode"),
+        HeaderValue::from_static(mode),
+    );
     Ok(response)
 }
 
