@@ -22,7 +22,7 @@ use crate::{engine::Engine, Builder, Task};
 /// ```
 #[derive(Clone)]
 pub struct AwaitableClient {
-    engine: Arc<Engine>,
+    pub(crate) engine: Arc<Engine>,
 }
 
 impl AwaitableClient {

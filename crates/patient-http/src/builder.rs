@@ -107,6 +107,7 @@ impl Builder {
             interceptors: self.interceptors,
             observers: self.observers,
             resilience: self.resilience,
+            default_retry: crate::retry::RetryPolicy::default(),
             metrics: self.metrics.unwrap_or_default(),
             breakers: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),

@@ -46,6 +46,8 @@ pub(crate) struct Engine {
     pub(crate) interceptors: Interceptors,
     pub(crate) observers: Vec<Arc<dyn ProcessorObserver>>,
     pub(crate) resilience: ResilienceConfig,
+    /// The retry policy of upstreams without their own.
+    pub(crate) default_retry: crate::retry::RetryPolicy,
     pub(crate) metrics: Metrics,
     /// Breakers by upstream key, made on first use.
     pub(crate) breakers: Mutex<HashMap<String, Arc<CircuitBreaker>>>,
@@ -332,9 +334,11 @@ impl Engine {
             }
         }
         if let Some(priority) = plan.propagate_priority {
+            // The upstream gets what this attempt has left: the attempt's own
+            // share of the deadline, not the whole task's.
             let remaining = plan
                 .deadline
-                .map(|d| d.saturating_duration_since(Instant::now()));
+                .map(|d| d.saturating_duration_since(Instant::now()).min(remaining));
             for (name, value) in propagation_headers(remaining, priority) {
                 headers.insert(name, value);
             }

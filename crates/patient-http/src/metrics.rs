@@ -157,12 +157,12 @@ impl Families {
         let f = self.clone();
         registry.register(
             "requests",
-            "Finished requests by upstream, method and final status code or error type",
+            "Requests sent upstream (every attempt and redirect hop) by upstream, method and status code or error type",
             f.requests,
         );
         registry.register(
             "request_duration_seconds",
-            "Time from the first attempt to the final outcome of a request",
+            "Latency of each request sent upstream, from sending to the end of its body",
             f.request_duration,
         );
         registry.register(
@@ -262,11 +262,12 @@ impl Metrics {
         self.inner.families.register(registry);
     }
 
-    /// Counts a finished request and observes its duration.
+    /// Counts one request sent upstream (every attempt and redirect hop) and
+    /// observes its latency.
     ///
-    /// `status` is the final status code (`"200"`) or, for a request that
-    /// ended without a response, its error type (`"timeout"`); `duration`
-    /// runs from the first attempt to the outcome.
+    /// `status` is the status code it got (`"200"`) or, when it ended without
+    /// a response, its error type (`"timeout"`); `duration` runs from sending
+    /// to the end of the body.
     pub fn record_request(&self, upstream: &str, method: &str, status: &str, duration: Duration) {
         let f = &self.inner.families;
         f.requests

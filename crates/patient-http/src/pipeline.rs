@@ -4,6 +4,7 @@
 //! metrics. One attempt itself is `Engine::run_attempt`.
 
 use std::{
+    borrow::Cow,
     collections::VecDeque,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -58,7 +59,7 @@ impl LatencyWindow {
 struct Plan<'a> {
     key: String,
     policy: &'a UpstreamPolicy,
-    retry: RetryPolicy,
+    retry: Cow<'a, RetryPolicy>,
     strategy: Strategy,
     max_attempts: u32,
     deadline: Option<Instant>,
@@ -86,7 +87,7 @@ impl Engine {
             Strategy::Hedged => self.hedged(task, &plan).await,
             Strategy::Single | Strategy::Sequential => self.sequential(task, &plan).await,
         };
-        if attempts.len() == 1 {
+        if attempts.len() == 1 && !attempts[0].hedged {
             attempts.clear();
         }
         let raise = task
@@ -110,6 +111,20 @@ impl Engine {
         };
         let result = match result {
             Err(error) => self.fallback(task, plan.policy, error),
+            // Attempts exhausted on a failing status: the fallback answers too.
+            Ok(response)
+                if plan.policy.fallback.is_some()
+                    && plan
+                        .policy
+                        .breaker_failure_statuses
+                        .contains(&response.status) =>
+            {
+                self.fallback(task, plan.policy, TaskError::Http(HttpError { response }))
+                    .or_else(|error| match error {
+                        TaskError::Http(HttpError { response }) if !raise => Ok(response),
+                        other => Err(other),
+                    })
+            }
             ok => ok,
         };
         if let Err(error) = &result {
@@ -128,9 +143,10 @@ impl Engine {
         let policy = self.resilience.policy_for(&key);
         // The default policy retries idempotent methods only, unless the
         // request carries an idempotency key or opts in.
-        let base = policy.retry.clone().unwrap_or_default();
+        let base = policy.retry.as_ref().unwrap_or(&self.default_retry);
         let retry = match &options.retry {
-            Some(overrides) => base.with_overrides(overrides).map_err(|e| {
+            None => Cow::Borrowed(base),
+            Some(overrides) => Cow::Owned(base.with_overrides(overrides).map_err(|e| {
                 self.request_error(
                     task,
                     request.url(),
@@ -140,8 +156,7 @@ impl Engine {
                     "InvalidRetryOptions",
                     format!("options.retry: {e}"),
                 )
-            })?,
-            None => base,
+            })?),
         };
         let strategy = options
             .strategy
@@ -408,7 +423,9 @@ impl Engine {
                 if let Some(wait) = crate::retry::retry_after(headers, SystemTime::now()) {
                     limits.cool_down(wait);
                 }
-            } else if response.status < 500 {
+            } else if response.status < 500
+                && matches!(plan.policy.hedge, HedgeDelay::Adaptive { .. })
+            {
                 lock(&self.latencies)
                     .entry(plan.key.clone())
                     .or_default()
@@ -485,6 +502,7 @@ impl Engine {
             budget.deposit();
         }
         let mut running = FuturesUnordered::new();
+        let mut launched: Vec<(u32, Instant)> = vec![(1, Instant::now())];
         running.push(self.guarded_attempt(task, plan, 1, false));
         let mut started = 1usize;
         let mut next_at = delays.first().map(|d| Instant::now() + *d);
@@ -501,6 +519,20 @@ impl Engine {
                     if acceptable {
                         // The others are cancelled by dropping them: their
                         // connections are closed, never reused.
+                        drop(running);
+                        for (number, began) in launched.iter().copied() {
+                            if !attempts.iter().any(|a| a.number == number) {
+                                attempts.push(Attempt {
+                                    number,
+                                    status: None,
+                                    error_type: None,
+                                    error_class: Some("Cancelled".to_owned()),
+                                    duration: began.elapsed(),
+                                    hedged: number > 1,
+                                });
+                            }
+                        }
+                        attempts.sort_by_key(|a| a.number);
                         return (result.result, attempts);
                     }
                     last = Some(result.result);
@@ -521,6 +553,7 @@ impl Engine {
                         .is_none_or(|b| b.withdraw());
                     if allowed {
                         started += 1;
+                        launched.push((started as u32, Instant::now()));
                         self.metrics.record_hedge(&plan.key);
                         running.push(self.guarded_attempt(task, plan, started as u32, true));
                         next_at = delays

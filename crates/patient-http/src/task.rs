@@ -21,12 +21,20 @@ pub struct Task {
     pub raise_error_responses: Option<bool>,
 }
 
+/// A random (version 4) UUID. Task ids need to be unique, not secret, so a
+/// fast thread-local generator serves instead of a system call per task.
+fn new_id() -> String {
+    uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes())
+        .into_uuid()
+        .to_string()
+}
+
 impl Task {
     /// A task with a new UUID id, no callback arguments and the processor's
     /// default for `raise_error_responses`.
     pub fn new(request: Request, callback: impl Into<String>) -> Task {
         Task {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: new_id(),
             request,
             callback: callback.into(),
             callback_args: CallbackArgs::new(),

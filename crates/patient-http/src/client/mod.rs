@@ -429,7 +429,9 @@ impl Inner {
                         key: &p.key,
                         armed: leader,
                     };
-                    match self.connect(p).await? {
+                    // Boxed: connecting (TCP, proxy, TLS, handshake) is a large
+                    // state machine that pooled requests should not carry.
+                    match Box::pin(self.connect(p)).await? {
                         Conn::H2(conn) => {
                             guard.armed = false;
                             self.pool.h2_ready(&p.key, &conn);

@@ -472,7 +472,9 @@ async fn run_task(mut guard: TaskGuard, mut cancel: watch::Receiver<bool>) {
     let gate = guard.inner.gate.clone();
     let queued_at = guard.queued_at;
     let span = tracing::debug_span!("task", task_id = %task.id, method = %task.request.method());
-    let work = async {
+    // Boxed: the request's state machine is large, and built here on the
+    // worker rather than copied through `spawn` from the enqueuing thread.
+    let work = Box::pin(async {
         // Saturated: wait for a slot, high priority first.
         let _slot = match &gate {
             Some(gate) => {
@@ -489,7 +491,7 @@ async fn run_task(mut guard: TaskGuard, mut cancel: watch::Receiver<bool>) {
         let result = engine.execute(task, queued_at).instrument(span).await;
         guard.inner.in_flight.fetch_sub(1, Ordering::AcqRel);
         result
-    };
+    });
     let result = tokio::select! {
         biased;
         _ = cancel.wait_for(|stop| *stop) => None,

@@ -326,3 +326,122 @@ async fn drop_stops_the_server() {
     assert!(TcpStream::connect(addr).await.is_err());
     assert!(send_h1(&mut sender, get(addr, "/fast")).await.is_err());
 }
+
+#[tokio::test]
+async fn sequence_walks_its_steps_per_key() {
+    let upstream = Upstream::start().await.unwrap();
+    let addr = upstream.addr();
+    let path = "/sequence?key=a&steps=503,429,200&retry_after=2&x_do_not_retry=1";
+    let first = fetch(addr, path).await;
+    assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(first.header("retry-after"), Some("2"));
+    assert_eq!(first.header("x-do-not-retry"), Some("1"));
+    assert_eq!(first.header("content-type"), Some("application/json"));
+    let json = first.json();
+    assert_eq!(
+        (
+            json["key"].as_str(),
+            json["n"].as_u64(),
+            json["status"].as_u64()
+        ),
+        (Some("a"), Some(0), Some(503))
+    );
+    assert_eq!(
+        fetch(addr, path).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // The last step repeats, and a 2xx carries neither header.
+    for n in 2..4 {
+        let reply = fetch(addr, path).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.json()["n"], n);
+        assert_eq!(reply.header("retry-after"), None);
+        assert_eq!(reply.header("x-do-not-retry"), None);
+    }
+    // Another key has its own counter.
+    let other = fetch(addr, "/sequence?key=b&steps=500,200").await;
+    assert_eq!(other.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(other.header("retry-after"), None);
+    assert_eq!(other.header("x-do-not-retry"), None);
+    assert_eq!(upstream.sequence_count("a"), 4);
+    assert_eq!(upstream.sequence_count("b"), 1);
+    assert_eq!(upstream.sequence_count("c"), 0);
+    assert_eq!(upstream.requests_to("/sequence"), 5);
+    // Without steps every request succeeds.
+    assert_eq!(fetch(addr, "/sequence?key=c").await.status, StatusCode::OK);
+    for bad in [
+        "/sequence",
+        "/sequence?key=d&steps=abc",
+        "/sequence?key=d&steps=99",
+        "/sequence?key=d&delays=-1",
+    ] {
+        assert_eq!(
+            fetch(addr, bad).await.status,
+            StatusCode::BAD_REQUEST,
+            "{bad}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sequence_delays_and_echoes_propagation_headers() {
+    let upstream = Upstream::start().await.unwrap();
+    let addr = upstream.addr();
+    let path = "/sequence?key=d&steps=200&delays=150,0";
+    let request = Request::get(path)
+        .header("host", addr.to_string())
+        .header("x-request-timeout", "2.5")
+        .header("x-request-priority", "high")
+        .header("idempotency-key", "k-1")
+        .header("x-request-id", "req-1")
+        .header("x-other", "not echoed")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let mut sender = h1(addr).await;
+    let started = std::time::Instant::now();
+    let reply = send_h1(&mut sender, request).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    let headers = &reply.json()["headers"];
+    assert_eq!(headers["x-request-timeout"], "2.5");
+    assert_eq!(headers["x-request-priority"], "high");
+    assert_eq!(headers["idempotency-key"], "k-1");
+    assert_eq!(headers["x-request-id"], "req-1");
+    assert!(headers.get("x-other").is_none());
+    // The second request takes the second delay: none.
+    let started = std::time::Instant::now();
+    let reply = fetch(addr, path).await;
+    assert_eq!(reply.json()["n"], 1);
+    assert!(started.elapsed() < Duration::from_millis(150));
+    assert_eq!(reply.json()["headers"], serde_json::json!({}));
+}
+
+#[tokio::test]
+async fn bimodal_is_slow_or_fast() {
+    let upstream = Upstream::start().await.unwrap();
+    let addr = upstream.addr();
+    let started = std::time::Instant::now();
+    let reply = fetch(addr, "/bimodal?slow_pct=100&slow_ms=120&fast_ms=0").await;
+    assert_eq!(reply.text(), "slow");
+    assert_eq!(reply.header("x-latency-mode"), Some("slow"));
+    assert!(started.elapsed() >= Duration::from_millis(120));
+    let started = std::time::Instant::now();
+    let reply = fetch(addr, "/bimodal?slow_pct=0&slow_ms=5000&fast_ms=0").await;
+    assert_eq!(reply.text(), "fast");
+    assert!(started.elapsed() < Duration::from_millis(2000));
+    // A mix: with 50 % slow, 40 requests are almost surely not all one kind.
+    let mut slow = 0;
+    for _ in 0..40 {
+        if fetch(addr, "/bimodal?slow_pct=50&slow_ms=0&fast_ms=0")
+            .await
+            .text()
+            == "slow"
+        {
+            slow += 1;
+        }
+    }
+    assert!((1..40).contains(&slow), "{slow} of 40 slow");
+    assert_eq!(
+        fetch(addr, "/bimodal?slow_pct=101").await.status,
+        StatusCode::BAD_REQUEST
+    );
+}
