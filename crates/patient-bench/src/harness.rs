@@ -211,6 +211,20 @@ impl Harness {
         &self.base_url
     }
 
+    /// The requests the upstream child has received so far (see
+    /// [`UpstreamProcess::requests`]); `None` with `--url` or when the child
+    /// does not answer.
+    pub fn upstream_requests(&mut self) -> Option<u64> {
+        let upstream = self.upstream.as_mut()?;
+        match upstream.requests() {
+            Ok(count) => Some(count),
+            Err(e) => {
+                eprintln!("{}: {e}", self.bench);
+                None
+            }
+        }
+    }
+
     /// Whether `side` is to be measured (`--only`).
     pub fn wants(&self, side: Side) -> bool {
         self.only.is_none_or(|only| only == side)

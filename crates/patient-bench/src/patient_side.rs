@@ -5,9 +5,13 @@
 //! Tasks are numbered `0..n`; the number is the task id, so the handler finds
 //! the task's slot in a [`LatencyBook`] from `Response::request_id` alone.
 
-use std::sync::{
-    atomic::{AtomicBool, AtomicU64, Ordering},
-    Arc, OnceLock,
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    time::Instant,
 };
 
 use patient_http::{EnqueueError, Processor, Request, Response, Task, TaskError, TaskHandler};
@@ -35,6 +39,8 @@ struct State {
     refused: AtomicU64,
     book: LatencyBook,
     completion: Arc<Completion>,
+    /// Outcomes other than a 200, by kind (`status_503`, `CircuitOpen`, …).
+    other_outcomes: Mutex<BTreeMap<String, u64>>,
 }
 
 impl BenchHandler {
@@ -52,6 +58,7 @@ impl BenchHandler {
                 refused: AtomicU64::new(0),
                 book: LatencyBook::new(n as usize),
                 completion: Arc::new(Completion::new(n)),
+                other_outcomes: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -106,6 +113,29 @@ impl BenchHandler {
         self.state.book.latencies()
     }
 
+    /// The zero of [`spans`](Self::spans): when the handler was made.
+    pub fn origin(&self) -> Instant {
+        self.state.book.origin()
+    }
+
+    /// `(enqueue, outcome)` of every task that had an outcome, in
+    /// nanoseconds since [`origin`](Self::origin).
+    pub fn spans(&self) -> Vec<(u64, u64)> {
+        self.state.book.spans()
+    }
+
+    /// How many outcomes were not a 200, by kind: `status_N` for a response
+    /// with another status, the error's class name (`CircuitOpen`,
+    /// `DeadlineExceeded`, …) for a request error, `http_error` or
+    /// `redirect_error` for the other errors, `retry` for a task handed back.
+    pub fn other_outcomes(&self) -> BTreeMap<String, u64> {
+        lock(&self.state.other_outcomes).clone()
+    }
+
+    fn count_other(&self, kind: String) {
+        *lock(&self.state.other_outcomes).entry(kind).or_insert(0) += 1;
+    }
+
     /// Enqueues the next numbered task; false once `n` were issued, after
     /// [`halt`](Self::halt), when the processor is not running or when none
     /// is attached. A task refused at capacity counts as an error and the
@@ -152,14 +182,28 @@ impl BenchHandler {
 
 impl TaskHandler for BenchHandler {
     fn on_complete(&self, response: Response, _callback: &str) {
-        self.finish(&response.request_id, response.status == 200);
+        let ok = response.status == 200;
+        if !ok {
+            self.count_other(format!("status_{}", response.status));
+        }
+        self.finish(&response.request_id, ok);
     }
 
     fn on_error(&self, error: TaskError, _callback: &str) {
+        self.count_other(match &error {
+            TaskError::Request(e) => e.class_name.clone(),
+            TaskError::Http(e) => format!("status_{}", e.response.status),
+            TaskError::Redirect(_) => "redirect_error".to_owned(),
+        });
         self.finish(error.request_id(), false);
     }
 
     fn retry(&self, task: Task) {
+        self.count_other("retry".to_owned());
         self.finish(&task.id, false);
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

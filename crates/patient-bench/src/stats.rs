@@ -118,6 +118,26 @@ impl LatencyBook {
         }
     }
 
+    /// When the book was made: the zero of [`spans`](Self::spans).
+    pub fn origin(&self) -> Instant {
+        self.origin
+    }
+
+    /// `(start, end)` of every task that ended, in nanoseconds since
+    /// [`origin`](Self::origin), in task order.
+    pub fn spans(&self) -> Vec<(u64, u64)> {
+        self.started
+            .iter()
+            .zip(self.latency.iter())
+            .filter_map(|(started, latency)| {
+                let latency = latency.load(Ordering::Relaxed);
+                // `now()` is one more than the nanoseconds since the origin.
+                let start = started.load(Ordering::Relaxed).checked_sub(1)?;
+                (latency != 0).then_some((start, start + latency))
+            })
+            .collect()
+    }
+
     /// Latencies of the tasks that ended, in nanoseconds.
     pub fn latencies(&self) -> Vec<u64> {
         self.latency
@@ -161,5 +181,8 @@ mod tests {
         book.end(2);
         book.end(99);
         assert_eq!(book.latencies().len(), 1);
+        let spans = book.spans();
+        assert_eq!(spans.len(), 1);
+        assert!(spans[0].0 <= spans[0].1);
     }
 }

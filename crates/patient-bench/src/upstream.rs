@@ -5,13 +5,18 @@
 //! `listening=ADDR fault=ADDR` and serves until its stdin closes. A separate
 //! process has its own open-files limit, so 10,000 connections fit on both
 //! ends.
+//!
+//! While it serves, the child answers the line `requests` on its stdin with
+//! `requests=N` on its stdout: the requests its main listener has received
+//! so far ([`UpstreamProcess::requests`]), a count taken on the server's
+//! side of the wire.
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
     net::SocketAddr,
     path::Path,
     process::{Child, ChildStdin, Command, ExitCode, Stdio},
-    sync::mpsc,
+    sync::{mpsc, Arc},
     time::{Duration, Instant},
 };
 
@@ -26,11 +31,19 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the upstream child has to exit once its stdin is closed.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long the upstream child has to answer a `requests` query.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The query line that asks the upstream child for its request count.
+const REQUESTS_QUERY: &str = "requests";
+
 /// A running upstream child process; closing its stdin on drop stops it.
 #[derive(Debug)]
 pub struct UpstreamProcess {
     child: Child,
     stdin: Option<ChildStdin>,
+    /// The lines the child prints after its address line.
+    lines: mpsc::Receiver<String>,
     addr: SocketAddr,
 }
 
@@ -45,11 +58,16 @@ impl UpstreamProcess {
             .spawn()?;
         let stdin = child.stdin.take();
         let stdout = child.stdout.take();
-        let addr = stdout
+        let started = stdout
             .ok_or_else(|| io::Error::other("the upstream child has no stdout"))
             .and_then(|stdout| read_address(stdout, START_TIMEOUT));
-        match addr {
-            Ok(addr) => Ok(UpstreamProcess { child, stdin, addr }),
+        match started {
+            Ok((addr, lines)) => Ok(UpstreamProcess {
+                child,
+                stdin,
+                lines,
+                addr,
+            }),
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -66,6 +84,32 @@ impl UpstreamProcess {
     /// `http://ADDR`, without a trailing slash.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The requests the upstream's main listener has received so far, all
+    /// routes, counted by the server as each request's head arrives (so a
+    /// hedge cancelled after sending counts, and a request never sent does
+    /// not).
+    pub fn requests(&mut self) -> io::Result<u64> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| io::Error::other("the upstream child's stdin is closed"))?;
+        writeln!(stdin, "{REQUESTS_QUERY}")?;
+        stdin.flush()?;
+        let deadline = Instant::now() + QUERY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the upstream child did not answer the requests query",
+                )
+            })?;
+            if let Some(count) = parse_requests(&line) {
+                return Ok(count);
+            }
+        }
     }
 }
 
@@ -87,31 +131,35 @@ impl Drop for UpstreamProcess {
     }
 }
 
-/// Reads the `listening=ADDR …` line from `stdout` within `timeout`.
-fn read_address(stdout: impl Read + Send + 'static, timeout: Duration) -> io::Result<SocketAddr> {
+/// Reads the `listening=ADDR …` line from `stdout` within `timeout`; the
+/// lines after it arrive on the returned receiver.
+fn read_address(
+    stdout: impl Read + Send + 'static,
+    timeout: Duration,
+) -> io::Result<(SocketAddr, mpsc::Receiver<String>)> {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("upstream-stdout".into())
         .spawn(move || {
-            let mut line = String::new();
-            let result = BufReader::new(stdout).read_line(&mut line).map(|_| line);
-            let _ = tx.send(result);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
         })?;
-    let line = match rx.recv_timeout(timeout) {
-        Ok(result) => result?,
-        Err(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the upstream child did not start",
-            ))
-        }
-    };
-    parse_address(&line).ok_or_else(|| {
+    let line = rx.recv_timeout(timeout).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the upstream child did not start",
+        )
+    })?;
+    let addr = parse_address(&line).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("unexpected upstream line {line:?}"),
         )
-    })
+    })?;
+    Ok((addr, rx))
 }
 
 /// The `ADDR` of `listening=ADDR` in `line`.
@@ -121,8 +169,16 @@ pub fn parse_address(line: &str) -> Option<SocketAddr> {
         .and_then(|addr| addr.parse().ok())
 }
 
+/// The `N` of `requests=N` in `line`.
+pub fn parse_requests(line: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix("requests="))
+        .and_then(|n| n.parse().ok())
+}
+
 /// Body of the `--upstream-child` process: serves the test upstream on
-/// `127.0.0.1:0` until stdin reaches end of file.
+/// `127.0.0.1:0` until stdin reaches end of file, answering each `requests`
+/// line on stdin with `requests=N`.
 pub fn run_upstream_child() -> ExitCode {
     crate::rss::warn_if_fewer_files_than(10_500);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -137,7 +193,7 @@ pub fn run_upstream_child() -> ExitCode {
     };
     let result: io::Result<()> = runtime.block_on(async {
         let listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        let upstream = Upstream::start_with(UpstreamOptions::new().listen(listen)).await?;
+        let upstream = Arc::new(Upstream::start_with(UpstreamOptions::new().listen(listen)).await?);
         {
             let mut stdout = io::stdout().lock();
             writeln!(
@@ -148,10 +204,15 @@ pub fn run_upstream_child() -> ExitCode {
             )?;
             stdout.flush()?;
         }
-        let _ = tokio::task::spawn_blocking(|| {
-            let mut sink = [0u8; 256];
-            let mut stdin = io::stdin().lock();
-            while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+        let served = Arc::clone(&upstream);
+        let _ = tokio::task::spawn_blocking(move || {
+            for line in io::stdin().lock().lines().map_while(Result::ok) {
+                if line.trim() == REQUESTS_QUERY {
+                    let mut stdout = io::stdout().lock();
+                    let _ = writeln!(stdout, "requests={}", served.requests());
+                    let _ = stdout.flush();
+                }
+            }
         })
         .await;
         drop(upstream);
@@ -177,5 +238,11 @@ mod tests {
         let addr = parse_address("listening=127.0.0.1:4000 fault=127.0.0.1:4001\n");
         assert_eq!(addr, Some(SocketAddr::from(([127, 0, 0, 1], 4000))));
         assert_eq!(parse_address("nothing"), None);
+    }
+
+    #[test]
+    fn parses_the_requests_line() {
+        assert_eq!(parse_requests("requests=42"), Some(42));
+        assert_eq!(parse_requests("listening=127.0.0.1:1"), None);
     }
 }

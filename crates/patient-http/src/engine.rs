@@ -78,6 +78,8 @@ pub(crate) struct AttemptPlan<'a> {
     /// Priority to send upstream, when propagation is on.
     pub(crate) propagate_priority: Option<Priority>,
     pub(crate) upstream: &'a str,
+    /// The upstream's metric handles.
+    pub(crate) metrics: &'a crate::metrics::UpstreamMetrics,
     /// When the task began executing: durations count from here.
     pub(crate) started: Instant,
 }
@@ -122,10 +124,10 @@ impl Engine {
         let mut hop_number = 1u32;
 
         loop {
-            let hop_id = if hop_number == 1 {
-                task.id.clone()
+            let hop_id: std::borrow::Cow<'_, str> = if hop_number == 1 {
+                std::borrow::Cow::Borrowed(&task.id)
             } else {
-                format!("{}/{hop_number}", task.id)
+                std::borrow::Cow::Owned(format!("{}/{hop_number}", task.id))
             };
             let now = Instant::now();
             if now >= attempt_deadline {
@@ -171,8 +173,7 @@ impl Engine {
             let raw = match self.client.send(outgoing).await {
                 Ok(raw) => raw,
                 Err(e) => {
-                    self.metrics.record_request(
-                        plan.upstream,
+                    plan.metrics.record_error(
                         hop.method.as_str(),
                         e.kind().as_str(),
                         sent_at.elapsed(),
@@ -184,8 +185,8 @@ impl Engine {
                 }
             };
             let elapsed = sent_at.elapsed();
-            self.metrics
-                .record_response(plan.upstream, hop.method.as_str(), raw.status, elapsed);
+            plan.metrics
+                .record_response(hop.method.as_str(), raw.status, elapsed);
             self.notify(|o| {
                 o.on_request_end(&RequestEnd {
                     hop_id: &hop_id,

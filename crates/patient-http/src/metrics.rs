@@ -39,7 +39,12 @@
 //! ));
 //! ```
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
@@ -203,6 +208,108 @@ impl Families {
 struct Inner {
     registry: Registry,
     families: Families,
+    upstreams: RwLock<HashMap<String, Arc<UpstreamMetrics>>>,
+}
+
+/// The metrics of one upstream, with its counters looked up once: the
+/// engine fetches this per task and records each attempt without building
+/// label sets.
+pub struct UpstreamMetrics {
+    upstream: String,
+    families: Families,
+    attempts: Counter,
+    retries: Counter,
+    hedges: Counter,
+    duration: Histogram,
+    requests: RwLock<HashMap<(&'static str, StatusKey), Counter>>,
+}
+
+/// A status code or an error type, as a `status` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum StatusKey {
+    Code(u16),
+    Error(&'static str),
+}
+
+impl fmt::Debug for UpstreamMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamMetrics")
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamMetrics {
+    fn new(upstream: &str, families: &Families) -> Self {
+        let labels = UpstreamLabels::new(upstream);
+        UpstreamMetrics {
+            upstream: upstream.to_owned(),
+            attempts: families.attempts.get_or_create(&labels).clone(),
+            retries: families.retries.get_or_create(&labels).clone(),
+            hedges: families.hedges.get_or_create(&labels).clone(),
+            duration: families.request_duration.get_or_create(&labels).clone(),
+            families: families.clone(),
+            requests: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn counter(&self, method: &'static str, status: StatusKey) -> Counter {
+        let key = (method, status);
+        if let Some(c) = read(&self.requests).get(&key) {
+            return c.clone();
+        }
+        let status_label = match status {
+            StatusKey::Code(code) => code.to_string(),
+            StatusKey::Error(kind) => kind.to_owned(),
+        };
+        let counter = self
+            .families
+            .requests
+            .get_or_create(&RequestLabels {
+                upstream: label_value(&self.upstream),
+                method: label_value(method),
+                status: label_value(&status_label),
+            })
+            .clone();
+        write(&self.requests).insert(key, counter.clone());
+        counter
+    }
+
+    /// Counts one request sent upstream that got `status`, and its latency.
+    pub fn record_response(&self, method: &'static str, status: u16, duration: Duration) {
+        self.counter(method, StatusKey::Code(status)).inc();
+        self.duration.observe(duration.as_secs_f64());
+    }
+
+    /// Counts one request sent upstream that ended in an error of type
+    /// `error_type` (`"timeout"`, …), and its latency.
+    pub fn record_error(&self, method: &'static str, error_type: &'static str, duration: Duration) {
+        self.counter(method, StatusKey::Error(error_type)).inc();
+        self.duration.observe(duration.as_secs_f64());
+    }
+
+    /// Counts one attempt.
+    pub fn record_attempt(&self) {
+        self.attempts.inc();
+    }
+
+    /// Counts one retry.
+    pub fn record_retry(&self) {
+        self.retries.inc();
+    }
+
+    /// Counts one hedged attempt.
+    pub fn record_hedge(&self) {
+        self.hedges.inc();
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The pipeline's Prometheus metrics, with their own registry.
@@ -243,7 +350,11 @@ impl Metrics {
         let families = Families::new();
         families.register(&mut registry);
         Metrics {
-            inner: Arc::new(Inner { registry, families }),
+            inner: Arc::new(Inner {
+                registry,
+                families,
+                upstreams: RwLock::new(HashMap::new()),
+            }),
         }
     }
 
@@ -291,6 +402,18 @@ impl Metrics {
     /// hedges alike).
     pub fn record_attempt(&self, upstream: &str) {
         inc(&self.inner.families.attempts, upstream);
+    }
+
+    /// The handles of one upstream's metrics (made the first time).
+    pub fn upstream(&self, upstream: &str) -> Arc<UpstreamMetrics> {
+        if let Some(m) = read(&self.inner.upstreams).get(upstream) {
+            return Arc::clone(m);
+        }
+        let m = Arc::new(UpstreamMetrics::new(upstream, &self.inner.families));
+        write(&self.inner.upstreams)
+            .entry(upstream.to_owned())
+            .or_insert(m)
+            .clone()
     }
 
     /// Counts one retry to `upstream`.

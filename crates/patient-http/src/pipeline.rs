@@ -58,6 +58,7 @@ impl LatencyWindow {
 /// What the task runs with, resolved from the three levels.
 struct Plan<'a> {
     key: String,
+    metrics: Arc<crate::metrics::UpstreamMetrics>,
     policy: &'a UpstreamPolicy,
     retry: Cow<'a, RetryPolicy>,
     strategy: Strategy,
@@ -170,6 +171,7 @@ impl Engine {
             Strategy::Hedged => 1 + self.hedge_delays(task, policy, &key).len() as u32,
         };
         Ok(Plan {
+            metrics: self.metrics.upstream(&key),
             policy,
             retry,
             strategy: if max_attempts == 1 {
@@ -259,6 +261,7 @@ impl Engine {
             deadline: plan.deadline,
             propagate_priority: propagate.then(|| options.priority.unwrap_or_default()),
             upstream: &plan.key,
+            metrics: &plan.metrics,
             started: plan.started,
         })
     }
@@ -292,10 +295,12 @@ impl Engine {
 
     fn limits(&self, key: &str, policy: &UpstreamPolicy) -> Arc<KeyLimits> {
         let mut map = lock(&self.limits);
-        Arc::clone(
-            map.entry(key.to_owned())
-                .or_insert_with(|| Arc::new(KeyLimits::new(&policy.limits))),
-        )
+        if let Some(limits) = map.get(key) {
+            return Arc::clone(limits);
+        }
+        let limits = Arc::new(KeyLimits::new(&policy.limits));
+        map.insert(key.to_owned(), Arc::clone(&limits));
+        limits
     }
 
     /// One attempt with the breaker and the limits around it.
@@ -409,7 +414,7 @@ impl Engine {
                 }
             }
         };
-        self.metrics.record_attempt(&plan.key);
+        plan.metrics.record_attempt();
         let result = self.run_attempt(task, &attempt_plan).await;
         if let Some(permit) = permit {
             match breaker_verdict(&result, plan.policy) {
@@ -484,7 +489,7 @@ impl Engine {
                     return (result.result, attempts);
                 }
             }
-            self.metrics.record_retry(&plan.key);
+            plan.metrics.record_retry();
             self.notify(|o| o.on_retry(&task.id, number + 1, delay));
             tokio::time::sleep(delay).await;
             number += 1;
@@ -554,7 +559,7 @@ impl Engine {
                     if allowed {
                         started += 1;
                         launched.push((started as u32, Instant::now()));
-                        self.metrics.record_hedge(&plan.key);
+                        plan.metrics.record_hedge();
                         running.push(self.guarded_attempt(task, plan, started as u32, true));
                         next_at = delays
                             .get(started - 1)
