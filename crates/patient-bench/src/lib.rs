@@ -1,12 +1,23 @@
 //! Benchmarks of patient's processor against a bare hyper-util client.
 //!
-//! Three programs live in `src/bin/`:
+//! Seven programs live in `src/bin/`:
 //!
 //! * `throughput` — enqueue → `on_complete` through the processor versus a
 //!   bare hyper-util client loop, same upstream route and concurrency;
 //! * `scale` — thousands of requests in flight at once against a slow route;
 //! * `enqueue_latency` — how long `Processor::enqueue` takes on application
-//!   threads while the processor is busy.
+//!   threads while the processor is busy;
+//! * `overhead` — every resilience layer enabled but not triggering versus
+//!   the bare processor;
+//! * `hedging` — tail latency against a bimodal upstream with and without
+//!   hedged attempts, and the extra requests hedging costs;
+//! * `outage` — the load an upstream that answers 503 to everything receives
+//!   with and without the retry budget and circuit breaker;
+//! * `rate_limit` — the rate a per-upstream rate limit lets through when
+//!   twice as much is offered.
+//!
+//! The last four share [`resilience`]: named variants of one processor
+//! configuration, each in a child process of its own.
 //!
 //! Each program re-executes itself: once as the upstream server
 //! (`--upstream-child`, see [`upstream`]), and once per measured side
@@ -30,6 +41,7 @@ pub mod bare;
 pub mod harness;
 pub mod patient_side;
 pub mod report;
+pub mod resilience;
 pub mod rss;
 pub mod stats;
 pub mod upstream;
