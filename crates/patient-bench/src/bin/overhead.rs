@@ -1,0 +1,211 @@
+//! Overhead: every resilience layer enabled but not triggering, versus the
+//! bare processor, same upstream route (`/fast`), same concurrency, same
+//! closed loop as `throughput`.
+//!
+//! ```text
+//! cargo run --release -p patient-bench --bin overhead [-- --n 50000 --c 64 --rounds 3]
+//! ```
+
+use std::{
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use patient_bench::{
+    args::Args,
+    harness::{main_with, BoxError, Harness, Program, SideContext, SideReport, Watchdog},
+    patient_side::BenchHandler,
+    report::{push_ratio, ratio, Line},
+    resilience::{
+        push_count, run_variant, variant_of, variants_wanted, Sent, VariantRun, VARIANTS_FLAG,
+        VARIANT_FLAG,
+    },
+    stats::{median, Summary},
+};
+use patient_http::{
+    breaker::BreakerPolicy,
+    interceptor::{RequestIdInterceptor, ServiceNameInterceptor},
+    limit::LimitConfig,
+    retry::{RetryBudget, RetryPolicy},
+    Config, Processor, Request, ResilienceConfig, Strategy, UpstreamPolicy,
+};
+
+const BENCH: &str = "overhead";
+const TARGET_RATIO: f64 = 0.95;
+const TARGET: &str = "ratio_req_s>=0.95";
+
+/// The processor with `RetryPolicy::none()` and nothing else.
+const BARE: &str = "bare";
+/// Every layer on, none triggering.
+const LAYERS: &str = "layers";
+const VARIANTS: &[&str] = &[BARE, LAYERS];
+
+const USAGE: &str = "usage: overhead [--n N] [--c C] [--rounds R] [--variants bare,layers] [--url BASE] [--timeout-s S]
+
+Sends N requests (default 50000) to BASE/fast with C outstanding at a time
+(default 64), each outcome's handler enqueueing the next task, through two
+processors, each in a process of its own:
+  bare    ResilienceConfig with RetryPolicy::none(), no breaker, no limits,
+          no interceptors;
+  layers  the default retry policy and a retry budget, a circuit breaker
+          with generous thresholds, a rate limit of 1,000,000/s and a
+          concurrency limit of 2*C on the upstream, RequestIdInterceptor and
+          ServiceNameInterceptor, a 30 s deadline (propagated upstream).
+Metrics are recorded on both (the processor always records them).
+Without --url it starts its own upstream in a child process. Prints one
+key=value line per run and a ratio line (layers / bare); target: req/s
+ratio >= 0.95. With --rounds R (default 1) the pair is measured R times,
+alternating which goes first, followed by the median ratio.
+The whole program stops after --timeout-s seconds (default 120).";
+
+fn main() -> ExitCode {
+    main_with(Program {
+        bench: BENCH,
+        usage: USAGE,
+        value_flags: &["--n", "--c", VARIANT_FLAG, VARIANTS_FLAG],
+        parent,
+        side,
+    })
+}
+
+fn parent(harness: &mut Harness, args: &Args) -> Result<(), BoxError> {
+    let n: u64 = args.get("--n", 50_000)?;
+    let c: usize = args.get("--c", 64)?;
+    let rounds: u32 = args.get("--rounds", 1)?;
+    let wanted = variants_wanted(args, VARIANTS)?;
+    let flags = [("--n", n.to_string()), ("--c", c.to_string())];
+    let mut ratios = Vec::new();
+    let mut all_pass = true;
+    for round in 0..rounds {
+        let mut order = wanted.clone();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let runs: Vec<VariantRun> = order
+            .iter()
+            .map(|variant| run_variant(harness, variant, &flags))
+            .collect();
+        let find = |name: &str| runs.iter().find(|r| r.variant == name);
+        let (Some(bare), Some(layers)) = (find(BARE), find(LAYERS)) else {
+            continue;
+        };
+        let (b, l) = (&bare.record, &layers.record);
+        let req_s = ratio(l.number("req_s"), b.number("req_s"));
+        let pass = b.is_complete() && l.is_complete() && req_s.is_some_and(|r| r >= TARGET_RATIO);
+        all_pass &= pass;
+        ratios.extend(req_s);
+        let mut line = Line::new(BENCH).text("c", c);
+        if rounds > 1 {
+            line = line.text("round", round + 1);
+        }
+        let line = push_ratio(line, "ratio_req_s", req_s);
+        let line = push_ratio(line, "ratio_cpu", ratio(l.number("cpu_s"), b.number("cpu_s")));
+        let line = push_ratio(
+            line,
+            "ratio_p50",
+            ratio(l.number("p50_ms"), b.number("p50_ms")),
+        );
+        let line = push_ratio(
+            line,
+            "ratio_p99",
+            ratio(l.number("p99_ms"), b.number("p99_ms")),
+        );
+        let line = push_count(line, "server_requests_bare", bare.server_requests);
+        let line = push_count(line, "server_requests_layers", layers.server_requests);
+        harness.emit(line.text("target", TARGET).text("pass", pass));
+    }
+    if rounds > 1 && !ratios.is_empty() {
+        let median = median(ratios);
+        let pass = all_pass || median.is_some_and(|r| r >= TARGET_RATIO);
+        let line = Line::new(BENCH).text("c", c).text("rounds", rounds);
+        let line = push_ratio(line, "median_ratio_req_s", median);
+        harness.emit(line.text("target", TARGET).text("pass", pass));
+    }
+    Ok(())
+}
+
+/// The resilience settings of `variant` at concurrency `c`.
+fn resilience(variant: &str, c: usize) -> Result<ResilienceConfig, BoxError> {
+    if variant == BARE {
+        return Ok(ResilienceConfig {
+            defaults: UpstreamPolicy {
+                retry: Some(RetryPolicy::none()),
+                ..UpstreamPolicy::default()
+            },
+            ..ResilienceConfig::default()
+        });
+    }
+    let breaker = BreakerPolicy::builder()
+        .failure_ratio(0.9)
+        .minimum_throughput(1_000)
+        .consecutive_failures(Some(1_000))
+        .build()?;
+    let limits = LimitConfig::builder()
+        .rate(1_000_000.0, 100_000)
+        .max_in_flight(c * 2)
+        .build()?;
+    Ok(ResilienceConfig {
+        defaults: UpstreamPolicy {
+            retry: Some(RetryPolicy::default()),
+            strategy: Some(Strategy::Sequential),
+            breaker: Some(breaker),
+            limits,
+            deadline: Some(Duration::from_secs(30)),
+            ..UpstreamPolicy::default()
+        },
+        retry_budget: Some(Arc::new(RetryBudget::default())),
+        ..ResilienceConfig::default()
+    })
+}
+
+fn side(ctx: &SideContext, args: &Args) -> Result<SideReport, BoxError> {
+    let variant = variant_of(args, VARIANTS)?;
+    let n: u64 = args.get("--n", 50_000)?;
+    let c: usize = args.get("--c", 64)?;
+    let url = format!("{}/fast", ctx.url);
+    let line = ctx
+        .line(BENCH)
+        .text("variant", variant)
+        .text("c", c)
+        .text("n", n);
+
+    let handler = BenchHandler::new(Request::get(&url).build()?, n, true);
+    let completion = handler.completion();
+    let _watchdog = Watchdog::arm(ctx.deadline, completion.clone(), line.clone());
+    let config = Config::builder().max_connections(c * 2).build()?;
+    let mut builder = Processor::builder()
+        .config(config)
+        .resilience(resilience(variant, c)?);
+    if variant == LAYERS {
+        builder = builder
+            .interceptor(RequestIdInterceptor::new())
+            .interceptor(ServiceNameInterceptor::try_new("patient-bench")?);
+    }
+    let processor = builder.build(handler.clone())?;
+    processor.start()?;
+    handler.attach(processor.clone());
+
+    let start = Instant::now();
+    handler.issue(c as u64);
+    let complete = completion.wait(ctx.deadline);
+    let wall = start.elapsed();
+    handler.halt();
+    let sent = Sent::from_metrics(processor.metrics());
+    processor.stop(Some(Duration::from_secs(1)));
+
+    let summary = Summary::from_nanos(handler.latencies());
+    let wall_s = wall.as_secs_f64();
+    let line = line
+        .round("req_s", completion.done() as f64 / wall_s)
+        .fixed("wall_s", wall_s, 3)
+        .latency_ms(&summary)
+        .peak_rss()
+        .cpu()
+        .text("errors", completion.errors());
+    let mut line = sent.push(line);
+    if !complete {
+        line = line.text("done", completion.done()).text("timeout", true);
+    }
+    Ok(SideReport { line, complete })
+}
