@@ -39,9 +39,23 @@ const TARGET: &str = "ratio_req_s>=0.95";
 const BARE: &str = "bare";
 /// Every layer on, none triggering.
 const LAYERS: &str = "layers";
-const VARIANTS: &[&str] = &[BARE, LAYERS];
+/// The variants run by default.
+const DEFAULT_VARIANTS: &[&str] = &[BARE, LAYERS];
+/// Every variant: the two above, and the bare processor plus one layer each,
+/// to see what each layer costs.
+const VARIANTS: &[&str] = &[
+    BARE,
+    LAYERS,
+    "retry",
+    "budget",
+    "breaker",
+    "rate",
+    "concurrency",
+    "deadline",
+    "interceptors",
+];
 
-const USAGE: &str = "usage: overhead [--n N] [--c C] [--rounds R] [--variants bare,layers] [--url BASE] [--timeout-s S]
+const USAGE: &str = "usage: overhead [--n N] [--c C] [--rounds R] [--variants bare,layers,…] [--url BASE] [--timeout-s S]
 
 Sends N requests (default 50000) to BASE/fast with C outstanding at a time
 (default 64), each outcome's handler enqueueing the next task, through two
@@ -53,6 +67,9 @@ processors, each in a process of its own:
           concurrency limit of 2*C on the upstream, RequestIdInterceptor and
           ServiceNameInterceptor, a 30 s deadline (propagated upstream).
 Metrics are recorded on both (the processor always records them).
+--variants also accepts retry, budget, breaker, rate, concurrency,
+deadline and interceptors: the bare processor plus that one layer, each
+compared with bare on a line of its own.
 Without --url it starts its own upstream in a child process. Prints one
 key=value line per run and a ratio line (layers / bare); target: req/s
 ratio >= 0.95. With --rounds R (default 1) the pair is measured R times,
@@ -73,9 +90,12 @@ fn parent(harness: &mut Harness, args: &Args) -> Result<(), BoxError> {
     let n: u64 = args.get("--n", 50_000)?;
     let c: usize = args.get("--c", 64)?;
     let rounds: u32 = args.get("--rounds", 1)?;
-    let wanted = variants_wanted(args, VARIANTS)?;
+    let wanted = match args.value(VARIANTS_FLAG) {
+        Some(_) => variants_wanted(args, VARIANTS)?,
+        None => DEFAULT_VARIANTS.to_vec(),
+    };
     let flags = [("--n", n.to_string()), ("--c", c.to_string())];
-    let mut ratios = Vec::new();
+    let mut ratios: Vec<(&str, f64)> = Vec::new();
     let mut all_pass = true;
     for round in 0..rounds {
         let mut order = wanted.clone();
@@ -86,75 +106,113 @@ fn parent(harness: &mut Harness, args: &Args) -> Result<(), BoxError> {
             .iter()
             .map(|variant| run_variant(harness, variant, &flags))
             .collect();
-        let find = |name: &str| runs.iter().find(|r| r.variant == name);
-        let (Some(bare), Some(layers)) = (find(BARE), find(LAYERS)) else {
+        let Some(bare) = runs.iter().find(|r| r.variant == BARE) else {
             continue;
         };
-        let (b, l) = (&bare.record, &layers.record);
-        let req_s = ratio(l.number("req_s"), b.number("req_s"));
-        let pass = b.is_complete() && l.is_complete() && req_s.is_some_and(|r| r >= TARGET_RATIO);
-        all_pass &= pass;
-        ratios.extend(req_s);
-        let mut line = Line::new(BENCH).text("c", c);
-        if rounds > 1 {
-            line = line.text("round", round + 1);
+        for other in runs.iter().filter(|r| r.variant != BARE) {
+            let (b, l) = (&bare.record, &other.record);
+            let req_s = ratio(l.number("req_s"), b.number("req_s"));
+            let complete = b.is_complete() && l.is_complete();
+            let mut line = Line::new(BENCH).text("variant", other.variant).text("c", c);
+            if rounds > 1 {
+                line = line.text("round", round + 1);
+            }
+            let line = push_ratio(line, "ratio_req_s", req_s);
+            let line = push_ratio(line, "ratio_cpu", ratio(l.number("cpu_s"), b.number("cpu_s")));
+            let line = push_ratio(
+                line,
+                "ratio_p50",
+                ratio(l.number("p50_ms"), b.number("p50_ms")),
+            );
+            let line = push_ratio(
+                line,
+                "ratio_p99",
+                ratio(l.number("p99_ms"), b.number("p99_ms")),
+            );
+            let line = push_count(line, "server_requests_bare", bare.server_requests);
+            let line = push_count(line, "server_requests", other.server_requests);
+            if let Some(r) = req_s {
+                ratios.push((other.variant, r));
+            }
+            if other.variant == LAYERS {
+                let pass = complete && req_s.is_some_and(|r| r >= TARGET_RATIO);
+                all_pass &= pass;
+                harness.emit(line.text("target", TARGET).text("pass", pass));
+            } else {
+                if !complete {
+                    harness.fail();
+                }
+                harness.emit(line);
+            }
         }
-        let line = push_ratio(line, "ratio_req_s", req_s);
-        let line = push_ratio(line, "ratio_cpu", ratio(l.number("cpu_s"), b.number("cpu_s")));
-        let line = push_ratio(
-            line,
-            "ratio_p50",
-            ratio(l.number("p50_ms"), b.number("p50_ms")),
-        );
-        let line = push_ratio(
-            line,
-            "ratio_p99",
-            ratio(l.number("p99_ms"), b.number("p99_ms")),
-        );
-        let line = push_count(line, "server_requests_bare", bare.server_requests);
-        let line = push_count(line, "server_requests_layers", layers.server_requests);
-        harness.emit(line.text("target", TARGET).text("pass", pass));
     }
-    if rounds > 1 && !ratios.is_empty() {
-        let median = median(ratios);
-        let pass = all_pass || median.is_some_and(|r| r >= TARGET_RATIO);
-        let line = Line::new(BENCH).text("c", c).text("rounds", rounds);
-        let line = push_ratio(line, "median_ratio_req_s", median);
-        harness.emit(line.text("target", TARGET).text("pass", pass));
+    if rounds > 1 {
+        for variant in wanted.iter().filter(|v| **v != BARE) {
+            let of_variant: Vec<f64> = ratios
+                .iter()
+                .filter(|(v, _)| v == variant)
+                .map(|(_, r)| *r)
+                .collect();
+            if of_variant.is_empty() {
+                continue;
+            }
+            let median = median(of_variant);
+            let line = Line::new(BENCH)
+                .text("variant", variant)
+                .text("c", c)
+                .text("rounds", rounds);
+            let line = push_ratio(line, "median_ratio_req_s", median);
+            if *variant == LAYERS {
+                let pass = all_pass || median.is_some_and(|r| r >= TARGET_RATIO);
+                harness.emit(line.text("target", TARGET).text("pass", pass));
+            } else {
+                harness.emit(line);
+            }
+        }
     }
     Ok(())
 }
 
+/// Whether `variant` has `layer`: `layers` has them all, `bare` none, any
+/// other variant its own.
+fn has(variant: &str, layer: &str) -> bool {
+    variant == LAYERS || variant == layer
+}
+
 /// The resilience settings of `variant` at concurrency `c`.
 fn resilience(variant: &str, c: usize) -> Result<ResilienceConfig, BoxError> {
-    if variant == BARE {
-        return Ok(ResilienceConfig {
-            defaults: UpstreamPolicy {
-                retry: Some(RetryPolicy::none()),
-                ..UpstreamPolicy::default()
-            },
-            ..ResilienceConfig::default()
-        });
+    let mut policy = UpstreamPolicy {
+        retry: Some(RetryPolicy::none()),
+        ..UpstreamPolicy::default()
+    };
+    if has(variant, "retry") {
+        policy.retry = Some(RetryPolicy::default());
+        policy.strategy = Some(Strategy::Sequential);
     }
-    let breaker = BreakerPolicy::builder()
-        .failure_ratio(0.9)
-        .minimum_throughput(1_000)
-        .consecutive_failures(Some(1_000))
-        .build()?;
-    let limits = LimitConfig::builder()
-        .rate(1_000_000.0, 100_000)
-        .max_in_flight(c * 2)
-        .build()?;
+    if has(variant, "breaker") {
+        policy.breaker = Some(
+            BreakerPolicy::builder()
+                .failure_ratio(0.9)
+                .minimum_throughput(1_000)
+                .consecutive_failures(Some(1_000))
+                .build()?,
+        );
+    }
+    let mut limits = LimitConfig::builder();
+    if has(variant, "rate") {
+        limits = limits.rate(1_000_000.0, 100_000);
+    }
+    if has(variant, "concurrency") {
+        limits = limits.max_in_flight(c * 2);
+    }
+    policy.limits = limits.build()?;
+    if has(variant, "deadline") {
+        policy.deadline = Some(Duration::from_secs(30));
+    }
+    let retry_budget = has(variant, "budget").then(|| Arc::new(RetryBudget::default()));
     Ok(ResilienceConfig {
-        defaults: UpstreamPolicy {
-            retry: Some(RetryPolicy::default()),
-            strategy: Some(Strategy::Sequential),
-            breaker: Some(breaker),
-            limits,
-            deadline: Some(Duration::from_secs(30)),
-            ..UpstreamPolicy::default()
-        },
-        retry_budget: Some(Arc::new(RetryBudget::default())),
+        defaults: policy,
+        retry_budget,
         ..ResilienceConfig::default()
     })
 }
@@ -177,7 +235,7 @@ fn side(ctx: &SideContext, args: &Args) -> Result<SideReport, BoxError> {
     let mut builder = Processor::builder()
         .config(config)
         .resilience(resilience(variant, c)?);
-    if variant == LAYERS {
+    if has(variant, "interceptors") {
         builder = builder
             .interceptor(RequestIdInterceptor::new())
             .interceptor(ServiceNameInterceptor::try_new("patient-bench")?);

@@ -30,7 +30,7 @@ use std::{
 
 pub use error::{EnqueueError, EnqueueErrorKind, ProcessorError};
 pub use state::ProcessorState;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use self::gate::PriorityGate;
@@ -88,6 +88,8 @@ struct Inner {
 /// One run of the processor: its runtime and the signals to stop it.
 struct Run {
     handle: tokio::runtime::Handle,
+    /// Tasks handed over from application threads, spawned by the dispatcher.
+    queue: mpsc::UnboundedSender<TaskGuard>,
     cancel: watch::Sender<bool>,
     shutdown: Mutex<Option<oneshot::Sender<()>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -235,6 +237,8 @@ impl Processor {
         let workers = self.inner.engine.config.worker_threads;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let (queue, queue_rx) = mpsc::unbounded_channel::<TaskGuard>();
+        let (cancel, cancel_rx) = watch::channel(false);
         let thread = std::thread::Builder::new()
             .name("patient-processor".into())
             .spawn(move || {
@@ -254,6 +258,7 @@ impl Processor {
                 let _ = ready_tx.send(Ok(runtime.handle().clone()));
                 PROCESSOR_THREAD.with(|c| c.set(id));
                 runtime.block_on(async {
+                    tokio::spawn(dispatch(queue_rx, cancel_rx));
                     let _ = shutdown_rx.await;
                 });
                 // Tasks still inside are dropped here; their guards hand them to `retry`.
@@ -268,9 +273,9 @@ impl Processor {
                 ))
             }
         };
-        let (cancel, _) = watch::channel(false);
         Ok(Run {
             handle,
+            queue,
             cancel,
             shutdown: Mutex::new(Some(shutdown_tx)),
             thread: Mutex::new(Some(thread)),
@@ -307,9 +312,31 @@ impl Processor {
             task: Some(task),
             queued_at: tokio::time::Instant::now(),
         };
-        let cancel = run.cancel.subscribe();
-        run.handle.spawn(run_task(guard, cancel));
-        Ok(())
+        if PROCESSOR_THREAD.with(|c| c.get()) == inner.id {
+            // On one of our own threads (a handler enqueueing the next task):
+            // spawn straight onto this worker's queue.
+            run.handle.spawn(run_task(guard, run.cancel.subscribe()));
+            return Ok(());
+        }
+        // From an application thread: a lock-free push; the dispatcher on the
+        // runtime spawns it, so this thread takes no lock and makes no system
+        // call in the common case.
+        match run.queue.send(guard) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendError(mut guard)) => {
+                // The runtime is gone: give the task back, nothing delivered.
+                let task = guard.task.take();
+                drop(guard);
+                inner.finish_one();
+                match task {
+                    Some(task) => Err(EnqueueError::new(
+                        EnqueueErrorKind::NotRunning { state: self.state() },
+                        task,
+                    )),
+                    None => Ok(()),
+                }
+            }
+        }
     }
 
     /// Stops accepting tasks and keeps running those it has. `stop` ends it.
@@ -461,6 +488,16 @@ impl Drop for TaskGuard {
     fn drop(&mut self) {
         // Dropped undelivered: the runtime shut down with the task inside.
         self.deliver(Outcome::Retry);
+    }
+}
+
+/// Spawns the tasks handed over by application threads.
+async fn dispatch(mut queue: mpsc::UnboundedReceiver<TaskGuard>, cancel: watch::Receiver<bool>) {
+    let mut batch = Vec::with_capacity(64);
+    while queue.recv_many(&mut batch, 64).await > 0 {
+        for guard in batch.drain(..) {
+            tokio::spawn(run_task(guard, cancel.clone()));
+        }
     }
 }
 

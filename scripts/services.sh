@@ -1,0 +1,348 @@
+#!/usr/bin/env bash
+# Starts the servers the payload-store conformance suite runs against, each on
+# a free loopback port: Redis (Debian's redis-server), a private PostgreSQL
+# cluster in a temporary directory, and the moto S3-compatible server (PyPI).
+# Missing software is installed first; install output goes to log files.
+#
+#   eval "$(scripts/services.sh start)"   # start (or reuse) them; prints `export` lines
+#   scripts/services.sh env                # print the `export` lines of running services
+#   scripts/services.sh status             # say what is running
+#   scripts/services.sh stop               # stop everything `start` started
+#
+# Only `export PATIENT_TEST_...=...` lines go to stdout; progress goes to stderr.
+# State (PIDs, data directories, logs) lives in $PATIENT_SERVICES_DIR
+# (default: target/services in the repository).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="${PATIENT_SERVICES_DIR:-$ROOT/target/services}"
+S3_BUCKET="patient-test"
+PG_DATABASE="patient_test"
+
+say() { printf 'services: %s\n' "$*" >&2; }
+die() {
+  say "error: $*"
+  exit 1
+}
+now_ms() { date +%s%3N; }
+
+# Runs a command as root (directly, or through sudo when not root).
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo -n "$@"
+  else
+    die "need root to run: $*"
+  fi
+}
+
+# A free TCP port on 127.0.0.1.
+free_port() {
+  if command -v python3 >/dev/null 2>&1; then
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+    return
+  fi
+  local port
+  for _ in $(seq 1 200); do
+    port=$((20000 + RANDOM % 12000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "$port"
+      return
+    fi
+  done
+  die "no free port found"
+}
+
+# Waits until something accepts connections on 127.0.0.1:$1 (up to $2 seconds).
+wait_port() {
+  local port=$1 seconds=${2:-30} i
+  for ((i = 0; i < seconds * 10; i++)); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  return 1
+}
+
+# Whether the process $1 is alive and its command line mentions $2.
+alive() {
+  local pid=$1 name=$2
+  [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$name"
+}
+
+APT_UPDATED=0
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install $* yourself"
+  local log="$STATE/install.log"
+  say "installing $* (log: $log)"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! as_root apt-get install -y --no-install-recommends "$@" >>"$log" 2>&1; then
+    if [ "$APT_UPDATED" -eq 0 ]; then
+      APT_UPDATED=1
+      as_root apt-get update >>"$log" 2>&1 || die "apt-get update failed (see $log)"
+      as_root apt-get install -y --no-install-recommends "$@" >>"$log" 2>&1 ||
+        die "apt-get install $* failed (see $log)"
+    else
+      die "apt-get install $* failed (see $log)"
+    fi
+  fi
+}
+
+# --- Redis -----------------------------------------------------------------
+
+redis_running() {
+  [ -f "$STATE/redis.port" ] && alive "$(cat "$STATE/redis.pid" 2>/dev/null || true)" redis-server
+}
+
+start_redis() {
+  if redis_running; then
+    say "redis already running on port $(cat "$STATE/redis.port")"
+    return
+  fi
+  if ! command -v redis-server >/dev/null 2>&1; then
+    apt_install redis-server
+    # The package may start a system-wide server; this script does not use it.
+  fi
+  local port dir="$STATE/redis"
+  port=$(free_port)
+  mkdir -p "$dir"
+  rm -f "$STATE/redis.pid"
+  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
+    --dir "$dir" --logfile "$STATE/redis.log" --pidfile "$STATE/redis.pid" \
+    --daemonize yes </dev/null >>"$STATE/redis.log" 2>&1 || die "redis-server failed (see $STATE/redis.log)"
+  wait_port "$port" 30 || die "redis did not start (see $STATE/redis.log)"
+  local i
+  for ((i = 0; i < 50; i++)); do
+    [ -s "$STATE/redis.pid" ] && break
+    sleep 0.1
+  done
+  echo "$port" >"$STATE/redis.port"
+  say "redis on 127.0.0.1:$port"
+}
+
+stop_redis() {
+  local pid
+  pid=$(cat "$STATE/redis.pid" 2>/dev/null || true)
+  if alive "$pid" redis-server; then
+    kill "$pid" 2>/dev/null || true
+    wait_gone "$pid"
+    say "redis stopped"
+  fi
+  rm -rf "$STATE/redis.pid" "$STATE/redis.port" "$STATE/redis"
+}
+
+# --- PostgreSQL ------------------------------------------------------------
+
+pg_bindir() {
+  local initdb
+  initdb=$(ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1 || true)
+  if [ -z "$initdb" ] && command -v initdb >/dev/null 2>&1; then
+    initdb=$(command -v initdb)
+  fi
+  [ -n "$initdb" ] && dirname "$initdb"
+}
+
+# Runs a PostgreSQL command as the cluster's (non-root) owner.
+as_pg() {
+  if [ "$(id -u)" -eq 0 ]; then
+    runuser -u "$PG_USER" -- "$@"
+  else
+    "$@"
+  fi
+}
+
+pg_running() {
+  [ -f "$STATE/postgres.port" ] && [ -f "$STATE/postgres.dir" ] &&
+    alive "$(head -n 1 "$(cat "$STATE/postgres.dir")/data/postmaster.pid" 2>/dev/null || true)" postgres
+}
+
+start_postgres() {
+  if pg_running; then
+    say "postgresql already running on port $(cat "$STATE/postgres.port")"
+    return
+  fi
+  local bin
+  bin=$(pg_bindir || true)
+  if [ -z "$bin" ]; then
+    apt_install postgresql
+    bin=$(pg_bindir || true)
+    [ -n "$bin" ] || die "initdb not found after installing postgresql"
+  fi
+  PG_USER=$(id -un)
+  if [ "$(id -u)" -eq 0 ]; then
+    # PostgreSQL refuses to run as root.
+    PG_USER=postgres
+    id "$PG_USER" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$PG_USER"
+  fi
+  local port dir log
+  port=$(free_port)
+  # Under /tmp so that the non-root owner can reach it whatever the repository's permissions.
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/patient-pg.XXXXXX")
+  chmod 700 "$dir"
+  [ "$(id -u)" -eq 0 ] && chown "$PG_USER" "$dir"
+  echo "$dir" >"$STATE/postgres.dir"
+  echo "$PG_USER" >"$STATE/postgres.user"
+  log="$STATE/postgres.log"
+  as_pg "$bin/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --no-sync >>"$log" 2>&1 ||
+    die "initdb failed (see $log)"
+  as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+    </dev/null >>"$log" 2>&1 || die "postgresql did not start (see $log and $dir/server.log)"
+  as_pg "$bin/createdb" -h 127.0.0.1 -p "$port" -U postgres "$PG_DATABASE" >>"$log" 2>&1 ||
+    die "createdb failed (see $log)"
+  echo "$port" >"$STATE/postgres.port"
+  say "postgresql on 127.0.0.1:$port (data in $dir)"
+}
+
+stop_postgres() {
+  [ -f "$STATE/postgres.dir" ] || return 0
+  local dir bin
+  dir=$(cat "$STATE/postgres.dir")
+  PG_USER=$(cat "$STATE/postgres.user" 2>/dev/null || id -un)
+  bin=$(pg_bindir || true)
+  if [ -n "$bin" ] && [ -f "$dir/data/postmaster.pid" ]; then
+    as_pg "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >>"$STATE/postgres.log" 2>&1 || true
+    say "postgresql stopped"
+  fi
+  case "$dir" in
+    */patient-pg.*) rm -rf "$dir" ;;
+  esac
+  rm -f "$STATE/postgres.dir" "$STATE/postgres.user" "$STATE/postgres.port"
+}
+
+# --- moto (S3) -------------------------------------------------------------
+
+MOTO=""
+find_moto() {
+  local venv="${XDG_CACHE_HOME:-$HOME/.cache}/patient-services/moto-venv"
+  if [ -x "$venv/bin/moto_server" ]; then
+    MOTO="$venv/bin/moto_server"
+  elif command -v moto_server >/dev/null 2>&1 && moto_server --help >/dev/null 2>&1; then
+    MOTO=$(command -v moto_server)
+  fi
+  [ -n "$MOTO" ]
+}
+
+install_moto() {
+  local venv="${XDG_CACHE_HOME:-$HOME/.cache}/patient-services/moto-venv"
+  local log="$STATE/install.log"
+  command -v python3 >/dev/null 2>&1 || apt_install python3
+  if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    apt_install python3-venv python3-pip
+  fi
+  say "installing moto[server] into $venv (log: $log)"
+  mkdir -p "$(dirname "$venv")"
+  python3 -m venv "$venv" >>"$log" 2>&1 || die "python3 -m venv failed (see $log)"
+  "$venv/bin/pip" install --quiet "moto[server]" >>"$log" 2>&1 || die "pip install moto[server] failed (see $log)"
+}
+
+moto_running() {
+  [ -f "$STATE/moto.port" ] && alive "$(cat "$STATE/moto.pid" 2>/dev/null || true)" moto_server
+}
+
+start_moto() {
+  if moto_running; then
+    say "moto already running on port $(cat "$STATE/moto.port")"
+    return
+  fi
+  find_moto || {
+    install_moto
+    find_moto || die "moto_server not found after installing it"
+  }
+  local port
+  port=$(free_port)
+  # setsid: the server outlives this script and ignores the terminal's signals.
+  setsid "$MOTO" -H 127.0.0.1 -p "$port" </dev/null >>"$STATE/moto.log" 2>&1 &
+  echo $! >"$STATE/moto.pid"
+  wait_port "$port" 60 || die "moto did not start (see $STATE/moto.log)"
+  # Answers S3 requests once its routes are loaded.
+  local i
+  for ((i = 0; i < 300; i++)); do
+    if command -v curl >/dev/null 2>&1; then
+      curl -fsS -o /dev/null "http://127.0.0.1:$port/" 2>/dev/null && break
+    else
+      break
+    fi
+    sleep 0.1
+  done
+  echo "$port" >"$STATE/moto.port"
+  say "moto S3 on 127.0.0.1:$port"
+}
+
+stop_moto() {
+  local pid
+  pid=$(cat "$STATE/moto.pid" 2>/dev/null || true)
+  if alive "$pid" moto_server; then
+    kill "$pid" 2>/dev/null || true
+    wait_gone "$pid"
+    say "moto stopped"
+  fi
+  rm -f "$STATE/moto.pid" "$STATE/moto.port"
+}
+
+# Waits up to 10 s for process $1 to exit, then kills it.
+wait_gone() {
+  local pid=$1 i
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
+# --- Commands --------------------------------------------------------------
+
+print_env() {
+  if redis_running; then
+    echo "export PATIENT_TEST_REDIS_URL=redis://127.0.0.1:$(cat "$STATE/redis.port")/"
+  fi
+  if pg_running; then
+    echo "export PATIENT_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:$(cat "$STATE/postgres.port")/$PG_DATABASE"
+  fi
+  if moto_running; then
+    echo "export PATIENT_TEST_S3_ENDPOINT=http://127.0.0.1:$(cat "$STATE/moto.port")"
+  fi
+}
+
+cmd_start() {
+  mkdir -p "$STATE"
+  local t0 t
+  t0=$(now_ms)
+  t=$t0
+  start_redis
+  say "redis ready in $(($(now_ms) - t)) ms"
+  t=$(now_ms)
+  start_postgres
+  say "postgresql ready in $(($(now_ms) - t)) ms"
+  t=$(now_ms)
+  start_moto
+  say "moto ready in $(($(now_ms) - t)) ms"
+  say "all services ready in $(($(now_ms) - t0)) ms"
+  print_env
+}
+
+cmd_stop() {
+  [ -d "$STATE" ] || return 0
+  stop_moto
+  stop_postgres
+  stop_redis
+}
+
+cmd_status() {
+  redis_running && say "redis: running on port $(cat "$STATE/redis.port")" || say "redis: stopped"
+  pg_running && say "postgresql: running on port $(cat "$STATE/postgres.port")" || say "postgresql: stopped"
+  moto_running && say "moto: running on port $(cat "$STATE/moto.port")" || say "moto: stopped"
+}
+
+case "${1:-}" in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  env) print_env ;;
+  status) cmd_status ;;
+  *)
+    echo "usage: $0 start|stop|env|status" >&2
+    exit 2
+    ;;
+esac
