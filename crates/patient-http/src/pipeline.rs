@@ -330,30 +330,39 @@ impl Engine {
                 hedged,
             }
         };
+        // An attempt that ends before anything is sent.
+        let refused = |error: TaskError| {
+            let result = Err(error);
+            let attempt = record(&result);
+            (
+                AttemptResult {
+                    result,
+                    headers: None,
+                },
+                attempt,
+            )
+        };
+        let unsent = |error_type: ErrorType, class: &str, message: String| {
+            self.request_error(
+                task,
+                task.request.url(),
+                task.request.method(),
+                plan.started,
+                error_type,
+                class,
+                message,
+            )
+        };
         let attempt_plan = match self.attempt_plan(task, plan, number) {
             Ok(p) => p,
-            Err(e) => {
-                let result = Err(e);
-                let attempt = record(&result);
-                return (
-                    AttemptResult {
-                        result,
-                        headers: None,
-                    },
-                    attempt,
-                );
-            }
+            Err(e) => return refused(e),
         };
         let permit: Option<BreakerPermit> = match self.breaker(&plan.key, plan.policy) {
             None => None,
             Some(breaker) => match breaker.try_acquire() {
                 Ok(permit) => Some(permit),
                 Err(open) => {
-                    let result = Err(self.request_error(
-                        task,
-                        task.request.url(),
-                        task.request.method(),
-                        plan.started,
+                    return refused(unsent(
                         ErrorType::Connection,
                         "CircuitOpen",
                         format!(
@@ -361,59 +370,30 @@ impl Engine {
                             plan.key,
                             open.retry_in.as_secs_f64()
                         ),
-                    ));
-                    let attempt = record(&result);
-                    return (
-                        AttemptResult {
-                            result,
-                            headers: None,
-                        },
-                        attempt,
-                    );
+                    ))
                 }
             },
         };
         let limits = self.limits(&plan.key, plan.policy);
-        let _limit_permit = {
-            {
-                let acquire = limits.acquire();
-                let acquired = match plan.deadline {
-                    Some(deadline) => tokio::time::timeout_at(deadline, acquire).await.ok(),
-                    None => Some(acquire.await),
-                };
-                match acquired {
-                    Some(permit) => {
-                        let waited = permit.waited();
-                        if !waited.is_zero() {
-                            self.metrics.record_rate_limit_wait(&plan.key, waited);
-                        }
-                        permit
-                    }
-                    None => {
-                        let result = Err(self.request_error(
-                            task,
-                            task.request.url(),
-                            task.request.method(),
-                            plan.started,
-                            ErrorType::Timeout,
-                            "DeadlineExceeded",
-                            format!(
-                                "the task's deadline passed while waiting for the rate limit of {}",
-                                plan.key
-                            ),
-                        ));
-                        let attempt = record(&result);
-                        return (
-                            AttemptResult {
-                                result,
-                                headers: None,
-                            },
-                            attempt,
-                        );
-                    }
-                }
-            }
+        let acquire = limits.acquire();
+        let acquired = match plan.deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, acquire).await.ok(),
+            None => Some(acquire.await),
         };
+        let Some(limit_permit) = acquired else {
+            return refused(unsent(
+                ErrorType::Timeout,
+                "DeadlineExceeded",
+                format!(
+                    "the task's deadline passed while waiting for the rate limit of {}",
+                    plan.key
+                ),
+            ));
+        };
+        let waited = limit_permit.waited();
+        if !waited.is_zero() {
+            self.metrics.record_rate_limit_wait(&plan.key, waited);
+        }
         plan.metrics.record_attempt();
         let result = self.run_attempt(task, &attempt_plan).await;
         if let Some(permit) = permit {

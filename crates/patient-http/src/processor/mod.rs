@@ -330,7 +330,9 @@ impl Processor {
                 inner.finish_one();
                 match task {
                     Some(task) => Err(EnqueueError::new(
-                        EnqueueErrorKind::NotRunning { state: self.state() },
+                        EnqueueErrorKind::NotRunning {
+                            state: self.state(),
+                        },
                         task,
                     )),
                     None => Ok(()),
