@@ -11,6 +11,15 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== services (Redis, PostgreSQL, S3) for the payload-store conformance suite"
+# Started on free loopback ports (installed first if missing) and stopped on
+# exit, unless they were already running (`scripts/services.sh start`).
+if [ -z "$(scripts/services.sh env)" ]; then
+  trap 'scripts/services.sh stop' EXIT
+fi
+services_env=$(scripts/services.sh start)
+eval "$services_env"
+export PATIENT_REQUIRE_SERVICES=1
 echo "== cargo test"
 cargo test --workspace --locked 2>&1 | tee target/test-output.txt
 # One closing line for the whole run.

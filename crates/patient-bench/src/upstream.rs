@@ -147,12 +147,9 @@ fn read_address(
                 }
             }
         })?;
-    let line = rx.recv_timeout(timeout).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the upstream child did not start",
-        )
-    })?;
+    let line = rx
+        .recv_timeout(timeout)
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the upstream child did not start"))?;
     let addr = parse_address(&line).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,

@@ -395,6 +395,10 @@ impl Engine {
             self.metrics.record_rate_limit_wait(&plan.key, waited);
         }
         plan.metrics.record_attempt();
+        if number > 1 && !hedged {
+            // Counted here, when it is really sent (not refused by the breaker).
+            plan.metrics.record_retry();
+        }
         let result = self.run_attempt(task, &attempt_plan).await;
         if let Some(permit) = permit {
             match breaker_verdict(&result, plan.policy) {
@@ -469,7 +473,6 @@ impl Engine {
                     return (result.result, attempts);
                 }
             }
-            plan.metrics.record_retry();
             self.notify(|o| o.on_retry(&task.id, number + 1, delay));
             tokio::time::sleep(delay).await;
             number += 1;

@@ -177,7 +177,10 @@ impl Encryptor {
         };
         let mut map = Map::new();
         map.insert(ENCRYPTED_KEY.to_owned(), Value::Bool(true));
-        map.insert("value".to_owned(), Value::String(STANDARD.encode(ciphertext)));
+        map.insert(
+            "value".to_owned(),
+            Value::String(STANDARD.encode(ciphertext)),
+        );
         Ok(Value::Object(map))
     }
 
@@ -211,11 +214,7 @@ impl Encryptor {
                     json_type(other)
                 )))
             }
-            None => {
-                return Err(StoreError::Decrypt(
-                    "the envelope has no value".to_owned(),
-                ))
-            }
+            None => return Err(StoreError::Decrypt("the envelope has no value".to_owned())),
         };
         let plaintext: Vec<u8>;
         let json: &[u8] = match &self.inner {
@@ -507,7 +506,10 @@ mod tests {
 
     #[test]
     fn wrong_key_is_a_clear_error() {
-        let sealed = Encryptor::aes_gcm(&[OLD]).unwrap().encrypt(&sample()).unwrap();
+        let sealed = Encryptor::aes_gcm(&[OLD])
+            .unwrap()
+            .encrypt(&sample())
+            .unwrap();
         let other = Encryptor::aes_gcm(&[NEW, "a third secret of enough length"]).unwrap();
         let message = decrypt_error(&other, &sealed);
         assert!(message.contains("authentication failed"), "{message}");
@@ -556,7 +558,10 @@ mod tests {
             if len < MIN_CIPHERTEXT_LEN {
                 assert!(message.contains("truncated"), "{len}: {message}");
             } else {
-                assert!(message.contains("authentication failed"), "{len}: {message}");
+                assert!(
+                    message.contains("authentication failed"),
+                    "{len}: {message}"
+                );
             }
         }
         // Extra bytes are no better.
@@ -569,13 +574,19 @@ mod tests {
     fn bad_envelopes_are_clear_errors() {
         let encryptor = Encryptor::aes_gcm(&[NEW]).unwrap();
         for (value, expected) in [
-            (json!({"__encrypted__": true, "value": "!!!not base64"}), "Base64"),
+            (
+                json!({"__encrypted__": true, "value": "!!!not base64"}),
+                "Base64",
+            ),
             (json!({"__encrypted__": true, "value": "QUJD="}), "Base64"),
             (json!({"__encrypted__": true, "value": "QUJDRA"}), "Base64"),
             (json!({"__encrypted__": true, "value": ""}), "truncated"),
             (json!({"__encrypted__": true, "value": 12}), "Base64 string"),
             (json!({"__encrypted__": true}), "no value"),
-            (json!({"__encrypted__": "yes", "value": "QUJD"}), "must be true"),
+            (
+                json!({"__encrypted__": "yes", "value": "QUJD"}),
+                "must be true",
+            ),
         ] {
             let message = decrypt_error(&encryptor, &value);
             assert!(message.contains(expected), "{value}: {message}");
@@ -633,14 +644,18 @@ mod tests {
             |_: &[u8]| panic!("boom"),
             |_: &[u8]| -> Result<Vec<u8>, String> { panic!("boom") },
         );
-        assert!(matches!(panicking.encrypt(&value), Err(StoreError::Encrypt(m)) if m.contains("panicked")));
+        assert!(
+            matches!(panicking.encrypt(&value), Err(StoreError::Encrypt(m)) if m.contains("panicked"))
+        );
         assert!(decrypt_error(&panicking, &sealed).contains("panicked"));
     }
 
     #[test]
     fn secrets_are_validated() {
         let none: [&str; 0] = [];
-        assert!(matches!(Encryptor::aes_gcm(&none), Err(StoreError::Config(m)) if m.contains("at least one")));
+        assert!(
+            matches!(Encryptor::aes_gcm(&none), Err(StoreError::Config(m)) if m.contains("at least one"))
+        );
         match Encryptor::aes_gcm(&[NEW, "short"]) {
             Err(StoreError::Config(message)) => {
                 assert!(message.contains("#2"), "{message}");
@@ -659,10 +674,13 @@ mod tests {
         // Written by an earlier build: key derivation and layout are stable.
         let encryptor = Encryptor::aes_gcm(&[NEW]).unwrap();
         let sealed = json!({"__encrypted__": true, "value": KNOWN});
-        assert_eq!(encryptor.decrypt(&sealed).unwrap(), json!({"known": "answer"}));
+        assert_eq!(
+            encryptor.decrypt(&sealed).unwrap(),
+            json!({"known": "answer"})
+        );
     }
 
-    const KNOWN: &str = "";
+    const KNOWN: &str = "AeYWMnpmNXI5zXZvJ4o2z5vj3gw2xhg/NpBPLfiCPTqFoKAymYvpFbKAtKDfIRk0uFDd";
 
     #[test]
     fn random_payloads_round_trip() {

@@ -18,8 +18,8 @@ pub mod error;
 pub mod registry;
 pub mod store;
 
-// pub use codec::PayloadCodec;        (re-exported once written)
-// pub use encryption::Encryptor;       (re-exported once written)
+pub use codec::PayloadCodec;
+pub use encryption::Encryptor;
 pub use error::StoreError;
-// pub use registry::PayloadStores;     (re-exported once written)
+pub use registry::PayloadStores;
 pub use store::PayloadStore;

@@ -37,19 +37,22 @@ const TARGET: &str = "ratio<=1.2";
 const PROTECTED: &str = "protected";
 /// Default retries only.
 const UNPROTECTED: &str = "unprotected";
-const VARIANTS: &[&str] = &[PROTECTED, UNPROTECTED];
+/// Default retries and the retry budget, no breaker.
+const BUDGET_ONLY: &str = "budget_only";
+const VARIANTS: &[&str] = &[PROTECTED, UNPROTECTED, BUDGET_ONLY];
 
-const USAGE: &str = "usage: outage [--rate R] [--seconds S] [--variants protected,unprotected] [--url BASE] [--timeout-s S]
+const USAGE: &str = "usage: outage [--rate R] [--seconds S] [--variants protected,unprotected,budget_only] [--url BASE] [--timeout-s S]
 
 Offers R tasks a second (default 200) for S seconds (default 10), paced by
 a timer on an application thread (open loop), each a GET of BASE/status/503,
-to two processors, each in a process of its own:
+to three processors, each in a process of its own:
   protected    the default retry policy (3 attempts, 503 retried, backoff
                100 ms doubling, full jitter), a retry budget (ratio 0.2,
                10 per second, 10 s window) and a circuit breaker (failure
                ratio 0.5 over 10 s once 20 calls were seen, or 5 failures in
                a row; open for 2 s; closes after 2 probe successes);
-  unprotected  the default retry policy alone.
+  unprotected  the default retry policy alone;
+  budget_only  the default retry policy and the retry budget, no breaker.
 Requests sent upstream are counted by the processor (attempts_total: tasks
 failed fast by an open breaker send nothing) and, without --url, by the
 upstream child too. ratio = upstream requests / tasks offered, the same as
@@ -69,7 +72,10 @@ fn main() -> ExitCode {
 fn parent(harness: &mut Harness, args: &Args) -> Result<(), BoxError> {
     let rate: f64 = args.get("--rate", 200.0)?;
     let seconds: f64 = args.get("--seconds", 10.0)?;
-    let flags = [("--rate", rate.to_string()), ("--seconds", seconds.to_string())];
+    let flags = [
+        ("--rate", rate.to_string()),
+        ("--seconds", seconds.to_string()),
+    ];
     let runs: Vec<VariantRun> = variants_wanted(args, VARIANTS)?
         .into_iter()
         .map(|variant| run_variant(harness, variant, &flags))
@@ -121,6 +127,18 @@ fn resilience(variant: &str) -> Result<ResilienceConfig, BoxError> {
             ..ResilienceConfig::default()
         });
     }
+    let retry_budget = Some(Arc::new(RetryBudget::new(
+        Duration::from_secs(10),
+        10,
+        0.2,
+    )?));
+    if variant == BUDGET_ONLY {
+        return Ok(ResilienceConfig {
+            defaults: policy,
+            retry_budget,
+            ..ResilienceConfig::default()
+        });
+    }
     policy.breaker = Some(
         BreakerPolicy::builder()
             .failure_ratio(0.5)
@@ -131,7 +149,7 @@ fn resilience(variant: &str) -> Result<ResilienceConfig, BoxError> {
     );
     Ok(ResilienceConfig {
         defaults: policy,
-        retry_budget: Some(Arc::new(RetryBudget::new(Duration::from_secs(10), 10, 0.2)?)),
+        retry_budget,
         ..ResilienceConfig::default()
     })
 }
@@ -186,11 +204,7 @@ fn side(ctx: &SideContext, args: &Args) -> Result<SideReport, BoxError> {
         .fixed("offered_rps", offered as f64 / window_s, 1)
         .text("upstream_requests", sent.attempts)
         .fixed("upstream_rps", sent.attempts as f64 / window_s, 1)
-        .fixed(
-            "ratio",
-            sent.attempts as f64 / (offered.max(1) as f64),
-            3,
-        )
+        .fixed("ratio", sent.attempts as f64 / (offered.max(1) as f64), 3)
         .fixed("max_lag_ms", paced.max_lag.as_secs_f64() * 1e3, 1)
         .fixed("wall_s", wall.as_secs_f64(), 3)
         .latency_ms(&summary)

@@ -118,7 +118,11 @@ fn parent(harness: &mut Harness, args: &Args) -> Result<(), BoxError> {
                 line = line.text("round", round + 1);
             }
             let line = push_ratio(line, "ratio_req_s", req_s);
-            let line = push_ratio(line, "ratio_cpu", ratio(l.number("cpu_s"), b.number("cpu_s")));
+            let line = push_ratio(
+                line,
+                "ratio_cpu",
+                ratio(l.number("cpu_s"), b.number("cpu_s")),
+            );
             let line = push_ratio(
                 line,
                 "ratio_p50",

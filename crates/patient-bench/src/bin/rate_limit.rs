@@ -16,9 +16,7 @@ use patient_bench::{
     harness::{main_with, BoxError, Harness, Program, SideContext, SideReport, Watchdog},
     patient_side::BenchHandler,
     report::Line,
-    resilience::{
-        outcome_list, pace, push_count, run_variant, variant_of, Sent, VARIANT_FLAG,
-    },
+    resilience::{outcome_list, pace, push_count, run_variant, variant_of, Sent, VARIANT_FLAG},
     stats::Summary,
 };
 use patient_http::{
@@ -160,7 +158,11 @@ fn side(ctx: &SideContext, args: &Args) -> Result<SideReport, BoxError> {
     let summary = Summary::from_nanos(handler.latencies());
     let line = line
         .text("offered", paced.offered)
-        .fixed("offered_rps", paced.offered as f64 / paced.window.as_secs_f64(), 1)
+        .fixed(
+            "offered_rps",
+            paced.offered as f64 / paced.window.as_secs_f64(),
+            1,
+        )
         .fixed("achieved_rps", in_steady as f64 / steady_s, 1)
         .fixed("ratio", in_steady as f64 / steady_s / limit, 3)
         .fixed("overall_rps", overall, 1)

@@ -212,6 +212,11 @@ impl KeyLimits {
     /// for a token, in that order, and returns the permit with the total
     /// wait. Never fails. Cancel-safe: dropped early, it holds nothing.
     pub async fn acquire(&self) -> LimitPermit {
+        // The common case takes no wait at all: report exactly zero, so that
+        // callers count only real waits.
+        if let Ok(permit) = self.try_acquire() {
+            return permit;
+        }
         let start = Instant::now();
         self.wait_cool_down().await;
         let slot = match &self.concurrency {

@@ -4,6 +4,22 @@ use async_trait::async_trait;
 
 use crate::StoreError;
 
+pub mod file;
+#[cfg(feature = "redis")]
+pub mod redis;
+#[cfg(feature = "s3")]
+pub mod s3;
+#[cfg(feature = "sql")]
+pub mod sql;
+
+pub use file::FileStore;
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;
+#[cfg(feature = "s3")]
+pub use s3::{S3Config, S3Store};
+#[cfg(feature = "sql")]
+pub use sql::SqlStore;
+
 /// A place that keeps serialized payloads (JSON text) by key.
 ///
 /// Keys are UUIDs unless [`generate_key`](PayloadStore::generate_key) says

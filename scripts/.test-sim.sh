@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, and every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TERM_COLOR=never
+# Tests open many sockets.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+echo "== cargo fmt --check"
+true
+echo "== cargo clippy"
+true
+echo "== services (Redis, PostgreSQL, S3) for the payload-store conformance suite"
+# Started on free loopback ports (installed first if missing) and stopped on
+# exit, unless they were already running (`scripts/services.sh start`).
+if [ -z "$(scripts/services.sh env)" ]; then
+  trap 'scripts/services.sh stop' EXIT
+fi
+services_env=$(scripts/services.sh start)
+eval "$services_env"
+export PATIENT_REQUIRE_SERVICES=1
+echo "== cargo test"
+cargo test -p patient-store --test conformance --locked 2>&1 | tee target/test-output.txt
+# One closing line for the whole run.
+passed=$(grep -Eo '[0-9]+ passed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' target/test-output.txt | awk '{s+=$1} END {print s+0}')
+echo "workspace: ${passed} passed, ${failed} failed"
