@@ -8,6 +8,7 @@
 #   scripts/services.sh env                # print the `export` lines of running services
 #   scripts/services.sh status             # say what is running
 #   scripts/services.sh stop               # stop everything `start` started
+#   scripts/services.sh stop redis moto    # stop some of them (redis, postgres, moto)
 #
 # Only `export PATIENT_TEST_...=...` lines go to stdout; progress goes to stderr.
 # State (PIDs, data directories, logs) lives in $PATIENT_SERVICES_DIR
@@ -16,7 +17,6 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${PATIENT_SERVICES_DIR:-$ROOT/target/services}"
-S3_BUCKET="patient-test"
 PG_DATABASE="patient_test"
 
 say() { printf 'services: %s\n' "$*" >&2; }
@@ -179,7 +179,7 @@ start_postgres() {
   local port dir log
   port=$(free_port)
   # Under /tmp so that the non-root owner can reach it whatever the repository's permissions.
-  dir=$(mktemp -d "${TMPDIR:-/tmp}/patient-pg.XXXXXX")
+  dir=$(mktemp -d /tmp/patient-pg.XXXXXX)
   chmod 700 "$dir"
   [ "$(id -u)" -eq 0 ] && chown "$PG_USER" "$dir"
   echo "$dir" >"$STATE/postgres.dir"
@@ -214,15 +214,29 @@ stop_postgres() {
 
 # --- moto (S3) -------------------------------------------------------------
 
-MOTO=""
+# The moto S3 server, serving one request at a time: moto's S3 backend races
+# when several requests write one key at once (500 "I/O operation on closed
+# file"), which real S3 does not.
+MOTO_SERVER='
+import os, sys
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+host, port = sys.argv[1], int(sys.argv[2])
+os.environ.setdefault("MOTO_PORT", str(port))
+run_simple(host, port, DomainDispatcherApplication(create_backend_app), threaded=False)
+'
+
+# Sets MOTO_PY to a Python that has moto's server installed.
+MOTO_PY=""
 find_moto() {
-  local venv="${XDG_CACHE_HOME:-$HOME/.cache}/patient-services/moto-venv"
-  if [ -x "$venv/bin/moto_server" ]; then
-    MOTO="$venv/bin/moto_server"
-  elif command -v moto_server >/dev/null 2>&1 && moto_server --help >/dev/null 2>&1; then
-    MOTO=$(command -v moto_server)
-  fi
-  [ -n "$MOTO" ]
+  local venv="${XDG_CACHE_HOME:-$HOME/.cache}/patient-services/moto-venv" py
+  for py in "$venv/bin/python" "$(command -v python3 || true)"; do
+    if [ -x "$py" ] && "$py" -c 'import moto.moto_server.werkzeug_app, flask, werkzeug' >/dev/null 2>&1; then
+      MOTO_PY=$py
+      return 0
+    fi
+  done
+  return 1
 }
 
 install_moto() {
@@ -249,12 +263,12 @@ start_moto() {
   fi
   find_moto || {
     install_moto
-    find_moto || die "moto_server not found after installing it"
+    find_moto || die "moto's server not importable after installing it (see $STATE/install.log)"
   }
   local port
   port=$(free_port)
   # setsid: the server outlives this script and ignores the terminal's signals.
-  setsid "$MOTO" -H 127.0.0.1 -p "$port" </dev/null >>"$STATE/moto.log" 2>&1 &
+  setsid "$MOTO_PY" -c "$MOTO_SERVER" 127.0.0.1 "$port" </dev/null >>"$STATE/moto.log" 2>&1 &
   echo $! >"$STATE/moto.pid"
   wait_port "$port" 60 || die "moto did not start (see $STATE/moto.log)"
   # Answers S3 requests once its routes are loaded.
@@ -325,9 +339,17 @@ cmd_start() {
 
 cmd_stop() {
   [ -d "$STATE" ] || return 0
-  stop_moto
-  stop_postgres
-  stop_redis
+  local which=("$@")
+  [ ${#which[@]} -gt 0 ] || which=(moto postgres redis)
+  local service
+  for service in "${which[@]}"; do
+    case "$service" in
+      moto) stop_moto ;;
+      postgres) stop_postgres ;;
+      redis) stop_redis ;;
+      *) die "unknown service $service (redis, postgres, moto)" ;;
+    esac
+  done
 }
 
 cmd_status() {
@@ -338,11 +360,14 @@ cmd_status() {
 
 case "${1:-}" in
   start) cmd_start ;;
-  stop) cmd_stop ;;
+  stop)
+    shift
+    cmd_stop "$@"
+    ;;
   env) print_env ;;
   status) cmd_status ;;
   *)
-    echo "usage: $0 start|stop|env|status" >&2
+    echo "usage: $0 start | stop [redis|postgres|moto ...] | env | status" >&2
     exit 2
     ;;
 esac

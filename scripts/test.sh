@@ -12,10 +12,15 @@ cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== services (Redis, PostgreSQL, S3) for the payload-store conformance suite"
-# Started on free loopback ports (installed first if missing) and stopped on
-# exit, unless they were already running (`scripts/services.sh start`).
-if [ -z "$(scripts/services.sh env)" ]; then
-  trap 'scripts/services.sh stop' EXIT
+# Started on free loopback ports (installed first if missing); those this run
+# starts are stopped on exit, those already running are left running.
+running=$(scripts/services.sh env)
+started=()
+grep -q PATIENT_TEST_REDIS_URL <<<"$running" || started+=(redis)
+grep -q PATIENT_TEST_POSTGRES_URL <<<"$running" || started+=(postgres)
+grep -q PATIENT_TEST_S3_ENDPOINT <<<"$running" || started+=(moto)
+if [ ${#started[@]} -gt 0 ]; then
+  trap 'scripts/services.sh stop "${started[@]}"' EXIT
 fi
 services_env=$(scripts/services.sh start)
 eval "$services_env"
