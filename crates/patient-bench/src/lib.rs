@@ -1,6 +1,6 @@
 //! Benchmarks of patient's processor against a bare hyper-util client.
 //!
-//! Seven programs live in `src/bin/`:
+//! Eight programs live in `src/bin/`:
 //!
 //! * `throughput` — enqueue → `on_complete` through the processor versus a
 //!   bare hyper-util client loop, same upstream route and concurrency;
@@ -14,7 +14,9 @@
 //! * `outage` — the load an upstream that answers 503 to everything receives
 //!   with and without the retry budget and circuit breaker;
 //! * `rate_limit` — the rate a per-upstream rate limit lets through when
-//!   twice as much is offered.
+//!   twice as much is offered;
+//! * `encryption` — payload encryption (envelope, Base64, JSON) versus the raw
+//!   AES-256-GCM primitive of ring on the same bytes.
 //!
 //! The last four share [`resilience`]: named variants of one processor
 //! configuration, each in a child process of its own.

@@ -6,6 +6,11 @@
 //! `PATIENT_TEST_*` variables this suite reads. A test whose variable is
 //! missing prints a notice and passes, unless `PATIENT_REQUIRE_SERVICES=1`
 //! (set by `scripts/test.sh`), in which case it fails naming the service.
+//!
+//! The suite runs with the default features (every backend); without the
+//! `sql` feature it is left out whole.
+
+#![cfg(feature = "sql")]
 
 use std::{
     collections::{HashMap, HashSet},
