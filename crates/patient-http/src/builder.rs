@@ -111,6 +111,7 @@ impl Builder {
             metrics: self.metrics.unwrap_or_default(),
             breakers: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
+            cooled_down: std::sync::atomic::AtomicBool::new(false),
             latencies: Mutex::new(HashMap::new()),
             panics: AtomicU64::new(0),
         }))

@@ -53,6 +53,9 @@ pub(crate) struct Engine {
     pub(crate) breakers: Mutex<HashMap<String, Arc<CircuitBreaker>>>,
     /// Rate and concurrency limits by upstream key, made on first use.
     pub(crate) limits: Mutex<HashMap<String, Arc<KeyLimits>>>,
+    /// Whether any upstream was ever cooled down by a 429 (until then,
+    /// unlimited upstreams skip the limits entirely).
+    pub(crate) cooled_down: std::sync::atomic::AtomicBool,
     /// Recent latencies by upstream key, for adaptive hedging.
     pub(crate) latencies: Mutex<HashMap<String, crate::pipeline::LatencyWindow>>,
     /// Panics caught in handlers and observers.

@@ -21,7 +21,7 @@ use crate::{
     breaker::{BreakerPermit, BreakerState, CircuitBreaker},
     engine::{AttemptPlan, AttemptResult, Engine},
     limit::KeyLimits,
-    resilience::{upstream_key, Fallback, HedgeDelay, UpstreamPolicy},
+    resilience::{upstream_key_ref, Fallback, HedgeDelay, UpstreamPolicy},
     retry::{AttemptOutcome, RetryDelay, RetryPolicy},
     Task,
 };
@@ -57,7 +57,7 @@ impl LatencyWindow {
 
 /// What the task runs with, resolved from the three levels.
 struct Plan<'a> {
-    key: String,
+    key: Cow<'a, str>,
     metrics: Arc<crate::metrics::UpstreamMetrics>,
     policy: &'a UpstreamPolicy,
     retry: Cow<'a, RetryPolicy>,
@@ -134,13 +134,13 @@ impl Engine {
         result
     }
 
-    fn plan<'a>(&'a self, task: &Task, queued_at: Instant) -> Result<Plan<'a>, TaskError> {
+    fn plan<'a>(&'a self, task: &'a Task, queued_at: Instant) -> Result<Plan<'a>, TaskError> {
         let request = &task.request;
         let options = request.request_options();
-        let key = options
-            .upstream_key
-            .clone()
-            .unwrap_or_else(|| upstream_key(request.url()));
+        let key = match &options.upstream_key {
+            Some(key) => Cow::Borrowed(key.as_str()),
+            None => upstream_key_ref(request.url()),
+        };
         let policy = self.resilience.policy_for(&key);
         // The default policy retries idempotent methods only, unless the
         // request carries an idempotency key or opts in.
@@ -374,11 +374,23 @@ impl Engine {
                 }
             },
         };
-        let limits = self.limits(&plan.key, plan.policy);
-        let acquire = limits.acquire();
-        let acquired = match plan.deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, acquire).await.ok(),
-            None => Some(acquire.await),
+        // Unlimited upstreams skip the limits until some 429 cooled one down.
+        let limited = plan.policy.limits.rate().is_some()
+            || plan.policy.limits.max_in_flight().is_some()
+            || self.cooled_down.load(std::sync::atomic::Ordering::Relaxed);
+        let limits = limited.then(|| self.limits(&plan.key, plan.policy));
+        let acquired = match &limits {
+            None => Some(None),
+            Some(limits) => {
+                let acquire = limits.acquire();
+                match plan.deadline {
+                    Some(deadline) => tokio::time::timeout_at(deadline, acquire)
+                        .await
+                        .ok()
+                        .map(Some),
+                    None => Some(Some(acquire.await)),
+                }
+            }
         };
         let Some(limit_permit) = acquired else {
             return refused(unsent(
@@ -390,7 +402,7 @@ impl Engine {
                 ),
             ));
         };
-        let waited = limit_permit.waited();
+        let waited = limit_permit.as_ref().map_or(Duration::ZERO, |p| p.waited());
         if !waited.is_zero() {
             self.metrics.record_rate_limit_wait(&plan.key, waited);
         }
@@ -410,13 +422,15 @@ impl Engine {
         if let (Ok(response), Some(headers)) = (&result.result, &result.headers) {
             if response.status == 429 {
                 if let Some(wait) = crate::retry::retry_after(headers, SystemTime::now()) {
-                    limits.cool_down(wait);
+                    self.cooled_down
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    self.limits(&plan.key, plan.policy).cool_down(wait);
                 }
             } else if response.status < 500
                 && matches!(plan.policy.hedge, HedgeDelay::Adaptive { .. })
             {
                 lock(&self.latencies)
-                    .entry(plan.key.clone())
+                    .entry(plan.key.to_string())
                     .or_default()
                     .record(began.elapsed());
             }

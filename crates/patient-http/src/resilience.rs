@@ -3,7 +3,8 @@
 //! ([`RequestOptions`](patient_wire::RequestOptions)).
 //!
 //! An upstream is named by its key: the request's `upstream_key` option when
-//! it has one, otherwise `scheme://host:port` of its URL.
+//! it has one, otherwise the origin of its URL (`scheme://host`, with `:port`
+//! when not the scheme's default; see [`upstream_key`]).
 
 use std::{collections::HashMap, fmt, sync::Arc, time::Duration};
 
@@ -140,8 +141,8 @@ impl Default for UpstreamPolicy {
 pub struct ResilienceConfig {
     /// The policy of upstreams without their own.
     pub defaults: UpstreamPolicy,
-    /// Policies by upstream key (`scheme://host:port`, or a request's
-    /// `upstream_key`). Each replaces the defaults whole for its upstream.
+    /// Policies by upstream key (the URL's origin, see [`upstream_key`], or a
+    /// request's `upstream_key`). Each replaces the defaults whole for its upstream.
     pub upstreams: HashMap<String, UpstreamPolicy>,
     /// A budget that bounds retries and hedges to a ratio of first attempts.
     /// Default `None`: unbounded (each task still stops at its max attempts).
@@ -168,12 +169,23 @@ impl ResilienceConfig {
     }
 }
 
-/// The key of a URL's upstream: `scheme://host:port`.
+/// The key of a URL's upstream: its origin, `scheme://host` with `:port`
+/// when the port is not the scheme's default (`https://api.openai.com`,
+/// `http://127.0.0.1:8080`). Credentials in the URL are never part of it.
 pub fn upstream_key(url: &Url) -> String {
-    format!(
-        "{}://{}:{}",
-        url.scheme(),
-        url.host_str().unwrap_or_default(),
-        url.port_or_known_default().unwrap_or_default()
-    )
+    upstream_key_ref(url).into_owned()
+}
+
+/// [`upstream_key`] without an allocation in the common case.
+pub(crate) fn upstream_key_ref(url: &Url) -> std::borrow::Cow<'_, str> {
+    if url.username().is_empty() && url.password().is_none() {
+        std::borrow::Cow::Borrowed(&url[..url::Position::BeforePath])
+    } else {
+        let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+        std::borrow::Cow::Owned(format!(
+            "{}://{}{port}",
+            url.scheme(),
+            url.host_str().unwrap_or_default()
+        ))
+    }
 }

@@ -30,7 +30,7 @@ use std::{
 
 pub use error::{EnqueueError, EnqueueErrorKind, ProcessorError};
 pub use state::ProcessorState;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use self::gate::PriorityGate;
@@ -90,7 +90,6 @@ struct Run {
     handle: tokio::runtime::Handle,
     /// Tasks handed over from application threads, spawned by the dispatcher.
     queue: mpsc::UnboundedSender<TaskGuard>,
-    cancel: watch::Sender<bool>,
     shutdown: Mutex<Option<oneshot::Sender<()>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -238,7 +237,6 @@ impl Processor {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let (queue, queue_rx) = mpsc::unbounded_channel::<TaskGuard>();
-        let (cancel, cancel_rx) = watch::channel(false);
         let thread = std::thread::Builder::new()
             .name("patient-processor".into())
             .spawn(move || {
@@ -258,7 +256,7 @@ impl Processor {
                 let _ = ready_tx.send(Ok(runtime.handle().clone()));
                 PROCESSOR_THREAD.with(|c| c.set(id));
                 runtime.block_on(async {
-                    tokio::spawn(dispatch(queue_rx, cancel_rx));
+                    tokio::spawn(dispatch(queue_rx));
                     let _ = shutdown_rx.await;
                 });
                 // Tasks still inside are dropped here; their guards hand them to `retry`.
@@ -276,7 +274,6 @@ impl Processor {
         Ok(Run {
             handle,
             queue,
-            cancel,
             shutdown: Mutex::new(Some(shutdown_tx)),
             thread: Mutex::new(Some(thread)),
         })
@@ -315,7 +312,7 @@ impl Processor {
         if PROCESSOR_THREAD.with(|c| c.get()) == inner.id {
             // On one of our own threads (a handler enqueueing the next task):
             // spawn straight onto this worker's queue.
-            run.handle.spawn(run_task(guard, run.cancel.subscribe()));
+            run.handle.spawn(run_task(guard));
             return Ok(());
         }
         // From an application thread: a lock-free push; the dispatcher on the
@@ -378,11 +375,9 @@ impl Processor {
         let run = inner.run.write().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(run) = run {
             let timeout = timeout.unwrap_or(inner.engine.config.shutdown_timeout);
-            if !inner.wait_idle(timeout) {
-                // Out of time: every task still running goes to `retry`.
-                let _ = run.cancel.send(true);
-                inner.wait_idle(Duration::from_secs(1));
-            }
+            // Out of time or not, shutting the runtime down drops every task
+            // still in it, and each task's guard hands it to `retry`.
+            inner.wait_idle(timeout);
             if let Some(tx) = lock(&run.shutdown).take() {
                 let _ = tx.send(());
             }
@@ -417,7 +412,6 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // The last handle is gone: make sure the runtime thread ends.
         if let Some(run) = self.run.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = run.cancel.send(true);
             if let Some(tx) = lock(&run.shutdown).take() {
                 let _ = tx.send(());
             }
@@ -494,16 +488,16 @@ impl Drop for TaskGuard {
 }
 
 /// Spawns the tasks handed over by application threads.
-async fn dispatch(mut queue: mpsc::UnboundedReceiver<TaskGuard>, cancel: watch::Receiver<bool>) {
+async fn dispatch(mut queue: mpsc::UnboundedReceiver<TaskGuard>) {
     let mut batch = Vec::with_capacity(64);
     while queue.recv_many(&mut batch, 64).await > 0 {
         for guard in batch.drain(..) {
-            tokio::spawn(run_task(guard, cancel.clone()));
+            tokio::spawn(run_task(guard));
         }
     }
 }
 
-async fn run_task(mut guard: TaskGuard, mut cancel: watch::Receiver<bool>) {
+async fn run_task(mut guard: TaskGuard) {
     let Some(task) = guard.task.as_ref() else {
         return;
     };
@@ -525,27 +519,36 @@ async fn run_task(mut guard: TaskGuard, mut cancel: watch::Receiver<bool>) {
             }
             None => None,
         };
-        guard.inner.in_flight.fetch_add(1, Ordering::AcqRel);
-        let _in_flight = engine.metrics.track_in_flight();
-        let result = engine.execute(task, queued_at).instrument(span).await;
-        guard.inner.in_flight.fetch_sub(1, Ordering::AcqRel);
-        result
+        let _in_flight = InFlight::enter(&guard.inner.in_flight);
+        let _gauge = engine.metrics.track_in_flight();
+        engine.execute(task, queued_at).instrument(span).await
     });
-    let result = tokio::select! {
-        biased;
-        _ = cancel.wait_for(|stop| *stop) => None,
-        result = work => Some(result),
-    };
-    match result {
-        None => guard.deliver(Outcome::Retry),
-        Some(Ok(response)) => guard.deliver(|task| Outcome::Completed {
+    match work.await {
+        Ok(response) => guard.deliver(|task| Outcome::Completed {
             response,
             callback: task.callback,
         }),
-        Some(Err(error)) => guard.deliver(|task| Outcome::Failed {
+        Err(error) => guard.deliver(|task| Outcome::Failed {
             error,
             callback: task.callback,
         }),
+    }
+}
+
+/// Counts a task as executing until dropped (also when the runtime shuts
+/// down with the task inside).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
