@@ -275,7 +275,7 @@ impl Engine {
                 },
                 duration: plan.started.elapsed(),
                 request_id: task.id.clone(),
-                url: hop.url.to_string(),
+                url: hop.url.into(),
                 method: hop.method,
                 callback_args: task.callback_args.clone(),
                 redirects,

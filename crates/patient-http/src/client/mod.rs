@@ -229,7 +229,10 @@ impl HttpClient {
         let deadline = Instant::now() + timeout;
         let mut prepared = inner.prepare(request)?;
         let phase = AtomicU8::new(PHASE_CONNECT);
-        let result = tokio::time::timeout_at(deadline, inner.execute(&mut prepared, &phase)).await;
+        // Boxed: the exchange is the largest state machine of the request path,
+        // and every layer above would otherwise carry (and copy) it.
+        let result =
+            tokio::time::timeout_at(deadline, Box::pin(inner.execute(&mut prepared, &phase))).await;
         match result {
             Ok(result) => result,
             Err(_) => Err(TransportError::timeout(

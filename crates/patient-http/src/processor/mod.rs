@@ -31,7 +31,6 @@ use std::{
 pub use error::{EnqueueError, EnqueueErrorKind, ProcessorError};
 pub use state::ProcessorState;
 use tokio::sync::{mpsc, oneshot};
-use tracing::Instrument;
 
 use self::gate::PriorityGate;
 use crate::{engine::Engine, Builder, Outcome, Task, TaskHandler};
@@ -504,10 +503,7 @@ async fn run_task(mut guard: TaskGuard) {
     let engine = Arc::clone(&guard.inner.engine);
     let gate = guard.inner.gate.clone();
     let queued_at = guard.queued_at;
-    let span = tracing::debug_span!("task", task_id = %task.id, method = %task.request.method());
-    // Boxed: the request's state machine is large, and built here on the
-    // worker rather than copied through `spawn` from the enqueuing thread.
-    let work = Box::pin(async {
+    let work = async {
         // Saturated: wait for a slot, high priority first.
         let _slot = match &gate {
             Some(gate) => {
@@ -521,8 +517,11 @@ async fn run_task(mut guard: TaskGuard) {
         };
         let _in_flight = InFlight::enter(&guard.inner.in_flight);
         let _gauge = engine.metrics.track_in_flight();
-        engine.execute(task, queued_at).instrument(span).await
-    });
+        // Boxed: a spawned task's future is copied into and out of the
+        // runtime's task cell; keeping the large request state behind a
+        // pointer makes those copies small.
+        Box::pin(engine.execute(task, queued_at)).await
+    };
     match work.await {
         Ok(response) => guard.deliver(|task| Outcome::Completed {
             response,
