@@ -1,6 +1,6 @@
 //! Benchmarks of patient's processor against a bare hyper-util client.
 //!
-//! Eight programs live in `src/bin/`:
+//! Nine programs live in `src/bin/`:
 //!
 //! * `throughput` — enqueue → `on_complete` through the processor versus a
 //!   bare hyper-util client loop, same upstream route and concurrency;
@@ -16,17 +16,20 @@
 //! * `rate_limit` — the rate a per-upstream rate limit lets through when
 //!   twice as much is offered;
 //! * `encryption` — payload encryption (envelope, Base64, JSON) versus the raw
-//!   AES-256-GCM primitive of ring on the same bytes.
+//!   AES-256-GCM primitive of ring on the same bytes;
+//! * `stores` — store then fetch round trips of 1 KiB, 64 KiB and 1 MiB
+//!   payloads against each payload store (directory, SQLite, PostgreSQL,
+//!   Redis, S3), one after another, in one process.
 //!
-//! The last four share [`resilience`]: named variants of one processor
-//! configuration, each in a child process of its own.
+//! `overhead` to `rate_limit` share [`resilience`]: named variants of one
+//! processor configuration, each in a child process of its own.
 //!
-//! Each program re-executes itself: once as the upstream server
-//! (`--upstream-child`, see [`upstream`]), and once per measured side
-//! (`--side patient|hyper`, see [`harness`]), so that the upstream's sockets
-//! and each side's peak RSS are counted in a process of their own. Every
-//! child prints one `key=value` line ([`report`]); the parent prints those
-//! lines and a ratio line.
+//! Each program but `encryption` and `stores` re-executes itself: once as the
+//! upstream server (`--upstream-child`, see [`upstream`]), and once per
+//! measured side (`--side patient|hyper`, see [`harness`]), so that the
+//! upstream's sockets and each side's peak RSS are counted in a process of
+//! their own. Every child prints one `key=value` line ([`report`]); the
+//! parent prints those lines and a ratio line.
 //!
 //! ```
 //! use patient_bench::{report::Line, stats::Summary};
