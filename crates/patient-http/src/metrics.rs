@@ -39,8 +39,8 @@
 //! ));
 //! ```
 
+use rustc_hash::FxHashMap;
 use std::{
-    collections::HashMap,
     fmt,
     sync::{Arc, RwLock},
     time::Duration,
@@ -208,7 +208,7 @@ impl Families {
 struct Inner {
     registry: Registry,
     families: Families,
-    upstreams: RwLock<HashMap<String, Arc<UpstreamMetrics>>>,
+    upstreams: RwLock<FxHashMap<String, Arc<UpstreamMetrics>>>,
 }
 
 /// The metrics of one upstream, with its counters looked up once: the
@@ -221,7 +221,7 @@ pub struct UpstreamMetrics {
     retries: Counter,
     hedges: Counter,
     duration: Histogram,
-    requests: RwLock<HashMap<(&'static str, StatusKey), Counter>>,
+    requests: RwLock<FxHashMap<(&'static str, StatusKey), Counter>>,
 }
 
 /// A status code or an error type, as a `status` label.
@@ -249,7 +249,7 @@ impl UpstreamMetrics {
             hedges: families.hedges.get_or_create(&labels).clone(),
             duration: families.request_duration.get_or_create(&labels).clone(),
             families: families.clone(),
-            requests: RwLock::new(HashMap::new()),
+            requests: RwLock::new(FxHashMap::default()),
         }
     }
 
@@ -353,7 +353,7 @@ impl Metrics {
             inner: Arc::new(Inner {
                 registry,
                 families,
-                upstreams: RwLock::new(HashMap::new()),
+                upstreams: RwLock::new(FxHashMap::default()),
             }),
         }
     }

@@ -451,9 +451,19 @@ impl Engine {
             budget.deposit();
         }
         let mut number = 1;
+        // The first attempt's record is kept aside: a task that needs only
+        // one attempt allocates no list.
+        let mut first: Option<Attempt> = None;
         loop {
             let (result, attempt) = self.guarded_attempt(task, plan, number, false).await;
-            attempts.push(attempt);
+            if number == 1 {
+                first = Some(attempt);
+            } else {
+                if let Some(first) = first.take() {
+                    attempts.push(first);
+                }
+                attempts.push(attempt);
+            }
             if number >= plan.max_attempts {
                 return (result.result, attempts);
             }

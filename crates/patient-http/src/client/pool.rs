@@ -3,8 +3,8 @@
 //! HTTP/1.1 connections with an idle timeout and a request cap, and one
 //! shared HTTP/2 connection per origin.
 
+use rustc_hash::FxHashMap;
 use std::{
-    collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard, Weak,
@@ -94,7 +94,9 @@ struct HostPool {
 }
 
 struct PoolInner {
-    hosts: HashMap<PoolKey, HostPool>,
+    // Keys are the application's own upstreams, bounded by
+    // `connection_pool_size`: a fast non-keyed hash is enough.
+    hosts: FxHashMap<PoolKey, HostPool>,
     tick: u64,
 }
 
@@ -132,7 +134,7 @@ impl Pool {
     ) -> Self {
         Pool {
             inner: Mutex::new(PoolInner {
-                hosts: HashMap::new(),
+                hosts: FxHashMap::default(),
                 tick: 0,
             }),
             max_hosts,
@@ -374,7 +376,7 @@ async fn sweep_loop(pool: Weak<Pool>, period: Duration) {
     }
 }
 
-fn evict_lru(hosts: &mut HashMap<PoolKey, HostPool>) {
+fn evict_lru(hosts: &mut FxHashMap<PoolKey, HostPool>) {
     let oldest = hosts
         .iter()
         .min_by_key(|(_, host)| host.last_used)
