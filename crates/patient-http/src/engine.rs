@@ -25,7 +25,7 @@ use url::Url;
 
 use crate::{
     breaker::CircuitBreaker,
-    client::{HttpClient, OutgoingRequest, TransportError},
+    client::{HttpClient, OutgoingRequest},
     interceptor::{InterceptContext, Interceptors, ResponseParts},
     limit::KeyLimits,
     metrics::Metrics,
@@ -69,6 +69,9 @@ pub(crate) struct AttemptResult {
     pub(crate) result: Result<Response, TaskError>,
     /// The final response's headers, for retry decisions.
     pub(crate) headers: Option<HeaderMap>,
+    /// Ended before reaching the transport (a secret, header, interceptor or
+    /// preprocessor refused it, or the pipeline did): never retried.
+    pub(crate) refused: bool,
 }
 
 /// How one attempt is made.
@@ -134,34 +137,28 @@ impl Engine {
             };
             let now = Instant::now();
             if now >= attempt_deadline {
-                return AttemptResult {
-                    result: Err(self.request_error(
-                        task,
-                        &hop.url,
-                        hop.method,
-                        plan.started,
-                        ErrorType::Timeout,
-                        "Timeout",
-                        format!("request timed out after {:.3}s", plan.timeout.as_secs_f64()),
-                    )),
-                    headers: None,
-                };
+                return self.attempt_error(
+                    task,
+                    &hop,
+                    plan.started,
+                    ErrorType::Timeout,
+                    "Timeout",
+                    format!("request timed out after {:.3}s", plan.timeout.as_secs_f64()),
+                    false,
+                );
             }
             let outgoing = match self.prepare(task, &hop, plan, attempt_deadline - now) {
                 Ok(outgoing) => outgoing,
                 Err((class, message)) => {
-                    return AttemptResult {
-                        result: Err(self.request_error(
-                            task,
-                            &hop.url,
-                            hop.method,
-                            plan.started,
-                            ErrorType::Unknown,
-                            class,
-                            message,
-                        )),
-                        headers: None,
-                    }
+                    return self.attempt_error(
+                        task,
+                        &hop,
+                        plan.started,
+                        ErrorType::Unknown,
+                        class,
+                        message,
+                        true,
+                    )
                 }
             };
             let url_str = hop.url.as_str();
@@ -181,10 +178,15 @@ impl Engine {
                         e.kind().as_str(),
                         sent_at.elapsed(),
                     );
-                    return AttemptResult {
-                        result: Err(self.transport_error(task, &hop, plan.started, e)),
-                        headers: None,
-                    };
+                    return self.attempt_error(
+                        task,
+                        &hop,
+                        plan.started,
+                        e.kind(),
+                        e.class_name(),
+                        e.to_string(),
+                        false,
+                    );
                 }
             };
             let elapsed = sent_at.elapsed();
@@ -220,18 +222,15 @@ impl Engine {
                     let next = match hop.url.join(location) {
                         Ok(next) => next,
                         Err(e) => {
-                            return AttemptResult {
-                                result: Err(self.request_error(
-                                    task,
-                                    &hop.url,
-                                    hop.method,
-                                    plan.started,
-                                    ErrorType::Unknown,
-                                    "InvalidRedirectLocation",
-                                    format!("redirect to an invalid location {location:?}: {e}"),
-                                )),
-                                headers: None,
-                            }
+                            return self.attempt_error(
+                                task,
+                                &hop,
+                                plan.started,
+                                ErrorType::Unknown,
+                                "InvalidRedirectLocation",
+                                format!("redirect to an invalid location {location:?}: {e}"),
+                                false,
+                            )
                         }
                     };
                     let too_many = redirects.len() >= max_redirects as usize;
@@ -256,6 +255,7 @@ impl Engine {
                                 callback_args: task.callback_args.clone(),
                             })),
                             headers: None,
+                            refused: false,
                         };
                     }
                     redirects.push(hop.url.to_string());
@@ -284,6 +284,7 @@ impl Engine {
             return AttemptResult {
                 result: Ok(response),
                 headers: Some(parts.headers),
+                refused: false,
             };
         }
     }
@@ -402,22 +403,25 @@ impl Engine {
         })
     }
 
-    fn transport_error(
+    /// An attempt that ended without a response at `hop`.
+    #[allow(clippy::too_many_arguments)]
+    fn attempt_error(
         &self,
         task: &Task,
         hop: &Hop,
         started: Instant,
-        error: TransportError,
-    ) -> TaskError {
-        self.request_error(
-            task,
-            &hop.url,
-            hop.method,
-            started,
-            error.kind(),
-            error.class_name(),
-            error.to_string(),
-        )
+        error_type: ErrorType,
+        class_name: &str,
+        message: String,
+        refused: bool,
+    ) -> AttemptResult {
+        AttemptResult {
+            result: Err(self.request_error(
+                task, &hop.url, hop.method, started, error_type, class_name, message,
+            )),
+            headers: None,
+            refused,
+        }
     }
 }
 

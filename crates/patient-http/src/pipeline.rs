@@ -338,6 +338,7 @@ impl Engine {
                 AttemptResult {
                     result,
                     headers: None,
+                    refused: true,
                 },
                 attempt,
             )
@@ -665,14 +666,11 @@ fn outcome_of(result: &AttemptResult) -> Option<AttemptOutcome<'_>> {
                 .as_ref()
                 .unwrap_or_else(|| EMPTY.get_or_init(HeaderMap::new)),
         }),
-        Err(TaskError::Request(e)) => match e.class_name.as_str() {
-            "CircuitOpen" | "DeadlineExceeded" | "SecretError" | "PreprocessError"
-            | "InterceptorError" | "InvalidHeader" => None,
-            _ => Some(AttemptOutcome::Error {
-                kind: e.error_type,
-                class_name: &e.class_name,
-            }),
-        },
+        Err(TaskError::Request(_)) if result.refused => None,
+        Err(TaskError::Request(e)) => Some(AttemptOutcome::Error {
+            kind: e.error_type,
+            class_name: &e.class_name,
+        }),
         Err(_) => None,
     }
 }
