@@ -128,6 +128,15 @@ pub fn push_ratio(line: Line, key: &str, value: Option<f64>) -> Line {
     }
 }
 
+/// Appends `ratio_<name>=a/b` for each `(name, key)`: the value of `key` in
+/// record `a` over its value in record `b`.
+pub fn push_ratios(mut line: Line, a: &Record, b: &Record, pairs: &[(&str, &str)]) -> Line {
+    for (name, key) in pairs {
+        line = push_ratio(line, name, ratio(a.number(key), b.number(key)));
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

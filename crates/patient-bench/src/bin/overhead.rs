@@ -16,7 +16,7 @@ use patient_bench::{
     args::Args,
     harness::{main_with, BoxError, Harness, Program, SideContext, SideReport, Watchdog},
     patient_side::BenchHandler,
-    report::{push_ratio, ratio, Line},
+    report::{push_ratio, push_ratios, ratio, Line},
     resilience::{
         push_count, run_variant, variant_of, variants_wanted, Sent, VariantRun, VARIANTS_FLAG,
         VARIANT_FLAG,
@@ -118,20 +118,15 @@ fn parent(harness: &mut Harness, args: &Args) -> Result<(), BoxError> {
                 line = line.text("round", round + 1);
             }
             let line = push_ratio(line, "ratio_req_s", req_s);
-            let line = push_ratio(
+            let line = push_ratios(
                 line,
-                "ratio_cpu",
-                ratio(l.number("cpu_s"), b.number("cpu_s")),
-            );
-            let line = push_ratio(
-                line,
-                "ratio_p50",
-                ratio(l.number("p50_ms"), b.number("p50_ms")),
-            );
-            let line = push_ratio(
-                line,
-                "ratio_p99",
-                ratio(l.number("p99_ms"), b.number("p99_ms")),
+                l,
+                b,
+                &[
+                    ("ratio_cpu", "cpu_s"),
+                    ("ratio_p50", "p50_ms"),
+                    ("ratio_p99", "p99_ms"),
+                ],
             );
             let line = push_count(line, "server_requests_bare", bare.server_requests);
             let line = push_count(line, "server_requests", other.server_requests);

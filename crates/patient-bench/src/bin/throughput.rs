@@ -20,7 +20,7 @@ use patient_bench::{
         ROUNDS_FLAG,
     },
     patient_side::BenchHandler,
-    report::{push_ratio, ratio, Line},
+    report::{push_ratio, push_ratios, ratio, Line},
     stats::{median, Summary},
 };
 use patient_http::{Config, Processor, Request};
@@ -74,20 +74,15 @@ fn parent(harness: &mut Harness, args: &Args) -> Result<(), BoxError> {
                 line = line.text("round", round + 1);
             }
             let line = push_ratio(line, "ratio_req_s", req_s);
-            let line = push_ratio(
+            let line = push_ratios(
                 line,
-                "ratio_wall",
-                ratio(patient.number("wall_s"), hyper.number("wall_s")),
-            );
-            let line = push_ratio(
-                line,
-                "ratio_rss",
-                ratio(patient.number("peak_rss_mb"), hyper.number("peak_rss_mb")),
-            );
-            let line = push_ratio(
-                line,
-                "ratio_cpu",
-                ratio(patient.number("cpu_s"), hyper.number("cpu_s")),
+                &patient,
+                &hyper,
+                &[
+                    ("ratio_wall", "wall_s"),
+                    ("ratio_rss", "peak_rss_mb"),
+                    ("ratio_cpu", "cpu_s"),
+                ],
             );
             harness.emit(line.text("target", TARGET).text("pass", pass));
         }
