@@ -59,6 +59,8 @@ impl LatencyWindow {
 struct Plan<'a> {
     key: Cow<'a, str>,
     metrics: Arc<crate::metrics::UpstreamMetrics>,
+    /// Delays before each hedged attempt (hedged strategy only).
+    hedge_delays: Vec<Duration>,
     policy: &'a UpstreamPolicy,
     retry: Cow<'a, RetryPolicy>,
     strategy: Strategy,
@@ -164,13 +166,19 @@ impl Engine {
             .or(policy.strategy)
             .unwrap_or(Strategy::Sequential);
         let may_retry = retry.allows_method(request.method(), options.idempotency_key.is_some());
+        let hedge_delays = if strategy == Strategy::Hedged && may_retry {
+            self.hedge_delays(task, policy, &key)
+        } else {
+            Vec::new()
+        };
         let max_attempts = match strategy {
             Strategy::Single => 1,
             _ if !may_retry => 1,
             Strategy::Sequential => retry.max_attempts(),
-            Strategy::Hedged => 1 + self.hedge_delays(task, policy, &key).len() as u32,
+            Strategy::Hedged => 1 + hedge_delays.len() as u32,
         };
         Ok(Plan {
+            hedge_delays,
             metrics: self.metrics.upstream(&key),
             policy,
             retry,
@@ -509,7 +517,7 @@ impl Engine {
         task: &Task,
         plan: &Plan<'_>,
     ) -> (Result<Response, TaskError>, Vec<Attempt>) {
-        let delays = self.hedge_delays(task, plan.policy, &plan.key);
+        let delays = &plan.hedge_delays;
         let mut attempts = Vec::new();
         if let Some(budget) = &self.resilience.retry_budget {
             budget.deposit();
