@@ -1,10 +1,7 @@
 //! One builder for every face of the engine: the processor, the inline
 //! executor and the awaitable client.
 
-use std::{
-    collections::HashMap,
-    sync::{atomic::AtomicU64, Arc, Mutex},
-};
+use std::sync::{atomic::AtomicU64, Arc};
 
 use crate::{
     client::HttpClient,
@@ -99,6 +96,7 @@ impl Builder {
     fn engine(self) -> Result<Arc<Engine>, ConfigError> {
         let client = HttpClient::new(self.config.client.clone())
             .map_err(|e| ConfigError::new(e.field(), e.reason().to_string()))?;
+        let upstreams = crate::upstream::Upstreams::new(self.resilience.max_upstreams);
         Ok(Arc::new(Engine {
             config: self.config,
             client,
@@ -109,10 +107,7 @@ impl Builder {
             resilience: self.resilience,
             default_retry: crate::retry::RetryPolicy::default(),
             metrics: self.metrics.unwrap_or_default(),
-            breakers: Mutex::new(HashMap::new()),
-            limits: Mutex::new(HashMap::new()),
-            cooled_down: std::sync::atomic::AtomicBool::new(false),
-            latencies: Mutex::new(HashMap::new()),
+            upstreams,
             panics: AtomicU64::new(0),
         }))
     }

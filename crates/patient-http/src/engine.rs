@@ -1,40 +1,29 @@
-//! The request path shared by the processor, the inline executor and the
-//! awaitable client. This file runs one attempt: secrets, interceptors,
-//! preprocessors, the transport and redirects, and wraps every failure into a
-//! wire-format error. The attempts themselves (retries, hedging, deadlines,
-//! breakers, limits) are in `pipeline.rs`.
+//! The engine every face shares: the configuration, transport, secrets,
+//! hooks, resilience settings and live upstream state, and the helpers that
+//! turn failures into wire-format errors.
+//!
+//! What runs on it is elsewhere: one attempt (secrets, interceptors,
+//! preprocessors, transport, redirects) in `attempt.rs`; the strategy over
+//! attempts (retries, hedging, deadlines, breakers, limits, fallback) in
+//! `strategy.rs`; the public step-by-step form of that loop in `decision.rs`.
 
 use std::{
-    collections::HashMap,
+    any::Any,
     panic::{catch_unwind, AssertUnwindSafe},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
-    time::Duration,
 };
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue as HttpHeaderValue};
-use patient_wire::{
-    ErrorType, HeaderValue, Headers, Method, Priority, RedirectError, RedirectErrorKind,
-    RequestError, Response, TaskError,
-};
+use patient_wire::{ErrorType, Method, RequestError, TaskError};
 use tokio::time::Instant;
 use url::Url;
 
 use crate::{
-    breaker::CircuitBreaker,
-    client::{HttpClient, OutgoingRequest},
-    interceptor::{InterceptContext, Interceptors, ResponseParts},
-    limit::KeyLimits,
-    metrics::Metrics,
-    observer::{RequestEnd, RequestStart},
-    preprocess::{PreparedRequest, Preprocessors},
-    propagation::propagation_headers,
-    resilience::ResilienceConfig,
-    secret::Secrets,
-    Config, ProcessorObserver, Task,
+    client::HttpClient, interceptor::Interceptors, metrics::Metrics, preprocess::Preprocessors,
+    resilience::ResilienceConfig, retry::RetryPolicy, secret::Secrets, upstream::Upstreams, Config,
+    ProcessorObserver, Task,
 };
 
 /// Everything needed to run a task, shared by every face.
@@ -47,337 +36,59 @@ pub(crate) struct Engine {
     pub(crate) observers: Vec<Arc<dyn ProcessorObserver>>,
     pub(crate) resilience: ResilienceConfig,
     /// The retry policy of upstreams without their own.
-    pub(crate) default_retry: crate::retry::RetryPolicy,
+    pub(crate) default_retry: RetryPolicy,
     pub(crate) metrics: Metrics,
-    /// Breakers by upstream key, made on first use.
-    pub(crate) breakers: Mutex<HashMap<String, Arc<CircuitBreaker>>>,
-    /// Rate and concurrency limits by upstream key, made on first use.
-    pub(crate) limits: Mutex<HashMap<String, Arc<KeyLimits>>>,
-    /// Whether any upstream was ever cooled down by a 429 (until then,
-    /// unlimited upstreams skip the limits entirely).
-    pub(crate) cooled_down: std::sync::atomic::AtomicBool,
-    /// Recent latencies by upstream key, for adaptive hedging.
-    pub(crate) latencies: Mutex<HashMap<String, crate::pipeline::LatencyWindow>>,
-    /// Panics caught in handlers and observers.
+    /// Breaker, limits, latencies and metric handles by upstream key.
+    pub(crate) upstreams: Upstreams,
+    /// Panics caught in engine code, handlers and observers.
     pub(crate) panics: AtomicU64,
 }
 
-/// What one attempt produced.
-pub(crate) struct AttemptResult {
-    /// A response of any status, or a request or redirect error (never an
-    /// HTTP error: `raise_error_responses` applies to the final outcome).
-    pub(crate) result: Result<Response, TaskError>,
-    /// The final response's headers, for retry decisions.
-    pub(crate) headers: Option<HeaderMap>,
-    /// Ended before reaching the transport (a secret, header, interceptor or
-    /// preprocessor refused it, or the pipeline did): never retried.
-    pub(crate) refused: bool,
-}
-
-/// How one attempt is made.
-pub(crate) struct AttemptPlan<'a> {
-    pub(crate) number: u32,
-    /// The attempt's own time limit.
-    pub(crate) timeout: Duration,
-    /// The task's deadline, for `X-Request-Timeout`.
-    pub(crate) deadline: Option<Instant>,
-    /// Priority to send upstream, when propagation is on.
-    pub(crate) propagate_priority: Option<Priority>,
-    pub(crate) upstream: &'a str,
-    /// The upstream's metric handles.
-    pub(crate) metrics: &'a crate::metrics::UpstreamMetrics,
-    /// When the task began executing: durations count from here.
-    pub(crate) started: Instant,
-}
-
-/// One hop of an attempt: what is sent next.
-struct Hop {
-    method: Method,
-    /// The URL as the task knows it (no secret values).
-    url: Url,
-    headers: Headers,
-    body: Option<Bytes>,
-    preprocessors: bool,
-    secret_params: bool,
-}
+/// The error class of a task that ended because engine code (an
+/// interceptor, a preprocessor, a computed secret, a retry predicate, a
+/// fallback hook) panicked.
+pub(crate) const PANIC_CLASS: &str = "Panic";
 
 impl Engine {
     /// Calls `f` on every observer, catching and reporting panics.
     pub(crate) fn notify(&self, f: impl Fn(&dyn ProcessorObserver)) {
         for observer in &self.observers {
             if catch_unwind(AssertUnwindSafe(|| f(observer.as_ref()))).is_err() {
-                self.panics.fetch_add(1, Ordering::Relaxed);
+                self.count_panic();
                 tracing::error!("a processor observer panicked; the panic was contained");
             }
         }
     }
 
-    /// Makes one attempt of a task, following redirects.
-    pub(crate) async fn run_attempt(&self, task: &Task, plan: &AttemptPlan<'_>) -> AttemptResult {
-        let request = &task.request;
-        let attempt_deadline = Instant::now() + plan.timeout;
-        let max_redirects = request.max_redirects().unwrap_or(self.config.max_redirects);
-
-        let mut hop = Hop {
-            method: request.method(),
-            url: request.url().clone(),
-            headers: request.headers().clone(),
-            body: request.body().cloned(),
-            preprocessors: true,
-            secret_params: true,
-        };
-        let mut redirects: Vec<String> = Vec::new();
-        let mut hop_number = 1u32;
-
-        loop {
-            let hop_id: std::borrow::Cow<'_, str> = if hop_number == 1 {
-                std::borrow::Cow::Borrowed(&task.id)
-            } else {
-                std::borrow::Cow::Owned(format!("{}/{hop_number}", task.id))
-            };
-            let now = Instant::now();
-            if now >= attempt_deadline {
-                return self.attempt_error(
-                    task,
-                    &hop,
-                    plan.started,
-                    ErrorType::Timeout,
-                    "Timeout",
-                    format!("request timed out after {:.3}s", plan.timeout.as_secs_f64()),
-                    false,
-                );
-            }
-            let outgoing = match self.prepare(task, &hop, plan, attempt_deadline - now) {
-                Ok(outgoing) => outgoing,
-                Err((class, message)) => {
-                    return self.attempt_error(
-                        task,
-                        &hop,
-                        plan.started,
-                        ErrorType::Unknown,
-                        class,
-                        message,
-                        true,
-                    )
-                }
-            };
-            let url_str = hop.url.as_str();
-            self.notify(|o| {
-                o.on_request_start(&RequestStart {
-                    hop_id: &hop_id,
-                    method: hop.method,
-                    url: url_str,
-                })
-            });
-            let sent_at = Instant::now();
-            let raw = match self.client.send(outgoing).await {
-                Ok(raw) => raw,
-                Err(e) => {
-                    plan.metrics.record_error(
-                        hop.method.as_str(),
-                        e.kind().as_str(),
-                        sent_at.elapsed(),
-                    );
-                    return self.attempt_error(
-                        task,
-                        &hop,
-                        plan.started,
-                        e.kind(),
-                        e.class_name(),
-                        e.to_string(),
-                        false,
-                    );
-                }
-            };
-            let elapsed = sent_at.elapsed();
-            plan.metrics
-                .record_response(hop.method.as_str(), raw.status, elapsed);
-            self.notify(|o| {
-                o.on_request_end(&RequestEnd {
-                    hop_id: &hop_id,
-                    method: hop.method,
-                    url: url_str,
-                    status: raw.status,
-                    duration: elapsed,
-                })
-            });
-            let mut parts = ResponseParts::new(raw.status, raw.headers);
-            if !self.interceptors.is_empty() {
-                let ctx = InterceptContext {
-                    task_id: &task.id,
-                    attempt: plan.number,
-                    upstream: plan.upstream,
-                };
-                self.interceptors.run_response(&mut parts, &ctx);
-            }
-
-            // Redirects.
-            if matches!(parts.status, 301 | 302 | 303 | 307 | 308) && max_redirects > 0 {
-                if let Some(location) = parts
-                    .headers
-                    .get(http::header::LOCATION)
-                    .and_then(|v| v.to_str().ok())
-                    .filter(|v| !v.is_empty())
-                {
-                    let next = match hop.url.join(location) {
-                        Ok(next) => next,
-                        Err(e) => {
-                            return self.attempt_error(
-                                task,
-                                &hop,
-                                plan.started,
-                                ErrorType::Unknown,
-                                "InvalidRedirectLocation",
-                                format!("redirect to an invalid location {location:?}: {e}"),
-                                false,
-                            )
-                        }
-                    };
-                    let too_many = redirects.len() >= max_redirects as usize;
-                    let next_str = next.as_str();
-                    let recursive =
-                        next_str == hop.url.as_str() || redirects.iter().any(|u| u == next_str);
-                    if too_many || recursive {
-                        let mut chain = redirects;
-                        chain.push(hop.url.to_string());
-                        return AttemptResult {
-                            result: Err(TaskError::Redirect(RedirectError {
-                                kind: if too_many {
-                                    RedirectErrorKind::TooManyRedirects
-                                } else {
-                                    RedirectErrorKind::RecursiveRedirect
-                                },
-                                url: next.to_string(),
-                                method: hop.method,
-                                duration: plan.started.elapsed(),
-                                request_id: task.id.clone(),
-                                redirects: chain,
-                                callback_args: task.callback_args.clone(),
-                            })),
-                            headers: None,
-                            refused: false,
-                        };
-                    }
-                    redirects.push(hop.url.to_string());
-                    hop = redirect_hop(hop, parts.status, next);
-                    hop_number += 1;
-                    continue;
-                }
-            }
-
-            let response = Response {
-                status: parts.status,
-                headers: wire_headers(&parts.headers),
-                body: if raw.body.is_empty() {
-                    None
-                } else {
-                    Some(raw.body)
-                },
-                duration: plan.started.elapsed(),
-                request_id: task.id.clone(),
-                url: hop.url.into(),
-                method: hop.method,
-                callback_args: task.callback_args.clone(),
-                redirects,
-                attempts: Vec::new(),
-            };
-            return AttemptResult {
-                result: Ok(response),
-                headers: Some(parts.headers),
-                refused: false,
-            };
-        }
+    /// Counts one caught panic.
+    pub(crate) fn count_panic(&self) {
+        self.panics.fetch_add(1, Ordering::Relaxed);
+        self.metrics.record_panic();
     }
 
-    /// Resolves secrets, builds the outgoing request, runs interceptors and
-    /// preprocessors.
-    fn prepare(
+    /// The request error of a task whose engine code panicked: class
+    /// [`PANIC_CLASS`], the panic's message kept. Counted.
+    pub(crate) fn panic_error(
         &self,
         task: &Task,
-        hop: &Hop,
-        plan: &AttemptPlan<'_>,
-        remaining: Duration,
-    ) -> Result<OutgoingRequest, (&'static str, String)> {
-        let mut url = hop.url.clone();
-        if hop.secret_params && !task.request.secret_params().is_empty() {
-            let mut pairs = url.query_pairs_mut();
-            for (name, secret) in task.request.secret_params() {
-                let value = self
-                    .secrets
-                    .resolve(&secret.name)
-                    .map_err(|e| ("SecretError", e.to_string()))?;
-                pairs.append_pair(name, &value);
-            }
-        }
-        let mut headers = HeaderMap::with_capacity(hop.headers.len() + 4);
-        for (name, value) in hop.headers.iter() {
-            let header_name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| ("InvalidHeader", format!("invalid header name {name:?}")))?;
-            let value = match value {
-                HeaderValue::Value(v) => HttpHeaderValue::from_str(v),
-                HeaderValue::Secret(secret) => {
-                    let v = self
-                        .secrets
-                        .resolve(&secret.name)
-                        .map_err(|e| ("SecretError", e.to_string()))?;
-                    let mut v = HttpHeaderValue::from_str(&v);
-                    if let Ok(v) = &mut v {
-                        v.set_sensitive(true);
-                    }
-                    v
-                }
-            }
-            .map_err(|_| ("InvalidHeader", format!("invalid value for header {name}")))?;
-            headers.append(header_name, value);
-        }
-        let options = task.request.request_options();
-        if let Some(key) = &options.idempotency_key {
-            if !headers.contains_key("idempotency-key") {
-                let value = HttpHeaderValue::from_str(key)
-                    .map_err(|_| ("InvalidHeader", "invalid idempotency key".to_owned()))?;
-                headers.insert(HeaderName::from_static("idempotency-key"), value);
-            }
-        }
-        if let Some(priority) = plan.propagate_priority {
-            // The upstream gets what this attempt has left: the attempt's own
-            // share of the deadline, not the whole task's.
-            let remaining = plan
-                .deadline
-                .map(|d| d.saturating_duration_since(Instant::now()).min(remaining));
-            for (name, value) in propagation_headers(remaining, priority) {
-                headers.insert(name, value);
-            }
-        }
-        let method = http_method(hop.method);
-        let body = hop.body.clone().unwrap_or_default();
-        let mut prepared = PreparedRequest::new(method, url, headers, body);
-        if !self.interceptors.is_empty() {
-            let ctx = InterceptContext {
-                task_id: &task.id,
-                attempt: plan.number,
-                upstream: plan.upstream,
-            };
-            self.interceptors
-                .run_request(&mut prepared, &ctx)
-                .map_err(|e| ("InterceptorError", e.to_string()))?;
-        }
-        let names = task.request.preprocessors();
-        if hop.preprocessors && !names.is_empty() {
-            self.preprocessors
-                .run(names, &mut prepared)
-                .map_err(|e| ("PreprocessError", e.to_string()))?;
-        }
-        let (method, url, headers, body) = prepared.into_parts();
-        Ok(OutgoingRequest {
-            method,
-            url,
-            headers,
-            body,
-            timeout: Some(remaining),
-            stall_timeout: None,
-        })
+        started: Instant,
+        payload: &(dyn Any + Send),
+    ) -> TaskError {
+        self.count_panic();
+        let message = panic_message(payload);
+        tracing::error!(task_id = %task.id, panic = %message, "engine code panicked while running a task; the task failed");
+        self.request_error(
+            task,
+            task.request.url(),
+            task.request.method(),
+            started,
+            ErrorType::Unknown,
+            PANIC_CLASS,
+            format!("panicked while running the task: {message}"),
+        )
     }
 
+    /// A request error of `task` at `url`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn request_error(
         &self,
@@ -403,91 +114,47 @@ impl Engine {
         })
     }
 
-    /// An attempt that ended without a response at `hop`.
-    #[allow(clippy::too_many_arguments)]
-    fn attempt_error(
+    /// A request error of `task` at its own URL.
+    pub(crate) fn task_error(
         &self,
         task: &Task,
-        hop: &Hop,
         started: Instant,
         error_type: ErrorType,
         class_name: &str,
         message: String,
-        refused: bool,
-    ) -> AttemptResult {
-        AttemptResult {
-            result: Err(self.request_error(
-                task, &hop.url, hop.method, started, error_type, class_name, message,
-            )),
-            headers: None,
-            refused,
-        }
+    ) -> TaskError {
+        self.request_error(
+            task,
+            task.request.url(),
+            task.request.method(),
+            started,
+            error_type,
+            class_name,
+            message,
+        )
     }
 }
 
-/// The next hop after a redirect response.
-fn redirect_hop(mut hop: Hop, status: u16, next: Url) -> Hop {
-    let cross_origin = next.scheme() != hop.url.scheme()
-        || next.host_str() != hop.url.host_str()
-        || next.port_or_known_default() != hop.url.port_or_known_default();
-    if matches!(status, 301..=303) {
-        if hop.method != Method::Head {
-            hop.method = Method::Get;
-        }
-        hop.body = None;
-        hop.headers.remove("content-type");
-        hop.headers.remove("content-length");
-        hop.headers.remove("content-encoding");
-    }
-    if cross_origin {
-        hop.headers.remove("authorization");
-        hop.headers.remove("cookie");
-        // A secret never follows a redirect to another origin.
-        let secret_names: Vec<String> = hop
-            .headers
-            .iter()
-            .filter(|(_, v)| matches!(v, HeaderValue::Secret(_)))
-            .map(|(k, _)| k.to_owned())
-            .collect();
-        for name in secret_names {
-            hop.headers.remove(&name);
-        }
-        hop.preprocessors = false;
-    }
-    // Secret query parameters were sent to the first URL only.
-    hop.secret_params = false;
-    hop.url = next;
-    hop
-}
-
-fn http_method(method: Method) -> http::Method {
-    match method {
-        Method::Get => http::Method::GET,
-        Method::Post => http::Method::POST,
-        Method::Put => http::Method::PUT,
-        Method::Patch => http::Method::PATCH,
-        Method::Delete => http::Method::DELETE,
-        Method::Head => http::Method::HEAD,
-        Method::Options => http::Method::OPTIONS,
+/// The text of a panic's payload.
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_owned()
     }
 }
 
-/// Response headers in wire form: lower-cased names, repeated headers joined
-/// with `, `. A value that is not UTF-8 is read as Latin-1, so no byte is lost.
-pub(crate) fn wire_headers(map: &HeaderMap) -> Headers {
-    let mut headers = Headers::new();
-    for name in map.keys() {
-        let mut joined = String::new();
-        for (i, value) in map.get_all(name).iter().enumerate() {
-            if i > 0 {
-                joined.push_str(", ");
-            }
-            match std::str::from_utf8(value.as_bytes()) {
-                Ok(s) => joined.push_str(s),
-                Err(_) => joined.extend(value.as_bytes().iter().map(|&b| b as char)),
-            }
-        }
-        headers.insert(name.as_str(), joined);
-    }
-    headers
+/// `base + d`, or `None` when that is beyond what the clock can represent.
+pub(crate) fn checked_after(base: Instant, d: std::time::Duration) -> Option<Instant> {
+    base.checked_add(d)
+}
+
+/// `base + d`, saturating at a point far enough away to mean "never".
+pub(crate) fn saturating_after(base: Instant, d: std::time::Duration) -> Instant {
+    const FAR: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+    base.checked_add(d.min(FAR))
+        .or_else(|| base.checked_add(std::time::Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(base)
 }

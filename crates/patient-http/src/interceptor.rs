@@ -17,8 +17,9 @@
 //!
 //! Hooks are synchronous and should be quick: they run on the processor's
 //! runtime threads. A hook should not panic; if one does, the engine catches
-//! the panic and fails that task with a request error, the processor keeps
-//! running (the chain itself does not catch panics).
+//! the panic and fails that task with a request error of class `Panic` (the
+//! panic's message kept, counted in `panics_total`); the task is not retried
+//! and the processor keeps running (the chain itself does not catch panics).
 //!
 //! ```
 //! use bytes::Bytes;
@@ -40,7 +41,7 @@
 //! }));
 //! chain.push(HeaderRewrite::new().remove_response_header(HeaderName::from_static("set-cookie")));
 //!
-//! let ctx = InterceptContext { task_id: "task-1", attempt: 1, upstream: "api.example.com:443" };
+//! let ctx = InterceptContext::new("task-1", 1, "api.example.com:443");
 //! let url = url::Url::parse("https://api.example.com/v1/items")?;
 //! let mut request = PreparedRequest::new(Method::GET, url, HeaderMap::new(), Bytes::new());
 //! chain.run_request(&mut request, &ctx)?;
@@ -72,7 +73,15 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_SERVICE_NAME: HeaderName = HeaderName::from_static("x-service-name");
 
 /// What an interceptor knows about the attempt it sees.
+///
+/// Request hooks run again on every redirect hop. On a hop to another origin
+/// than the request's ([`cross_origin`](Self::cross_origin)), the engine
+/// removes `authorization`, `cookie`, `proxy-authorization` and every header
+/// marked sensitive *after* the hooks ran: an interceptor that injects a
+/// credential cannot leak it to the other origin, and should not try to
+/// re-add it there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InterceptContext<'a> {
     /// The task's id.
     pub task_id: &'a str,
@@ -80,6 +89,32 @@ pub struct InterceptContext<'a> {
     pub attempt: u32,
     /// The upstream key (scheme, host and port, or a configured key).
     pub upstream: &'a str,
+    /// The redirect hop within the attempt; the first request is hop 1.
+    pub hop: u32,
+    /// Whether this hop goes to another origin (scheme, host or port) than
+    /// the request's URL, after a redirect.
+    pub cross_origin: bool,
+}
+
+impl<'a> InterceptContext<'a> {
+    /// The context of hop 1 of an attempt.
+    pub const fn new(task_id: &'a str, attempt: u32, upstream: &'a str) -> Self {
+        InterceptContext {
+            task_id,
+            attempt,
+            upstream,
+            hop: 1,
+            cross_origin: false,
+        }
+    }
+
+    /// The same context at redirect hop `hop`.
+    #[must_use]
+    pub const fn with_hop(mut self, hop: u32, cross_origin: bool) -> Self {
+        self.hop = hop;
+        self.cross_origin = cross_origin;
+        self
+    }
 }
 
 /// The head of a response, as a response hook sees it.
@@ -580,11 +615,8 @@ mod tests {
 
     use super::*;
 
-    const CTX: InterceptContext<'static> = InterceptContext {
-        task_id: "task-7",
-        attempt: 2,
-        upstream: "https://api.example.com:443",
-    };
+    const CTX: InterceptContext<'static> =
+        InterceptContext::new("task-7", 2, "https://api.example.com:443");
 
     fn request(url: &str) -> PreparedRequest {
         PreparedRequest::new(
@@ -721,10 +753,7 @@ mod tests {
         assert_eq!(req.headers()["x-correlation-id"], "task-7");
         assert!(!req.headers().contains_key(X_REQUEST_ID));
 
-        let bad = InterceptContext {
-            task_id: "a\nb",
-            ..CTX
-        };
+        let bad = InterceptContext::new("a\nb", CTX.attempt, CTX.upstream);
         assert!(i.on_request(&mut request("https://h/"), &bad).is_err());
     }
 
@@ -807,7 +836,7 @@ mod tests {
         let mut req = request("https://h/");
         auth.on_request(&mut req, &CTX).unwrap();
         assert_eq!(req.headers()["authorization"], "Bearer t");
-        let late = InterceptContext { attempt: 6, ..CTX };
+        let late = InterceptContext::new(CTX.task_id, 6, CTX.upstream);
         let err = Interceptors::new()
             .with(auth)
             .run_request(&mut request("https://h/"), &late)

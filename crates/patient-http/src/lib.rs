@@ -40,11 +40,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod attempt;
 mod awaitable;
 pub mod breaker;
 mod builder;
 pub mod client;
 mod config;
+mod decision;
 mod dispatch;
 mod engine;
 mod handler;
@@ -53,18 +55,20 @@ pub mod interceptor;
 pub mod limit;
 pub mod metrics;
 mod observer;
-mod pipeline;
 pub mod preprocess;
 mod processor;
 pub mod propagation;
 pub mod resilience;
 pub mod retry;
 mod secret;
+mod strategy;
 mod task;
+mod upstream;
 
 pub use awaitable::AwaitableClient;
 pub use builder::Builder;
 pub use config::{Config, ConfigBuilder, ConfigError};
+pub use decision::{Decision, LimitWait, Refusal, TaskProgress};
 pub use dispatch::{Body, Dispatch, DispatchError, DispatchOptions};
 pub use handler::{Outcome, TaskHandler};
 pub use inline::InlineExecutor;

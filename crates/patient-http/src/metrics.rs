@@ -20,8 +20,15 @@
 //! | `in_flight` | gauge | — |
 //! | `queue_depth` | gauge | — |
 //!
+//! | `panics_total` | counter | — |
+//!
 //! Names carry no prefix unless one is given with [`Metrics::with_prefix`]
 //! (`patient` gives `patient_requests_total`, …).
+//!
+//! Upstream keys come from input (URLs), so the `upstream` label is bounded:
+//! past [`Metrics::set_max_upstreams`] distinct values (default
+//! [`DEFAULT_MAX_UPSTREAMS`]) further upstreams are counted under
+//! `upstream="other"` ([`OTHER_UPSTREAM`]).
 //!
 //! ```
 //! use std::time::Duration;
@@ -42,7 +49,10 @@
 use rustc_hash::FxHashMap;
 use std::{
     fmt,
-    sync::{Arc, RwLock},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, OnceLock, RwLock,
+    },
     time::Duration,
 };
 
@@ -64,6 +74,13 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 pub const WAIT_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
+
+/// Distinct `upstream` label values kept by default; see
+/// [`Metrics::set_max_upstreams`].
+pub const DEFAULT_MAX_UPSTREAMS: usize = 256;
+
+/// The `upstream` label of every upstream past the label limit.
+pub const OTHER_UPSTREAM: &str = "other";
 
 /// The value of the `breaker_state` gauge: one of [`BREAKER_CLOSED`],
 /// [`BREAKER_OPEN`], [`BREAKER_HALF_OPEN`].
@@ -138,6 +155,7 @@ struct Families {
     rate_limit_wait: HistogramFamily,
     in_flight: Gauge,
     queue_depth: Gauge,
+    panics: Counter,
 }
 
 impl Families {
@@ -153,6 +171,7 @@ impl Families {
             rate_limit_wait: Family::new_with_constructor(wait_histogram),
             in_flight: Gauge::default(),
             queue_depth: Gauge::default(),
+            panics: Counter::default(),
         }
     }
 
@@ -202,6 +221,11 @@ impl Families {
             "Tasks waiting for dispatch in the processor's queue",
             f.queue_depth,
         );
+        registry.register(
+            "panics",
+            "Panics caught in engine code (interceptors, preprocessors, secrets, retry predicates), handlers and observers",
+            f.panics,
+        );
     }
 }
 
@@ -209,6 +233,7 @@ struct Inner {
     registry: Registry,
     families: Families,
     upstreams: RwLock<FxHashMap<String, Arc<UpstreamMetrics>>>,
+    max_upstreams: AtomicUsize,
 }
 
 /// The metrics of one upstream, with its counters looked up once: the
@@ -221,6 +246,9 @@ pub struct UpstreamMetrics {
     retries: Counter,
     hedges: Counter,
     duration: Histogram,
+    /// Made on first use: upstreams without a breaker or limits show none.
+    breaker_state: OnceLock<Gauge>,
+    rate_limit_waits: OnceLock<(Counter, Histogram)>,
     requests: RwLock<FxHashMap<(&'static str, StatusKey), Counter>>,
 }
 
@@ -248,6 +276,8 @@ impl UpstreamMetrics {
             retries: families.retries.get_or_create(&labels).clone(),
             hedges: families.hedges.get_or_create(&labels).clone(),
             duration: families.request_duration.get_or_create(&labels).clone(),
+            breaker_state: OnceLock::new(),
+            rate_limit_waits: OnceLock::new(),
             families: families.clone(),
             requests: RwLock::new(FxHashMap::default()),
         }
@@ -302,6 +332,43 @@ impl UpstreamMetrics {
     pub fn record_hedge(&self) {
         self.hedges.inc();
     }
+
+    /// Sets the breaker state: [`BREAKER_CLOSED`], [`BREAKER_OPEN`] or
+    /// [`BREAKER_HALF_OPEN`] (as `i64`, see
+    /// [`BreakerState::as_gauge`](crate::breaker::BreakerState::as_gauge)).
+    pub fn set_breaker_state(&self, state: i64) {
+        self.breaker_state
+            .get_or_init(|| {
+                self.families
+                    .breaker_state
+                    .get_or_create(&UpstreamLabels::new(&self.upstream))
+                    .clone()
+            })
+            .set(state);
+    }
+
+    /// Counts one wait for a rate or concurrency limit and observes how long
+    /// it lasted. Call it only when the task did wait.
+    pub fn record_rate_limit_wait(&self, waited: Duration) {
+        let (count, histogram) = self.rate_limit_waits.get_or_init(|| {
+            let labels = UpstreamLabels::new(&self.upstream);
+            (
+                self.families
+                    .rate_limit_waits
+                    .get_or_create(&labels)
+                    .clone(),
+                self.families.rate_limit_wait.get_or_create(&labels).clone(),
+            )
+        });
+        count.inc();
+        histogram.observe(waited.as_secs_f64());
+    }
+
+    /// The `upstream` label these handles record under (the key, or
+    /// [`OTHER_UPSTREAM`] past the label limit).
+    pub fn label(&self) -> &str {
+        &self.upstream
+    }
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -354,6 +421,7 @@ impl Metrics {
                 registry,
                 families,
                 upstreams: RwLock::new(FxHashMap::default()),
+                max_upstreams: AtomicUsize::new(DEFAULT_MAX_UPSTREAMS),
             }),
         }
     }
@@ -380,17 +448,16 @@ impl Metrics {
     /// a response, its error type (`"timeout"`); `duration` runs from sending
     /// to the end of the body.
     pub fn record_request(&self, upstream: &str, method: &str, status: &str, duration: Duration) {
+        let handles = self.upstream(upstream);
         let f = &self.inner.families;
         f.requests
             .get_or_create(&RequestLabels {
-                upstream: label_value(upstream),
+                upstream: label_value(&handles.upstream),
                 method: label_value(method),
                 status: label_value(status),
             })
             .inc();
-        f.request_duration
-            .get_or_create(&UpstreamLabels::new(upstream))
-            .observe(duration.as_secs_f64());
+        handles.duration.observe(duration.as_secs_f64());
     }
 
     /// [`record_request`](Self::record_request) with a numeric status code.
@@ -401,50 +468,71 @@ impl Metrics {
     /// Counts one attempt sent to `upstream` (first attempts, retries and
     /// hedges alike).
     pub fn record_attempt(&self, upstream: &str) {
-        inc(&self.inner.families.attempts, upstream);
+        self.upstream(upstream).record_attempt();
     }
 
-    /// The handles of one upstream's metrics (made the first time).
+    /// The handles of one upstream's metrics (made the first time). Past the
+    /// label limit ([`set_max_upstreams`](Self::set_max_upstreams)), a new
+    /// upstream gets the shared handles of [`OTHER_UPSTREAM`].
     pub fn upstream(&self, upstream: &str) -> Arc<UpstreamMetrics> {
         if let Some(m) = read(&self.inner.upstreams).get(upstream) {
             return Arc::clone(m);
         }
-        let m = Arc::new(UpstreamMetrics::new(upstream, &self.inner.families));
-        write(&self.inner.upstreams)
-            .entry(upstream.to_owned())
-            .or_insert(m)
-            .clone()
+        let mut map = write(&self.inner.upstreams);
+        if let Some(m) = map.get(upstream) {
+            return Arc::clone(m);
+        }
+        let max = self.inner.max_upstreams.load(Ordering::Relaxed);
+        let label = if map.len() >= max && upstream != OTHER_UPSTREAM {
+            OTHER_UPSTREAM
+        } else {
+            upstream
+        };
+        if label == OTHER_UPSTREAM {
+            if let Some(m) = map.get(OTHER_UPSTREAM) {
+                return Arc::clone(m);
+            }
+        }
+        let m = Arc::new(UpstreamMetrics::new(label, &self.inner.families));
+        map.insert(label.to_owned(), Arc::clone(&m));
+        m
+    }
+
+    /// Sets how many distinct `upstream` label values are kept (default
+    /// [`DEFAULT_MAX_UPSTREAMS`], at least 1); upstreams seen after that
+    /// many are counted under [`OTHER_UPSTREAM`]. Values already in use keep
+    /// their label.
+    pub fn set_max_upstreams(&self, max: usize) {
+        self.inner
+            .max_upstreams
+            .store(max.max(1), Ordering::Relaxed);
     }
 
     /// Counts one retry to `upstream`.
     pub fn record_retry(&self, upstream: &str) {
-        inc(&self.inner.families.retries, upstream);
+        self.upstream(upstream).record_retry();
     }
 
     /// Counts one hedged attempt to `upstream`.
     pub fn record_hedge(&self, upstream: &str) {
-        inc(&self.inner.families.hedges, upstream);
+        self.upstream(upstream).record_hedge();
+    }
+
+    /// Counts one panic caught in engine code, a handler or an observer.
+    pub fn record_panic(&self) {
+        self.inner.families.panics.inc();
     }
 
     /// Sets the breaker state of `upstream`: [`BREAKER_CLOSED`],
     /// [`BREAKER_OPEN`] or [`BREAKER_HALF_OPEN`].
     pub fn set_breaker_state(&self, upstream: &str, state: BreakerStateCode) {
-        self.inner
-            .families
-            .breaker_state
-            .get_or_create(&UpstreamLabels::new(upstream))
-            .set(i64::from(state));
+        self.upstream(upstream).set_breaker_state(i64::from(state));
     }
 
     /// Counts one wait for a rate or concurrency limit of `upstream` and
     /// observes how long it lasted. Call it only when the task did wait.
     pub fn record_rate_limit_wait(&self, upstream: &str, waited: Duration) {
-        let f = &self.inner.families;
-        let labels = UpstreamLabels::new(upstream);
-        f.rate_limit_waits.get_or_create(&labels).inc();
-        f.rate_limit_wait
-            .get_or_create(&labels)
-            .observe(waited.as_secs_f64());
+        self.upstream(upstream).record_rate_limit_wait(waited);
     }
 
     /// One more request in flight.
@@ -481,10 +569,6 @@ impl Metrics {
         let _ = encode(&mut out, &self.inner.registry);
         out
     }
-}
-
-fn inc(family: &Family<UpstreamLabels, Counter>, upstream: &str) {
-    family.get_or_create(&UpstreamLabels::new(upstream)).inc();
 }
 
 /// Keeps one request counted in the `in_flight` gauge; see
@@ -606,7 +690,8 @@ mod tests {
     fn untouched_families_render_without_samples() {
         let text = Metrics::new().render();
         let s = samples(&text);
-        assert_eq!(s.len(), 2, "only the label-less gauges: {text}");
+        assert_eq!(s.len(), 3, "only the label-less families: {text}");
+        assert_eq!(s.get("panics_total").map(String::as_str), Some("0"));
         assert_eq!(s.get("in_flight").map(String::as_str), Some("0"));
         assert_eq!(s.get("queue_depth").map(String::as_str), Some("0"));
     }
@@ -674,6 +759,33 @@ mod tests {
         assert!(
             text.contains(r#"requests_total{upstream="a\"b\\c\nd",method="GET",status="200"} 1"#),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn upstream_labels_are_capped_with_an_other_bucket() {
+        let m = Metrics::new();
+        m.set_max_upstreams(3);
+        for i in 0..1000 {
+            m.record_attempt(&format!("http://host-{i}"));
+        }
+        let s = samples(&m.render());
+        let series = s.keys().filter(|k| k.starts_with("attempts_total")).count();
+        assert_eq!(series, 4, "{s:?}");
+        assert_eq!(
+            s.get(r#"attempts_total{upstream="other"}"#),
+            Some(&"997".into())
+        );
+        assert_eq!(
+            s.get(r#"attempts_total{upstream="http://host-0"}"#),
+            Some(&"1".into())
+        );
+        // A label already in use keeps its own series.
+        m.record_attempt("http://host-1");
+        let s = samples(&m.render());
+        assert_eq!(
+            s.get(r#"attempts_total{upstream="http://host-1"}"#),
+            Some(&"2".into())
         );
     }
 

@@ -137,7 +137,7 @@ impl Default for UpstreamPolicy {
 
 /// The resilience settings of a processor: defaults, per-upstream policies and
 /// the retry budget shared by every upstream.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ResilienceConfig {
     /// The policy of upstreams without their own.
     pub defaults: UpstreamPolicy,
@@ -147,6 +147,22 @@ pub struct ResilienceConfig {
     /// A budget that bounds retries and hedges to a ratio of first attempts.
     /// Default `None`: unbounded (each task still stops at its max attempts).
     pub retry_budget: Option<Arc<RetryBudget>>,
+    /// How many upstreams' live state (breaker, limits, latencies) is kept
+    /// (default 1024). Keys come from input, so past this many the states no
+    /// task is using are evicted, least recently used first; an evicted
+    /// upstream starts afresh on its next request.
+    pub max_upstreams: usize,
+}
+
+impl Default for ResilienceConfig {
+    fn default() -> Self {
+        ResilienceConfig {
+            defaults: UpstreamPolicy::default(),
+            upstreams: HashMap::new(),
+            retry_budget: None,
+            max_upstreams: 1024,
+        }
+    }
 }
 
 impl ResilienceConfig {

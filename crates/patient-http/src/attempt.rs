@@ -1,0 +1,487 @@
+//! One attempt of a task: secrets, interceptors, request compression,
+//! preprocessors, the transport and redirects, every failure wrapped into a
+//! wire-format error. Which attempts to make, and when, is `strategy.rs`.
+
+use std::{borrow::Cow, time::Duration};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue as HttpHeaderValue};
+use patient_wire::{
+    ErrorType, HeaderValue, Headers, Method, Priority, RedirectError, RedirectErrorKind, Response,
+    TaskError,
+};
+use tokio::time::Instant;
+use url::Url;
+
+use crate::{
+    client::OutgoingRequest,
+    engine::{saturating_after, Engine},
+    interceptor::{InterceptContext, ResponseParts},
+    metrics::UpstreamMetrics,
+    observer::{RequestEnd, RequestStart},
+    preprocess::PreparedRequest,
+    propagation::propagation_headers,
+    Task,
+};
+
+/// What one attempt produced.
+pub(crate) struct AttemptResult {
+    /// A response of any status, or a request or redirect error (never an
+    /// HTTP error: `raise_error_responses` applies to the final outcome).
+    pub(crate) result: Result<Response, TaskError>,
+    /// The final response's headers, for retry decisions.
+    pub(crate) headers: Option<HeaderMap>,
+    /// Ended before reaching the transport (a secret, header, interceptor or
+    /// preprocessor refused it, or the strategy did): never retried.
+    pub(crate) refused: bool,
+    /// Whether any byte of the request may have reached the upstream.
+    pub(crate) sent: bool,
+}
+
+impl AttemptResult {
+    /// An attempt that ended before anything was sent.
+    pub(crate) fn unsent(error: TaskError) -> Self {
+        AttemptResult {
+            result: Err(error),
+            headers: None,
+            refused: true,
+            sent: false,
+        }
+    }
+}
+
+/// How one attempt is made.
+pub(crate) struct AttemptPlan<'a> {
+    pub(crate) number: u32,
+    /// The attempt's own time limit.
+    pub(crate) timeout: Duration,
+    /// The task's deadline, for `X-Request-Timeout`.
+    pub(crate) deadline: Option<Instant>,
+    /// Priority to send upstream, when propagation is on.
+    pub(crate) propagate_priority: Option<Priority>,
+    pub(crate) upstream: &'a str,
+    /// The upstream's metric handles.
+    pub(crate) metrics: &'a UpstreamMetrics,
+    /// When the task began executing: durations count from here.
+    pub(crate) started: Instant,
+}
+
+/// Headers never sent to an origin other than the request's own, whoever
+/// set them (the request, an interceptor or a redirect).
+const CROSS_ORIGIN_STRIPPED: [HeaderName; 3] = [
+    header::AUTHORIZATION,
+    header::COOKIE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// One hop of an attempt: what is sent next.
+struct Hop {
+    method: Method,
+    /// The URL as the task knows it (no secret values, no credentials).
+    url: Url,
+    headers: Headers,
+    body: Option<Bytes>,
+    /// Whether this hop goes to another origin than the request's URL (once
+    /// a redirect left the origin, every later hop counts as crossed).
+    cross_origin: bool,
+    /// Secret query parameters go to the first URL only.
+    secret_params: bool,
+}
+
+impl Engine {
+    /// Makes one attempt of a task, following redirects.
+    pub(crate) async fn run_attempt(&self, task: &Task, plan: &AttemptPlan<'_>) -> AttemptResult {
+        let request = &task.request;
+        let attempt_deadline = saturating_after(Instant::now(), plan.timeout);
+        let max_redirects = request.max_redirects().unwrap_or(self.config.max_redirects);
+
+        let mut hop = Hop {
+            method: request.method(),
+            url: request.url().clone(),
+            headers: request.headers().clone(),
+            body: request.body().cloned(),
+            cross_origin: false,
+            secret_params: true,
+        };
+        let mut redirects: Vec<String> = Vec::new();
+        let mut hop_number = 1u32;
+        let mut sent = false;
+
+        loop {
+            let hop_id: Cow<'_, str> = if hop_number == 1 {
+                Cow::Borrowed(&task.id)
+            } else {
+                Cow::Owned(format!("{}/{hop_number}", task.id))
+            };
+            let now = Instant::now();
+            if now >= attempt_deadline {
+                return self.hop_error(
+                    task,
+                    &hop,
+                    plan.started,
+                    ErrorType::Timeout,
+                    "Timeout",
+                    format!("request timed out after {:.3}s", plan.timeout.as_secs_f64()),
+                    false,
+                    sent,
+                );
+            }
+            let outgoing = match self.prepare(task, &hop, hop_number, plan, attempt_deadline - now)
+            {
+                Ok(outgoing) => outgoing,
+                Err((class, message)) => {
+                    return self.hop_error(
+                        task,
+                        &hop,
+                        plan.started,
+                        ErrorType::Unknown,
+                        class,
+                        message,
+                        true,
+                        sent,
+                    )
+                }
+            };
+            let url_str = hop.url.as_str();
+            self.notify(|o| {
+                o.on_request_start(&RequestStart {
+                    hop_id: &hop_id,
+                    method: hop.method,
+                    url: url_str,
+                })
+            });
+            let sent_at = Instant::now();
+            let raw = match self.client.send(outgoing).await {
+                Ok(raw) => raw,
+                Err(e) => {
+                    plan.metrics.record_error(
+                        hop.method.as_str(),
+                        e.kind().as_str(),
+                        sent_at.elapsed(),
+                    );
+                    return self.hop_error(
+                        task,
+                        &hop,
+                        plan.started,
+                        e.kind(),
+                        e.class_name(),
+                        e.to_string(),
+                        false,
+                        sent || e.request_sent(),
+                    );
+                }
+            };
+            sent = true;
+            let elapsed = sent_at.elapsed();
+            plan.metrics
+                .record_response(hop.method.as_str(), raw.status, elapsed);
+            self.notify(|o| {
+                o.on_request_end(&RequestEnd {
+                    hop_id: &hop_id,
+                    method: hop.method,
+                    url: url_str,
+                    status: raw.status,
+                    duration: elapsed,
+                })
+            });
+            let mut parts = ResponseParts::new(raw.status, raw.headers);
+            if !self.interceptors.is_empty() {
+                let ctx = InterceptContext::new(&task.id, plan.number, plan.upstream)
+                    .with_hop(hop_number, hop.cross_origin);
+                self.interceptors.run_response(&mut parts, &ctx);
+            }
+
+            // Redirects.
+            if matches!(parts.status, 301 | 302 | 303 | 307 | 308) && max_redirects > 0 {
+                if let Some(location) = parts
+                    .headers
+                    .get(header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|v| !v.is_empty())
+                {
+                    let mut next = match hop.url.join(location) {
+                        Ok(next) if matches!(next.scheme(), "http" | "https") => next,
+                        Ok(next) => {
+                            return self.hop_error(
+                                task,
+                                &hop,
+                                plan.started,
+                                ErrorType::Unknown,
+                                "InvalidRedirectLocation",
+                                format!("redirect to an unsupported scheme {:?}", next.scheme()),
+                                false,
+                                sent,
+                            )
+                        }
+                        Err(e) => {
+                            return self.hop_error(
+                                task,
+                                &hop,
+                                plan.started,
+                                ErrorType::Unknown,
+                                "InvalidRedirectLocation",
+                                format!("redirect to an invalid location: {e}"),
+                                false,
+                                sent,
+                            )
+                        }
+                    };
+                    // Credentials in a Location are neither sent nor written out.
+                    let _ = next.set_username("");
+                    let _ = next.set_password(None);
+                    let too_many = redirects.len() >= max_redirects as usize;
+                    let next_str = next.as_str();
+                    let recursive =
+                        next_str == hop.url.as_str() || redirects.iter().any(|u| u == next_str);
+                    if too_many || recursive {
+                        let mut chain = redirects;
+                        chain.push(hop.url.to_string());
+                        return AttemptResult {
+                            result: Err(TaskError::Redirect(RedirectError {
+                                kind: if too_many {
+                                    RedirectErrorKind::TooManyRedirects
+                                } else {
+                                    RedirectErrorKind::RecursiveRedirect
+                                },
+                                url: next.to_string(),
+                                method: hop.method,
+                                duration: plan.started.elapsed(),
+                                request_id: task.id.clone(),
+                                redirects: chain,
+                                callback_args: task.callback_args.clone(),
+                            })),
+                            headers: None,
+                            refused: false,
+                            sent,
+                        };
+                    }
+                    redirects.push(hop.url.to_string());
+                    hop = redirect_hop(hop, request.url(), parts.status, next);
+                    hop_number += 1;
+                    continue;
+                }
+            }
+
+            let response = Response {
+                status: parts.status,
+                headers: wire_headers(&parts.headers),
+                body: if raw.body.is_empty() {
+                    None
+                } else {
+                    Some(raw.body)
+                },
+                duration: plan.started.elapsed(),
+                request_id: task.id.clone(),
+                url: hop.url.into(),
+                method: hop.method,
+                callback_args: task.callback_args.clone(),
+                redirects,
+                attempts: Vec::new(),
+            };
+            return AttemptResult {
+                result: Ok(response),
+                headers: Some(parts.headers),
+                refused: false,
+                sent,
+            };
+        }
+    }
+
+    /// Resolves secrets, builds the outgoing request, runs interceptors,
+    /// compresses the body and runs preprocessors, in that order, so a
+    /// signing preprocessor signs exactly what is sent.
+    fn prepare(
+        &self,
+        task: &Task,
+        hop: &Hop,
+        hop_number: u32,
+        plan: &AttemptPlan<'_>,
+        remaining: Duration,
+    ) -> Result<OutgoingRequest, (&'static str, String)> {
+        let mut url = hop.url.clone();
+        if hop.secret_params && !task.request.secret_params().is_empty() {
+            let mut pairs = url.query_pairs_mut();
+            for (name, secret) in task.request.secret_params() {
+                let value = self
+                    .secrets
+                    .resolve(&secret.name)
+                    .map_err(|e| ("SecretError", e.to_string()))?;
+                pairs.append_pair(name, &value);
+            }
+        }
+        let mut headers = HeaderMap::with_capacity(hop.headers.len() + 4);
+        for (name, value) in hop.headers.iter() {
+            let header_name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| ("InvalidHeader", format!("invalid header name {name:?}")))?;
+            let value = match value {
+                HeaderValue::Value(v) => HttpHeaderValue::from_str(v),
+                HeaderValue::Secret(secret) => {
+                    let v = self
+                        .secrets
+                        .resolve(&secret.name)
+                        .map_err(|e| ("SecretError", e.to_string()))?;
+                    let mut v = HttpHeaderValue::from_str(&v);
+                    if let Ok(v) = &mut v {
+                        v.set_sensitive(true);
+                    }
+                    v
+                }
+            }
+            .map_err(|_| ("InvalidHeader", format!("invalid value for header {name}")))?;
+            headers.append(header_name, value);
+        }
+        let options = task.request.request_options();
+        if let Some(key) = &options.idempotency_key {
+            if !headers.contains_key("idempotency-key") {
+                let value = HttpHeaderValue::from_str(key)
+                    .map_err(|_| ("InvalidHeader", "invalid idempotency key".to_owned()))?;
+                headers.insert(HeaderName::from_static("idempotency-key"), value);
+            }
+        }
+        if let Some(priority) = plan.propagate_priority {
+            // The upstream gets what this attempt has left: the attempt's own
+            // share of the deadline, not the whole task's.
+            let remaining = plan
+                .deadline
+                .map(|d| d.saturating_duration_since(Instant::now()).min(remaining));
+            for (name, value) in propagation_headers(remaining, priority) {
+                headers.insert(name, value);
+            }
+        }
+        let method = http_method(hop.method);
+        let body = hop.body.clone().unwrap_or_default();
+        let mut prepared = PreparedRequest::new(method, url, headers, body);
+        if !self.interceptors.is_empty() {
+            let ctx = InterceptContext::new(&task.id, plan.number, plan.upstream)
+                .with_hop(hop_number, hop.cross_origin);
+            self.interceptors
+                .run_request(&mut prepared, &ctx)
+                .map_err(|e| ("InterceptorError", e.to_string()))?;
+        }
+        if hop.cross_origin {
+            // After the interceptors: whatever they added, credentials never
+            // follow a redirect to another origin.
+            let headers = prepared.headers_mut();
+            for name in &CROSS_ORIGIN_STRIPPED {
+                headers.remove(name);
+            }
+            let sensitive: Vec<HeaderName> = headers
+                .iter()
+                .filter(|(_, v)| v.is_sensitive())
+                .map(|(k, _)| k.clone())
+                .collect();
+            for name in sensitive {
+                headers.remove(name);
+            }
+        }
+        if self.config.client.request_compression {
+            prepared.compress_body();
+        }
+        let names = task.request.preprocessors();
+        if !hop.cross_origin && !names.is_empty() {
+            self.preprocessors
+                .run(names, &mut prepared)
+                .map_err(|e| ("PreprocessError", e.to_string()))?;
+        }
+        let (method, url, headers, body) = prepared.into_parts();
+        Ok(OutgoingRequest {
+            method,
+            url,
+            headers,
+            body,
+            timeout: Some(remaining),
+            stall_timeout: None,
+        })
+    }
+
+    /// An attempt that ended without a response at `hop`.
+    #[allow(clippy::too_many_arguments)]
+    fn hop_error(
+        &self,
+        task: &Task,
+        hop: &Hop,
+        started: Instant,
+        error_type: ErrorType,
+        class_name: &str,
+        message: String,
+        refused: bool,
+        sent: bool,
+    ) -> AttemptResult {
+        AttemptResult {
+            result: Err(self.request_error(
+                task, &hop.url, hop.method, started, error_type, class_name, message,
+            )),
+            headers: None,
+            refused,
+            sent,
+        }
+    }
+}
+
+/// The next hop after a redirect response.
+fn redirect_hop(mut hop: Hop, origin: &Url, status: u16, next: Url) -> Hop {
+    let cross_origin = hop.cross_origin
+        || next.scheme() != origin.scheme()
+        || next.host_str() != origin.host_str()
+        || next.port_or_known_default() != origin.port_or_known_default();
+    if matches!(status, 301..=303) {
+        if hop.method != Method::Head {
+            hop.method = Method::Get;
+        }
+        hop.body = None;
+        hop.headers.remove("content-type");
+        hop.headers.remove("content-length");
+        hop.headers.remove("content-encoding");
+    }
+    if cross_origin {
+        for name in &CROSS_ORIGIN_STRIPPED {
+            hop.headers.remove(name.as_str());
+        }
+        // A secret never follows a redirect to another origin.
+        let secret_names: Vec<String> = hop
+            .headers
+            .iter()
+            .filter(|(_, v)| matches!(v, HeaderValue::Secret(_)))
+            .map(|(k, _)| k.to_owned())
+            .collect();
+        for name in secret_names {
+            hop.headers.remove(&name);
+        }
+    }
+    hop.cross_origin = cross_origin;
+    hop.secret_params = false;
+    hop.url = next;
+    hop
+}
+
+fn http_method(method: Method) -> http::Method {
+    match method {
+        Method::Get => http::Method::GET,
+        Method::Post => http::Method::POST,
+        Method::Put => http::Method::PUT,
+        Method::Patch => http::Method::PATCH,
+        Method::Delete => http::Method::DELETE,
+        Method::Head => http::Method::HEAD,
+        Method::Options => http::Method::OPTIONS,
+    }
+}
+
+/// Response headers in wire form: lower-cased names, repeated headers joined
+/// with `, `. A value that is not UTF-8 is read as Latin-1, so no byte is lost.
+pub(crate) fn wire_headers(map: &HeaderMap) -> Headers {
+    let mut headers = Headers::new();
+    for name in map.keys() {
+        let mut joined = String::new();
+        for (i, value) in map.get_all(name).iter().enumerate() {
+            if i > 0 {
+                joined.push_str(", ");
+            }
+            match std::str::from_utf8(value.as_bytes()) {
+                Ok(s) => joined.push_str(s),
+                Err(_) => joined.extend(value.as_bytes().iter().map(|&b| b as char)),
+            }
+        }
+        headers.insert(name.as_str(), joined);
+    }
+    headers
+}

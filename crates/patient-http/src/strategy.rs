@@ -1,0 +1,941 @@
+//! The attempts of a task: which to make and when. Strategy (single,
+//! sequential, hedged), retries with backoff and `Retry-After`, the retry
+//! budget, the deadline and its split, the circuit breaker, rate and
+//! concurrency limits, fallbacks, metrics.
+//!
+//! The unit of work is a *step*: one attempt (or one group of hedged
+//! attempts) made now, ending in a decision: done, retry after a delay, or
+//! refused (breaker open, limit busy) for a while. The processor, the inline
+//! executor and the awaitable client loop over steps in memory
+//! ([`Engine::execute`]); a durable queue stores the decision between steps
+//! (`decision.rs`). One attempt itself is `attempt.rs`.
+
+use std::{
+    borrow::Cow,
+    panic::AssertUnwindSafe,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use futures_util::{stream::FuturesUnordered, FutureExt, StreamExt};
+use http::HeaderMap;
+use patient_wire::{
+    Attempt, DeadlineMode, ErrorType, Headers, HttpError, Response, Strategy, TaskError,
+};
+use tokio::time::Instant;
+
+use crate::{
+    attempt::{AttemptPlan, AttemptResult},
+    breaker::BreakerPermit,
+    decision::{LimitWait, Refusal},
+    engine::{checked_after, Engine},
+    limit::{LimitBusy, LimitPermit},
+    resilience::{upstream_key_ref, Fallback, HedgeDelay, UpstreamPolicy},
+    retry::{AttemptOutcome, RetryDelay, RetryPolicy},
+    upstream::UpstreamState,
+    Task,
+};
+
+/// What a task runs with, resolved once from the three levels of settings.
+pub(crate) struct Plan<'a> {
+    pub(crate) key: Cow<'a, str>,
+    pub(crate) upstream: Arc<UpstreamState>,
+    /// Delays before each hedged attempt (hedged strategy only).
+    hedge_delays: Vec<Duration>,
+    pub(crate) policy: &'a UpstreamPolicy,
+    retry: Cow<'a, RetryPolicy>,
+    strategy: Strategy,
+    max_attempts: u32,
+    mode: DeadlineMode,
+    started: Instant,
+    timeout: Duration,
+}
+
+/// Where a task stands between steps.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    /// The number of the next attempt; 1 before the first.
+    pub(crate) next: u32,
+    /// The first attempt's record, kept aside so that a task of one attempt
+    /// allocates no list.
+    first: Option<Attempt>,
+    /// Every attempt's record once there are two.
+    attempts: Vec<Attempt>,
+    /// Whether any attempt's request may have reached the upstream.
+    pub(crate) sent: bool,
+    /// The task's deadline.
+    pub(crate) deadline: Option<Instant>,
+}
+
+impl Progress {
+    pub(crate) fn new(deadline: Option<Instant>) -> Self {
+        Progress {
+            next: 1,
+            deadline,
+            ..Progress::default()
+        }
+    }
+
+    /// Progress carried over from earlier steps.
+    pub(crate) fn resume(
+        next: u32,
+        mut attempts: Vec<Attempt>,
+        sent: bool,
+        deadline: Option<Instant>,
+    ) -> Self {
+        let first = (attempts.len() == 1).then(|| attempts.remove(0));
+        Progress {
+            next: next.max(1),
+            first,
+            attempts,
+            sent,
+            deadline,
+        }
+    }
+
+    fn push(&mut self, attempt: Attempt) {
+        if self.first.is_none() && self.attempts.is_empty() {
+            self.first = Some(attempt);
+        } else {
+            if let Some(first) = self.first.take() {
+                self.attempts.push(first);
+            }
+            self.attempts.push(attempt);
+        }
+    }
+
+    /// Every attempt's record, oldest first.
+    pub(crate) fn records(&self) -> Vec<Attempt> {
+        match &self.first {
+            Some(first) => vec![first.clone()],
+            None => self.attempts.clone(),
+        }
+    }
+
+    /// The records an outcome carries: none for a single plain attempt.
+    fn take_for_outcome(&mut self) -> Vec<Attempt> {
+        match self.first.take() {
+            Some(first) if first.hedged => vec![first],
+            Some(_) => Vec::new(),
+            None => std::mem::take(&mut self.attempts),
+        }
+    }
+}
+
+/// How a step ended.
+pub(crate) enum Step {
+    /// The task's outcome (raise_error_responses and fallback applied).
+    Done(Result<Response, TaskError>),
+    /// Make attempt `progress.next` after `delay`; `last` is the attempt
+    /// just made.
+    Retry {
+        delay: Duration,
+        last: Result<Response, TaskError>,
+    },
+    /// Nothing was sent: `refusal` holds the upstream back for `retry_in`.
+    /// `error` is the outcome if the caller does not wait, `attempt` the
+    /// refused attempt's record.
+    Refused {
+        refusal: Refusal,
+        retry_in: Duration,
+        error: TaskError,
+        attempt: Attempt,
+    },
+}
+
+/// One guarded attempt: made, or refused before sending by the breaker or
+/// a limit.
+enum Guarded {
+    Ran(AttemptResult),
+    Refused {
+        refusal: Refusal,
+        retry_in: Duration,
+        error: TaskError,
+    },
+}
+
+/// How long to come back after a concurrency limit refused, when no better
+/// estimate exists.
+const AT_CAPACITY_RETRY: Duration = Duration::from_millis(100);
+
+impl Engine {
+    /// Runs a task to its outcome: a response, or a wire-format error.
+    /// `queued_at` is when the task was accepted: a deadline counts from it.
+    /// A panic in engine code (an interceptor, preprocessor, computed
+    /// secret, retry predicate) ends the task in a request error of class
+    /// `Panic`; it is never handed back for a retry.
+    pub(crate) async fn execute(
+        &self,
+        task: &Task,
+        queued_at: Instant,
+    ) -> Result<Response, TaskError> {
+        let started = Instant::now();
+        match AssertUnwindSafe(self.run_to_outcome(task, queued_at))
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result,
+            Err(payload) => {
+                let error = self.panic_error(task, started, &*payload);
+                self.notify(|o| o.on_request_error(&error));
+                Err(error)
+            }
+        }
+    }
+
+    async fn run_to_outcome(&self, task: &Task, queued_at: Instant) -> Result<Response, TaskError> {
+        let plan = match self.plan(task) {
+            Ok(plan) => plan,
+            Err(error) => {
+                self.notify(|o| o.on_request_error(&error));
+                return Err(error);
+            }
+        };
+        let mut progress = Progress::new(self.deadline_of(task, plan.policy, queued_at));
+        loop {
+            match self.step(task, &plan, &mut progress, LimitWait::Wait).await {
+                Step::Done(result) => return result,
+                Step::Retry { delay, .. } => {
+                    self.notify(|o| o.on_retry(&task.id, progress.next, delay));
+                    tokio::time::sleep(delay).await;
+                }
+                Step::Refused { error, attempt, .. } => {
+                    // In memory, a refusal fails fast (the fallback may answer).
+                    progress.push(attempt);
+                    return self.finish(task, &plan, &mut progress, Err(error));
+                }
+            }
+        }
+    }
+
+    /// The deadline of a task accepted at `queued_at`, if it has one.
+    pub(crate) fn deadline_of(
+        &self,
+        task: &Task,
+        policy: &UpstreamPolicy,
+        queued_at: Instant,
+    ) -> Option<Instant> {
+        let after = task
+            .request
+            .request_options()
+            .deadline
+            .or(policy.deadline)?;
+        // Past what the clock can hold: no deadline at all.
+        checked_after(queued_at, after)
+    }
+
+    /// Resolves what a task runs with, or the error when its options are
+    /// invalid.
+    pub(crate) fn plan<'a>(&'a self, task: &'a Task) -> Result<Plan<'a>, TaskError> {
+        let request = &task.request;
+        let options = request.request_options();
+        let key = match &options.upstream_key {
+            Some(key) => Cow::Borrowed(key.as_str()),
+            None => upstream_key_ref(request.url()),
+        };
+        let policy = self.resilience.policy_for(&key);
+        // The default policy retries idempotent methods only, unless the
+        // request carries an idempotency key or opts in.
+        let base = policy.retry.as_ref().unwrap_or(&self.default_retry);
+        let retry = match &options.retry {
+            None => Cow::Borrowed(base),
+            Some(overrides) => Cow::Owned(base.with_overrides(overrides).map_err(|e| {
+                self.task_error(
+                    task,
+                    Instant::now(),
+                    ErrorType::Unknown,
+                    "InvalidRetryOptions",
+                    format!("options.retry: {e}"),
+                )
+            })?),
+        };
+        let strategy = options
+            .strategy
+            .or(policy.strategy)
+            .unwrap_or(Strategy::Sequential);
+        let upstream = self
+            .upstreams
+            .resolve(&key, policy, &self.metrics, &self.observers);
+        let may_retry = retry.allows_method(request.method(), options.idempotency_key.is_some());
+        let hedge_delays = if strategy == Strategy::Hedged && may_retry {
+            hedge_delays(task, policy, &upstream)
+        } else {
+            Vec::new()
+        };
+        let max_attempts = match strategy {
+            Strategy::Single => 1,
+            _ if !may_retry => 1,
+            Strategy::Sequential => retry.max_attempts(),
+            Strategy::Hedged => 1 + hedge_delays.len() as u32,
+        };
+        Ok(Plan {
+            hedge_delays,
+            upstream,
+            policy,
+            retry,
+            strategy: if max_attempts == 1 {
+                Strategy::Single
+            } else {
+                strategy
+            },
+            max_attempts,
+            mode: options.deadline_mode.unwrap_or(policy.deadline_mode),
+            started: Instant::now(),
+            timeout: request
+                .timeout()
+                .unwrap_or(self.config.client.request_timeout),
+            key,
+        })
+    }
+
+    /// Makes the next attempt of a task (or its group of hedged attempts)
+    /// and decides what follows.
+    pub(crate) async fn step(
+        &self,
+        task: &Task,
+        plan: &Plan<'_>,
+        progress: &mut Progress,
+        wait: LimitWait,
+    ) -> Step {
+        if progress.next <= 1 {
+            if let Some(budget) = &self.resilience.retry_budget {
+                budget.deposit();
+            }
+        }
+        if plan.strategy == Strategy::Hedged {
+            return self.hedge_group(task, plan, progress, wait).await;
+        }
+        let number = progress.next;
+        let (guarded, attempt) = self
+            .guarded_attempt(task, plan, progress.deadline, number, false, wait)
+            .await;
+        let result = match guarded {
+            Guarded::Ran(result) => result,
+            Guarded::Refused {
+                refusal,
+                retry_in,
+                error,
+            } => {
+                return Step::Refused {
+                    refusal,
+                    retry_in,
+                    error,
+                    attempt,
+                }
+            }
+        };
+        progress.push(attempt);
+        progress.next = number.saturating_add(1);
+        progress.sent |= result.sent;
+        if number >= plan.max_attempts {
+            return Step::Done(self.finish(task, plan, progress, result.result));
+        }
+        let decision = match outcome_of(&result) {
+            None => RetryDelay::GiveUp,
+            Some(outcome) => plan.retry.decide(
+                number,
+                task.request.method(),
+                task.request.request_options().idempotency_key.is_some(),
+                &outcome,
+                SystemTime::now(),
+                &mut fastrand::Rng::new(),
+            ),
+        };
+        let delay = match decision {
+            RetryDelay::GiveUp => {
+                return Step::Done(self.finish(task, plan, progress, result.result))
+            }
+            RetryDelay::After(delay) => delay,
+        };
+        if let Some(deadline) = progress.deadline {
+            let next_possible = delay
+                .checked_add(plan.policy.min_attempt_time)
+                .and_then(|d| checked_after(Instant::now(), d));
+            if next_possible.is_none_or(|at| at > deadline) {
+                return Step::Done(self.finish(task, plan, progress, result.result));
+            }
+        }
+        if let Some(budget) = &self.resilience.retry_budget {
+            if !budget.withdraw() {
+                tracing::debug!(task_id = %task.id, upstream = %plan.key, "retry budget exhausted");
+                return Step::Done(self.finish(task, plan, progress, result.result));
+            }
+        }
+        Step::Retry {
+            delay,
+            last: result.result,
+        }
+    }
+
+    /// The outcome of a finished task: the attempts' records attached,
+    /// `raise_error_responses` and the fallback applied, observers told of
+    /// an error.
+    pub(crate) fn finish(
+        &self,
+        task: &Task,
+        plan: &Plan<'_>,
+        progress: &mut Progress,
+        result: Result<Response, TaskError>,
+    ) -> Result<Response, TaskError> {
+        let attempts = progress.take_for_outcome();
+        let raise = task
+            .raise_error_responses
+            .unwrap_or(self.config.raise_error_responses);
+        let result = match result {
+            Ok(mut response) => {
+                response.attempts = attempts;
+                if raise && !response.is_success() {
+                    Err(TaskError::Http(HttpError { response }))
+                } else {
+                    Ok(response)
+                }
+            }
+            Err(mut error) => {
+                if let TaskError::Request(e) = &mut error {
+                    e.attempts = attempts;
+                }
+                Err(error)
+            }
+        };
+        let result = match result {
+            Err(error) => self.fallback(task, plan.policy, error),
+            // Attempts exhausted on a failing status: the fallback answers too.
+            Ok(response)
+                if plan.policy.fallback.is_some()
+                    && plan
+                        .policy
+                        .breaker_failure_statuses
+                        .contains(&response.status) =>
+            {
+                self.fallback(task, plan.policy, TaskError::Http(HttpError { response }))
+                    .or_else(|error| match error {
+                        TaskError::Http(HttpError { response }) if !raise => Ok(response),
+                        other => Err(other),
+                    })
+            }
+            ok => ok,
+        };
+        if let Err(error) = &result {
+            self.notify(|o| o.on_request_error(error));
+        }
+        result
+    }
+
+    /// The attempt plan for attempt `number`, or the error when the deadline
+    /// leaves too little time to send anything.
+    fn attempt_plan<'p>(
+        &self,
+        task: &Task,
+        plan: &'p Plan<'_>,
+        deadline: Option<Instant>,
+        number: u32,
+    ) -> Result<AttemptPlan<'p>, TaskError> {
+        let mut timeout = plan.timeout;
+        if let Some(deadline) = deadline {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining < plan.policy.min_attempt_time {
+                return Err(self.task_error(
+                    task,
+                    plan.started,
+                    ErrorType::Timeout,
+                    "DeadlineExceeded",
+                    format!(
+                        "the task's deadline leaves {:.3}s, less than the {:.3}s an attempt needs; nothing was sent",
+                        remaining.as_secs_f64(),
+                        plan.policy.min_attempt_time.as_secs_f64()
+                    ),
+                ));
+            }
+            let share = match plan.mode {
+                DeadlineMode::PassThrough => remaining,
+                DeadlineMode::Split => {
+                    let left = plan
+                        .max_attempts
+                        .saturating_sub(number.saturating_sub(1))
+                        .max(1);
+                    if plan.strategy == Strategy::Hedged {
+                        remaining
+                    } else {
+                        remaining / left
+                    }
+                }
+            };
+            timeout = timeout.min(share.max(plan.policy.min_attempt_time));
+        }
+        let options = task.request.request_options();
+        let propagate = plan.policy.propagate && (deadline.is_some() || options.priority.is_some());
+        Ok(AttemptPlan {
+            number,
+            timeout,
+            deadline,
+            propagate_priority: propagate.then(|| options.priority.unwrap_or_default()),
+            upstream: &plan.key,
+            metrics: &plan.upstream.metrics,
+            started: plan.started,
+        })
+    }
+
+    /// Waits for (or tries) the upstream's limits as `wait` says.
+    async fn limit_permit(
+        &self,
+        upstream: &UpstreamState,
+        deadline: Option<Instant>,
+        wait: LimitWait,
+    ) -> Result<Option<LimitPermit>, LimitRefusal> {
+        if !upstream.is_limited() {
+            return Ok(None);
+        }
+        let limits = &upstream.limits;
+        match wait {
+            LimitWait::Wait => {
+                let acquire = limits.acquire();
+                match deadline {
+                    Some(deadline) => tokio::time::timeout_at(deadline, acquire)
+                        .await
+                        .map(Some)
+                        .map_err(|_| LimitRefusal::Deadline),
+                    None => Ok(Some(acquire.await)),
+                }
+            }
+            LimitWait::UpTo(max) => {
+                let busy = match limits.try_acquire() {
+                    Ok(permit) => return Ok(Some(permit)),
+                    Err(busy) => busy,
+                };
+                let max = match deadline {
+                    Some(deadline) => max.min(deadline.saturating_duration_since(Instant::now())),
+                    None => max,
+                };
+                if busy.retry_in().is_some_and(|r| r > max) || max.is_zero() {
+                    return Err(LimitRefusal::Busy(busy));
+                }
+                match tokio::time::timeout(max, limits.acquire()).await {
+                    Ok(permit) => Ok(Some(permit)),
+                    Err(_) => Err(LimitRefusal::Busy(
+                        limits.try_acquire().err().unwrap_or(busy),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// One attempt with the limits and the breaker around it.
+    async fn guarded_attempt(
+        &self,
+        task: &Task,
+        plan: &Plan<'_>,
+        deadline: Option<Instant>,
+        number: u32,
+        hedged: bool,
+        wait: LimitWait,
+    ) -> (Guarded, Attempt) {
+        let began = Instant::now();
+        let record =
+            |result: &Result<Response, TaskError>| attempt_record(number, hedged, began, result);
+        let unsent = |result: AttemptResult| {
+            let attempt = record(&result.result);
+            (Guarded::Ran(result), attempt)
+        };
+        let attempt_plan = match self.attempt_plan(task, plan, deadline, number) {
+            Ok(p) => p,
+            Err(e) => return unsent(AttemptResult::unsent(e)),
+        };
+        let upstream = &*plan.upstream;
+        let limit_permit = match self.limit_permit(upstream, deadline, wait).await {
+            Ok(permit) => permit,
+            Err(LimitRefusal::Deadline) => {
+                return unsent(AttemptResult::unsent(self.task_error(
+                    task,
+                    plan.started,
+                    ErrorType::Timeout,
+                    "DeadlineExceeded",
+                    format!(
+                        "the task's deadline passed while waiting for the rate limit of {}",
+                        plan.key
+                    ),
+                )))
+            }
+            Err(LimitRefusal::Busy(busy)) => {
+                let (refusal, retry_in) = match busy {
+                    LimitBusy::CoolingDown { retry_in } => (Refusal::CoolingDown, retry_in),
+                    LimitBusy::RateLimited { retry_in } => (Refusal::RateLimited, retry_in),
+                    LimitBusy::AtCapacity => (Refusal::AtCapacity, AT_CAPACITY_RETRY),
+                };
+                let error = self.task_error(
+                    task,
+                    plan.started,
+                    ErrorType::Connection,
+                    refusal.class_name(),
+                    format!(
+                        "{} of {}; nothing was sent (retry in {:.3}s)",
+                        refusal.describe(),
+                        plan.key,
+                        retry_in.as_secs_f64()
+                    ),
+                );
+                let attempt = record(&Err(error.clone()));
+                return (
+                    Guarded::Refused {
+                        refusal,
+                        retry_in,
+                        error,
+                    },
+                    attempt,
+                );
+            }
+        };
+        let waited = limit_permit.as_ref().map_or(Duration::ZERO, |p| p.waited());
+        if !waited.is_zero() {
+            upstream.metrics.record_rate_limit_wait(waited);
+        }
+        // The breaker is asked after the limits: a permit (a half-open probe
+        // above all) is never held while waiting for a token.
+        let permit: Option<BreakerPermit> = match &upstream.breaker {
+            None => None,
+            Some(breaker) => match breaker.try_acquire() {
+                Ok(permit) => Some(permit),
+                Err(open) => {
+                    let error = self.task_error(
+                        task,
+                        plan.started,
+                        ErrorType::Connection,
+                        Refusal::CircuitOpen.class_name(),
+                        format!(
+                            "the circuit breaker of {} is open; nothing was sent (retry in {:.3}s)",
+                            plan.key,
+                            open.retry_in.as_secs_f64()
+                        ),
+                    );
+                    let attempt = record(&Err(error.clone()));
+                    return (
+                        Guarded::Refused {
+                            refusal: Refusal::CircuitOpen,
+                            retry_in: open.retry_in,
+                            error,
+                        },
+                        attempt,
+                    );
+                }
+            },
+        };
+        upstream.metrics.record_attempt();
+        if number > 1 && !hedged {
+            // Counted here, when it is really sent (not refused by the breaker).
+            upstream.metrics.record_retry();
+        }
+        let result = self.run_attempt(task, &attempt_plan).await;
+        drop(limit_permit);
+        if let Some(permit) = permit {
+            match breaker_verdict(&result, plan.policy) {
+                Some(true) => permit.success(),
+                Some(false) => permit.failure(),
+                None => drop(permit),
+            }
+        }
+        if let (Ok(response), Some(headers)) = (&result.result, &result.headers) {
+            if response.status == 429 {
+                if let Some(wait) = crate::retry::retry_after(headers, SystemTime::now()) {
+                    upstream.cool_down(wait);
+                }
+            } else if response.status < 500 {
+                if let Some(window) = &upstream.latencies {
+                    lock(window).record(began.elapsed());
+                }
+            }
+        }
+        let attempt = record(&result.result);
+        (Guarded::Ran(result), attempt)
+    }
+
+    /// The attempts of a hedged task: the first now, each hedge after its
+    /// delay while no acceptable result came, the first acceptable result
+    /// winning. A hedge the breaker, a limit or the deadline refuses does
+    /// not start (and ends the hedging); it never wins over an attempt in
+    /// flight.
+    async fn hedge_group(
+        &self,
+        task: &Task,
+        plan: &Plan<'_>,
+        progress: &mut Progress,
+        wait: LimitWait,
+    ) -> Step {
+        let delays = &plan.hedge_delays;
+        let deadline = progress.deadline;
+        let mut records: Vec<Attempt> = Vec::new();
+        let mut running = FuturesUnordered::new();
+        let attempt_future = |number: u32, hedged: bool| async move {
+            let (guarded, attempt) = self
+                .guarded_attempt(task, plan, deadline, number, hedged, wait)
+                .await;
+            (number, guarded, attempt)
+        };
+        let mut launched: Vec<(u32, Instant)> = vec![(1, Instant::now())];
+        running.push(attempt_future(1, false));
+        let mut started = 1usize;
+        let mut next_at = delays
+            .first()
+            .and_then(|d| checked_after(Instant::now(), *d));
+        let mut last: Option<Result<Response, TaskError>> = None;
+        let mut sent = false;
+        let mut winner: Option<Result<Response, TaskError>> = None;
+        loop {
+            tokio::select! {
+                finished = running.next(), if !running.is_empty() => {
+                    let Some((number, guarded, attempt)) = finished else { continue };
+                    let result = match guarded {
+                        Guarded::Refused { refusal, retry_in, error } => {
+                            if number == 1 && running.is_empty() && last.is_none() {
+                                return Step::Refused { refusal, retry_in, error, attempt };
+                            }
+                            // Refused before sending: it never started.
+                            launched.retain(|(n, _)| *n != number);
+                            next_at = None;
+                            if running.is_empty() {
+                                break;
+                            }
+                            continue;
+                        }
+                        Guarded::Ran(result) if result.refused && number > 1 => {
+                            launched.retain(|(n, _)| *n != number);
+                            next_at = None;
+                            if running.is_empty() {
+                                break;
+                            }
+                            continue;
+                        }
+                        Guarded::Ran(result) => result,
+                    };
+                    sent |= result.sent;
+                    records.push(attempt);
+                    let acceptable = match outcome_of(&result) {
+                        None => true,
+                        Some(outcome) => !plan.retry.should_retry(&outcome),
+                    };
+                    if acceptable {
+                        winner = Some(result.result);
+                        break;
+                    }
+                    last = Some(result.result);
+                    if running.is_empty() {
+                        if started <= delays.len() && next_at.is_some() {
+                            // Failed before the next hedge was due: start it now.
+                            next_at = Some(Instant::now());
+                        } else {
+                            break;
+                        }
+                    }
+                }
+                _ = sleep_until_opt(next_at), if next_at.is_some() => {
+                    let allowed = self
+                        .resilience
+                        .retry_budget
+                        .as_ref()
+                        .is_none_or(|b| b.withdraw());
+                    if allowed {
+                        started += 1;
+                        let number = started as u32;
+                        launched.push((number, Instant::now()));
+                        plan.upstream.metrics.record_hedge();
+                        running.push(attempt_future(number, true));
+                        next_at = delays
+                            .get(started - 1)
+                            .and_then(|d| checked_after(Instant::now(), *d));
+                    } else {
+                        next_at = None;
+                        if running.is_empty() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        // The others are cancelled by dropping them: their connections are
+        // closed, never reused.
+        drop(running);
+        if winner.is_some() {
+            for (number, began) in launched.iter().copied() {
+                if !records.iter().any(|a| a.number == number) {
+                    records.push(Attempt {
+                        number,
+                        status: None,
+                        error_type: None,
+                        error_class: Some("Cancelled".to_owned()),
+                        duration: began.elapsed(),
+                        hedged: number > 1,
+                    });
+                }
+            }
+        }
+        records.sort_by_key(|a| a.number);
+        progress.next = progress.next.saturating_add(started as u32);
+        progress.sent |= sent;
+        for record in records {
+            progress.push(record);
+        }
+        let result = match winner.or(last) {
+            Some(result) => result,
+            None => Err(self.task_error(
+                task,
+                plan.started,
+                ErrorType::Unknown,
+                "NoAttempt",
+                "no attempt could be made".to_owned(),
+            )),
+        };
+        Step::Done(self.finish(task, plan, progress, result))
+    }
+
+    /// Applies the upstream's fallback to a failed task.
+    fn fallback(
+        &self,
+        task: &Task,
+        policy: &UpstreamPolicy,
+        error: TaskError,
+    ) -> Result<Response, TaskError> {
+        let Some(fallback) = &policy.fallback else {
+            return Err(error);
+        };
+        let response = match fallback {
+            Fallback::Response {
+                status,
+                headers,
+                body,
+            } => {
+                let mut h = Headers::new();
+                for (name, value) in headers {
+                    h.insert(name.to_ascii_lowercase(), value.clone());
+                }
+                Some(Response {
+                    status: *status,
+                    headers: h,
+                    body: (!body.is_empty()).then(|| body.clone()),
+                    duration: error.duration(),
+                    request_id: task.id.clone(),
+                    url: task.request.url().to_string(),
+                    method: task.request.method(),
+                    callback_args: task.callback_args.clone(),
+                    redirects: Vec::new(),
+                    attempts: Vec::new(),
+                })
+            }
+            Fallback::Hook(hook) => {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(task, &error)))
+                {
+                    Ok(r) => r,
+                    Err(_) => {
+                        self.count_panic();
+                        tracing::error!(task_id = %task.id, "a fallback hook panicked; the error stands");
+                        None
+                    }
+                }
+            }
+        };
+        match response {
+            Some(mut response) => {
+                response.headers.insert("x-patient-fallback", "true");
+                Ok(response)
+            }
+            None => Err(error),
+        }
+    }
+}
+
+/// Why the limits gave no permit.
+enum LimitRefusal {
+    /// The task's deadline passed while waiting.
+    Deadline,
+    /// Busy, and the caller would not wait that long.
+    Busy(LimitBusy),
+}
+
+/// The delays before each hedged attempt.
+fn hedge_delays(task: &Task, policy: &UpstreamPolicy, upstream: &UpstreamState) -> Vec<Duration> {
+    let own = &task.request.request_options().hedge_delays;
+    if !own.is_empty() {
+        return own.clone();
+    }
+    match &policy.hedge {
+        HedgeDelay::Fixed(delays) => delays.clone(),
+        HedgeDelay::Adaptive {
+            percentile,
+            min,
+            max,
+            max_hedges,
+        } => {
+            let observed = upstream
+                .latencies
+                .as_ref()
+                .and_then(|w| lock(w).percentile(*percentile));
+            let delay = observed.map_or(*max, |d| d.clamp(*min, *max));
+            vec![delay; *max_hedges as usize]
+        }
+    }
+}
+
+/// The record of attempt `number` that ended with `result`.
+fn attempt_record(
+    number: u32,
+    hedged: bool,
+    began: Instant,
+    result: &Result<Response, TaskError>,
+) -> Attempt {
+    let (status, error_type, error_class) = match result {
+        Ok(r) => (Some(r.status), None, None),
+        Err(TaskError::Request(e)) => (None, Some(e.error_type), Some(e.class_name.clone())),
+        Err(TaskError::Http(h)) => (Some(h.response.status), None, None),
+        Err(TaskError::Redirect(e)) => (None, None, Some(e.kind.class_name().to_owned())),
+    };
+    Attempt {
+        number,
+        status,
+        error_type,
+        error_class,
+        duration: began.elapsed(),
+        hedged,
+    }
+}
+
+/// Whether the breaker should count an attempt as a success (`Some(true)`),
+/// a failure (`Some(false)`) or neither.
+fn breaker_verdict(result: &AttemptResult, policy: &UpstreamPolicy) -> Option<bool> {
+    match &result.result {
+        Ok(r) => Some(!policy.breaker_failure_statuses.contains(&r.status)),
+        Err(TaskError::Request(e)) => match e.error_type {
+            ErrorType::Timeout | ErrorType::Connection | ErrorType::Ssl => Some(false),
+            _ => None,
+        },
+        Err(_) => None,
+    }
+}
+
+/// How the retry policy sees an attempt; `None` when it is never retried
+/// (a redirect error, or a refusal before sending).
+fn outcome_of(result: &AttemptResult) -> Option<AttemptOutcome<'_>> {
+    static EMPTY: std::sync::OnceLock<HeaderMap> = std::sync::OnceLock::new();
+    match &result.result {
+        Ok(r) => Some(AttemptOutcome::Response {
+            status: r.status,
+            headers: result
+                .headers
+                .as_ref()
+                .unwrap_or_else(|| EMPTY.get_or_init(HeaderMap::new)),
+        }),
+        Err(TaskError::Request(_)) if result.refused => None,
+        Err(TaskError::Request(e)) => Some(AttemptOutcome::Error {
+            kind: e.error_type,
+            class_name: &e.class_name,
+        }),
+        Err(_) => None,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
