@@ -113,11 +113,11 @@ impl Progress {
     }
 
     /// The records an outcome carries: none for a single plain attempt.
-    fn take_for_outcome(&mut self) -> Vec<Attempt> {
-        match self.first.take() {
-            Some(first) if first.hedged => vec![first],
+    fn for_outcome(&self) -> Vec<Attempt> {
+        match &self.first {
+            Some(first) if first.hedged => vec![first.clone()],
             Some(_) => Vec::new(),
-            None => std::mem::take(&mut self.attempts),
+            None => self.attempts.clone(),
         }
     }
 }
@@ -202,7 +202,7 @@ impl Engine {
                 Step::Refused { error, attempt, .. } => {
                     // In memory, a refusal fails fast (the fallback may answer).
                     progress.push(attempt);
-                    return self.finish(task, &plan, &mut progress, Err(error));
+                    return self.finish(task, &plan, &progress, Err(error));
                 }
             }
         }
@@ -374,10 +374,10 @@ impl Engine {
         &self,
         task: &Task,
         plan: &Plan<'_>,
-        progress: &mut Progress,
+        progress: &Progress,
         result: Result<Response, TaskError>,
     ) -> Result<Response, TaskError> {
-        let attempts = progress.take_for_outcome();
+        let attempts = progress.for_outcome();
         let raise = task
             .raise_error_responses
             .unwrap_or(self.config.raise_error_responses);

@@ -1,0 +1,412 @@
+//! Regression tests for the engine's defences: panics in engine code, hedges
+//! refused by the breaker, credentials on cross-origin redirects, signing the
+//! body that is sent, and bounded per-upstream state.
+
+use std::{
+    sync::{mpsc, Arc, Mutex},
+    time::Duration,
+};
+
+use patient_http::{
+    breaker::{BreakerPolicy, BreakerState},
+    interceptor::{InterceptContext, RequestFn},
+    limit::LimitConfig,
+    preprocess::{AwsCredentials, PreparedRequest},
+    retry::RetryPolicy,
+    AwaitableClient, Builder, HedgeDelay, Outcome, ProcessorObserver, Request, RequestError,
+    RequestOptions, ResilienceConfig, Response, Secret, SigV4, Strategy, Task, TaskError,
+};
+use patient_testkit::Upstream;
+use serde_json::Value;
+use tokio::time::Instant;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn get(url: impl AsRef<str>) -> Request {
+    Request::get(url).build().unwrap()
+}
+
+fn request_error(result: Result<Response, TaskError>) -> RequestError {
+    match result {
+        Err(TaskError::Request(e)) => e,
+        other => panic!("expected a request error, got {other:?}"),
+    }
+}
+
+fn body_json(response: &Response) -> Value {
+    serde_json::from_slice(response.body.as_deref().unwrap_or_default()).unwrap()
+}
+
+fn metric(client: &AwaitableClient, line_start: &str) -> Option<String> {
+    client
+        .metrics()
+        .render()
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+}
+
+// 2. A panic inside the engine ends the task as a request error.
+
+fn panicking_interceptor() -> RequestFn<
+    impl Fn(&mut PreparedRequest, &InterceptContext<'_>) -> Result<(), String> + Send + Sync + 'static,
+> {
+    RequestFn::new(
+        "boom",
+        |_: &mut PreparedRequest, _: &InterceptContext<'_>| -> Result<(), String> {
+            panic!("interceptor exploded")
+        },
+    )
+}
+
+#[test]
+fn an_interceptor_panic_fails_the_task_on_the_processor_instead_of_retrying_it() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let up = runtime.block_on(Upstream::start()).unwrap();
+    let (tx, rx) = mpsc::channel::<Outcome>();
+    let processor = Builder::new()
+        .interceptor(panicking_interceptor())
+        .build(tx)
+        .unwrap();
+    processor.start().unwrap();
+    for _ in 0..3 {
+        processor
+            .enqueue(Task::new(get(up.url("/fast")), "Callback"))
+            .unwrap();
+    }
+    for _ in 0..3 {
+        match rx.recv_timeout(WAIT).unwrap() {
+            Outcome::Failed {
+                error: TaskError::Request(e),
+                ..
+            } => {
+                assert_eq!(e.class_name, "Panic");
+                assert!(e.message.contains("interceptor exploded"), "{}", e.message);
+            }
+            other => panic!("expected a Panic request error, got {other:?}"),
+        }
+    }
+    assert!(processor.wait_for_idle(WAIT));
+    let counts = processor.counts();
+    assert_eq!((counts.failed, counts.retried), (3, 0));
+    assert_eq!(counts.panics, 3);
+    assert!(processor.metrics().render().contains("\npanics_total 3\n"));
+    // Nothing was sent, and the processor keeps running.
+    assert_eq!(up.requests(), 0);
+    assert!(processor.is_running());
+    processor.stop(None);
+}
+
+#[tokio::test]
+async fn preprocessor_secret_and_retry_predicate_panics_end_the_task_as_panic_errors() {
+    let up = Upstream::start().await.unwrap();
+
+    let preprocessor = Builder::new()
+        .preprocessor("explode", |_: &mut PreparedRequest| -> Result<(), String> {
+            panic!("preprocessor exploded")
+        })
+        .build_awaitable()
+        .unwrap();
+    let request = Request::get(up.url("/fast"))
+        .preprocessor("explode")
+        .build()
+        .unwrap();
+    let e = request_error(preprocessor.send(request).await);
+    assert_eq!(e.class_name, "Panic");
+    assert!(e.message.contains("preprocessor exploded"));
+
+    let secret = Builder::new()
+        .secret(
+            "vault",
+            Secret::computed(|| -> Result<String, String> { panic!("vault exploded") }),
+        )
+        .build_awaitable()
+        .unwrap();
+    let request = Request::get(up.url("/fast"))
+        .secret_header("authorization", "vault")
+        .build()
+        .unwrap();
+    let e = request_error(secret.send(request).await);
+    assert_eq!(e.class_name, "Panic");
+    assert!(e.message.contains("vault exploded"));
+
+    let mut resilience = ResilienceConfig::default();
+    resilience.defaults.retry = Some(
+        RetryPolicy::builder()
+            .max_attempts(3)
+            .retry_if(|_| panic!("predicate exploded"))
+            .build()
+            .unwrap(),
+    );
+    let predicate = Builder::new()
+        .resilience(resilience)
+        .build_awaitable()
+        .unwrap();
+    // A 404 matches none of the default conditions, so the predicate is asked.
+    let e = request_error(predicate.send(get(up.url("/status/404"))).await);
+    assert_eq!(e.class_name, "Panic");
+    assert!(e.message.contains("predicate exploded"));
+    assert_eq!(metric(&predicate, "panics_total").as_deref(), Some("1"));
+}
+
+// 3. A hedge the breaker refuses does not start and never wins.
+
+fn hedged_breaker(probes: u32) -> ResilienceConfig {
+    let mut config = ResilienceConfig::default();
+    config.defaults.hedge = HedgeDelay::Fixed(vec![Duration::from_millis(50)]);
+    config.defaults.retry = Some(RetryPolicy::builder().max_attempts(2).build().unwrap());
+    config.defaults.breaker = Some(
+        BreakerPolicy::builder()
+            .consecutive_failures(Some(1))
+            .minimum_throughput(1000)
+            .break_duration(Duration::from_secs(1))
+            .half_open_probes(probes)
+            .success_threshold(1)
+            .build()
+            .unwrap(),
+    );
+    config
+}
+
+#[derive(Clone, Default)]
+struct Transitions(Arc<Mutex<Vec<(BreakerState, BreakerState)>>>);
+
+impl ProcessorObserver for Transitions {
+    fn on_breaker_state_change(&self, _: &str, from: BreakerState, to: BreakerState) {
+        self.0.lock().unwrap().push((from, to));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_opened_by_another_task_does_not_kill_a_healthy_hedged_request() {
+    let up = Upstream::start().await.unwrap();
+    let client = Builder::new()
+        .resilience(hedged_breaker(1))
+        .build_awaitable()
+        .unwrap();
+    let slow = {
+        let client = client.clone();
+        let request = Request::get(up.url("/delay?ms=300"))
+            .strategy(Strategy::Hedged)
+            .build()
+            .unwrap();
+        tokio::spawn(async move { client.send(request).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Another task's failure opens the breaker while the slow one is in flight.
+    let failed = client
+        .send(
+            Request::get(up.url("/status/503"))
+                .strategy(Strategy::Single)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(failed.status, 503);
+
+    let started = Instant::now();
+    let response = slow.await.unwrap().unwrap();
+    assert_eq!(response.status, 200, "the healthy attempt finished");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // The refused hedge never started: one attempt, nothing cancelled.
+    assert_eq!(up.requests_to("/delay"), 1);
+    assert!(response.attempts.is_empty(), "{:?}", response.attempts);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_half_open_probe_keeps_its_permit_until_its_verdict_closes_the_breaker() {
+    let up = Upstream::start().await.unwrap();
+    let transitions = Transitions::default();
+    let client = Builder::new()
+        .resilience(hedged_breaker(1))
+        .observer(transitions.clone())
+        .build_awaitable()
+        .unwrap();
+    let single = |path: &str| {
+        Request::get(up.url(path))
+            .strategy(Strategy::Single)
+            .build()
+            .unwrap()
+    };
+    assert_eq!(
+        client.send(single("/status/503")).await.unwrap().status,
+        503
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Half-open: the hedged task's first attempt is the probe; its hedge is
+    // refused (no probe left) and must not cancel it.
+    let response = client
+        .send(
+            Request::get(up.url("/delay?ms=200"))
+                .strategy(Strategy::Hedged)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        *transitions.0.lock().unwrap(),
+        [
+            (BreakerState::Closed, BreakerState::Open),
+            (BreakerState::Open, BreakerState::HalfOpen),
+            (BreakerState::HalfOpen, BreakerState::Closed),
+        ]
+    );
+    assert_eq!(client.send(single("/fast")).await.unwrap().status, 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_breaker_is_asked_after_the_rate_limit_wait() {
+    let up = Upstream::start().await.unwrap();
+    let mut config = hedged_breaker(1);
+    config.defaults.retry = Some(RetryPolicy::none());
+    config.defaults.limits = LimitConfig::builder().rate(1.0, 1).build().unwrap();
+    let client = Builder::new().resilience(config).build_awaitable().unwrap();
+    assert_eq!(
+        client
+            .send(get(up.url("/status/503")))
+            .await
+            .unwrap()
+            .status,
+        503
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Half-open with one probe and one token: the first takes both; the
+    // second waits for its token without holding a probe, and by then the
+    // probe has closed the breaker.
+    let (a, b) = tokio::join!(
+        client.send(get(up.url("/fast"))),
+        client.send(get(up.url("/fast")))
+    );
+    assert_eq!(a.unwrap().status, 200);
+    assert_eq!(b.unwrap().status, 200);
+    assert_eq!(up.requests_to("/fast"), 2);
+}
+
+// 4. Credentials never cross origins, not even through interceptors.
+
+#[derive(Clone, Default)]
+struct Hops(Arc<Mutex<Vec<(u32, bool)>>>);
+
+#[tokio::test]
+async fn an_auth_interceptor_does_not_send_its_token_to_another_origin() {
+    let a = Upstream::start().await.unwrap();
+    let b = Upstream::start().await.unwrap();
+    let hops = Hops::default();
+    let seen = hops.clone();
+    let client = Builder::new()
+        .interceptor(RequestFn::new(
+            "auth",
+            move |request: &mut PreparedRequest, ctx: &InterceptContext<'_>| {
+                seen.0.lock().unwrap().push((ctx.hop, ctx.cross_origin));
+                request.set_header("authorization", "Bearer t0ken")?;
+                request.set_header("cookie", "session=1")
+            },
+        ))
+        .build_awaitable()
+        .unwrap();
+    let target = b.url("/echo");
+    let to_b = a.url(&format!(
+        "/redirect-to?url={}",
+        url::form_urlencoded::byte_serialize(target.as_bytes()).collect::<String>()
+    ));
+    let response = client.send(get(&to_b)).await.unwrap();
+    assert_eq!(response.status, 200);
+    let echoed = body_json(&response);
+    assert_eq!(echoed["headers"].get("authorization"), None, "{echoed}");
+    assert_eq!(echoed["headers"].get("cookie"), None, "{echoed}");
+    assert_eq!(*hops.0.lock().unwrap(), [(1, false), (2, true)]);
+
+    // On the same origin the interceptor's header is kept.
+    let same = a.url(&format!(
+        "/redirect-to?url={}",
+        url::form_urlencoded::byte_serialize(a.url("/echo").as_bytes()).collect::<String>()
+    ));
+    let echoed = body_json(&client.send(get(&same)).await.unwrap());
+    assert_eq!(echoed["headers"]["authorization"], "Bearer t0ken");
+}
+
+// 6. SigV4 signs the body that is sent, after request compression.
+
+#[tokio::test]
+async fn sigv4_signs_the_compressed_body_that_is_sent() {
+    let up = Upstream::start().await.unwrap();
+    let signer = SigV4::new(
+        AwsCredentials {
+            access_key_id: "AKIDEXAMPLE".into(),
+            secret_access_key: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into(),
+            session_token: None,
+        },
+        "us-east-1",
+        "service",
+    )
+    .content_sha256_header(true);
+    let client = Builder::new()
+        .config(
+            patient_http::Config::builder()
+                .client_with(|c| c.request_compression = true)
+                .build()
+                .unwrap(),
+        )
+        .preprocessor("sigv4", signer)
+        .build_awaitable()
+        .unwrap();
+    let body = "x".repeat(4096);
+    let request = Request::post(up.url("/echo"))
+        .body(body.clone())
+        .header("content-type", "text/plain")
+        .preprocessor("sigv4")
+        .build()
+        .unwrap();
+    let echoed = body_json(&client.send(request).await.unwrap());
+    assert_eq!(echoed["headers"]["content-encoding"], "gzip");
+    let sent = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(echoed["body_base64"].as_str().unwrap())
+            .unwrap()
+    };
+    assert!(sent.len() < body.len(), "the body went compressed");
+    let digest = ring::digest::digest(&ring::digest::SHA256, &sent);
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(echoed["headers"]["x-amz-content-sha256"], hex.as_str());
+    let auth = echoed["headers"]["authorization"].as_str().unwrap();
+    assert!(auth.contains("x-amz-content-sha256"), "{auth}");
+}
+
+// 8. Per-upstream state and metric labels stay bounded whatever the input.
+
+#[tokio::test]
+async fn arbitrary_upstream_keys_keep_the_metrics_bounded() {
+    let up = Upstream::start().await.unwrap();
+    let client = AwaitableClient::builder().build_awaitable().unwrap();
+    for i in 0..600 {
+        let request = Request::get(up.url("/fast"))
+            .request_options(RequestOptions {
+                upstream_key: Some(format!("tenant-{i}")),
+                ..RequestOptions::default()
+            })
+            .build()
+            .unwrap();
+        assert_eq!(client.send(request).await.unwrap().status, 200);
+    }
+    let text = client.metrics().render();
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("attempts_total{"))
+        .count();
+    assert_eq!(series, patient_http::metrics::DEFAULT_MAX_UPSTREAMS + 1);
+    let other = format!(
+        "attempts_total{{upstream=\"{}\"}} ",
+        patient_http::metrics::OTHER_UPSTREAM
+    );
+    let line = text.lines().find(|l| l.starts_with(&other)).unwrap();
+    assert_eq!(
+        line.rsplit(' ').next().unwrap(),
+        (600 - patient_http::metrics::DEFAULT_MAX_UPSTREAMS).to_string()
+    );
+}
