@@ -10,10 +10,10 @@
 //!   [`try_acquire`](CircuitBreaker::try_acquire) gives a [`BreakerPermit`]
 //!   on which the caller reports `success()` or `failure()`, or fails fast
 //!   with [`BreakerOpen`] and the time until it may admit a call.
-//! * [`BreakerRegistry`] — a breaker per key (origin or configured name),
-//!   per-key policies, a transition callback for observers and metrics, and a
-//!   [`states`](BreakerRegistry::states) snapshot.
 //!
+//! The engine keeps one breaker per upstream, beside its limits, and bounds
+//! how many it keeps (see
+//! [`ResilienceConfig::max_upstreams`](crate::ResilienceConfig::max_upstreams)).
 //! The caller decides what a failure is (in the pipeline: a request error,
 //! or a 5xx or 429 status). All time is [`tokio::time`], so tests drive it
 //! with a paused clock.
@@ -21,36 +21,33 @@
 //! ```
 //! use std::time::Duration;
 //!
-//! use patient_http::breaker::{BreakerPolicy, BreakerRegistry, BreakerState};
+//! use patient_http::breaker::{BreakerPolicy, BreakerState, CircuitBreaker};
 //!
+//! # tokio::runtime::Builder::new_current_thread().enable_time().build()?.block_on(async {
 //! let policy = BreakerPolicy::builder()
 //!     .consecutive_failures(Some(3))
 //!     .break_duration(Duration::from_secs(10))
 //!     .build()?;
-//! let breakers = BreakerRegistry::new(policy)
-//!     .on_transition(|key, from, to| println!("{key}: {from} -> {to}"));
+//! let breaker = CircuitBreaker::with_on_transition(policy, |from, to| println!("{from} -> {to}"));
 //!
 //! for _ in 0..3 {
-//!     match breakers.try_acquire("https://api.example.com:443") {
+//!     match breaker.try_acquire() {
 //!         // ... send the request, then report what happened:
 //!         Ok(permit) => permit.failure(),
 //!         Err(open) => println!("not sent; retry in {:?}", open.retry_in),
 //!     }
 //! }
-//! let refused = breakers.try_acquire("https://api.example.com:443").unwrap_err();
+//! let refused = breaker.try_acquire().unwrap_err();
 //! assert!(refused.retry_in <= Duration::from_secs(10));
-//! assert_eq!(
-//!     breakers.states(),
-//!     vec![("https://api.example.com:443".to_owned(), BreakerState::Open)]
-//! );
+//! assert_eq!(breaker.state(), BreakerState::Open);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # })?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 #[allow(clippy::module_inception)]
 mod breaker;
 mod policy;
-mod registry;
 
 pub use breaker::{BreakerOpen, BreakerPermit, BreakerState, CircuitBreaker};
 pub use policy::{BreakerPolicy, BreakerPolicyBuilder, InvalidBreakerPolicy};
-pub use registry::BreakerRegistry;

@@ -10,27 +10,25 @@
 //!   that holds the concurrency slot and records the wait.
 //!   [`cool_down`](KeyLimits::cool_down) holds back every call of the key —
 //!   how a 429 with `Retry-After` cools the whole key, not one request.
-//! * [`LimitRegistry`] — [`KeyLimits`] by key (an origin such as
-//!   `"https://api.openai.com:443"` or a configured name) from a per-key
-//!   [`LimitConfig`] or the default.
+//!
+//! The engine keeps one [`KeyLimits`] per upstream, beside its breaker, and
+//! bounds how many it keeps (see
+//! [`ResilienceConfig::max_upstreams`](crate::ResilienceConfig::max_upstreams)).
 //!
 //! All time is [`tokio::time`], so tests drive it with a paused clock.
 //!
 //! ```
 //! use std::time::Duration;
 //!
-//! use patient_http::limit::{LimitConfig, LimitRegistry};
+//! use patient_http::limit::{KeyLimits, LimitConfig};
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build()?.block_on(async {
-//! let limits = LimitRegistry::default().with_key(
-//!     "openai",
-//!     LimitConfig::builder().rate(50.0, 10).max_in_flight(8).build()?,
-//! );
+//! let limits = KeyLimits::new(&LimitConfig::builder().rate(50.0, 10).max_in_flight(8).build()?);
 //!
-//! let permit = limits.acquire("openai").await; // waits for a token and a slot
+//! let permit = limits.acquire().await; // waits for a token and a slot
 //! println!("waited {:?}", permit.waited());
 //! // ... send the request while holding `permit`; on a 429 with Retry-After:
-//! limits.cool_down("openai", Duration::from_millis(10));
+//! limits.cool_down(Duration::from_millis(10));
 //! drop(permit);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! # })?;
@@ -38,14 +36,12 @@
 //! ```
 
 mod concurrency;
+mod key;
 mod rate;
-mod registry;
 
 pub use concurrency::{ConcurrencyLimit, ConcurrencyPermit};
+pub use key::{KeyLimits, LimitBusy, LimitConfig, LimitConfigBuilder, LimitPermit};
 pub use rate::{RateLimit, TokenBucket};
-pub use registry::{
-    KeyLimits, LimitBusy, LimitConfig, LimitConfigBuilder, LimitPermit, LimitRegistry,
-};
 
 /// A rejected limit setting; [`field`](Self::field) names it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,11 +1,9 @@
 //! Per-key limits: [`LimitConfig`] (what a key allows), [`KeyLimits`] (the
-//! live bucket, slots and cooldown of one key), [`LimitPermit`] and the
-//! [`LimitRegistry`] of all keys.
+//! live bucket, slots and cooldown of one key) and its [`LimitPermit`].
 
 use std::{
-    collections::HashMap,
     fmt,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
@@ -305,89 +303,12 @@ impl KeyLimits {
     }
 }
 
-/// The [`KeyLimits`] of every key, created on first use from the key's own
-/// [`LimitConfig`] or the default.
-///
-/// Keys are strings such as an origin (`"https://api.openai.com:443"`) or a
-/// configured name (`"openai"`). Every key used gets an entry (even an
-/// unlimited one, so it can be cooled down), kept as long as the registry.
-pub struct LimitRegistry {
-    default_config: LimitConfig,
-    configs: HashMap<String, LimitConfig>,
-    limits: Mutex<HashMap<String, Arc<KeyLimits>>>,
-}
-
-impl fmt::Debug for LimitRegistry {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LimitRegistry")
-            .field("default_config", &self.default_config)
-            .field("configs", &self.configs)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Default for LimitRegistry {
-    /// Every key [`LimitConfig::unlimited`].
-    fn default() -> Self {
-        LimitRegistry::new(LimitConfig::unlimited())
-    }
-}
-
-impl LimitRegistry {
-    /// A registry whose keys use `default_config` unless
-    /// [`with_key`](Self::with_key) says otherwise.
-    pub fn new(default_config: LimitConfig) -> Self {
-        LimitRegistry {
-            default_config,
-            configs: HashMap::new(),
-            limits: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Uses `config` for `key` instead of the default. Default: none.
-    #[must_use]
-    pub fn with_key(mut self, key: impl Into<String>, config: LimitConfig) -> Self {
-        self.configs.insert(key.into(), config);
-        self
-    }
-
-    /// The config `key` runs on.
-    pub fn config_for(&self, key: &str) -> &LimitConfig {
-        self.configs.get(key).unwrap_or(&self.default_config)
-    }
-
-    /// The limits of `key`, created on first use.
-    pub fn get(&self, key: &str) -> Arc<KeyLimits> {
-        let mut limits = self.limits.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(existing) = limits.get(key) {
-            return Arc::clone(existing);
-        }
-        let created = Arc::new(KeyLimits::new(self.config_for(key)));
-        limits.insert(key.to_owned(), Arc::clone(&created));
-        created
-    }
-
-    /// [`KeyLimits::acquire`] on `key`.
-    pub async fn acquire(&self, key: &str) -> LimitPermit {
-        let limits = self.get(key);
-        limits.acquire().await
-    }
-
-    /// [`KeyLimits::try_acquire`] on `key`.
-    pub fn try_acquire(&self, key: &str) -> Result<LimitPermit, LimitBusy> {
-        self.get(key).try_acquire()
-    }
-
-    /// [`KeyLimits::cool_down`] on `key`: every acquire of `key` waits until
-    /// `duration` from now; other keys are not affected.
-    pub fn cool_down(&self, key: &str, duration: Duration) {
-        self.get(key).cool_down(duration);
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    };
 
     use tokio::time::{advance, sleep};
 
@@ -420,23 +341,23 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn cooldown_delays_every_acquire_of_the_key_only() {
-        let registry = Arc::new(LimitRegistry::default());
-        assert_eq!(registry.acquire("a").await.waited(), Duration::ZERO);
-        registry.cool_down("https://a.example:443", Duration::from_secs(2));
+        let a = Arc::new(KeyLimits::unlimited());
+        let b = KeyLimits::unlimited();
+        assert_eq!(a.acquire().await.waited(), Duration::ZERO);
+        a.cool_down(Duration::from_secs(2));
         let start = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..5 {
-            let registry = Arc::clone(&registry);
+            let a = Arc::clone(&a);
             tasks.push(tokio::spawn(async move {
-                let permit = registry.acquire("https://a.example:443").await;
+                let permit = a.acquire().await;
                 (permit.waited(), Instant::now())
             }));
         }
         // Another key is not held back.
-        let other = registry.acquire("https://b.example:443").await;
-        assert_eq!(other.waited(), Duration::ZERO);
+        assert_eq!(b.acquire().await.waited(), Duration::ZERO);
         assert!(matches!(
-            registry.try_acquire("https://a.example:443"),
+            a.try_acquire(),
             Err(LimitBusy::CoolingDown { retry_in }) if retry_in == Duration::from_secs(2)
         ));
         for task in tasks {
@@ -444,14 +365,8 @@ mod tests {
             assert_eq!(waited, Duration::from_secs(2));
             assert_eq!(at - start, Duration::from_secs(2));
         }
-        assert_eq!(
-            registry.get("https://a.example:443").cooldown_remaining(),
-            None
-        );
-        assert_eq!(
-            registry.acquire("https://a.example:443").await.waited(),
-            Duration::ZERO
-        );
+        assert_eq!(a.cooldown_remaining(), None);
+        assert_eq!(a.acquire().await.waited(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
@@ -499,21 +414,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn concurrency_limit_caps_in_flight_per_key() {
-        let registry = Arc::new(LimitRegistry::default().with_key(
-            "openai",
-            LimitConfig::builder().max_in_flight(2).build().unwrap(),
+        let key = Arc::new(KeyLimits::new(
+            &LimitConfig::builder().max_in_flight(2).build().unwrap(),
         ));
+        let other = KeyLimits::unlimited();
         let in_flight = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for _ in 0..10 {
-            let (registry, in_flight, peak) = (
-                Arc::clone(&registry),
-                Arc::clone(&in_flight),
-                Arc::clone(&peak),
-            );
+            let (key, in_flight, peak) =
+                (Arc::clone(&key), Arc::clone(&in_flight), Arc::clone(&peak));
             tasks.push(tokio::spawn(async move {
-                let permit = registry.acquire("openai").await;
+                let permit = key.acquire().await;
                 let n = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                 peak.fetch_max(n, Ordering::SeqCst);
                 sleep(Duration::from_millis(50)).await;
@@ -521,16 +433,13 @@ mod tests {
                 drop(permit);
             }));
         }
-        // An unconfigured key has no concurrency limit.
-        let held: Vec<_> = (0..10)
-            .map(|_| registry.try_acquire("other").unwrap())
-            .collect();
+        // An unlimited key has no concurrency limit.
+        let held: Vec<_> = (0..10).map(|_| other.try_acquire().unwrap()).collect();
         for task in tasks {
             task.await.unwrap();
         }
         assert_eq!(peak.load(Ordering::SeqCst), 2);
         drop(held);
-        let key = registry.get("openai");
         assert_eq!(key.concurrency().map(ConcurrencyLimit::in_flight), Some(0));
         let first = key.try_acquire().unwrap();
         let _second = key.try_acquire().unwrap();
@@ -561,30 +470,6 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn registry_uses_per_key_and_default_configs() {
-        let registry = LimitRegistry::new(LimitConfig::builder().rate(1.0, 1).build().unwrap())
-            .with_key("fast", LimitConfig::unlimited());
-        assert!(Arc::ptr_eq(&registry.get("x"), &registry.get("x")));
-        assert_eq!(registry.config_for("fast"), &LimitConfig::unlimited());
-        assert!(registry.get("fast").bucket().is_none());
-        assert_eq!(
-            registry
-                .get("slow")
-                .bucket()
-                .map(|b| b.limit().per_second()),
-            Some(1.0)
-        );
-        for _ in 0..100 {
-            assert!(registry.try_acquire("fast").is_ok());
-        }
-        assert!(registry.try_acquire("slow").is_ok());
-        assert!(matches!(
-            registry.try_acquire("slow"),
-            Err(LimitBusy::RateLimited { .. })
-        ));
-    }
-
-    #[tokio::test(start_paused = true)]
     async fn huge_cooldown_does_not_overflow() {
         let limits = KeyLimits::unlimited();
         limits.cool_down(Duration::MAX);
@@ -595,7 +480,6 @@ mod tests {
     fn types_are_send_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<KeyLimits>();
-        assert_send_sync::<LimitRegistry>();
         assert_send_sync::<LimitPermit>();
     }
 
@@ -604,7 +488,5 @@ mod tests {
         fn assert_send<T: Send>(_: T) {}
         let limits = KeyLimits::unlimited();
         assert_send(limits.acquire());
-        let registry = LimitRegistry::default();
-        assert_send(registry.acquire("a"));
     }
 }
