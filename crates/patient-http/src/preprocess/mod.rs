@@ -11,7 +11,7 @@ use std::{collections::HashMap, fmt, sync::Arc};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
-pub use sigv4::{AwsCredentials, SigV4};
+pub use sigv4::{AwsCredentials, SigV4, SignatureParts};
 use url::Url;
 
 /// Why a preprocessor refused or failed.

@@ -9,7 +9,10 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use http::HeaderValue;
+use http::{
+    header::{AUTHORIZATION, HOST},
+    HeaderMap, HeaderName, HeaderValue,
+};
 use ring::{digest, hmac};
 
 use super::{PreparedRequest, Preprocessor};
@@ -34,19 +37,74 @@ impl fmt::Debug for AwsCredentials {
     }
 }
 
+/// Headers never signed: the signature itself, and the headers that proxies
+/// and the transport may add, change or drop on the way.
+const UNSIGNED_HEADERS: [&str; 12] = [
+    "authorization",
+    "connection",
+    "expect",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "user-agent",
+    "x-amzn-trace-id",
+];
+
+const X_AMZ_DATE: HeaderName = HeaderName::from_static("x-amz-date");
+const X_AMZ_CONTENT_SHA256: HeaderName = HeaderName::from_static("x-amz-content-sha256");
+const X_AMZ_SECURITY_TOKEN: HeaderName = HeaderName::from_static("x-amz-security-token");
+
 /// Signs requests with AWS Signature Version 4 (header form).
 ///
-/// Signs `host`, `content-type`, `content-md5`, `range`, `date` and every
-/// `x-amz-*` header present, and sets `x-amz-date`, `authorization`,
+/// Sets `host` (from the URL), `x-amz-date`, `authorization`,
 /// `x-amz-security-token` (with a session token) and, for S3 or when asked,
-/// `x-amz-content-sha256`.
+/// `x-amz-content-sha256`. Every header of the request is signed except
+/// `authorization`, `user-agent`, `expect`, `x-amzn-trace-id` and the
+/// hop-by-hop headers (`connection`, `keep-alive`, `proxy-authorization`,
+/// `proxy-connection`, `te`, `trailer`, `transfer-encoding`, `upgrade`),
+/// which proxies and the transport may change on the way. Header values are
+/// signed trimmed, with each run of spaces and tabs as one space, and the
+/// values of a repeated header joined with commas.
+///
+/// The path is signed the way the service checks it: S3 signs it as sent,
+/// each segment decoded and encoded once; other services first remove `.`,
+/// `..` and empty segments, then encode the path as sent a second time (see
+/// [`s3_path_rules`](Self::s3_path_rules)). Query parameters are read as form
+/// data (`+` is a space), encoded again and sorted by name, then value.
 #[derive(Debug, Clone)]
 pub struct SigV4 {
     credentials: AwsCredentials,
     region: String,
     service: String,
     content_sha256_header: bool,
+    s3_path_rules: bool,
+    sign_session_token: bool,
     clock: Option<SystemTime>,
+}
+
+/// What [`SigV4::sign`] computed, step by step.
+///
+/// When a service rejects a signature, its error quotes the canonical request
+/// and the string to sign it computed; these are ours to compare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SignatureParts {
+    /// The canonical request: method, path, query, headers, signed header
+    /// names and payload hash, one per line.
+    pub canonical_request: String,
+    /// The string to sign: algorithm, time, credential scope and the hash of
+    /// the canonical request.
+    pub string_to_sign: String,
+    /// The names of the signed headers, sorted and joined with `;`.
+    pub signed_headers: String,
+    /// The signature, in lower-case hex.
+    pub signature: String,
+    /// The `authorization` header value that was set.
+    pub authorization: String,
 }
 
 impl SigV4 {
@@ -57,8 +115,11 @@ impl SigV4 {
         service: impl Into<String>,
     ) -> SigV4 {
         let service = service.into();
+        let s3 = service == "s3";
         SigV4 {
-            content_sha256_header: service == "s3",
+            content_sha256_header: s3,
+            s3_path_rules: s3,
+            sign_session_token: true,
             credentials,
             region: region.into(),
             service,
@@ -73,6 +134,28 @@ impl SigV4 {
         self
     }
 
+    /// Whether to sign the path by S3's rules (default: only for service `s3`).
+    ///
+    /// S3 signs the path as sent: `.`, `..` and empty segments stay, and each
+    /// segment is signed encoded once (decoded, then encoded the AWS way).
+    /// Other services sign the path with those segments removed and encoded
+    /// a second time, as sent (`%20` is signed as `%2520`).
+    #[must_use]
+    pub fn s3_path_rules(mut self, s3: bool) -> SigV4 {
+        self.s3_path_rules = s3;
+        self
+    }
+
+    /// Whether the session token is part of the signature (default: yes).
+    ///
+    /// With `false`, `x-amz-security-token` is still sent but added after
+    /// signing, as some services want it.
+    #[must_use]
+    pub fn sign_session_token(mut self, sign: bool) -> SigV4 {
+        self.sign_session_token = sign;
+        self
+    }
+
     /// Signs as if the time were `at` (for tests against published examples).
     #[must_use]
     pub fn fixed_time(mut self, at: SystemTime) -> SigV4 {
@@ -80,59 +163,62 @@ impl SigV4 {
         self
     }
 
-    /// Signs a request at a given time.
-    pub fn sign(&self, request: &mut PreparedRequest, at: SystemTime) -> Result<(), String> {
+    /// Signs a request at a given time: sets the headers listed on [`SigV4`]
+    /// and returns what the signature was computed from.
+    pub fn sign(
+        &self,
+        request: &mut PreparedRequest,
+        at: SystemTime,
+    ) -> Result<SignatureParts, String> {
         let secret = resolve(&self.credentials.secret_access_key)?;
+        let token = match &self.credentials.session_token {
+            Some(token) => {
+                let mut value = header_value(&X_AMZ_SECURITY_TOKEN, &resolve(token)?)?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
         let (date, datetime) = amz_dates(at);
         let payload_hash = hex(digest::digest(&digest::SHA256, request.body()).as_ref());
+        let host = host_header(request.url())?;
 
-        let host = host_header(request)?;
         let headers = request.headers_mut();
-        headers.insert("host", header_value(&host)?);
-        headers.insert("x-amz-date", header_value(&datetime)?);
+        headers.insert(HOST, header_value(&HOST, &host)?);
+        headers.insert(X_AMZ_DATE, header_value(&X_AMZ_DATE, &datetime)?);
         if self.content_sha256_header {
-            headers.insert("x-amz-content-sha256", header_value(&payload_hash)?);
+            headers.insert(
+                X_AMZ_CONTENT_SHA256,
+                header_value(&X_AMZ_CONTENT_SHA256, &payload_hash)?,
+            );
         }
-        if let Some(token) = &self.credentials.session_token {
-            headers.insert("x-amz-security-token", header_value(&resolve(token)?)?);
-        }
-
-        let mut signed: Vec<(String, String)> = Vec::new();
-        for (name, value) in request.headers() {
-            let n = name.as_str();
-            if matches!(
-                n,
-                "host" | "content-type" | "content-md5" | "range" | "date"
-            ) || n.starts_with("x-amz-")
-            {
-                let v = value
-                    .to_str()
-                    .map_err(|_| format!("header {n} is not visible ASCII"))?;
-                let v = v.split_whitespace().collect::<Vec<_>>().join(" ");
-                if let Some(existing) = signed.iter_mut().find(|(k, _)| k == n) {
-                    existing.1.push(',');
-                    existing.1.push_str(&v);
-                } else {
-                    signed.push((n.to_owned(), v));
-                }
+        if let Some(token) = &token {
+            if self.sign_session_token {
+                headers.insert(X_AMZ_SECURITY_TOKEN, token.clone());
+            } else {
+                // Set after signing: a value the request carried is not signed either.
+                headers.remove(X_AMZ_SECURITY_TOKEN);
             }
         }
-        signed.sort();
-        let signed_headers = signed
-            .iter()
-            .map(|(k, _)| k.as_str())
-            .collect::<Vec<_>>()
-            .join(";");
-        let canonical_headers: String = signed.iter().map(|(k, v)| format!("{k}:{v}\n")).collect();
 
+        let signed = canonical_headers(request.headers())?;
+        let mut canonical_headers = String::new();
+        let mut signed_headers = String::new();
+        for (name, value) in &signed {
+            canonical_headers.push_str(name);
+            canonical_headers.push(':');
+            canonical_headers.push_str(value);
+            canonical_headers.push('\n');
+            if !signed_headers.is_empty() {
+                signed_headers.push(';');
+            }
+            signed_headers.push_str(name);
+        }
         let canonical_request = format!(
-            "{}\n{}\n{}\n{}\n{}\n{}",
+            "{}\n{}\n{}\n{canonical_headers}\n{signed_headers}\n{payload_hash}",
             request.method().as_str(),
             self.canonical_uri(request.url().path()),
-            canonical_query(request.url()),
-            canonical_headers,
-            signed_headers,
-            payload_hash
+            canonical_query(request.url().query()),
         );
         let scope = format!("{date}/{}/{}/aws4_request", self.region, self.service);
         let string_to_sign = format!(
@@ -148,30 +234,56 @@ impl SigV4 {
             "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={signature}",
             self.credentials.access_key_id
         );
-        request
-            .headers_mut()
-            .insert("authorization", header_value(&authorization)?);
-        Ok(())
+        let mut value = header_value(&AUTHORIZATION, &authorization)?;
+        value.set_sensitive(true);
+        let headers = request.headers_mut();
+        headers.insert(AUTHORIZATION, value);
+        if let (Some(token), false) = (token, self.sign_session_token) {
+            headers.insert(X_AMZ_SECURITY_TOKEN, token);
+        }
+        Ok(SignatureParts {
+            canonical_request,
+            string_to_sign,
+            signed_headers,
+            signature,
+            authorization,
+        })
     }
 
+    /// The canonical URI of a path as sent (the URL's, percent-encoded).
     fn canonical_uri(&self, path: &str) -> String {
-        let path = if path.is_empty() { "/" } else { path };
-        if self.service == "s3" {
-            // S3 signs the path as sent (encoded once).
-            path.to_owned()
+        let mut out = String::with_capacity(path.len() + 8);
+        if self.s3_path_rules {
+            if path.is_empty() {
+                out.push('/');
+            }
+            for (i, segment) in path.split('/').enumerate() {
+                if i > 0 {
+                    out.push('/');
+                }
+                uri_encode_into(&mut out, &percent_decode(segment, false));
+            }
         } else {
-            // Other services sign each segment encoded twice.
-            path.split('/')
-                .map(|segment| uri_encode(segment, false))
-                .collect::<Vec<_>>()
-                .join("/")
+            let (segments, trailing_slash) = normalized_segments(path);
+            out.push('/');
+            for (i, segment) in segments.iter().enumerate() {
+                if i > 0 {
+                    out.push('/');
+                }
+                uri_encode_into(&mut out, segment.as_bytes());
+            }
+            if trailing_slash && !segments.is_empty() {
+                out.push('/');
+            }
         }
+        out
     }
 }
 
 impl Preprocessor for SigV4 {
     fn process(&self, request: &mut PreparedRequest) -> Result<(), String> {
         self.sign(request, self.clock.unwrap_or_else(SystemTime::now))
+            .map(|_| ())
     }
 }
 
@@ -182,12 +294,12 @@ fn resolve(secret: &Secret) -> Result<String, String> {
     }
 }
 
-fn header_value(v: &str) -> Result<HeaderValue, String> {
-    HeaderValue::from_str(v).map_err(|_| "a signed header value is not valid".to_owned())
+fn header_value(name: &HeaderName, value: &str) -> Result<HeaderValue, String> {
+    HeaderValue::from_str(value).map_err(|_| format!("the value for header {name} is not valid"))
 }
 
-fn host_header(request: &PreparedRequest) -> Result<String, String> {
-    let url = request.url();
+/// `host[:port]` of the URL, as the transport sends it (no default port).
+fn host_header(url: &url::Url) -> Result<String, String> {
     let host = url.host_str().ok_or("the URL has no host")?;
     Ok(match url.port() {
         Some(port) => format!("{host}:{port}"),
@@ -195,32 +307,145 @@ fn host_header(request: &PreparedRequest) -> Result<String, String> {
     })
 }
 
-fn canonical_query(url: &url::Url) -> String {
-    let mut pairs: Vec<(String, String)> = url
-        .query_pairs()
-        .map(|(k, v)| (uri_encode(&k, true), uri_encode(&v, true)))
+/// The signed headers, sorted by name: each value trimmed, runs of spaces
+/// and tabs made one space, repeated headers joined with commas.
+fn canonical_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, String> {
+    let mut signed = Vec::with_capacity(headers.keys_len());
+    for name in headers.keys() {
+        let name = name.as_str();
+        if UNSIGNED_HEADERS.contains(&name) {
+            continue;
+        }
+        let mut joined = String::new();
+        for (i, value) in headers.get_all(name).iter().enumerate() {
+            let value = std::str::from_utf8(value.as_bytes())
+                .map_err(|_| format!("header {name} is not UTF-8, so it cannot be signed"))?;
+            if i > 0 {
+                joined.push(',');
+            }
+            for (j, word) in value
+                .split([' ', '\t'])
+                .filter(|w| !w.is_empty())
+                .enumerate()
+            {
+                if j > 0 {
+                    joined.push(' ');
+                }
+                joined.push_str(word);
+            }
+        }
+        signed.push((name.to_owned(), joined));
+    }
+    signed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Ok(signed)
+}
+
+/// The segments of a path with `.`, `..` and empty segments resolved
+/// (RFC 3986 section 5.2.4, repeated slashes collapsed), and whether the
+/// normalized path ends in a slash.
+fn normalized_segments(path: &str) -> (Vec<&str>, bool) {
+    let mut segments = Vec::new();
+    let mut trailing_slash = false;
+    for segment in path.split('/') {
+        match segment {
+            "" | "." => trailing_slash = true,
+            ".." => {
+                segments.pop();
+                trailing_slash = true;
+            }
+            _ => {
+                segments.push(segment);
+                trailing_slash = false;
+            }
+        }
+    }
+    (segments, trailing_slash)
+}
+
+/// The canonical query string: parameters read as form data, encoded the
+/// AWS way and sorted by name, then value.
+fn canonical_query(query: Option<&str>) -> String {
+    let Some(query) = query else {
+        return String::new();
+    };
+    let mut pairs: Vec<(String, String)> = query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (
+                uri_encode(&percent_decode(name, true)),
+                uri_encode(&percent_decode(value, true)),
+            )
+        })
         .collect();
-    pairs.sort();
-    pairs
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("&")
+    pairs.sort_unstable();
+    let mut out = String::with_capacity(query.len() + 8);
+    for (i, (name, value)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        out.push_str(name);
+        out.push('=');
+        out.push_str(value);
+    }
+    out
+}
+
+/// The bytes `%XX` escapes stand for (and `+` a space, in form data); a `%`
+/// not followed by two hex digits stays as it is.
+fn percent_decode(s: &str, plus_is_space: bool) -> Vec<u8> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => match (
+                bytes.get(i + 1).and_then(|&b| hex_digit(b)),
+                bytes.get(i + 2).and_then(|&b| hex_digit(b)),
+            ) {
+                (Some(high), Some(low)) => {
+                    out.push(high << 4 | low);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' if plus_is_space => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
 }
 
 /// AWS's URI encoding: every byte but the unreserved characters as `%XX`.
-fn uri_encode(s: &str, encode_slash: bool) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(b as char)
-            }
-            b'/' if !encode_slash => out.push('/'),
-            _ => out.push_str(&format!("%{b:02X}")),
+fn uri_encode(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    uri_encode_into(&mut out, bytes);
+    out
+}
+
+fn uri_encode_into(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 0xf)] as char);
         }
     }
-    out
 }
 
 fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
@@ -229,7 +454,13 @@ fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 0xf)] as char);
+    }
+    out
 }
 
 /// `(YYYYMMDD, YYYYMMDDTHHMMSSZ)` in UTC.
@@ -349,5 +580,111 @@ mod tests {
             ),
             "{auth}"
         );
+    }
+    fn signer(service: &str) -> SigV4 {
+        SigV4::new(
+            AwsCredentials {
+                access_key_id: "AKIDEXAMPLE".into(),
+                secret_access_key: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into(),
+                session_token: None,
+            },
+            "us-east-1",
+            service,
+        )
+    }
+
+    #[test]
+    fn paths_normalize_like_rfc_3986_with_repeated_slashes_collapsed() {
+        let cases = [
+            ("", "/"),
+            ("/", "/"),
+            ("//", "/"),
+            ("//example//", "/example/"),
+            ("/example/..", "/"),
+            ("/a/b/..", "/a/"),
+            ("/a/./b/.", "/a/b/"),
+            ("/../a", "/a"),
+            ("/a//b", "/a/b"),
+            ("/a/b", "/a/b"),
+        ];
+        for (path, normalized) in cases {
+            let (segments, trailing_slash) = normalized_segments(path);
+            let mut joined = format!("/{}", segments.join("/"));
+            if trailing_slash && !segments.is_empty() {
+                joined.push('/');
+            }
+            assert_eq!(joined, normalized, "{path:?}");
+        }
+    }
+
+    #[test]
+    fn other_services_encode_the_path_as_sent_a_second_time() {
+        let signer = signer("execute-api");
+        assert_eq!(
+            signer.canonical_uri("/a%20b/%2F/x+y"),
+            "/a%2520b/%252F/x%2By"
+        );
+        assert_eq!(signer.canonical_uri("//a//b/"), "/a/b/");
+    }
+
+    #[test]
+    fn s3_encodes_each_segment_once_and_keeps_the_separators() {
+        let signer = signer("s3");
+        // `%2F` inside a segment is not a separator.
+        assert_eq!(signer.canonical_uri("/a%2Fb//c/"), "/a%2Fb//c/");
+        // Characters a URL sends unescaped, and lower-case escapes.
+        assert_eq!(
+            signer.canonical_uri("/a+b!$*(')"),
+            "/a%2Bb%21%24%2A%28%27%29"
+        );
+        assert_eq!(signer.canonical_uri("/%e1%88%b4"), "/%E1%88%B4");
+        // A `%` that is no escape is a character of its own.
+        assert_eq!(signer.canonical_uri("/100%/%zz"), "/100%25/%25zz");
+    }
+
+    #[test]
+    fn query_parameters_are_form_data_encoded_again() {
+        let canonical = |q| canonical_query(Some(q));
+        assert_eq!(canonical(""), "");
+        assert_eq!(canonical("&&"), "");
+        assert_eq!(canonical("q=a+b%2Bc"), "q=a%20b%2Bc");
+        assert_eq!(canonical("%e1%88%b4=%7e"), "%E1%88%B4=~");
+        assert_eq!(canonical("k=a=b"), "k=a%3Db");
+        // Bytes that are not UTF-8 are signed as sent, not replaced.
+        assert_eq!(canonical("a=%FF"), "a=%FF");
+        assert_eq!(canonical("b=1&a=2&a=10"), "a=10&a=2&b=1");
+        assert_eq!(canonical_query(None), "");
+    }
+
+    #[test]
+    fn header_values_trim_spaces_and_tabs_and_join_repeats() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-b", HeaderValue::from_static("\t a \t\t b  "));
+        headers.append("x-b", HeaderValue::from_static(""));
+        headers.append("x-a", HeaderValue::from_static("1"));
+        headers.append("user-agent", HeaderValue::from_static("agent"));
+        headers.append("x-c", HeaderValue::from_str("caf\u{e9}").unwrap());
+        assert_eq!(
+            canonical_headers(&headers).unwrap(),
+            [
+                ("x-a".to_owned(), "1".to_owned()),
+                ("x-b".to_owned(), "a b,".to_owned()),
+                ("x-c".to_owned(), "caf\u{e9}".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_header_that_is_not_utf8_is_refused_by_name() {
+        let mut req = PreparedRequest::new(
+            Method::GET,
+            "https://example.amazonaws.com/".parse().unwrap(),
+            HeaderMap::new(),
+            Bytes::new(),
+        );
+        req.headers_mut()
+            .insert("x-odd", HeaderValue::from_bytes(b"\xff").unwrap());
+        let error = signer("service").sign(&mut req, at(0)).unwrap_err();
+        assert!(error.contains("x-odd"), "{error}");
     }
 }
