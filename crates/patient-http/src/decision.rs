@@ -58,6 +58,7 @@ use futures_util::FutureExt;
 use patient_wire::{Attempt, Response, TaskError};
 use tokio::time::Instant;
 
+pub use crate::strategy::{LimitWait, Refusal};
 use crate::{
     strategy::{Progress, Step},
     AwaitableClient, Task,
@@ -96,55 +97,6 @@ impl Default for TaskProgress {
     /// [`TaskProgress::new`] without a deadline.
     fn default() -> Self {
         TaskProgress::new(None)
-    }
-}
-
-/// How long a step may wait for the upstream's rate and concurrency limits
-/// (and a 429 cool-down) before it gives up with [`Decision::Refused`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum LimitWait {
-    /// As long as it takes, within the task's deadline (what the in-memory
-    /// faces do).
-    Wait,
-    /// At most this long (zero: not at all); a longer wait is a refusal with
-    /// its estimate of when to come back.
-    UpTo(Duration),
-}
-
-/// Why a step sent nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Refusal {
-    /// The upstream's circuit breaker is open (or half-open with its probes
-    /// out).
-    CircuitOpen,
-    /// A 429 with `Retry-After` cooled the upstream down.
-    CoolingDown,
-    /// The upstream's rate limit has no token free.
-    RateLimited,
-    /// The upstream has its maximum of requests in flight.
-    AtCapacity,
-}
-
-impl Refusal {
-    /// The `class_name` of the request error a refusal becomes.
-    pub fn class_name(self) -> &'static str {
-        match self {
-            Refusal::CircuitOpen => "CircuitOpen",
-            Refusal::CoolingDown => "CoolingDown",
-            Refusal::RateLimited => "RateLimited",
-            Refusal::AtCapacity => "AtCapacity",
-        }
-    }
-
-    pub(crate) fn describe(self) -> &'static str {
-        match self {
-            Refusal::CircuitOpen => "the circuit breaker is open",
-            Refusal::CoolingDown => "a 429 cool-down holds back the upstream",
-            Refusal::RateLimited => "the rate limit has no token free",
-            Refusal::AtCapacity => "the concurrency limit is reached",
-        }
     }
 }
 
