@@ -51,10 +51,12 @@
 
 pub mod attempt;
 pub mod callback_args;
+pub mod credentials;
 pub mod envelope;
 pub mod error;
 mod fields;
 pub mod headers;
+pub mod limits;
 pub mod method;
 pub mod options;
 pub mod payload;
@@ -67,9 +69,11 @@ pub mod wire_error;
 
 pub use attempt::Attempt;
 pub use callback_args::{CallbackArgs, CallbackArgsError};
+pub use credentials::UrlCredentials;
 pub use envelope::{is_encrypted, EncryptedEnvelope, ENCRYPTED_KEY};
 pub use error::{ErrorType, HttpError, RedirectError, RedirectErrorKind, RequestError, TaskError};
 pub use headers::{HeaderValue, Headers};
+pub use limits::{Bound, LimitError, WireLimits};
 pub use method::{Method, ParseMethodError};
 pub use options::{DeadlineMode, Priority, RequestOptions, RetryOptions, Strategy};
 pub use payload::{
