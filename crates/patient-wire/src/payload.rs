@@ -331,6 +331,10 @@ impl Cap {
     }
 }
 
+/// The largest first allocation of [`inflate_capped`]; it grows from there
+/// only as the data inflates.
+const INFLATE_FIRST_ALLOCATION: usize = 4 << 20;
+
 /// Why [`inflate_capped`] stopped.
 #[derive(Debug)]
 enum Inflate {
@@ -343,10 +347,14 @@ enum Inflate {
 /// Everything `decoder` gives, as long as that is at most `max` bytes: it is
 /// read through [`Read::take`] of `max + 1` bytes, so a gzip bomb is never
 /// inflated (nor held) past one byte more than `max`. `hint` (the compressed
-/// size) sizes the first allocation.
+/// size) sizes the first allocation, up to [`INFLATE_FIRST_ALLOCATION`].
 fn inflate_capped<R: Read>(decoder: R, max: usize, hint: usize) -> Result<Vec<u8>, Inflate> {
     let cap = max.saturating_add(1);
-    let mut out = Vec::with_capacity(hint.saturating_mul(4).min(cap));
+    let mut out = Vec::with_capacity(
+        hint.saturating_mul(4)
+            .min(cap)
+            .min(INFLATE_FIRST_ALLOCATION),
+    );
     decoder
         .take(u64::try_from(cap).unwrap_or(u64::MAX))
         .read_to_end(&mut out)
@@ -485,6 +493,32 @@ mod tests {
             base64_decode("!!", "body.value").unwrap_err().path(),
             "body.value"
         );
+    }
+
+    /// Endless zeros, counting what was read.
+    struct Endless {
+        read: usize,
+    }
+
+    impl Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            buf.fill(0);
+            self.read += buf.len();
+            Ok(buf.len())
+        }
+    }
+
+    #[test]
+    fn inflating_stops_one_byte_past_the_cap() {
+        let mut endless = Endless { read: 0 };
+        let result = inflate_capped(&mut endless, 1000, 10);
+        assert!(matches!(result, Err(Inflate::Over)), "{result:?}");
+        assert_eq!(endless.read, 1001, "never more than the cap and one byte");
+
+        let exact = inflate_capped(&[7_u8; 1000][..], 1000, 10).unwrap();
+        assert_eq!(exact.len(), 1000);
+        let capacity = inflate_capped(&[7_u8; 10][..], usize::MAX, usize::MAX).unwrap();
+        assert_eq!(capacity.len(), 10);
     }
 
     #[test]
