@@ -308,7 +308,8 @@ impl RequestOptions {
         *self == RequestOptions::default()
     }
 
-    /// The `options` object; `null` when empty.
+    /// The `options` object; `null` when it would hold nothing (no option
+    /// set, or only an empty `retry`).
     pub fn to_json(&self) -> Value {
         if self.is_empty() {
             return Value::Null;
@@ -345,6 +346,9 @@ impl RequestOptions {
         }
         if let Some(k) = &self.upstream_key {
             map.insert("upstream_key".into(), k.clone().into());
+        }
+        if map.is_empty() {
+            return Value::Null;
         }
         Value::Object(map)
     }
@@ -560,6 +564,23 @@ mod tests {
         assert_eq!(o.retry.as_ref().unwrap().max_attempts, Some(4));
         assert_eq!(o.priority, Some(Priority::High));
         assert_eq!(RequestOptions::from_json(&o.to_json()).unwrap(), o);
+    }
+
+    #[test]
+    fn options_that_write_nothing_are_left_out() {
+        let empty_retry = RequestOptions {
+            retry: Some(RetryOptions::default()),
+            ..RequestOptions::default()
+        };
+        assert_eq!(empty_retry.to_json(), Value::Null);
+        let request = crate::Request::get("http://h.example/")
+            .request_options(empty_retry)
+            .build()
+            .unwrap();
+        let wire = request.to_json();
+        assert!(wire.get("options").is_none(), "{wire}");
+        let again = crate::Request::from_json(&wire).unwrap();
+        assert_eq!(again.to_json(), wire);
     }
 
     #[test]

@@ -155,7 +155,8 @@ impl Payload {
     /// Like [`Payload::decode`], within [`WireLimits::max_body_size`] of
     /// `limits`.
     pub fn decode_with_limits(&self, limits: &WireLimits) -> Result<Vec<u8>, WireError> {
-        self.decode_capped(Cap::Limits(limits.max_body_size), "")
+        let max = limits.max_body_size;
+        self.decode_capped(Cap::Limits(max), max, "")
     }
 
     /// The body as it was on the wire of HTTP: like [`Payload::decode`], but
@@ -185,21 +186,20 @@ impl Payload {
         max_body_size: usize,
     ) -> Result<Vec<u8>, WireError> {
         let cap = Cap::Limits(max_body_size);
-        let bytes = self.decode_capped(cap, path)?;
-        if !self.is_text() || !is_utf8_label(&self.charset) {
-            return Ok(bytes);
-        }
-        let Some(target) = content_type.and_then(declared_encoding) else {
-            return Ok(bytes);
+        let target = content_type.and_then(declared_encoding).filter(|&target| {
+            target != encoding_rs::UTF_8 && self.is_text() && is_utf8_label(&self.charset)
+        });
+        let Some(target) = target else {
+            return self.decode_capped(cap, max_body_size, path);
         };
-        if target == encoding_rs::UTF_8 {
-            return Ok(bytes);
-        }
+        // Text is stored as UTF-8, which takes up to twice the bytes of the
+        // charset it goes back into (`é` is one byte of ISO-8859-1): what
+        // counts is the size once encoded back.
+        let bytes = self.decode_capped(cap, max_body_size.saturating_mul(2), path)?;
         let bytes = match String::from_utf8(bytes) {
             Ok(text) => encode_into(&text, target).unwrap_or_else(|| text.into_bytes()),
             Err(e) => e.into_bytes(),
         };
-        // Encoded back into UTF-16, say, text can take up to twice its bytes.
         if bytes.len() > max_body_size {
             return Err(cap.error(&crate::fields::join(path, "value"), Some(bytes.len())));
         }
@@ -210,15 +210,14 @@ impl Payload {
     /// rather than produce more than `max_len` bytes (a gzipped value stops
     /// inflating as soon as it passes `max_len`).
     pub fn decode_limited(&self, max_len: usize) -> Result<Vec<u8>, WireError> {
-        self.decode_capped(Cap::Len(max_len), "")
+        self.decode_capped(Cap::Len(max_len), max_len, "")
     }
 
-    /// The stored bytes, never more than the cap: text and Base64 are
-    /// measured before they are copied, gzip is inflated through
-    /// [`inflate_capped`], which stops one byte past the cap.
-    fn decode_capped(&self, cap: Cap, path: &str) -> Result<Vec<u8>, WireError> {
+    /// The stored bytes, never more than `max` of them (else `cap`'s error):
+    /// text and Base64 are measured before they are copied, gzip is inflated
+    /// through [`inflate_capped`], which stops one byte past `max`.
+    fn decode_capped(&self, cap: Cap, max: usize, path: &str) -> Result<Vec<u8>, WireError> {
         let value_path = crate::fields::join(path, "value");
-        let max = cap.max();
         match self.encoding {
             PayloadEncoding::Text => {
                 if self.value.len() > max {
@@ -311,12 +310,6 @@ enum Cap {
 }
 
 impl Cap {
-    fn max(self) -> usize {
-        match self {
-            Cap::Limits(n) | Cap::Len(n) => n,
-        }
-    }
-
     fn error(self, path: &str, found: Option<usize>) -> WireError {
         match self {
             Cap::Limits(max) => LimitError::new(

@@ -305,8 +305,9 @@ impl Request {
         if !self.preprocessors.is_empty() {
             map.insert("preprocessors".into(), self.preprocessors.clone().into());
         }
-        if !self.options.is_empty() {
-            map.insert("options".into(), self.options.to_json());
+        let options = self.options.to_json();
+        if !options.is_null() {
+            map.insert("options".into(), options);
         }
         Value::Object(map)
     }

@@ -340,6 +340,13 @@ fn bodies_are_bounded_once_decoded() {
     let error = Request::from_json_with_limits(&utf16, &limits).unwrap_err();
     assert_limit(&error, "body.value", "max_body_size");
 
+    // Text going back into a one-byte charset counts once encoded back:
+    // twelve bytes of UTF-8 are six of ISO-8859-1.
+    let mut latin1 = request_with("body", json!({"encoding": "text", "value": "é".repeat(6)}));
+    latin1["headers"] = json!({"content-type": "text/plain; charset=iso-8859-1"});
+    let request = Request::from_json_with_limits(&latin1, &limits).unwrap();
+    assert_eq!(request.body().map(|b| b.len()), Some(6));
+
     // Bodies set in Rust, JSON bodies included.
     let post = || Request::post("http://127.0.0.1:1/");
     assert_build_limit(
