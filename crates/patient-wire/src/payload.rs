@@ -87,6 +87,12 @@ impl PayloadEncoding {
 ///   charset `ASCII-8BIT`.
 ///
 /// A missing body is JSON `null`, not a payload.
+///
+/// Decoding is bounded: [`Payload::decode`] and every loader of a body
+/// refuse a payload that decodes to more than [`WireLimits::max_body_size`]
+/// bytes, and a `gzipped` value is inflated through a reader that stops one
+/// byte past the bound, so a small value that would inflate to gigabytes
+/// costs no more than the bound.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Payload {
     /// How `value` stores the bytes.
