@@ -4,7 +4,10 @@
 //! The task handler's side turns an outcome into the JSON to enqueue with
 //! [`PayloadCodec::encode_outcome`]; the worker on the other side loads it
 //! back with [`PayloadCodec::decode_response`] or
-//! [`PayloadCodec::decode_error`].
+//! [`PayloadCodec::decode_error`]. Those load the decoded JSON within the
+//! codec's [`WireLimits`], so a fetched or decrypted payload whose gzipped
+//! body would inflate past [`WireLimits::max_body_size`] is refused as soon as
+//! it does, without inflating the rest.
 //!
 //! ```
 //! # async fn example() -> Result<(), patient_store::codec::CodecError> {
@@ -33,7 +36,7 @@
 use std::sync::Arc;
 
 use patient_http::Outcome;
-use patient_wire::{Response, TaskError, WireError};
+use patient_wire::{Response, TaskError, WireError, WireLimits};
 use serde_json::Value;
 
 use crate::{Encryptor, PayloadStores, StoreError};
@@ -45,8 +48,8 @@ pub enum CodecError {
     /// Storing, fetching, encrypting or decrypting failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The decoded JSON is not a valid response or error; the error names
-    /// the field.
+    /// The decoded JSON is not a valid response or error, or breaks the
+    /// codec's [`WireLimits`]; the error names the field.
     #[error("the decoded payload is not valid: {0}")]
     Wire(#[from] WireError),
 }
@@ -62,9 +65,16 @@ impl CodecError {
         matches!(self, CodecError::Store(StoreError::Decrypt(_)))
     }
 
-    /// Whether the decoded JSON is not the wire type asked for.
+    /// Whether the decoded JSON is not the wire type asked for (or breaks
+    /// the codec's [`WireLimits`]).
     pub fn is_wire(&self) -> bool {
         matches!(self, CodecError::Wire(_))
+    }
+
+    /// Whether the decoded JSON breaks the codec's [`WireLimits`] (a body
+    /// that decodes to too many bytes, say).
+    pub fn is_limit(&self) -> bool {
+        matches!(self, CodecError::Wire(e) if e.is_limit())
     }
 }
 
@@ -84,6 +94,7 @@ pub struct PayloadCodec {
     stores: Option<Arc<PayloadStores>>,
     encryptor: Option<Arc<Encryptor>>,
     max_size: Option<usize>,
+    wire_limits: WireLimits,
 }
 
 impl PayloadCodec {
@@ -111,6 +122,18 @@ impl PayloadCodec {
     pub fn with_max_size(mut self, bytes: Option<usize>) -> Self {
         self.max_size = bytes;
         self
+    }
+
+    /// Loads responses and errors within `limits` (default:
+    /// [`WireLimits::default`], so bodies of at most 64 MiB once decoded).
+    pub fn with_wire_limits(mut self, limits: WireLimits) -> Self {
+        self.wire_limits = limits;
+        self
+    }
+
+    /// The limits responses and errors are loaded within.
+    pub fn wire_limits(&self) -> &WireLimits {
+        &self.wire_limits
     }
 
     /// The stores, when configured.
@@ -192,17 +215,18 @@ impl PayloadCodec {
     }
 
     /// A [`Response`] from what [`encode_outcome`](Self::encode_outcome)
-    /// made of a completed outcome.
+    /// made of a completed outcome, loaded within the codec's
+    /// [`WireLimits`].
     pub async fn decode_response(&self, value: &Value) -> Result<Response, CodecError> {
         let json = self.decode(value).await?;
-        Ok(Response::from_json(&json)?)
+        Ok(Response::from_json_with_limits(&json, &self.wire_limits)?)
     }
 
     /// A [`TaskError`] from what [`encode_outcome`](Self::encode_outcome)
-    /// made of a failed outcome.
+    /// made of a failed outcome, loaded within the codec's [`WireLimits`].
     pub async fn decode_error(&self, value: &Value) -> Result<TaskError, CodecError> {
         let json = self.decode(value).await?;
-        Ok(TaskError::load(&json)?)
+        Ok(TaskError::load_with_limits(&json, &self.wire_limits)?)
     }
 }
 
@@ -367,6 +391,59 @@ mod tests {
         let encoded = codec.encode_outcome(&outcome).await.unwrap();
         let decoded = codec.decode_error(&encoded).await.unwrap();
         assert_eq!(decoded.to_json(), error.to_json());
+    }
+
+    /// A response whose gzipped body inflates to 256 MiB of `0`s: sixteen
+    /// gzip members of 16 MiB each (a multi-member stream inflates to their
+    /// concatenation), about 256 KiB of gzip.
+    fn gzip_bomb_response() -> Value {
+        use base64::{engine::general_purpose::STANDARD, Engine as _};
+
+        let member = patient_wire::Payload::text(&"0".repeat(16 << 20));
+        assert_eq!(member.encoding, patient_wire::PayloadEncoding::Gzipped);
+        let gz = STANDARD.decode(&member.value).unwrap().repeat(16);
+        assert!(gz.len() < 1 << 20, "{} bytes of gzip", gz.len());
+        let mut response = response_json("");
+        response["body"] = json!({
+            "encoding": "gzipped",
+            "value": STANDARD.encode(gz),
+            "charset": "UTF-8"
+        });
+        response
+    }
+
+    #[tokio::test]
+    async fn fetched_and_decrypted_gzip_bombs_are_refused() {
+        let (codec, memory) = setup(1024);
+        let bomb = gzip_bomb_response();
+        let encoded = codec.encode(&bomb).await.unwrap();
+        assert!(PayloadStores::is_storage_ref(&encoded));
+        assert_eq!(memory.map().len(), 1);
+
+        for (codec, max) in [
+            (codec.clone(), 64 << 20),
+            (
+                codec.with_wire_limits(WireLimits::default().with_max_body_size(1 << 20)),
+                1 << 20,
+            ),
+        ] {
+            let error = codec.decode_response(&encoded).await.unwrap_err();
+            assert!(error.is_limit(), "{error}");
+            let CodecError::Wire(wire) = &error else {
+                panic!("{error:?}")
+            };
+            assert_eq!(wire.path(), "body.value");
+            let limit = wire.limit().unwrap();
+            assert_eq!(limit.limit(), "max_body_size");
+            assert_eq!(limit.max(), patient_wire::Bound::Bytes(max));
+            assert!(error.to_string().contains(&max.to_string()), "{error}");
+
+            let error = codec
+                .decode_error(&codec.encode(&json!({"response": bomb})).await.unwrap())
+                .await
+                .unwrap_err();
+            assert!(error.is_limit(), "{error}");
+        }
     }
 
     #[tokio::test]

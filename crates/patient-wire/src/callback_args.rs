@@ -6,7 +6,10 @@ use serde::{
 };
 use serde_json::{Map, Value};
 
-use crate::wire_error::json_type_name;
+use crate::{
+    limits::{Bound, LimitError, WireLimits},
+    wire_error::{json_type_name, WireError, WireErrorKind},
+};
 
 /// A JSON object of JSON-native values that travels with a task and comes
 /// back to the callback with its outcome.
@@ -14,6 +17,13 @@ use crate::wire_error::json_type_name;
 /// Values can only be null, booleans, strings, numbers, arrays and objects
 /// with string keys; [`CallbackArgs::from_serialize`] rejects anything else
 /// with an error naming the offending path.
+///
+/// Arguments from JSON ([`CallbackArgs::from_value`],
+/// [`CallbackArgs::from_json`], `Deserialize`, and the loaders of responses
+/// and errors) must also keep to the callback-args bounds of [`WireLimits`]:
+/// [`WireLimits::max_callback_args_depth`] and
+/// [`WireLimits::max_callback_args_size`] (of the default limits unless
+/// loaded with others).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CallbackArgs(Map<String, Value>);
 
@@ -77,14 +87,50 @@ impl CallbackArgs {
         Value::Object(self.0.clone())
     }
 
-    /// Arguments from a JSON value, which must be an object.
+    /// Arguments from a JSON value, which must be an object within the
+    /// callback-args bounds of [`WireLimits::default`].
     pub fn from_value(value: Value) -> Result<Self, CallbackArgsError> {
         match value {
-            Value::Object(map) => Ok(Self(map)),
+            Value::Object(map) => {
+                check_limits(&map, "", &WireLimits::default()).map_err(|e| CallbackArgsError {
+                    path: e.field().to_owned(),
+                    reason: LimitReason(&e).to_string(),
+                })?;
+                Ok(Self(map))
+            }
             other => Err(CallbackArgsError {
                 path: String::new(),
                 reason: format!("must be a JSON object, found {}", json_type_name(&other)),
             }),
+        }
+    }
+
+    /// Loads arguments from JSON within the callback-args bounds of
+    /// [`WireLimits::default`]; the error names the offending path.
+    pub fn from_json(value: &Value) -> Result<Self, WireError> {
+        Self::from_json_with_limits(value, &WireLimits::default())
+    }
+
+    /// Loads arguments from JSON within the callback-args bounds of
+    /// `limits`: [`WireLimits::max_callback_args_depth`] and
+    /// [`WireLimits::max_callback_args_size`].
+    pub fn from_json_with_limits(value: &Value, limits: &WireLimits) -> Result<Self, WireError> {
+        Self::load(value, "", limits)
+    }
+
+    pub(crate) fn load(value: &Value, path: &str, limits: &WireLimits) -> Result<Self, WireError> {
+        match value {
+            Value::Object(map) => {
+                check_limits(map, path, limits)?;
+                Ok(Self(map.clone()))
+            }
+            other => Err(WireError::new(
+                path,
+                WireErrorKind::CallbackArgs(CallbackArgsError {
+                    path: path.to_owned(),
+                    reason: format!("must be a JSON object, found {}", json_type_name(other)),
+                }),
+            )),
         }
     }
 
@@ -131,8 +177,92 @@ impl Serialize for CallbackArgs {
 }
 
 impl<'de> Deserialize<'de> for CallbackArgs {
+    /// Deserializes an object within the callback-args bounds of
+    /// [`WireLimits::default`].
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Map::deserialize(deserializer).map(Self)
+        let map = Map::deserialize(deserializer)?;
+        check_limits(&map, "", &WireLimits::default()).map_err(serde::de::Error::custom)?;
+        Ok(Self(map))
+    }
+}
+
+/// A [`LimitError`] without its field, for a [`CallbackArgsError`] reason.
+struct LimitReason<'a>(&'a LimitError);
+
+impl std::fmt::Display for LimitReason<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.describe(f)
+    }
+}
+
+/// Checks the nesting depth of the arguments (the object itself is level
+/// 1), then their size as compact JSON; neither walk goes deeper than the
+/// depth bound nor writes more than the size bound.
+fn check_limits(
+    map: &Map<String, Value>,
+    path: &str,
+    limits: &WireLimits,
+) -> Result<(), LimitError> {
+    let max_depth = limits.max_callback_args_depth;
+    let too_deep = || {
+        LimitError::new(
+            path,
+            "max_callback_args_depth",
+            Bound::Depth(max_depth),
+            None,
+        )
+    };
+    if max_depth == 0 {
+        return Err(too_deep());
+    }
+    // Iterative, so a value nested deeper than the stack allows (one built
+    // in Rust rather than parsed) cannot overflow it here.
+    let mut stack: Vec<(&Value, usize)> = map.values().map(|v| (v, 2)).collect();
+    while let Some((value, depth)) = stack.pop() {
+        let is_container = matches!(value, Value::Array(_) | Value::Object(_));
+        if is_container && depth > max_depth {
+            return Err(too_deep());
+        }
+        match value {
+            Value::Array(items) => stack.extend(items.iter().map(|v| (v, depth + 1))),
+            Value::Object(map) => stack.extend(map.values().map(|v| (v, depth + 1))),
+            _ => {}
+        }
+    }
+
+    let max_size = limits.max_callback_args_size;
+    let mut counter = SizeCounter {
+        written: 0,
+        max: max_size,
+    };
+    if serde_json::to_writer(&mut counter, map).is_err() || counter.written > max_size {
+        return Err(LimitError::new(
+            path,
+            "max_callback_args_size",
+            Bound::Bytes(max_size),
+            None,
+        ));
+    }
+    Ok(())
+}
+
+/// Counts the bytes written and fails once they pass `max`.
+struct SizeCounter {
+    written: usize,
+    max: usize,
+}
+
+impl std::io::Write for SizeCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.written = self.written.saturating_add(buf.len());
+        if self.written > self.max {
+            return Err(std::io::Error::other("over the size limit"));
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

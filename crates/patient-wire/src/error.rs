@@ -8,6 +8,7 @@ use crate::{
     attempt::{insert_attempts, load_attempts, Attempt},
     callback_args::CallbackArgs,
     fields::{seconds_to_json, serde_via_json, Fields},
+    limits::WireLimits,
     method::Method,
     response::Response,
     wire_error::{WireError, WireErrorKind},
@@ -146,13 +147,20 @@ impl RequestError {
         Value::Object(map)
     }
 
-    /// Loads a request error object; the error names the offending field.
-    /// `backtrace` and `callback_args` may be absent or `null` (empty).
+    /// Loads a request error object within [`WireLimits::default`]; the
+    /// error names the offending field. `backtrace` and `callback_args` may
+    /// be absent or `null` (empty).
     pub fn from_json(value: &Value) -> Result<Self, WireError> {
-        Self::load(value, "")
+        Self::from_json_with_limits(value, &WireLimits::default())
     }
 
-    pub(crate) fn load(value: &Value, path: &str) -> Result<Self, WireError> {
+    /// Loads a request error object within `limits` (its callback-args
+    /// bounds).
+    pub fn from_json_with_limits(value: &Value, limits: &WireLimits) -> Result<Self, WireError> {
+        Self::load(value, "", limits)
+    }
+
+    pub(crate) fn load(value: &Value, path: &str, limits: &WireLimits) -> Result<Self, WireError> {
         let fields = Fields::new(value, path)?;
         let type_name = fields.string("error_type")?;
         let error_type = ErrorType::from_name(type_name).ok_or_else(|| {
@@ -173,7 +181,7 @@ impl RequestError {
             duration: fields.seconds("duration")?,
             url: fields.string("url")?.to_owned(),
             method: fields.method("http_method")?,
-            callback_args: fields.callback_args("callback_args")?,
+            callback_args: fields.callback_args("callback_args", limits)?,
             attempts: load_attempts(&fields)?,
         })
     }
@@ -222,18 +230,24 @@ impl HttpError {
         Value::Object(map)
     }
 
-    /// Loads `{"response": <Response>}`.
+    /// Loads `{"response": <Response>}` within [`WireLimits::default`].
     pub fn from_json(value: &Value) -> Result<Self, WireError> {
-        Self::load(value, "")
+        Self::from_json_with_limits(value, &WireLimits::default())
     }
 
-    pub(crate) fn load(value: &Value, path: &str) -> Result<Self, WireError> {
+    /// Loads `{"response": <Response>}` within `limits`, as
+    /// [`Response::from_json_with_limits`] does.
+    pub fn from_json_with_limits(value: &Value, limits: &WireLimits) -> Result<Self, WireError> {
+        Self::load(value, "", limits)
+    }
+
+    pub(crate) fn load(value: &Value, path: &str, limits: &WireLimits) -> Result<Self, WireError> {
         let fields = Fields::new(value, path)?;
         let response_path = fields.path_of("response");
         let response = fields
             .value("response")
             .ok_or_else(|| WireError::missing(response_path.as_str()))?;
-        Ok(Self::new(Response::load(response, &response_path)?))
+        Ok(Self::new(Response::load(response, &response_path, limits)?))
     }
 }
 
@@ -333,13 +347,19 @@ impl RedirectError {
         Value::Object(map)
     }
 
-    /// Loads a redirect error object. An `error_class` other than the two
-    /// redirect error classes is rejected.
+    /// Loads a redirect error object within [`WireLimits::default`]. An
+    /// `error_class` other than the two redirect error classes is rejected.
     pub fn from_json(value: &Value) -> Result<Self, WireError> {
-        Self::load(value, "")
+        Self::from_json_with_limits(value, &WireLimits::default())
     }
 
-    pub(crate) fn load(value: &Value, path: &str) -> Result<Self, WireError> {
+    /// Loads a redirect error object within `limits` (its callback-args
+    /// bounds).
+    pub fn from_json_with_limits(value: &Value, limits: &WireLimits) -> Result<Self, WireError> {
+        Self::load(value, "", limits)
+    }
+
+    pub(crate) fn load(value: &Value, path: &str, limits: &WireLimits) -> Result<Self, WireError> {
         let fields = Fields::new(value, path)?;
         let class_name = fields.string("error_class")?;
         let kind = RedirectErrorKind::from_class_name(class_name).ok_or_else(|| {
@@ -358,7 +378,7 @@ impl RedirectError {
             duration: fields.seconds("duration")?,
             request_id: fields.string("request_id")?.to_owned(),
             redirects: fields.strings("redirects")?,
-            callback_args: fields.callback_args("callback_args")?,
+            callback_args: fields.callback_args("callback_args", limits)?,
         })
     }
 }
@@ -402,11 +422,16 @@ pub enum TaskError {
 }
 
 impl TaskError {
-    /// Loads an error, choosing the kind by its keys as the gem does: an
-    /// object with `response` is an HTTP error, one with `redirects` a
-    /// redirect error, anything else a request error.
+    /// Loads an error within [`WireLimits::default`], choosing the kind by
+    /// its keys as the gem does: an object with `response` is an HTTP error,
+    /// one with `redirects` a redirect error, anything else a request error.
     pub fn load(value: &Value) -> Result<Self, WireError> {
-        Self::load_at(value, "")
+        Self::load_with_limits(value, &WireLimits::default())
+    }
+
+    /// Loads an error as [`TaskError::load`] does, within `limits`.
+    pub fn load_with_limits(value: &Value, limits: &WireLimits) -> Result<Self, WireError> {
+        Self::load_at(value, "", limits)
     }
 
     /// The same as [`TaskError::load`].
@@ -414,14 +439,23 @@ impl TaskError {
         Self::load(value)
     }
 
-    pub(crate) fn load_at(value: &Value, path: &str) -> Result<Self, WireError> {
+    /// The same as [`TaskError::load_with_limits`].
+    pub fn from_json_with_limits(value: &Value, limits: &WireLimits) -> Result<Self, WireError> {
+        Self::load_with_limits(value, limits)
+    }
+
+    pub(crate) fn load_at(
+        value: &Value,
+        path: &str,
+        limits: &WireLimits,
+    ) -> Result<Self, WireError> {
         let fields = Fields::new(value, path)?;
         if fields.has("response") {
-            HttpError::load(value, path).map(TaskError::Http)
+            HttpError::load(value, path, limits).map(TaskError::Http)
         } else if fields.has("redirects") {
-            RedirectError::load(value, path).map(TaskError::Redirect)
+            RedirectError::load(value, path, limits).map(TaskError::Redirect)
         } else {
-            RequestError::load(value, path).map(TaskError::Request)
+            RequestError::load(value, path, limits).map(TaskError::Request)
         }
     }
 

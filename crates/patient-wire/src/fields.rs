@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     callback_args::CallbackArgs,
+    limits::{Bound, LimitError, WireLimits},
     method::Method,
     wire_error::{WireError, WireErrorKind},
 };
@@ -43,6 +44,11 @@ impl<'a> Fields<'a> {
     /// The path of one of this object's keys.
     pub(crate) fn path_of(&self, key: &str) -> String {
         join(self.path, key)
+    }
+
+    /// The number of keys of the object.
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
     }
 
     /// The key-value pairs of the object.
@@ -106,11 +112,17 @@ impl<'a> Fields<'a> {
         seconds_from_json(v, &self.path_of(key))
     }
 
-    /// An optional number of seconds.
-    pub(crate) fn opt_seconds(&self, key: &str) -> Result<Option<Duration>, WireError> {
+    /// An optional number of seconds from 0 to `max`; anything else (a
+    /// negative or larger number) is refused naming `max` and its `limit`.
+    pub(crate) fn opt_bounded_seconds(
+        &self,
+        key: &str,
+        limit: &'static str,
+        max: Duration,
+    ) -> Result<Option<Duration>, WireError> {
         match self.value(key) {
             None => Ok(None),
-            Some(v) => seconds_from_json(v, &self.path_of(key)).map(Some),
+            Some(v) => bounded_seconds_from_json(v, &self.path_of(key), limit, max).map(Some),
         }
     }
 
@@ -146,20 +158,34 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// Callback arguments; absent or `null` is empty.
-    pub(crate) fn callback_args(&self, key: &str) -> Result<CallbackArgs, WireError> {
+    /// Callback arguments within the limits; absent or `null` is empty.
+    pub(crate) fn callback_args(
+        &self,
+        key: &str,
+        limits: &WireLimits,
+    ) -> Result<CallbackArgs, WireError> {
         match self.value(key) {
             None => Ok(CallbackArgs::new()),
-            Some(v) => CallbackArgs::from_value(v.clone()).map_err(|mut e| {
-                let path = self.path_of(key);
-                e.path = if e.path.is_empty() {
-                    path.clone()
-                } else {
-                    join(&path, &e.path)
-                };
-                WireError::new(path, WireErrorKind::CallbackArgs(e))
-            }),
+            Some(v) => CallbackArgs::load(v, &self.path_of(key), limits),
         }
+    }
+}
+
+/// A number of seconds from 0 to `max`. A number that is negative, larger
+/// than `max` or too large for a duration is refused with a
+/// [`WireErrorKind::Limit`] naming `max` and its `limit`.
+pub(crate) fn bounded_seconds_from_json(
+    v: &Value,
+    path: &str,
+    limit: &'static str,
+    max: Duration,
+) -> Result<Duration, WireError> {
+    let secs = v
+        .as_f64()
+        .ok_or_else(|| WireError::wrong_type(path, "a number", v))?;
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if d <= max => Ok(d),
+        _ => Err(LimitError::new(path, limit, Bound::Duration(max), Some(v.to_string())).into()),
     }
 }
 

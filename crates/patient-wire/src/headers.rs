@@ -1,5 +1,7 @@
 //! Case-insensitive HTTP headers with lower-cased names.
 
+use std::collections::HashMap;
+
 use serde_json::{Map, Value};
 
 use crate::{
@@ -205,11 +207,24 @@ impl Headers {
             other => return Err(WireError::wrong_type(path, "an object", other)),
         };
         let mut headers = Headers::new();
+        // Where each lower-cased name is, so loading many headers takes
+        // linear time rather than a scan per header.
+        let mut positions: HashMap<String, usize> = HashMap::with_capacity(map.len());
         for (name, v) in map {
-            match HeaderValue::load(v, &join(path, &name.to_ascii_lowercase()))? {
-                HeaderValue::Value(s) => headers.append(name.as_str(), s),
-                secret => {
-                    headers.insert(name.as_str(), secret);
+            let name = name.to_ascii_lowercase();
+            let value = HeaderValue::load(v, &join(path, &name))?;
+            match positions.get(&name) {
+                // As `append` joins plain values; anything else replaces.
+                Some(&i) => match (&mut headers.entries[i].1, value) {
+                    (HeaderValue::Value(existing), HeaderValue::Value(more)) => {
+                        existing.push_str(", ");
+                        existing.push_str(&more);
+                    }
+                    (slot, value) => *slot = value,
+                },
+                None => {
+                    positions.insert(name.clone(), headers.entries.len());
+                    headers.entries.push((name, value));
                 }
             }
         }

@@ -18,6 +18,29 @@
 //! `Deserialize` with the same JSON. Loading errors are [`WireError`]s naming
 //! the offending field.
 //!
+//! # Bounds
+//!
+//! Everything here may come from the network, so loading (and
+//! [`RequestBuilder::build`]) keeps every value within [`WireLimits`]:
+//! durations (`timeout`, `options.deadline`, each hedge and retry delay) from
+//! 0 to a maximum, counts (headers, hedge delays, `max_attempts`,
+//! `max_redirects`, secret parameters, preprocessors), lengths (URL, header
+//! names and values, keys), decoded body sizes (a gzipped body stops
+//! inflating as soon as it passes the bound), and the depth and size of
+//! callback arguments. A value outside them is refused with a
+//! [`WireErrorKind::Limit`] naming the field, the bound and the
+//! [`WireLimits`] setting. `from_json`, `load`, `decode` and `build` use
+//! [`WireLimits::default`]; the `*_with_limits` variants take others.
+//!
+//! # Credentials in URLs
+//!
+//! A user name and password in a request's URL (`https://user:pass@host/`)
+//! are taken out of it when it is built or loaded, and kept beside it as
+//! [`Request::url_credentials`]: they never appear in the request's JSON,
+//! its [`Request::url`] (so in no outcome's `url` or `redirects`), an error
+//! message or `Debug`. So they do not survive serialization: persist
+//! credentials as a secret header instead.
+//!
 //! ```
 //! use std::time::Duration;
 //!
@@ -46,15 +69,23 @@
 //!     "callback_args": {}
 //! }))?;
 //! assert!(error.is_redirect());
+//!
+//! // A timeout of 10¹⁹ seconds is refused where it enters, naming the bound.
+//! let hostile = json!({"http_method": "get", "url": "https://a.example/", "timeout": 1.8e19});
+//! let error = Request::from_json(&hostile).unwrap_err();
+//! assert_eq!(error.path(), "timeout");
+//! assert_eq!(error.limit().map(|l| l.limit()), Some("max_timeout"));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 pub mod attempt;
 pub mod callback_args;
+pub mod credentials;
 pub mod envelope;
 pub mod error;
 mod fields;
 pub mod headers;
+pub mod limits;
 pub mod method;
 pub mod options;
 pub mod payload;
@@ -67,9 +98,11 @@ pub mod wire_error;
 
 pub use attempt::Attempt;
 pub use callback_args::{CallbackArgs, CallbackArgsError};
+pub use credentials::UrlCredentials;
 pub use envelope::{is_encrypted, EncryptedEnvelope, ENCRYPTED_KEY};
 pub use error::{ErrorType, HttpError, RedirectError, RedirectErrorKind, RequestError, TaskError};
 pub use headers::{HeaderValue, Headers};
+pub use limits::{Bound, LimitError, WireLimits};
 pub use method::{Method, ParseMethodError};
 pub use options::{DeadlineMode, Priority, RequestOptions, RetryOptions, Strategy};
 pub use payload::{

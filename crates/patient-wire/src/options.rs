@@ -4,6 +4,10 @@
 //! A request without options serializes exactly as the gem's; the gem ignores
 //! the key when it loads one with options. Every field is optional: what a
 //! request leaves out comes from the upstream's or the processor's settings.
+//! Durations, counts and keys are bounded by [`WireLimits`] (the `deadline`
+//! by [`WireLimits::max_deadline`], each delay by [`WireLimits::max_delay`],
+//! …), whether loaded or set in Rust and checked by
+//! [`RequestBuilder::build`](crate::RequestBuilder::build).
 //!
 //! ```json
 //! "options": {
@@ -24,7 +28,8 @@ use std::{fmt, str::FromStr, time::Duration};
 use serde_json::{Map, Value};
 
 use crate::{
-    fields::{index, seconds_from_json, seconds_to_json, Fields},
+    fields::{bounded_seconds_from_json, index, join, seconds_to_json, Fields},
+    limits::{Bound, LimitError, WireLimits},
     wire_error::{WireError, WireErrorKind},
 };
 
@@ -118,13 +123,15 @@ wire_enum! {
 /// Retry settings of one request; unset fields come from the defaults.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RetryOptions {
-    /// Attempts in all, the first included (1 = no retries).
+    /// Attempts in all, the first included (1 = no retries); at most
+    /// [`WireLimits::max_attempts`].
     pub max_attempts: Option<u32>,
-    /// Backoff before the first retry, before jitter.
+    /// Backoff before the first retry, before jitter; at most
+    /// [`WireLimits::max_delay`].
     pub base_delay: Option<Duration>,
     /// Backoff growth per retry (at least 1).
     pub factor: Option<f64>,
-    /// Largest backoff.
+    /// Largest backoff; at most [`WireLimits::max_delay`].
     pub max_delay: Option<Duration>,
     /// Response statuses that are retried.
     pub statuses: Option<Vec<u16>>,
@@ -161,12 +168,42 @@ impl RetryOptions {
         Value::Object(map)
     }
 
-    fn load(value: &Value, path: &str) -> Result<RetryOptions, WireError> {
+    /// Checks the options set in Rust against `limits`; `path` is where they
+    /// sit, like `options.retry`.
+    fn check_limits(&self, path: &str, limits: &WireLimits) -> Result<(), LimitError> {
+        if let Some(n) = self.max_attempts {
+            WireLimits::check_number(
+                join(path, "max_attempts"),
+                "max_attempts",
+                limits.max_attempts.into(),
+                n.into(),
+            )?;
+        }
+        for (key, delay) in [
+            ("base_delay", self.base_delay),
+            ("max_delay", self.max_delay),
+        ] {
+            if let Some(d) = delay {
+                WireLimits::check_duration(join(path, key), "max_delay", limits.max_delay, d)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn load(value: &Value, path: &str, limits: &WireLimits) -> Result<RetryOptions, WireError> {
         let fields = Fields::new(value, path)?;
         let max_attempts = match fields.opt_u64("max_attempts")? {
             None => None,
-            Some(n) if (1..=100).contains(&n) => Some(n as u32),
-            Some(n) => return Err(out_of_range(fields.path_of("max_attempts"), n)),
+            Some(0) => return Err(out_of_range(fields.path_of("max_attempts"), 0)),
+            Some(n) => {
+                WireLimits::check_number(
+                    fields.path_of("max_attempts"),
+                    "max_attempts",
+                    limits.max_attempts.into(),
+                    n,
+                )?;
+                u32::try_from(n).ok()
+            }
         };
         let factor = match fields.value("factor") {
             None => None,
@@ -223,9 +260,9 @@ impl RetryOptions {
         };
         Ok(RetryOptions {
             max_attempts,
-            base_delay: fields.opt_seconds("base_delay")?,
+            base_delay: fields.opt_bounded_seconds("base_delay", "max_delay", limits.max_delay)?,
             factor,
-            max_delay: fields.opt_seconds("max_delay")?,
+            max_delay: fields.opt_bounded_seconds("max_delay", "max_delay", limits.max_delay)?,
             statuses,
             retry_unsafe,
         })
@@ -242,19 +279,24 @@ pub struct RequestOptions {
     pub retry: Option<RetryOptions>,
     /// How attempts are made; the default depends on the method.
     pub strategy: Option<Strategy>,
-    /// Delays before each hedged attempt after the first (for `hedged`).
+    /// Delays before each hedged attempt after the first (for `hedged`): at
+    /// most [`WireLimits::max_hedge_delays`] of them, each at most
+    /// [`WireLimits::max_delay`].
     pub hedge_delays: Vec<Duration>,
-    /// One budget for the whole task: queue wait and every attempt.
+    /// One budget for the whole task: queue wait and every attempt; at most
+    /// [`WireLimits::max_deadline`].
     pub deadline: Option<Duration>,
     /// How the deadline is shared between attempts.
     pub deadline_mode: Option<DeadlineMode>,
     /// Dispatch priority, sent upstream as `X-Request-Priority`.
     pub priority: Option<Priority>,
     /// An idempotency key: sent as `Idempotency-Key`, and makes a
-    /// non-idempotent method safe to retry.
+    /// non-idempotent method safe to retry. At most
+    /// [`WireLimits::max_key_len`] bytes.
     pub idempotency_key: Option<String>,
     /// The key of the upstream settings (breaker, limits, policy) this request
-    /// uses instead of its scheme, host and port.
+    /// uses instead of its scheme, host and port. At most
+    /// [`WireLimits::max_key_len`] bytes.
     pub upstream_key: Option<String>,
 }
 
@@ -266,7 +308,8 @@ impl RequestOptions {
         *self == RequestOptions::default()
     }
 
-    /// The `options` object; `null` when empty.
+    /// The `options` object; `null` when it would hold nothing (no option
+    /// set, or only an empty `retry`).
     pub fn to_json(&self) -> Value {
         if self.is_empty() {
             return Value::Null;
@@ -304,31 +347,100 @@ impl RequestOptions {
         if let Some(k) = &self.upstream_key {
             map.insert("upstream_key".into(), k.clone().into());
         }
+        if map.is_empty() {
+            return Value::Null;
+        }
         Value::Object(map)
     }
 
-    /// Loads an `options` object; the error names the offending path.
+    /// Loads an `options` object within [`WireLimits::default`]; the error
+    /// names the offending path.
     pub fn from_json(value: &Value) -> Result<RequestOptions, WireError> {
-        Self::load(value, "options")
+        Self::from_json_with_limits(value, &WireLimits::default())
     }
 
-    pub(crate) fn load(value: &Value, path: &str) -> Result<RequestOptions, WireError> {
+    /// Loads an `options` object within `limits`.
+    pub fn from_json_with_limits(
+        value: &Value,
+        limits: &WireLimits,
+    ) -> Result<RequestOptions, WireError> {
+        Self::load(value, "options", limits)
+    }
+
+    /// Checks options set in Rust against `limits`; `path` is where they sit
+    /// (`options` in a request).
+    pub(crate) fn check_limits(&self, path: &str, limits: &WireLimits) -> Result<(), LimitError> {
+        if let Some(retry) = &self.retry {
+            retry.check_limits(&join(path, "retry"), limits)?;
+        }
+        let hedges_path = join(path, "hedge_delays");
+        WireLimits::check_len(
+            hedges_path.as_str(),
+            "max_hedge_delays",
+            Bound::Count(limits.max_hedge_delays),
+            self.hedge_delays.len(),
+        )?;
+        for (i, d) in self.hedge_delays.iter().enumerate() {
+            WireLimits::check_duration(index(&hedges_path, i), "max_delay", limits.max_delay, *d)?;
+        }
+        if let Some(d) = self.deadline {
+            WireLimits::check_duration(
+                join(path, "deadline"),
+                "max_deadline",
+                limits.max_deadline,
+                d,
+            )?;
+        }
+        for (key, value) in [
+            ("idempotency_key", &self.idempotency_key),
+            ("upstream_key", &self.upstream_key),
+        ] {
+            if let Some(k) = value {
+                WireLimits::check_len(
+                    join(path, key),
+                    "max_key_len",
+                    Bound::Bytes(limits.max_key_len),
+                    k.len(),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn load(
+        value: &Value,
+        path: &str,
+        limits: &WireLimits,
+    ) -> Result<RequestOptions, WireError> {
         if value.is_null() {
             return Ok(RequestOptions::default());
         }
         let fields = Fields::new(value, path)?;
         let retry = match fields.value("retry") {
             None => None,
-            Some(v) => Some(RetryOptions::load(v, &fields.path_of("retry"))?),
+            Some(v) => Some(RetryOptions::load(v, &fields.path_of("retry"), limits)?),
         };
         let hedge_delays = match fields.value("hedge_delays") {
             None => Vec::new(),
             Some(Value::Array(items)) => {
                 let path = fields.path_of("hedge_delays");
+                WireLimits::check_len(
+                    path.as_str(),
+                    "max_hedge_delays",
+                    Bound::Count(limits.max_hedge_delays),
+                    items.len(),
+                )?;
                 items
                     .iter()
                     .enumerate()
-                    .map(|(i, item)| seconds_from_json(item, &index(&path, i)))
+                    .map(|(i, item)| {
+                        bounded_seconds_from_json(
+                            item,
+                            &index(&path, i),
+                            "max_delay",
+                            limits.max_delay,
+                        )
+                    })
                     .collect::<Result<Vec<_>, _>>()?
             }
             Some(v) => {
@@ -339,7 +451,19 @@ impl RequestOptions {
                 ))
             }
         };
-        let idempotency_key = fields.opt_string("idempotency_key")?.map(str::to_owned);
+        let key = |name: &str| -> Result<Option<String>, WireError> {
+            let key = fields.opt_string(name)?;
+            if let Some(k) = key {
+                WireLimits::check_len(
+                    fields.path_of(name),
+                    "max_key_len",
+                    Bound::Bytes(limits.max_key_len),
+                    k.len(),
+                )?;
+            }
+            Ok(key.map(str::to_owned))
+        };
+        let idempotency_key = key("idempotency_key")?;
         if idempotency_key.as_deref() == Some("") {
             return Err(WireError::new(
                 fields.path_of("idempotency_key"),
@@ -352,11 +476,15 @@ impl RequestOptions {
             retry,
             strategy: named(&fields, "strategy")?,
             hedge_delays,
-            deadline: fields.opt_seconds("deadline")?,
+            deadline: fields.opt_bounded_seconds(
+                "deadline",
+                "max_deadline",
+                limits.max_deadline,
+            )?,
             deadline_mode: named(&fields, "deadline_mode")?,
             priority: named(&fields, "priority")?,
             idempotency_key,
-            upstream_key: fields.opt_string("upstream_key")?.map(str::to_owned),
+            upstream_key: key("upstream_key")?,
         })
     }
 }
@@ -436,6 +564,23 @@ mod tests {
         assert_eq!(o.retry.as_ref().unwrap().max_attempts, Some(4));
         assert_eq!(o.priority, Some(Priority::High));
         assert_eq!(RequestOptions::from_json(&o.to_json()).unwrap(), o);
+    }
+
+    #[test]
+    fn options_that_write_nothing_are_left_out() {
+        let empty_retry = RequestOptions {
+            retry: Some(RetryOptions::default()),
+            ..RequestOptions::default()
+        };
+        assert_eq!(empty_retry.to_json(), Value::Null);
+        let request = crate::Request::get("http://h.example/")
+            .request_options(empty_retry)
+            .build()
+            .unwrap();
+        let wire = request.to_json();
+        assert!(wire.get("options").is_none(), "{wire}");
+        let again = crate::Request::from_json(&wire).unwrap();
+        assert_eq!(again.to_json(), wire);
     }
 
     #[test]

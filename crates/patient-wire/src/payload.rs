@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     fields::{serde_via_json, Fields},
+    limits::{Bound, LimitError, WireLimits},
     wire_error::{WireError, WireErrorKind},
 };
 
@@ -86,6 +87,12 @@ impl PayloadEncoding {
 ///   charset `ASCII-8BIT`.
 ///
 /// A missing body is JSON `null`, not a payload.
+///
+/// Decoding is bounded: [`Payload::decode`] and every loader of a body
+/// refuse a payload that decodes to more than [`WireLimits::max_body_size`]
+/// bytes, and a `gzipped` value is inflated through a reader that stops one
+/// byte past the bound, so a small value that would inflate to gigabytes
+/// costs no more than the bound.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Payload {
     /// How `value` stores the bytes.
@@ -143,78 +150,116 @@ impl Payload {
 
     /// The stored bytes: the text as UTF-8 for `text` and `gzipped`, the exact
     /// bytes that went in for `binary`.
+    ///
+    /// Fails with [`WireErrorKind::Limit`] rather than produce more than
+    /// [`WireLimits::max_body_size`] of the default limits: a gzipped value
+    /// stops inflating as soon as it passes the bound.
     pub fn decode(&self) -> Result<Vec<u8>, WireError> {
-        self.decode_at("")
+        self.decode_with_limits(&WireLimits::default())
+    }
+
+    /// Like [`Payload::decode`], within [`WireLimits::max_body_size`] of
+    /// `limits`.
+    pub fn decode_with_limits(&self, limits: &WireLimits) -> Result<Vec<u8>, WireError> {
+        let max = limits.max_body_size;
+        self.decode_capped(Cap::Limits(max), max, "")
     }
 
     /// The body as it was on the wire of HTTP: like [`Payload::decode`], but
     /// text stored as UTF-8 is encoded back into the charset the content type
     /// declares (say `ISO-8859-1`), so that encoding the result again with the
     /// same content type gives the same payload. Text that charset cannot
-    /// represent is returned as UTF-8.
+    /// represent is returned as UTF-8. The result too is within
+    /// [`WireLimits::max_body_size`] of the default limits.
     pub fn decode_for(&self, content_type: Option<&str>) -> Result<Vec<u8>, WireError> {
-        self.decode_for_at(content_type, "")
+        self.decode_for_with_limits(content_type, &WireLimits::default())
+    }
+
+    /// Like [`Payload::decode_for`], within [`WireLimits::max_body_size`] of
+    /// `limits`.
+    pub fn decode_for_with_limits(
+        &self,
+        content_type: Option<&str>,
+        limits: &WireLimits,
+    ) -> Result<Vec<u8>, WireError> {
+        self.decode_for_at(content_type, "", limits.max_body_size)
     }
 
     pub(crate) fn decode_for_at(
         &self,
         content_type: Option<&str>,
         path: &str,
+        max_body_size: usize,
     ) -> Result<Vec<u8>, WireError> {
-        let bytes = self.decode_at(path)?;
-        if !self.is_text() || !is_utf8_label(&self.charset) {
-            return Ok(bytes);
-        }
-        let Some(target) = content_type.and_then(declared_encoding) else {
-            return Ok(bytes);
+        let cap = Cap::Limits(max_body_size);
+        let target = content_type.and_then(declared_encoding).filter(|&target| {
+            target != encoding_rs::UTF_8 && self.is_text() && is_utf8_label(&self.charset)
+        });
+        let Some(target) = target else {
+            return self.decode_capped(cap, max_body_size, path);
         };
-        if target == encoding_rs::UTF_8 {
-            return Ok(bytes);
+        // Text is stored as UTF-8, which takes up to twice the bytes of the
+        // charset it goes back into (`é` is one byte of ISO-8859-1): what
+        // counts is the size once encoded back.
+        let bytes = self.decode_capped(cap, max_body_size.saturating_mul(2), path)?;
+        let bytes = match String::from_utf8(bytes) {
+            Ok(text) => encode_into(&text, target).unwrap_or_else(|| text.into_bytes()),
+            Err(e) => e.into_bytes(),
+        };
+        if bytes.len() > max_body_size {
+            return Err(cap.error(&crate::fields::join(path, "value"), Some(bytes.len())));
         }
-        match String::from_utf8(bytes) {
-            Ok(text) => Ok(encode_into(&text, target).unwrap_or_else(|| text.into_bytes())),
-            Err(e) => Ok(e.into_bytes()),
-        }
-    }
-
-    pub(crate) fn decode_at(&self, path: &str) -> Result<Vec<u8>, WireError> {
-        self.decode_limited_at(None, path)
+        Ok(bytes)
     }
 
     /// Like [`Payload::decode`], but fails with [`WireErrorKind::TooLarge`]
-    /// rather than produce more than `max_len` bytes. Use it on payloads from
-    /// untrusted sources: a small gzipped value can expand enormously.
+    /// rather than produce more than `max_len` bytes (a gzipped value stops
+    /// inflating as soon as it passes `max_len`).
     pub fn decode_limited(&self, max_len: usize) -> Result<Vec<u8>, WireError> {
-        self.decode_limited_at(Some(max_len), "")
+        self.decode_capped(Cap::Len(max_len), max_len, "")
     }
 
-    fn decode_limited_at(&self, limit: Option<usize>, path: &str) -> Result<Vec<u8>, WireError> {
+    /// The stored bytes, never more than `max` of them (else `cap`'s error):
+    /// text and Base64 are measured before they are copied, gzip is inflated
+    /// through [`inflate_capped`], which stops one byte past `max`.
+    fn decode_capped(&self, cap: Cap, max: usize, path: &str) -> Result<Vec<u8>, WireError> {
         let value_path = crate::fields::join(path, "value");
-        let too_large =
-            |limit: usize| WireError::new(value_path.as_str(), WireErrorKind::TooLarge { limit });
-        let bytes = match self.encoding {
-            PayloadEncoding::Text => self.value.as_bytes().to_vec(),
-            PayloadEncoding::Binary => base64_decode(&self.value, &value_path)?,
+        match self.encoding {
+            PayloadEncoding::Text => {
+                if self.value.len() > max {
+                    return Err(cap.error(&value_path, Some(self.value.len())));
+                }
+                Ok(self.value.as_bytes().to_vec())
+            }
+            PayloadEncoding::Binary => {
+                // Four Base64 characters hold three bytes (less up to two of
+                // padding): refuse a value that cannot fit before decoding it.
+                if self.value.len() / 4 * 3 > max {
+                    let compact = self
+                        .value
+                        .bytes()
+                        .filter(|b| !b.is_ascii_whitespace())
+                        .count();
+                    if (compact / 4 * 3).saturating_sub(2) > max {
+                        return Err(cap.error(&value_path, None));
+                    }
+                }
+                let bytes = base64_decode(&self.value, &value_path)?;
+                if bytes.len() > max {
+                    return Err(cap.error(&value_path, Some(bytes.len())));
+                }
+                Ok(bytes)
+            }
             PayloadEncoding::Gzipped => {
                 let gz = base64_decode(&self.value, &value_path)?;
-                let mut out = Vec::with_capacity(gz.len().saturating_mul(4));
-                let decoder = MultiGzDecoder::new(gz.as_slice());
-                let read = match limit {
-                    Some(limit) => decoder
-                        .take(u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1))
-                        .read_to_end(&mut out),
-                    None => {
-                        let mut decoder = decoder;
-                        decoder.read_to_end(&mut out)
+                match inflate_capped(MultiGzDecoder::new(gz.as_slice()), max, gz.len()) {
+                    Ok(bytes) => Ok(bytes),
+                    Err(Inflate::Over) => Err(cap.error(&value_path, None)),
+                    Err(Inflate::Io(e)) => {
+                        Err(WireError::new(value_path.as_str(), WireErrorKind::Gzip(e)))
                     }
-                };
-                read.map_err(|e| WireError::new(value_path.as_str(), WireErrorKind::Gzip(e)))?;
-                out
+                }
             }
-        };
-        match limit {
-            Some(limit) if bytes.len() > limit => Err(too_large(limit)),
-            _ => Ok(bytes),
         }
     }
 
@@ -261,13 +306,73 @@ impl Payload {
 
 serde_via_json!(Payload);
 
+/// The bound a payload is decoded within, and the error for passing it.
+#[derive(Debug, Clone, Copy)]
+enum Cap {
+    /// [`WireLimits::max_body_size`]: a [`WireErrorKind::Limit`].
+    Limits(usize),
+    /// [`Payload::decode_limited`]: a [`WireErrorKind::TooLarge`].
+    Len(usize),
+}
+
+impl Cap {
+    fn error(self, path: &str, found: Option<usize>) -> WireError {
+        match self {
+            Cap::Limits(max) => LimitError::new(
+                path,
+                "max_body_size",
+                Bound::Bytes(max),
+                found.map(|n| n.to_string()),
+            )
+            .into(),
+            Cap::Len(limit) => WireError::new(path, WireErrorKind::TooLarge { limit }),
+        }
+    }
+}
+
+/// The largest first allocation of [`inflate_capped`]; it grows from there
+/// only as the data inflates.
+const INFLATE_FIRST_ALLOCATION: usize = 4 << 20;
+
+/// Why [`inflate_capped`] stopped.
+#[derive(Debug)]
+enum Inflate {
+    /// The data does not decompress.
+    Io(std::io::Error),
+    /// It decompresses to more than the cap.
+    Over,
+}
+
+/// Everything `decoder` gives, as long as that is at most `max` bytes: it is
+/// read through [`Read::take`] of `max + 1` bytes, so a gzip bomb is never
+/// inflated (nor held) past one byte more than `max`. `hint` (the compressed
+/// size) sizes the first allocation, up to [`INFLATE_FIRST_ALLOCATION`].
+fn inflate_capped<R: Read>(decoder: R, max: usize, hint: usize) -> Result<Vec<u8>, Inflate> {
+    let cap = max.saturating_add(1);
+    let mut out = Vec::with_capacity(
+        hint.saturating_mul(4)
+            .min(cap)
+            .min(INFLATE_FIRST_ALLOCATION),
+    );
+    decoder
+        .take(u64::try_from(cap).unwrap_or(u64::MAX))
+        .read_to_end(&mut out)
+        .map_err(Inflate::Io)?;
+    if out.len() > max {
+        return Err(Inflate::Over);
+    }
+    Ok(out)
+}
+
 /// Loads an optional body at `key` of `fields`: `null`, an absent key or a
 /// payload without a `value` are no body (as the Ruby loader treats
-/// them); anything else is decoded for `content_type`.
+/// them); anything else is decoded for `content_type`, within
+/// [`WireLimits::max_body_size`].
 pub(crate) fn load_body(
     fields: &Fields<'_>,
     key: &str,
     content_type: Option<&str>,
+    limits: &WireLimits,
 ) -> Result<Option<bytes::Bytes>, WireError> {
     let Some(v) = fields.value(key) else {
         return Ok(None);
@@ -278,7 +383,7 @@ pub(crate) fn load_body(
     let path = fields.path_of(key);
     let payload = Payload::load(v, &path)?;
     payload
-        .decode_for_at(content_type, &path)
+        .decode_for_at(content_type, &path, limits.max_body_size)
         .map(|b| Some(b.into()))
 }
 
@@ -387,6 +492,32 @@ mod tests {
             base64_decode("!!", "body.value").unwrap_err().path(),
             "body.value"
         );
+    }
+
+    /// Endless zeros, counting what was read.
+    struct Endless {
+        read: usize,
+    }
+
+    impl Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            buf.fill(0);
+            self.read += buf.len();
+            Ok(buf.len())
+        }
+    }
+
+    #[test]
+    fn inflating_stops_one_byte_past_the_cap() {
+        let mut endless = Endless { read: 0 };
+        let result = inflate_capped(&mut endless, 1000, 10);
+        assert!(matches!(result, Err(Inflate::Over)), "{result:?}");
+        assert_eq!(endless.read, 1001, "never more than the cap and one byte");
+
+        let exact = inflate_capped(&[7_u8; 1000][..], 1000, 10).unwrap();
+        assert_eq!(exact.len(), 1000);
+        let capacity = inflate_capped(&[7_u8; 10][..], usize::MAX, usize::MAX).unwrap();
+        assert_eq!(capacity.len(), 10);
     }
 
     #[test]

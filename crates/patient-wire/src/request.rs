@@ -1,14 +1,16 @@
 //! HTTP requests, validated when built, and their JSON form.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, fmt, time::Duration};
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
 use url::Url;
 
 use crate::{
+    credentials::{redact_userinfo, UrlCredentials},
     fields::{join, serde_via_json, Fields},
     headers::{HeaderValue, Headers},
+    limits::{Bound, LimitError, WireLimits},
     method::Method,
     options::{Priority, RequestOptions, Strategy},
     payload::{load_body, Payload},
@@ -36,7 +38,8 @@ pub enum RequestValidationError {
     /// The URL does not parse.
     #[error("invalid URL {url:?}: {reason}")]
     InvalidUrl {
-        /// The URL that was given.
+        /// The URL that was given, any user name and password in it replaced
+        /// by `***`.
         url: String,
         /// Why it does not parse.
         reason: url::ParseError,
@@ -71,6 +74,20 @@ pub enum RequestValidationError {
     /// A preprocessor name is empty.
     #[error("preprocessor names cannot be empty")]
     EmptyPreprocessorName,
+    /// The user name or password of the URL is not UTF-8 once
+    /// percent-decoded.
+    #[error("the user name or password of the URL is not UTF-8 once percent-decoded")]
+    InvalidUrlCredentials,
+    /// A value is outside one of the [`WireLimits`]; the error names the
+    /// field and the bound.
+    #[error("{0}")]
+    Limit(LimitError),
+}
+
+impl From<LimitError> for RequestValidationError {
+    fn from(e: LimitError) -> Self {
+        RequestValidationError::Limit(e)
+    }
 }
 
 /// An HTTP request to hand off: method, URL (query parameters included),
@@ -78,11 +95,36 @@ pub enum RequestValidationError {
 /// preprocessors.
 ///
 /// Built and validated with [`RequestBuilder`]; loaded with the same checks by
-/// [`Request::from_json`]. Serializes as the wire format's request object.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// [`Request::from_json`]. Both keep to [`WireLimits`] (the default ones
+/// unless given others). Serializes as the wire format's request object.
+///
+/// # Credentials in the URL
+///
+/// A user name and password in the URL (`https://user:pass@host/`) are taken
+/// out of it when the request is built or loaded: [`Request::url`] and the
+/// JSON hold the URL without them, so no outcome (`url`, `redirects`) or
+/// error carries them. They are kept beside it as
+/// [`Request::url_credentials`], never serialized nor shown by `Debug`, for
+/// the engine to send as basic authentication to the request's own origin.
+/// So they do not survive a round trip through JSON; to persist credentials,
+/// use a secret header (`authorization` set to a [`SecretRef`]).
+///
+/// ```
+/// use patient_wire::Request;
+///
+/// let request = Request::get("https://ada:s3cret@api.example.com/me").build()?;
+/// assert_eq!(request.url().as_str(), "https://api.example.com/me");
+/// assert_eq!(request.to_json()["url"], "https://api.example.com/me");
+/// let credentials = request.url_credentials().unwrap();
+/// assert_eq!((credentials.username(), credentials.password()), ("ada", Some("s3cret")));
+/// assert!(!format!("{request:?}").contains("s3cret"));
+/// # Ok::<(), patient_wire::RequestValidationError>(())
+/// ```
+#[derive(Clone, PartialEq, Eq)]
 pub struct Request {
     method: Method,
     url: Url,
+    url_credentials: Option<UrlCredentials>,
     headers: Headers,
     body: Option<Bytes>,
     timeout: Option<Duration>,
@@ -90,6 +132,26 @@ pub struct Request {
     secret_params: BTreeMap<String, SecretRef>,
     preprocessors: Vec<String>,
     options: RequestOptions,
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Request")
+            .field("method", &self.method)
+            .field("url", &self.url.as_str())
+            .field(
+                "url_credentials",
+                &self.url_credentials.as_ref().map(|_| "<redacted>"),
+            )
+            .field("headers", &self.headers)
+            .field("body", &self.body)
+            .field("timeout", &self.timeout)
+            .field("max_redirects", &self.max_redirects)
+            .field("secret_params", &self.secret_params)
+            .field("preprocessors", &self.preprocessors)
+            .field("options", &self.options)
+            .finish()
+    }
 }
 
 macro_rules! method_constructors {
@@ -129,9 +191,19 @@ impl Request {
         self.method
     }
 
-    /// The URL, query parameters included (secret parameters are not).
+    /// The URL, query parameters included (secret parameters are not), and
+    /// without any user name or password (see
+    /// [`Request::url_credentials`]).
     pub fn url(&self) -> &Url {
         &self.url
+    }
+
+    /// The user name and password that were in the URL, taken out of it
+    /// (see [Credentials in the URL](Request#credentials-in-the-url)). To be
+    /// sent as `Authorization: Basic …` when no `authorization` header is
+    /// set, and only to the origin of [`Request::url`].
+    pub fn url_credentials(&self) -> Option<&UrlCredentials> {
+        self.url_credentials.as_ref()
     }
 
     /// The headers.
@@ -177,11 +249,13 @@ impl Request {
     }
 
     /// A builder holding everything this request has, to derive a changed
-    /// request (for a redirect hop, say). The URL keeps its query parameters.
+    /// request (for a redirect hop, say). The URL keeps its query parameters;
+    /// the URL's credentials are kept too.
     pub fn to_builder(&self) -> RequestBuilder {
         RequestBuilder {
             method: self.method,
             url: self.url.as_str().to_owned(),
+            url_credentials: self.url_credentials.clone(),
             headers: self
                 .headers
                 .iter()
@@ -231,58 +305,110 @@ impl Request {
         if !self.preprocessors.is_empty() {
             map.insert("preprocessors".into(), self.preprocessors.clone().into());
         }
-        if !self.options.is_empty() {
-            map.insert("options".into(), self.options.to_json());
+        let options = self.options.to_json();
+        if !options.is_null() {
+            map.insert("options".into(), options);
         }
         Value::Object(map)
     }
 
-    /// Loads a request object, applying the same rules as
-    /// [`RequestBuilder::build`]; the error names the offending field.
+    /// Loads a request object within [`WireLimits::default`], applying the
+    /// same rules as [`RequestBuilder::build`]; the error names the offending
+    /// field. A user name and password in the URL are taken out of it (see
+    /// [Credentials in the URL](Request#credentials-in-the-url)).
     pub fn from_json(value: &Value) -> Result<Request, WireError> {
-        Self::load(value, "")
+        Self::from_json_with_limits(value, &WireLimits::default())
     }
 
-    pub(crate) fn load(value: &Value, path: &str) -> Result<Request, WireError> {
+    /// Loads a request object within `limits`, applying the same rules as
+    /// [`RequestBuilder::build_with_limits`].
+    pub fn from_json_with_limits(value: &Value, limits: &WireLimits) -> Result<Request, WireError> {
+        Self::load(value, "", limits)
+    }
+
+    pub(crate) fn load(
+        value: &Value,
+        path: &str,
+        limits: &WireLimits,
+    ) -> Result<Request, WireError> {
         let fields = Fields::new(value, path)?;
         let method = fields.method("http_method")?;
         let url = fields.string("url")?;
+        WireLimits::check_len(
+            fields.path_of("url"),
+            "max_url_len",
+            Bound::Bytes(limits.max_url_len),
+            url.len(),
+        )?;
         let headers = match fields.value("headers") {
-            Some(v) => Headers::load(v, &fields.path_of("headers"))?,
+            Some(v) => {
+                let headers_path = fields.path_of("headers");
+                if let Value::Object(map) = v {
+                    WireLimits::check_len(
+                        headers_path.as_str(),
+                        "max_headers",
+                        Bound::Count(limits.max_headers),
+                        map.len(),
+                    )?;
+                }
+                Headers::load(v, &headers_path)?
+            }
             None => Headers::new(),
         };
-        let body = load_body(&fields, "body", headers.get_str("content-type"))?;
-        let timeout = fields.opt_seconds("timeout")?;
-        let max_redirects = fields
-            .opt_u64("max_redirects")?
-            .map(|n| {
-                u32::try_from(n).map_err(|_| {
+        let body = load_body(&fields, "body", headers.get_str("content-type"), limits)?;
+        let timeout = fields.opt_bounded_seconds("timeout", "max_timeout", limits.max_timeout)?;
+        let max_redirects = match fields.opt_u64("max_redirects")? {
+            None => None,
+            Some(n) => {
+                let path = fields.path_of("max_redirects");
+                WireLimits::check_number(
+                    path.as_str(),
+                    "max_redirects",
+                    limits.max_redirects.into(),
+                    n,
+                )?;
+                Some(u32::try_from(n).map_err(|_| {
                     WireError::new(
-                        fields.path_of("max_redirects"),
+                        path,
                         WireErrorKind::OutOfRange {
                             value: n.to_string(),
                         },
                     )
-                })
-            })
-            .transpose()?;
+                })?)
+            }
+        };
         let mut secret_params = BTreeMap::new();
         if let Some(v) = fields.value("secret_params") {
             let params_path = fields.path_of("secret_params");
             let params = Fields::new(v, &params_path)?;
+            WireLimits::check_len(
+                params_path.as_str(),
+                "max_secret_params",
+                Bound::Count(limits.max_secret_params),
+                params.len(),
+            )?;
             for (name, v) in params.entries() {
                 secret_params.insert(name.clone(), SecretRef::load(v, &join(&params_path, name))?);
             }
         }
+        if let Some(Value::Array(items)) = fields.value("preprocessors") {
+            WireLimits::check_len(
+                fields.path_of("preprocessors"),
+                "max_preprocessors",
+                Bound::Count(limits.max_preprocessors),
+                items.len(),
+            )?;
+        }
         let preprocessors = fields.strings("preprocessors")?;
         let options = match fields.value("options") {
-            Some(v) => RequestOptions::load(v, &fields.path_of("options"))?,
+            Some(v) => RequestOptions::load(v, &fields.path_of("options"), limits)?,
             None => RequestOptions::default(),
         };
 
         let builder = RequestBuilder {
             method,
             url: url.to_owned(),
+            url_credentials: None,
             headers: headers
                 .iter()
                 .map(|(n, v)| (n.to_owned(), v.clone()))
@@ -296,12 +422,17 @@ impl Request {
             preprocessors,
             options,
         };
-        builder.build().map_err(|e| {
+        builder.build_with_limits(limits).map_err(|e| {
             let field = match &e {
+                RequestValidationError::Limit(limit) => {
+                    let field = join(path, limit.field());
+                    return WireError::from(limit.clone().at(field));
+                }
                 RequestValidationError::BodyNotAllowed { .. }
                 | RequestValidationError::BodyAndJson => "body".to_owned(),
                 RequestValidationError::InvalidUrl { .. }
-                | RequestValidationError::UnsupportedScheme { .. } => "url".to_owned(),
+                | RequestValidationError::UnsupportedScheme { .. }
+                | RequestValidationError::InvalidUrlCredentials => "url".to_owned(),
                 RequestValidationError::InvalidHeaderName { .. } => "headers".to_owned(),
                 RequestValidationError::InvalidHeaderValue { name } => join("headers", name),
                 RequestValidationError::InvalidTimeout => "timeout".to_owned(),
@@ -332,12 +463,16 @@ fn timeout_to_json(d: Duration) -> Value {
 
 /// Builds a [`Request`]; [`RequestBuilder::build`] validates it.
 ///
-/// Setters take and return the builder. Nothing is checked until `build`.
+/// Setters take and return the builder. Nothing is checked until `build`
+/// (the bounds of [`WireLimits`] included).
 #[must_use = "a builder does nothing until `build` is called"]
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RequestBuilder {
     method: Method,
     url: String,
+    /// Credentials taken out of an earlier URL (by [`Request::to_builder`] or
+    /// a [`RequestTemplate`](crate::RequestTemplate)); those of `url` win.
+    url_credentials: Option<UrlCredentials>,
     headers: Vec<(String, HeaderValue)>,
     body: Option<Bytes>,
     json: Option<String>,
@@ -349,11 +484,34 @@ pub struct RequestBuilder {
     options: RequestOptions,
 }
 
+impl fmt::Debug for RequestBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestBuilder")
+            .field("method", &self.method)
+            .field("url", &redact_userinfo(&self.url))
+            .field(
+                "url_credentials",
+                &self.url_credentials.as_ref().map(|_| "<redacted>"),
+            )
+            .field("headers", &self.headers)
+            .field("body", &self.body)
+            .field("json", &self.json)
+            .field("params", &self.params)
+            .field("secret_params", &self.secret_params)
+            .field("timeout", &self.timeout)
+            .field("max_redirects", &self.max_redirects)
+            .field("preprocessors", &self.preprocessors)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
 impl RequestBuilder {
     fn new(method: Method, url: String) -> Self {
         Self {
             method,
             url,
+            url_credentials: None,
             headers: Vec::new(),
             body: None,
             json: None,
@@ -437,14 +595,16 @@ impl RequestBuilder {
     }
 
     /// Sets the timeout of the whole request. Default: none (the processor's
-    /// request timeout applies). Must be greater than zero.
+    /// request timeout applies). Must be greater than zero and at most
+    /// [`WireLimits::max_timeout`].
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
     }
 
     /// Sets the most redirects to follow; 0 disables redirects. Default: none
-    /// (the processor's `max_redirects` applies).
+    /// (the processor's `max_redirects` applies). At most
+    /// [`WireLimits::max_redirects`].
     pub fn max_redirects(mut self, max_redirects: u32) -> Self {
         self.max_redirects = Some(max_redirects);
         self
@@ -469,14 +629,16 @@ impl RequestBuilder {
         self
     }
 
-    /// One budget for the whole task: queue wait and every attempt (none by default).
+    /// One budget for the whole task: queue wait and every attempt (none by
+    /// default). At most [`WireLimits::max_deadline`].
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.options.deadline = Some(deadline);
         self
     }
 
     /// An idempotency key, sent as `Idempotency-Key`; it makes a POST or
-    /// PATCH safe to retry (none by default).
+    /// PATCH safe to retry (none by default). At most
+    /// [`WireLimits::max_key_len`] bytes.
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.options.idempotency_key = Some(key.into());
         self
@@ -488,32 +650,81 @@ impl RequestBuilder {
         self
     }
 
-    /// Validates and builds the request.
+    /// Sets the credentials to send unless the URL has its own.
+    pub(crate) fn with_url_credentials(mut self, credentials: Option<UrlCredentials>) -> Self {
+        self.url_credentials = credentials;
+        self
+    }
+
+    /// Validates and builds the request within [`WireLimits::default`].
     ///
     /// Fails when the URL does not parse or is not `http`/`https`, a header
     /// name or value is invalid, a body is given for GET, DELETE, HEAD or
-    /// OPTIONS, both a body and JSON are given, the timeout is zero, or a
-    /// secret or preprocessor name is empty.
+    /// OPTIONS, both a body and JSON are given, the timeout is zero, a
+    /// secret or preprocessor name is empty, or a value is outside the
+    /// limits ([`RequestValidationError::Limit`]). A user name and password
+    /// in the URL are taken out of it (see
+    /// [Credentials in the URL](Request#credentials-in-the-url)).
     pub fn build(self) -> Result<Request, RequestValidationError> {
+        self.build_with_limits(&WireLimits::default())
+    }
+
+    /// Validates and builds the request, as [`RequestBuilder::build`] does,
+    /// within `limits`.
+    pub fn build_with_limits(self, limits: &WireLimits) -> Result<Request, RequestValidationError> {
+        let url_limit = Bound::Bytes(limits.max_url_len);
+        WireLimits::check_len("url", "max_url_len", url_limit, self.url.len())?;
         let mut url = parse_http_url(&self.url)?;
+        let url_credentials = UrlCredentials::take_from(&mut url)?.or(self.url_credentials);
         if !self.params.is_empty() {
             url.query_pairs_mut().extend_pairs(&self.params);
+            WireLimits::check_len("url", "max_url_len", url_limit, url.as_str().len())?;
         }
 
+        WireLimits::check_len(
+            "headers",
+            "max_headers",
+            Bound::Count(limits.max_headers),
+            self.headers.len(),
+        )?;
         let mut headers = Headers::new();
+        let mut headers_size = 0_usize;
         for (name, value) in self.headers {
+            WireLimits::check_len(
+                "headers",
+                "max_header_name_len",
+                Bound::Bytes(limits.max_header_name_len),
+                name.len(),
+            )?;
             validate_header_name(&name)?;
             match &value {
-                HeaderValue::Value(v) => validate_header_value(&name, v)?,
+                HeaderValue::Value(v) => {
+                    WireLimits::check_len(
+                        join("headers", &name.to_ascii_lowercase()),
+                        "max_header_value_len",
+                        Bound::Bytes(limits.max_header_value_len),
+                        v.len(),
+                    )?;
+                    validate_header_value(&name, v)?;
+                    headers_size = headers_size.saturating_add(name.len() + v.len());
+                }
                 HeaderValue::Secret(s) if s.name.is_empty() => {
                     return Err(RequestValidationError::EmptySecretName {
                         target: name.to_ascii_lowercase(),
                     })
                 }
-                HeaderValue::Secret(_) => {}
+                HeaderValue::Secret(s) => {
+                    headers_size = headers_size.saturating_add(name.len() + s.name.len());
+                }
             }
             headers.insert(name, value);
         }
+        WireLimits::check_len(
+            "headers",
+            "max_headers_size",
+            Bound::Bytes(limits.max_headers_size),
+            headers_size,
+        )?;
 
         let body = match (self.body.filter(|b| !b.is_empty()), self.json) {
             (Some(_), Some(_)) => return Err(RequestValidationError::BodyAndJson),
@@ -531,22 +742,55 @@ impl RequestBuilder {
                 method: self.method,
             });
         }
-
-        if self.timeout.is_some_and(|t| t.is_zero()) {
-            return Err(RequestValidationError::InvalidTimeout);
+        if let Some(body) = &body {
+            WireLimits::check_len(
+                "body",
+                "max_body_size",
+                Bound::Bytes(limits.max_body_size),
+                body.len(),
+            )?;
         }
+
+        if let Some(timeout) = self.timeout {
+            if timeout.is_zero() {
+                return Err(RequestValidationError::InvalidTimeout);
+            }
+            WireLimits::check_duration("timeout", "max_timeout", limits.max_timeout, timeout)?;
+        }
+        if let Some(n) = self.max_redirects {
+            WireLimits::check_number(
+                "max_redirects",
+                "max_redirects",
+                limits.max_redirects.into(),
+                n.into(),
+            )?;
+        }
+        WireLimits::check_len(
+            "secret_params",
+            "max_secret_params",
+            Bound::Count(limits.max_secret_params),
+            self.secret_params.len(),
+        )?;
         if let Some((name, _)) = self.secret_params.iter().find(|(_, s)| s.name.is_empty()) {
             return Err(RequestValidationError::EmptySecretName {
                 target: name.clone(),
             });
         }
+        WireLimits::check_len(
+            "preprocessors",
+            "max_preprocessors",
+            Bound::Count(limits.max_preprocessors),
+            self.preprocessors.len(),
+        )?;
         if self.preprocessors.iter().any(String::is_empty) {
             return Err(RequestValidationError::EmptyPreprocessorName);
         }
+        self.options.check_limits("options", limits)?;
 
         Ok(Request {
             method: self.method,
             url,
+            url_credentials,
             headers,
             body,
             timeout: self.timeout,
@@ -561,7 +805,7 @@ impl RequestBuilder {
 /// Parses an absolute `http` or `https` URL.
 pub(crate) fn parse_http_url(url: &str) -> Result<Url, RequestValidationError> {
     let parsed = Url::parse(url).map_err(|reason| RequestValidationError::InvalidUrl {
-        url: url.to_owned(),
+        url: redact_userinfo(url),
         reason,
     })?;
     match parsed.scheme() {

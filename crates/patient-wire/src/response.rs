@@ -11,6 +11,7 @@ use crate::{
     callback_args::CallbackArgs,
     fields::{seconds_to_json, serde_via_json, Fields},
     headers::Headers,
+    limits::WireLimits,
     method::Method,
     payload::{declared_encoding, load_body, Payload},
     wire_error::{WireError, WireErrorKind},
@@ -158,13 +159,30 @@ impl Response {
         Value::Object(map)
     }
 
-    /// Loads a response object; the error names the offending field.
-    /// `callback_args` and `redirects` may be absent or `null` (empty).
+    /// Loads a response object within [`WireLimits::default`]; the error
+    /// names the offending field. `callback_args` and `redirects` may be
+    /// absent or `null` (empty).
+    ///
+    /// The bounds that apply are [`WireLimits::max_body_size`] (a gzipped
+    /// body stops inflating as soon as it passes it) and the callback-args
+    /// bounds.
     pub fn from_json(value: &Value) -> Result<Response, WireError> {
-        Self::load(value, "")
+        Self::from_json_with_limits(value, &WireLimits::default())
     }
 
-    pub(crate) fn load(value: &Value, path: &str) -> Result<Response, WireError> {
+    /// Loads a response object within `limits`.
+    pub fn from_json_with_limits(
+        value: &Value,
+        limits: &WireLimits,
+    ) -> Result<Response, WireError> {
+        Self::load(value, "", limits)
+    }
+
+    pub(crate) fn load(
+        value: &Value,
+        path: &str,
+        limits: &WireLimits,
+    ) -> Result<Response, WireError> {
         let fields = Fields::new(value, path)?;
         let status = fields.u64("status")?;
         let status = u16::try_from(status)
@@ -182,7 +200,7 @@ impl Response {
             Some(v) => Headers::load(v, &fields.path_of("headers"))?,
             None => Headers::new(),
         };
-        let body = load_body(&fields, "body", headers.get_str("content-type"))?;
+        let body = load_body(&fields, "body", headers.get_str("content-type"), limits)?;
         Ok(Response {
             status,
             body,
@@ -190,7 +208,7 @@ impl Response {
             request_id: fields.string("request_id")?.to_owned(),
             url: fields.string("url")?.to_owned(),
             method: fields.method("http_method")?,
-            callback_args: fields.callback_args("callback_args")?,
+            callback_args: fields.callback_args("callback_args", limits)?,
             redirects: fields.strings("redirects")?,
             attempts: load_attempts(&fields)?,
             headers,

@@ -1,10 +1,11 @@
 //! Shared settings for many requests to one API.
 
-use std::time::Duration;
+use std::{fmt, time::Duration};
 
 use url::Url;
 
 use crate::{
+    credentials::UrlCredentials,
     headers::{HeaderValue, Headers},
     method::Method,
     request::{parse_http_url, Request, RequestBuilder, RequestValidationError},
@@ -29,6 +30,14 @@ use crate::{
 /// returned [`RequestBuilder`] replace them for that request only. The
 /// template itself never changes.
 ///
+/// # Credentials
+///
+/// A user name and password in the base URL (`https://user:pass@host/v1`)
+/// are taken out of it, as a [`Request`] does with its own URL: the base URL
+/// and every request URL are without them, and each request to a relative
+/// path carries them as its [`Request::url_credentials`] (a request to an
+/// absolute URL does not).
+///
 /// ```
 /// use patient_wire::RequestTemplate;
 ///
@@ -39,9 +48,10 @@ use crate::{
 /// assert_eq!(request.headers().get_str("accept"), Some("application/json"));
 /// # Ok::<(), patient_wire::RequestValidationError>(())
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RequestTemplate {
     base_url: Url,
+    url_credentials: Option<UrlCredentials>,
     headers: Headers,
     params: Vec<(String, String)>,
     timeout: Option<Duration>,
@@ -57,12 +67,32 @@ macro_rules! method_shortcuts {
     };
 }
 
+impl fmt::Debug for RequestTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestTemplate")
+            .field("base_url", &self.base_url.as_str())
+            .field(
+                "url_credentials",
+                &self.url_credentials.as_ref().map(|_| "<redacted>"),
+            )
+            .field("headers", &self.headers)
+            .field("params", &self.params)
+            .field("timeout", &self.timeout)
+            .field("preprocessors", &self.preprocessors)
+            .finish()
+    }
+}
+
 impl RequestTemplate {
     /// A template for requests under `base_url`, which must be an absolute
-    /// `http` or `https` URL.
+    /// `http` or `https` URL. A user name and password in it are taken out
+    /// (see [Credentials](RequestTemplate#credentials)).
     pub fn new(base_url: impl AsRef<str>) -> Result<Self, RequestValidationError> {
+        let mut base_url = parse_http_url(base_url.as_ref())?;
+        let url_credentials = UrlCredentials::take_from(&mut base_url)?;
         Ok(Self {
-            base_url: parse_http_url(base_url.as_ref())?,
+            base_url,
+            url_credentials,
             headers: Headers::new(),
             params: Vec::new(),
             timeout: None,
@@ -110,9 +140,14 @@ impl RequestTemplate {
         self
     }
 
-    /// The base URL.
+    /// The base URL, without any user name or password.
     pub fn base_url(&self) -> &Url {
         &self.base_url
+    }
+
+    /// The user name and password taken out of the base URL.
+    pub fn url_credentials(&self) -> Option<&UrlCredentials> {
+        self.url_credentials.as_ref()
     }
 
     /// The default headers.
@@ -160,9 +195,13 @@ impl RequestTemplate {
     }
 
     /// A builder for a request with this method to `path`, with the
-    /// template's defaults applied.
+    /// template's defaults applied (and the base URL's credentials, for a
+    /// relative path).
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
         let mut builder = Request::builder(method, self.url_for(path));
+        if !has_http_scheme(path) {
+            builder = builder.with_url_credentials(self.url_credentials.clone());
+        }
         for (name, value) in self.headers.iter() {
             builder = match value {
                 HeaderValue::Value(v) => builder.header(name, v.as_str()),

@@ -2,7 +2,9 @@
 
 use std::{error::Error as StdError, fmt};
 
-use crate::{callback_args::CallbackArgsError, request::RequestValidationError};
+use crate::{
+    callback_args::CallbackArgsError, limits::LimitError, request::RequestValidationError,
+};
 
 /// JSON that could not be loaded as a wire value.
 ///
@@ -44,11 +46,17 @@ pub enum WireErrorKind {
     Base64(base64::DecodeError),
     /// A gzipped payload does not decompress.
     Gzip(std::io::Error),
-    /// A payload decodes to more bytes than allowed.
+    /// A payload decodes to more bytes than [`Payload::decode_limited`]
+    /// allows.
+    ///
+    /// [`Payload::decode_limited`]: crate::Payload::decode_limited
     TooLarge {
         /// The most bytes allowed.
         limit: usize,
     },
+    /// A value is outside one of the [`WireLimits`](crate::WireLimits): a
+    /// duration, a count, a length, a body size or a nesting depth.
+    Limit(LimitError),
     /// The loaded request breaks a request rule.
     Request(RequestValidationError),
     /// The callback arguments are not JSON-native.
@@ -96,6 +104,28 @@ impl WireError {
     pub fn is_missing(&self) -> bool {
         matches!(self.kind, WireErrorKind::Missing)
     }
+
+    /// The broken bound, when a value is outside one of the
+    /// [`WireLimits`](crate::WireLimits).
+    pub fn limit(&self) -> Option<&LimitError> {
+        match &self.kind {
+            WireErrorKind::Limit(e) => Some(e),
+            WireErrorKind::Request(RequestValidationError::Limit(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Whether a value is outside one of the [`WireLimits`](crate::WireLimits).
+    pub fn is_limit(&self) -> bool {
+        self.limit().is_some()
+    }
+}
+
+impl From<LimitError> for WireError {
+    /// The error at the limit error's field.
+    fn from(e: LimitError) -> Self {
+        Self::new(e.field().to_owned(), WireErrorKind::Limit(e))
+    }
 }
 
 impl fmt::Display for WireError {
@@ -115,6 +145,7 @@ impl StdError for WireError {
             WireErrorKind::Gzip(e) => Some(e),
             WireErrorKind::Request(e) => Some(e),
             WireErrorKind::CallbackArgs(e) => Some(e),
+            WireErrorKind::Limit(e) => Some(e),
             _ => None,
         }
     }
@@ -139,6 +170,7 @@ impl fmt::Display for WireErrorKind {
             Self::Base64(e) => write!(f, "invalid Base64: {e}"),
             Self::Gzip(e) => write!(f, "invalid gzip data: {e}"),
             Self::TooLarge { limit } => write!(f, "decodes to more than {limit} bytes"),
+            Self::Limit(e) => e.describe(f),
             Self::Request(e) => write!(f, "{e}"),
             Self::CallbackArgs(e) => write!(f, "{e}"),
         }

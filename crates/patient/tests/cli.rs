@@ -237,6 +237,26 @@ fn bad_input_gets_one_line_naming_the_problem_and_exit_2() {
 }
 
 #[test]
+fn an_out_of_range_timeout_from_a_file_is_bad_input_not_a_panic() {
+    let dir = std::env::temp_dir().join(format!("patient-cli-timeout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("request.json");
+    std::fs::write(
+        &file,
+        r#"{"http_method":"get","url":"http://127.0.0.1:1/","timeout":1.8e19}"#,
+    )
+    .unwrap();
+    let out = patient(&["request", "--from", file.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+    let err = stderr(&out);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("`timeout`"), "{err}");
+    assert!(err.contains("86400"), "the maximum is named: {err}");
+}
+
+#[test]
 fn help_documents_the_exit_status() {
     let out = patient(&["request", "--help"]);
     assert_eq!(out.status.code(), Some(0));
