@@ -330,6 +330,12 @@ impl Engine {
             .map_err(|_| ("InvalidHeader", format!("invalid value for header {name}")))?;
             headers.append(header_name, value);
         }
+        if !hop.cross_origin && !headers.contains_key(header::AUTHORIZATION) {
+            // Credentials of the URL go to its own origin only, as basic auth.
+            if let Some(credentials) = task.request.url_credentials() {
+                headers.insert(header::AUTHORIZATION, basic_auth(credentials)?);
+            }
+        }
         let options = task.request.request_options();
         if let Some(key) = &options.idempotency_key {
             if !headers.contains_key("idempotency-key") {
@@ -452,6 +458,22 @@ fn redirect_hop(mut hop: Hop, origin: &Url, status: u16, next: Url) -> Hop {
     hop.secret_params = false;
     hop.url = next;
     hop
+}
+
+/// `Basic base64(user:password)`, marked sensitive.
+fn basic_auth(
+    credentials: &patient_wire::UrlCredentials,
+) -> Result<HttpHeaderValue, (&'static str, String)> {
+    use base64::Engine as _;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        credentials.username(),
+        credentials.password().unwrap_or_default()
+    ));
+    let mut value = HttpHeaderValue::from_str(&format!("Basic {token}"))
+        .map_err(|_| ("InvalidHeader", "invalid URL credentials".to_owned()))?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 fn http_method(method: Method) -> http::Method {

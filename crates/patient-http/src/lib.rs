@@ -77,7 +77,7 @@ pub use patient_wire::{
     self as wire, Attempt, CallbackArgs, DeadlineMode, ErrorType, HeaderValue, Headers, HttpError,
     Method, Payload, Priority, RedirectError, RedirectErrorKind, Request, RequestBuilder,
     RequestError, RequestOptions, RequestTemplate, Response, RetryOptions, SecretRef, Strategy,
-    TaskError,
+    TaskError, UrlCredentials, WireLimits,
 };
 pub use preprocess::{Preprocessor, SigV4};
 pub use processor::{

@@ -410,3 +410,63 @@ async fn arbitrary_upstream_keys_keep_the_metrics_bounded() {
         (600 - patient_http::metrics::DEFAULT_MAX_UPSTREAMS).to_string()
     );
 }
+
+// 5. Credentials in a URL are sent as basic auth and never written out.
+
+#[tokio::test]
+async fn url_credentials_go_as_basic_auth_to_their_origin_only_and_are_never_written_out() {
+    let a = Upstream::start().await.unwrap();
+    let b = Upstream::start().await.unwrap();
+    let client = AwaitableClient::builder().build_awaitable().unwrap();
+    let with_credentials =
+        |up: &Upstream, path: &str| format!("http://user:pa%20ss@{}{path}", up.addr());
+
+    let request = get(with_credentials(&a, "/echo"));
+    let json = request.to_json().to_string();
+    assert!(
+        !json.contains("pa%20ss") && !json.contains("user:"),
+        "{json}"
+    );
+    let response = client.send(request).await.unwrap();
+    let echoed = body_json(&response);
+    use base64::Engine as _;
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("user:pa ss")
+    );
+    assert_eq!(echoed["headers"]["authorization"], expected.as_str());
+    let written = response.to_json().to_string();
+    assert!(
+        !written.contains("pa%20ss") && !written.contains("user:"),
+        "{written}"
+    );
+    assert_eq!(response.url, a.url("/echo"));
+
+    // A redirect to another origin carries neither the credentials nor any
+    // trace of them in the chain.
+    let target = b.url("/echo");
+    let hop = with_credentials(
+        &a,
+        &format!(
+            "/redirect-to?url={}",
+            url::form_urlencoded::byte_serialize(target.as_bytes()).collect::<String>()
+        ),
+    );
+    let response = client.send(get(&hop)).await.unwrap();
+    let echoed = body_json(&response);
+    assert_eq!(echoed["headers"].get("authorization"), None, "{echoed}");
+    let written = response.to_json().to_string();
+    assert!(
+        !written.contains("pa%20ss") && !written.contains("user:"),
+        "{written}"
+    );
+
+    // Nor does an error.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://user:secret@{}/", listener.local_addr().unwrap());
+    drop(listener);
+    let error = client.send(get(&dead)).await.unwrap_err();
+    let written = error.to_json().to_string();
+    assert!(!written.contains("secret"), "{written}");
+    assert!(!error.to_string().contains("secret"), "{error}");
+}

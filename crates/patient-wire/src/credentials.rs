@@ -62,29 +62,10 @@ impl fmt::Debug for UrlCredentials {
 
 /// `%XX` sequences decoded; the result must be UTF-8.
 fn percent_decode(text: &str) -> Result<String, RequestValidationError> {
-    fn hex(b: &u8) -> Option<u8> {
-        char::from(*b)
-            .to_digit(16)
-            .and_then(|d| u8::try_from(d).ok())
-    }
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            if let (Some(high), Some(low)) = (
-                bytes.get(i + 1).and_then(hex),
-                bytes.get(i + 2).and_then(hex),
-            ) {
-                out.push(high << 4 | low);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8(out).map_err(|_| RequestValidationError::InvalidUrlCredentials)
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .map(|decoded| decoded.into_owned())
+        .map_err(|_| RequestValidationError::InvalidUrlCredentials)
 }
 
 /// `text` with any user name and password of its authority replaced by
