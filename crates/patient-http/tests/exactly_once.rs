@@ -3,6 +3,12 @@
 //! accepted task ends in exactly one of on_complete, on_error or retry; every
 //! refused task comes back to the caller. Handlers panic now and then.
 //!
+//! Part of the mix is hostile wire input: tasks built from mutated Request
+//! JSON (huge, negative, NaN or mistyped timeouts and deadlines, huge header
+//! counts and values, bad methods, URLs and options). What the wire layer
+//! rejects never becomes a task and is counted as refused at build; the rest
+//! goes through the processor like any other task.
+//!
 //! `PATIENT_STRESS_ITERATIONS` and `PATIENT_STRESS_SEED` change the run.
 
 use std::{
@@ -13,6 +19,7 @@ use std::{
 
 use patient_http::{Config, Processor, Request, Response, Task, TaskError, TaskHandler};
 use patient_testkit::{Fault, Upstream};
+use serde_json::{json, Value};
 
 #[derive(Default)]
 struct Tally {
@@ -72,6 +79,198 @@ fn pick_url(up: &Upstream, rng: &mut fastrand::Rng) -> (String, Option<Duration>
     }
 }
 
+/// Where a task of the mix comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Built with the request builder: faults come from the upstream.
+    Plain,
+    /// Built from mutated wire JSON.
+    Hostile,
+    // Engine-side panics (a task that makes the engine itself panic
+    // mid-request) join the mix here, with a weight in `pick_kind`, once the
+    // engine offers a way to trigger one.
+}
+
+fn pick_kind(rng: &mut fastrand::Rng) -> Kind {
+    match rng.u32(0..100) {
+        0..=69 => Kind::Plain,
+        _ => Kind::Hostile,
+    }
+}
+
+/// One task of the mix, or the reason the wire layer refused to build it.
+fn make_task(up: &Upstream, rng: &mut fastrand::Rng) -> (Kind, Result<Task, String>) {
+    let kind = pick_kind(rng);
+    let task = match kind {
+        Kind::Plain => {
+            let (url, timeout) = pick_url(up, rng);
+            let mut b = Request::get(url);
+            if let Some(t) = timeout {
+                b = b.timeout(t);
+            }
+            Ok(Task::new(b.build().unwrap(), "Stress"))
+        }
+        Kind::Hostile => hostile_task(up, rng),
+    };
+    (kind, task)
+}
+
+/// Seconds as hostile input: out of range, negative, zero, tiny, huge, or not
+/// a number at all.
+fn hostile_seconds(rng: &mut fastrand::Rng) -> Value {
+    match rng.u32(0..16) {
+        0 => json!(1e300),
+        1 => json!(f64::MAX),
+        2 => json!(1.9e19),
+        3 => json!(9.3e18),
+        4 => json!(1e12),
+        5 => json!(-1),
+        6 => json!(-1e-9),
+        7 => json!(0),
+        8 => json!(-0.0),
+        9 => json!(1e-9),
+        10 => json!(5e-324),
+        11 => json!(u64::MAX),
+        12 => json!("30"),
+        13 => json!(true),
+        14 => json!([1]),
+        _ => json!(rng.f64() * 0.5),
+    }
+}
+
+/// A request built from its wire JSON after one hostile mutation.
+fn hostile_task(up: &Upstream, rng: &mut fastrand::Rng) -> Result<Task, String> {
+    let (url, _) = pick_url(up, rng);
+    let mut v = Request::get(url).build().unwrap().to_json();
+    // Some mutations only exist as JSON text (JSON has no NaN or infinity).
+    let mut text = None;
+    match rng.u32(0..14) {
+        0 => v["timeout"] = hostile_seconds(rng),
+        1 => {
+            let bad = ["NaN", "-NaN", "Infinity", "-Infinity", "1e400", "-1e400"];
+            v["timeout"] = json!("@");
+            text = Some(v.to_string().replace("\"@\"", bad[rng.usize(..bad.len())]));
+        }
+        2 => {
+            let headers: serde_json::Map<String, Value> = (0..rng.usize(50..3000))
+                .map(|i| (format!("x-h{i}"), json!(format!("v{i}"))))
+                .collect();
+            v["headers"] = Value::Object(headers);
+        }
+        3 => v["headers"] = json!({"x-big": "v".repeat(rng.usize(16_000..128_000))}),
+        4 => {
+            let bad = [
+                json!({"bad name": "v"}),
+                json!({"": "v"}),
+                json!({"x-ctl": "a\r\nInjected: 1"}),
+                json!({"x-nul": "a\u{0}b"}),
+                json!({"x-num": 42}),
+                json!({"x-null": null}),
+                json!({"x-secret": {"$secret": ""}}),
+                json!({"x-secret": {"$secret": "never-registered"}}),
+                json!({"x-secret": {"$secret": 7}}),
+                json!("not an object"),
+            ];
+            v["headers"] = bad[rng.usize(..bad.len())].clone();
+        }
+        5 => {
+            let bad = [
+                json!(u32::MAX),
+                json!(u64::MAX),
+                json!(-1),
+                json!(1.5),
+                json!("3"),
+            ];
+            v["max_redirects"] = bad[rng.usize(..bad.len())].clone();
+        }
+        6 => {
+            let modes = [
+                json!("propagate"),
+                json!("strict"),
+                json!("bogus"),
+                json!(1),
+            ];
+            v["options"] = json!({
+                "deadline": hostile_seconds(rng),
+                "deadline_mode": modes[rng.usize(..modes.len())].clone(),
+            });
+        }
+        7 => {
+            let delays: Vec<Value> = (0..rng.usize(1..5)).map(|_| hostile_seconds(rng)).collect();
+            v["options"] = json!({"strategy": "hedged", "hedge_delays": delays});
+        }
+        8 => {
+            let attempts = [json!(0), json!(1), json!(100), json!(101), json!(u64::MAX)];
+            v["options"] = json!({"retry": {
+                "max_attempts": attempts[rng.usize(..attempts.len())].clone(),
+                "base_delay": hostile_seconds(rng),
+                "max_delay": hostile_seconds(rng),
+                "factor": hostile_seconds(rng),
+            }});
+        }
+        9 => {
+            let bad = [
+                json!("high"),
+                json!("urgent"),
+                json!(""),
+                json!(3),
+                json!(null),
+            ];
+            v["options"] = json!({"priority": bad[rng.usize(..bad.len())].clone()});
+        }
+        10 => {
+            let bad = [
+                ("GET", Value::Null),
+                ("trace", Value::Null),
+                (
+                    "get",
+                    json!({"encoding": "text", "value": "x", "charset": "UTF-8"}),
+                ),
+                (
+                    "post",
+                    json!({"encoding": "binary", "value": "!!not base64"}),
+                ),
+                ("post", json!({"encoding": "gzipped", "value": "AAAA"})),
+                ("post", json!({"encoding": "zstd", "value": "x"})),
+            ];
+            let (method, body) = bad[rng.usize(..bad.len())].clone();
+            v["http_method"] = json!(method);
+            v["body"] = body;
+        }
+        11 => {
+            let long = format!("{}/{}", up.url("/fast"), "a".repeat(64 * 1024));
+            let bad = [
+                json!(""),
+                json!("not a url"),
+                json!("ftp://127.0.0.1/"),
+                json!("http://"),
+                json!("http://[::1"),
+                json!("http://127.0.0.1:99999/"),
+                json!(long),
+                json!(null),
+            ];
+            v["url"] = bad[rng.usize(..bad.len())].clone();
+        }
+        12 => {
+            let bad = [
+                json!(null),
+                json!([]),
+                json!("request"),
+                json!(42),
+                json!({}),
+            ];
+            v = bad[rng.usize(..bad.len())].clone();
+        }
+        _ => v["unexpected"] = json!({"nested": [1, {"deeper": null}]}),
+    }
+    let v = match text {
+        Some(text) => serde_json::from_str::<Value>(&text).map_err(|e| e.to_string())?,
+        None => v,
+    };
+    let request = Request::from_json(&v).map_err(|e| e.to_string())?;
+    Ok(Task::new(request, "Hostile"))
+}
+
 #[test]
 fn every_task_ends_in_exactly_one_outcome() {
     // The handler's deliberate panics are expected: keep them off the output.
@@ -102,7 +301,9 @@ fn every_task_ends_in_exactly_one_outcome() {
 
     let mut totals: HashMap<&'static str, u64> = HashMap::new();
     let mut accepted_total = 0u64;
+    let mut hostile_accepted_total = 0u64;
     let mut refused_total = 0u64;
+    let mut refused_at_build_total = 0u64;
     for iteration in 0..iterations {
         let mut rng = fastrand::Rng::with_seed(seed ^ iteration.wrapping_mul(0x9e37_79b9));
         let tally = Arc::new(Mutex::new(Tally::default()));
@@ -125,7 +326,7 @@ fn every_task_ends_in_exactly_one_outcome() {
         let stop_after = Duration::from_millis(rng.u64(0..600));
         let stop_timeout = Duration::from_millis(rng.u64(0..150));
         let thread_seeds: Vec<u64> = (0..4).map(|_| rng.u64(..)).collect();
-        let (accepted, refused) = std::thread::scope(|s| {
+        let (accepted, refused, refused_at_build, hostile_accepted) = std::thread::scope(|s| {
             let handles: Vec<_> = thread_seeds
                 .iter()
                 .map(|&ts| {
@@ -135,16 +336,21 @@ fn every_task_ends_in_exactly_one_outcome() {
                         let mut rng = fastrand::Rng::with_seed(ts);
                         let mut accepted = Vec::new();
                         let mut refused = 0u64;
+                        let mut refused_at_build = 0u64;
+                        let mut hostile_accepted = 0u64;
                         for _ in 0..per_thread {
-                            let (url, timeout) = pick_url(up, &mut rng);
-                            let mut b = Request::get(url);
-                            if let Some(t) = timeout {
-                                b = b.timeout(t);
-                            }
-                            let task = Task::new(b.build().unwrap(), "Stress");
+                            let (kind, task) = make_task(up, &mut rng);
+                            let Ok(task) = task else {
+                                // Never a task: nothing to have an outcome.
+                                refused_at_build += 1;
+                                continue;
+                            };
                             let id = task.id.clone();
                             match p.enqueue(task) {
-                                Ok(()) => accepted.push(id),
+                                Ok(()) => {
+                                    accepted.push(id);
+                                    hostile_accepted += u64::from(kind == Kind::Hostile);
+                                }
                                 Err(e) => {
                                     // Nothing is lost: the task comes back.
                                     assert_eq!(e.task().id, id);
@@ -155,20 +361,22 @@ fn every_task_ends_in_exactly_one_outcome() {
                                 std::thread::sleep(Duration::from_millis(rng.u64(0..5)));
                             }
                         }
-                        (accepted, refused)
+                        (accepted, refused, refused_at_build, hostile_accepted)
                     })
                 })
                 .collect();
             std::thread::sleep(stop_after);
             processor.stop(Some(stop_timeout));
             let mut accepted = Vec::new();
-            let mut refused = 0;
+            let (mut refused, mut refused_at_build, mut hostile_accepted) = (0, 0, 0);
             for h in handles {
-                let (a, r) = h.join().unwrap();
+                let (a, r, b, h) = h.join().unwrap();
                 accepted.extend(a);
                 refused += r;
+                refused_at_build += b;
+                hostile_accepted += h;
             }
-            (accepted, refused)
+            (accepted, refused, refused_at_build, hostile_accepted)
         });
 
         let tally = tally.lock().unwrap();
@@ -190,11 +398,14 @@ fn every_task_ends_in_exactly_one_outcome() {
         assert_eq!(counts.pending, 0);
         assert_eq!(counts.total(), accepted.len() as u64);
         accepted_total += accepted.len() as u64;
+        hostile_accepted_total += hostile_accepted;
         refused_total += refused;
+        refused_at_build_total += refused_at_build;
     }
     println!(
-        "exactly_once: iterations={iterations} seed={seed} accepted={accepted_total} refused={refused_total} \
-         complete={} error={} retry={}",
+        "exactly_once: iterations={iterations} seed={seed} accepted={accepted_total} \
+         (hostile {hostile_accepted_total}) refused={refused_total} \
+         refused_at_build={refused_at_build_total} complete={} error={} retry={}",
         totals.get("complete").unwrap_or(&0),
         totals.get("error").unwrap_or(&0),
         totals.get("retry").unwrap_or(&0),
@@ -202,5 +413,9 @@ fn every_task_ends_in_exactly_one_outcome() {
     assert!(
         accepted_total > 1000,
         "the run must exercise thousands of tasks"
+    );
+    assert!(
+        hostile_accepted_total > 0 && refused_at_build_total > 0,
+        "the hostile mix must reach the processor and the wire layer's refusals"
     );
 }

@@ -848,3 +848,394 @@ fn outcomes_round_trip_through_the_wire_format() {
     }
     p.stop(None);
 }
+
+/// A handler that hands every outcome to a closure.
+struct OnOutcome<F>(F);
+
+impl<F: Fn(Outcome) + Send + Sync + 'static> TaskHandler for OnOutcome<F> {
+    fn on_complete(&self, response: Response, callback: &str) {
+        (self.0)(Outcome::Completed {
+            response,
+            callback: callback.to_owned(),
+        })
+    }
+    fn on_error(&self, error: TaskError, callback: &str) {
+        (self.0)(Outcome::Failed {
+            error,
+            callback: callback.to_owned(),
+        })
+    }
+    fn retry(&self, task: Task) {
+        (self.0)(Outcome::Retry(task))
+    }
+}
+
+/// A processor handle for handlers and observers, set once the processor is
+/// built and cleared at the end of the test (it would keep itself alive).
+type Slot = Arc<Mutex<Option<Processor>>>;
+
+fn from_slot(slot: &Slot) -> Option<Processor> {
+    slot.lock().unwrap().clone()
+}
+
+/// Runs `scenario` on a thread of its own and returns its result; fails the
+/// test, instead of hanging it, when the scenario takes longer than `limit`.
+fn within<T: Send + 'static>(limit: Duration, scenario: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(scenario());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(value) => value,
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("the scenario hung for {limit:?}"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the scenario panicked"),
+    }
+}
+
+struct StopOnCapacity(Slot);
+
+impl ProcessorObserver for StopOnCapacity {
+    fn on_capacity_exceeded(&self, _: &Task) {
+        if let Some(p) = from_slot(&self.0) {
+            p.stop(Some(Duration::from_millis(100)));
+        }
+    }
+}
+
+#[test]
+fn an_observer_may_stop_the_processor_from_on_capacity_exceeded() {
+    let (up, _rt) = upstream();
+    let slot = Slot::default();
+    let (tx, rx) = mpsc::channel();
+    let config = Config::builder().max_connections(1).build().unwrap();
+    let p = Processor::builder()
+        .config(config)
+        .observer(StopOnCapacity(slot.clone()))
+        .build(tx)
+        .unwrap();
+    *slot.lock().unwrap() = Some(p.clone());
+    p.start().unwrap();
+    p.enqueue(task(&up.url("/delay?ms=5000"))).unwrap();
+    // The refused enqueue comes from an application thread; its observer stops
+    // the processor, which runs to its end right there.
+    let q = p.clone();
+    let url = up.url("/fast");
+    let err = within(WAIT, move || q.enqueue(task(&url)).unwrap_err());
+    assert!(err.is_at_capacity(), "{err}");
+    assert!(p.is_stopped());
+    assert!(matches!(rx.try_recv().unwrap(), Outcome::Retry(_)));
+    slot.lock().unwrap().take();
+}
+
+struct CallsBackOnStop {
+    processor: Slot,
+    state_seen: Mutex<Option<ProcessorState>>,
+}
+
+struct CallsBackOnStopObserver(Arc<CallsBackOnStop>);
+
+impl ProcessorObserver for CallsBackOnStopObserver {
+    fn on_stop(&self) {
+        if let Some(p) = from_slot(&self.0.processor) {
+            // Stopping a stopped processor returns at once.
+            p.stop(None);
+            *self.0.state_seen.lock().unwrap() = Some(p.state());
+        }
+    }
+}
+
+#[test]
+fn an_observer_may_call_back_into_the_processor_from_on_stop() {
+    let obs = Arc::new(CallsBackOnStop {
+        processor: Slot::default(),
+        state_seen: Mutex::new(None),
+    });
+    let p = Processor::builder()
+        .observer(CallsBackOnStopObserver(obs.clone()))
+        .build(mpsc::channel().0)
+        .unwrap();
+    *obs.processor.lock().unwrap() = Some(p.clone());
+    p.start().unwrap();
+    let q = p.clone();
+    within(WAIT, move || q.stop(None));
+    assert_eq!(
+        *obs.state_seen.lock().unwrap(),
+        Some(ProcessorState::Stopped)
+    );
+    obs.processor.lock().unwrap().take();
+}
+
+#[test]
+fn a_handler_calling_start_while_the_processor_stops_is_refused_without_stalling_it() {
+    let (up, _rt) = upstream();
+    let slot = Slot::default();
+    let (started_tx, started_rx) = mpsc::channel();
+    let s = slot.clone();
+    let p = Processor::builder()
+        .build(OnOutcome(move |outcome| {
+            if let (Outcome::Retry(_), Some(p)) = (outcome, from_slot(&s)) {
+                // Handed back by `stop`: try to start again right away.
+                let _ = started_tx.send(p.start().map_err(|e| e.to_string()));
+            }
+        }))
+        .unwrap();
+    *slot.lock().unwrap() = Some(p.clone());
+    p.start().unwrap();
+    p.enqueue(task(&up.url("/delay?ms=5000"))).unwrap();
+    assert!(p.wait_for_processing(WAIT));
+    let q = p.clone();
+    let took = within(WAIT, move || {
+        let began = std::time::Instant::now();
+        q.stop(Some(Duration::from_millis(50)));
+        began.elapsed()
+    });
+    assert!(took < Duration::from_secs(3), "stop took {took:?}");
+    let err = started_rx.try_recv().unwrap().unwrap_err();
+    assert!(err.contains("stopping"), "{err}");
+    assert!(p.is_stopped());
+    slot.lock().unwrap().take();
+}
+
+#[test]
+fn stop_waits_for_a_handler_however_long_it_blocks() {
+    let (up, _rt) = upstream();
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let (tx, rx) = mpsc::channel();
+    let config = Config::builder().worker_threads(1).build().unwrap();
+    let p = Processor::builder()
+        .config(config)
+        .build(OnOutcome(move |outcome| {
+            if matches!(&outcome, Outcome::Completed { callback, .. } if callback == "Block") {
+                let _ = entered_tx.send(());
+                let _ = release_rx.lock().unwrap().recv_timeout(3 * WAIT);
+            }
+            let _ = tx.send(outcome);
+        }))
+        .unwrap();
+    p.start().unwrap();
+    p.enqueue(Task::new(
+        Request::get(up.url("/fast")).build().unwrap(),
+        "Block",
+    ))
+    .unwrap();
+    entered_rx.recv_timeout(WAIT).unwrap();
+    // Queued behind the blocked handler on the one worker thread.
+    p.enqueue(task(&up.url("/fast"))).unwrap();
+    let (done_tx, done_rx) = mpsc::channel();
+    let q = p.clone();
+    std::thread::spawn(move || {
+        q.stop(Some(Duration::from_millis(50)));
+        let _ = done_tx.send(());
+    });
+    // Longer than any fixed limit the runtime's shutdown used to apply.
+    assert!(
+        done_rx.recv_timeout(Duration::from_secs(6)).is_err(),
+        "stop returned while a handler still held an outcome"
+    );
+    assert_eq!(p.state(), ProcessorState::Stopping);
+    release_tx.send(()).unwrap();
+    done_rx.recv_timeout(WAIT).unwrap();
+    let outcomes: Vec<Outcome> = rx.try_iter().collect();
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+    assert!(outcomes[0].is_completed(), "{:?}", outcomes[0]);
+    let counts = p.counts();
+    assert_eq!((counts.total(), counts.pending), (2, 0));
+    assert!(p.is_stopped());
+}
+
+#[test]
+fn stop_and_the_wait_helpers_accept_any_timeout() {
+    let (p, _rx) = processor(Config::default());
+    let q = p.clone();
+    within(WAIT, move || {
+        assert!(q.wait_for_idle(Duration::MAX));
+        q.stop(Some(Duration::MAX));
+    });
+    assert!(p.is_stopped());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn inline_run_inside_a_multi_thread_runtime_lets_its_worker_go() {
+    // The upstream is served by this runtime's only worker thread.
+    let up = Upstream::start().await.unwrap();
+    let inline = Arc::new(
+        InlineExecutor::builder()
+            .build_inline(mpsc::channel().0)
+            .unwrap(),
+    );
+    let i = inline.clone();
+    let request = Request::get(up.url("/delay?ms=100"))
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let outcome = tokio::spawn(async move { i.run(Task::new(request, "C")) })
+        .await
+        .unwrap();
+    assert_eq!(completed(outcome).status, 200);
+    // Dropping it here, inside the runtime, is fine too.
+    drop(inline);
+}
+
+#[tokio::test]
+async fn an_inline_executor_may_be_dropped_inside_a_runtime() {
+    let inline = InlineExecutor::builder()
+        .build_inline(mpsc::channel().0)
+        .unwrap();
+    drop(inline);
+}
+
+/// Counts ticks of a task on the current runtime until aborted.
+fn ticker() -> (Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let t = ticks.clone();
+    let handle = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            t.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    (ticks, handle)
+}
+
+fn assert_send<T: Send>(value: T) -> T {
+    value
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn stop_async_lets_the_callers_runtime_run_while_it_waits() {
+    // Served by this runtime's only thread: the task in flight can only end
+    // if the runtime keeps running while the stop waits for it.
+    let up = Upstream::start().await.unwrap();
+    let (tx, rx) = mpsc::channel();
+    let p = Processor::builder().build(tx).unwrap();
+    p.start().unwrap();
+    p.enqueue(task(&up.url("/delay?ms=300"))).unwrap();
+    while p.counts().in_flight == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let (ticks, ticking) = ticker();
+    let began = std::time::Instant::now();
+    assert_send(p.stop_async(Some(WAIT))).await;
+    ticking.abort();
+    assert!(began.elapsed() < WAIT, "{:?}", began.elapsed());
+    assert!(p.is_stopped());
+    // Finished, not handed to retry at the timeout: the upstream answered.
+    assert_eq!(completed(rx.try_recv().unwrap()).status, 200);
+    assert!(
+        ticks.load(Ordering::SeqCst) >= 10,
+        "the runtime was blocked"
+    );
+}
+
+#[test]
+fn stop_async_awaited_on_the_processors_own_runtime_still_stops_it() {
+    let (up, _rt) = upstream();
+    let slot = Slot::default();
+    let (tx, rx) = mpsc::channel();
+    let s = slot.clone();
+    let p = Processor::builder()
+        .build(OnOutcome(move |outcome| {
+            if let Some(p) = from_slot(&s) {
+                // Handlers run inside the processor's runtime.
+                tokio::spawn(async move { p.stop_async(None).await });
+            }
+            let _ = tx.send(outcome);
+        }))
+        .unwrap();
+    *slot.lock().unwrap() = Some(p.clone());
+    p.start().unwrap();
+    p.enqueue(task(&up.url("/fast"))).unwrap();
+    completed(rx.recv_timeout(WAIT).unwrap());
+    let deadline = std::time::Instant::now() + WAIT;
+    while !p.is_stopped() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(p.is_stopped());
+    slot.lock().unwrap().take();
+}
+
+#[test]
+fn a_dropped_stop_async_still_stops_and_the_processor_starts_again() {
+    let (up, _rt) = upstream();
+    let (p, rx) = processor(Config::default());
+    p.enqueue(task(&up.url("/delay?ms=300"))).unwrap();
+    assert!(p.wait_for_processing(WAIT));
+    let caller = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let waited = caller.block_on(async {
+        tokio::time::timeout(Duration::from_millis(20), p.stop_async(Some(WAIT))).await
+    });
+    assert!(waited.is_err(), "the stop should still be waiting");
+    // A second stop waits for the first one to finish: every outcome is in.
+    p.stop(None);
+    assert!(p.is_stopped());
+    assert_eq!(completed(rx.try_recv().unwrap()).status, 200);
+    p.start().unwrap();
+    p.enqueue(task(&up.url("/fast"))).unwrap();
+    completed(rx.recv_timeout(WAIT).unwrap());
+    p.stop(None);
+    assert_eq!(p.counts().total(), 2);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn inline_run_async_lets_a_current_thread_runtime_run_while_it_waits() {
+    // Served by this runtime's only thread too.
+    let up = Upstream::start().await.unwrap();
+    let inline = InlineExecutor::builder()
+        .build_inline(mpsc::channel().0)
+        .unwrap();
+    let request = Request::get(up.url("/delay?ms=300"))
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let (ticks, ticking) = ticker();
+    let outcome = assert_send(inline.run_async(Task::new(request, "C"))).await;
+    ticking.abort();
+    assert_eq!(completed(outcome).status, 200);
+    assert!(
+        ticks.load(Ordering::SeqCst) >= 10,
+        "the runtime was blocked"
+    );
+}
+
+#[test]
+fn inline_run_and_run_async_share_the_pool_across_runtimes() {
+    let (up, _rt) = upstream();
+    let inline = InlineExecutor::builder()
+        .build_inline(mpsc::channel().0)
+        .unwrap();
+    let timeout = Duration::from_secs(3);
+    let t = || {
+        let request = Request::get(up.url("/fast"))
+            .timeout(timeout)
+            .build()
+            .unwrap();
+        Task::new(request, "C")
+    };
+    // Each call is answered at once: none waits out its timeout on a pooled
+    // connection that nothing drives (and then succeeds on a retry).
+    let quick = |outcome: Outcome, began: std::time::Instant| {
+        assert!(began.elapsed() < timeout, "took {:?}", began.elapsed());
+        assert_eq!(completed(outcome).status, 200);
+    };
+    // Opens a connection and pools it.
+    let began = std::time::Instant::now();
+    quick(inline.run(t()), began);
+    let caller = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Reuses it from another runtime, between two `run`s.
+    for _ in 0..2 {
+        let began = std::time::Instant::now();
+        quick(caller.block_on(inline.run_async(t())), began);
+    }
+    drop(caller);
+    // And back, after the caller's runtime (and whatever it drove) is gone.
+    let began = std::time::Instant::now();
+    quick(inline.run(t()), began);
+}

@@ -13,6 +13,15 @@
 //! runs out of time; and `retry` from its `Drop` when the runtime is shut down
 //! with the task still in it (queued, not yet polled, or mid-request). The
 //! guard gives up the task the first time, so no second outcome can follow.
+//! `stop` returns only once every guard has delivered, however long a handler
+//! takes.
+//!
+//! # No lock around user code
+//!
+//! Handlers and observers are never called with a lock of the processor held:
+//! the locks below guard short state changes only. So either may call back
+//! into the processor — `enqueue`, `counts`, `start`, `drain`, even `stop` —
+//! from any thread without deadlock.
 
 mod error;
 mod gate;
@@ -68,8 +77,14 @@ struct Inner {
     engine: Arc<Engine>,
     handler: Arc<dyn TaskHandler>,
     state: AtomicU8,
-    /// Serializes `start`, `drain` and `stop`.
+    /// Serializes the state changes of `start`, `drain` and `stop`; held for
+    /// the change only, never while waiting for tasks or calling user code.
     lifecycle: Mutex<()>,
+    /// Signalled (with `lifecycle`) when a stop has finished.
+    stopped_cv: Condvar,
+    /// The current run. `enqueue` holds the read guard from its state check
+    /// to the hand-over of the task, so once `stop` has taken the run out no
+    /// new task can reach it.
     run: RwLock<Option<Arc<Run>>>,
     /// Queued plus in-flight tasks (the capacity count).
     pending: AtomicUsize,
@@ -130,6 +145,7 @@ impl Processor {
                 handler,
                 state: AtomicU8::new(ProcessorState::Stopped as u8),
                 lifecycle: Mutex::new(()),
+                stopped_cv: Condvar::new(),
                 run: RwLock::new(None),
                 pending: AtomicUsize::new(0),
                 in_flight: AtomicUsize::new(0),
@@ -199,22 +215,24 @@ impl Processor {
 
     /// Starts the runtime and returns when the processor is running. Starting a
     /// running processor does nothing; starting one that is draining or
-    /// stopping is an error (stop it first).
+    /// stopping is an error (stop it first, or wait for the stop under way).
+    /// A stopped processor starts again, whatever ended its last run.
     pub fn start(&self) -> Result<(), ProcessorError> {
         let inner = &self.inner;
         {
             let _lock = lock(&inner.lifecycle);
             match self.state() {
                 ProcessorState::Running | ProcessorState::Starting => return Ok(()),
-                ProcessorState::Draining | ProcessorState::Stopping => {
+                state @ (ProcessorState::Draining | ProcessorState::Stopping) => {
                     return Err(ProcessorError::InvalidState {
                         action: "start",
-                        state: self.state(),
+                        state,
                     })
                 }
                 ProcessorState::Stopped => {}
             }
             inner.set_state(ProcessorState::Starting);
+            // Runs no user code: it builds the runtime and waits for it.
             let run = match self.spawn_runtime() {
                 Ok(run) => run,
                 Err(e) => {
@@ -222,7 +240,7 @@ impl Processor {
                     return Err(ProcessorError::Runtime(e));
                 }
             };
-            *inner.run.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(run));
+            *write(&inner.run) = Some(Arc::new(run));
             inner.set_state(ProcessorState::Running);
         }
         tracing::info!(processor = inner.id, "processor started");
@@ -258,8 +276,11 @@ impl Processor {
                     tokio::spawn(dispatch(queue_rx));
                     let _ = shutdown_rx.await;
                 });
-                // Tasks still inside are dropped here; their guards hand them to `retry`.
-                runtime.shutdown_timeout(Duration::from_secs(5));
+                // The workers drop the tasks still inside, and each one's guard
+                // hands its task to `retry`. Nothing waits here: `stop` waits
+                // for every outcome itself, as long as a handler takes, and a
+                // worker thread still busy elsewhere (a DNS lookup) ends on its own.
+                runtime.shutdown_background();
             })?;
         let handle = match ready_rx.recv() {
             Ok(Ok(handle)) => handle,
@@ -280,35 +301,51 @@ impl Processor {
 
     /// Hands a task to the processor and returns at once. Fails fast, giving the
     /// task back, when the processor is not running or is at capacity (queued
-    /// plus in-flight tasks reached `max_connections`).
+    /// plus in-flight tasks reached `max_connections`). Observers hear of a
+    /// refusal for capacity with no lock held, so one may stop the processor.
     pub fn enqueue(&self, task: Task) -> Result<(), EnqueueError> {
         let inner = &self.inner;
-        let run = inner.run.read().unwrap_or_else(|e| e.into_inner());
-        let state = self.state();
-        let run = match (&*run, state) {
-            (Some(run), ProcessorState::Running) => run,
-            _ => {
-                return Err(EnqueueError::new(
-                    EnqueueErrorKind::NotRunning { state },
-                    task,
-                ))
-            }
-        };
         let max = inner.engine.config.max_connections;
-        if inner.pending.fetch_add(1, Ordering::AcqRel) >= max {
+        {
+            // Held from the state check to the hand-over; nothing in this
+            // block calls a handler or an observer.
+            let run = read(&inner.run);
+            let state = self.state();
+            let run = match (&*run, state) {
+                (Some(run), ProcessorState::Running) => run,
+                _ => {
+                    return Err(EnqueueError::new(
+                        EnqueueErrorKind::NotRunning { state },
+                        task,
+                    ))
+                }
+            };
+            if inner.pending.fetch_add(1, Ordering::AcqRel) < max {
+                return self.hand_over(run, task);
+            }
             inner.finish_one();
-            inner.engine.notify(|o| o.on_capacity_exceeded(&task));
-            return Err(EnqueueError::new(
-                EnqueueErrorKind::AtCapacity { max },
-                task,
-            ));
         }
+        inner.engine.notify(|o| o.on_capacity_exceeded(&task));
+        Err(EnqueueError::new(
+            EnqueueErrorKind::AtCapacity { max },
+            task,
+        ))
+    }
+
+    /// Hands an accepted task (already counted as pending) to the run.
+    ///
+    /// The caller holds the run's read guard, so `stop` has not taken the run
+    /// and its runtime is not shutting down: spawning there or sending to its
+    /// dispatcher cannot drop the task's guard (which would call `retry`
+    /// under the guard).
+    fn hand_over(&self, run: &Run, task: Task) -> Result<(), EnqueueError> {
+        let inner = &self.inner;
         let guard = TaskGuard {
             inner: Arc::clone(inner),
             task: Some(task),
             queued_at: tokio::time::Instant::now(),
         };
-        if PROCESSOR_THREAD.with(|c| c.get()) == inner.id {
+        if self.on_own_thread() {
             // On one of our own threads (a handler enqueueing the next task):
             // spawn straight onto this worker's queue.
             run.handle.spawn(run_task(guard));
@@ -348,62 +385,168 @@ impl Processor {
 
     /// Stops the processor: refuses new tasks, waits up to `timeout` (default:
     /// the configured `shutdown_timeout`) for tasks in flight, hands the rest
-    /// to `retry`, and shuts the runtime down. Every task has had its outcome
-    /// when this returns.
+    /// to `retry`, and shuts the runtime down. Every accepted task has had its
+    /// one outcome when this returns: a handler still running when the time is
+    /// up delays the return until it is done, however long it takes (that is
+    /// the handler's call). Called while another stop is under way, it waits
+    /// for that one to finish. Stopping a stopped processor does nothing.
+    ///
+    /// It holds no lock of the processor while it waits, so handlers and
+    /// observers running meanwhile may call back into the processor (`start`
+    /// is refused until the stop is done).
     ///
     /// Called from inside a handler or an observer (on one of the processor's
-    /// own threads), it starts the stop on another thread and returns at once.
+    /// own threads), it starts the stop on a thread of its own and returns at
+    /// once: waiting there would wait for the caller itself. From async code,
+    /// use [`stop_async`](Processor::stop_async).
     pub fn stop(&self, timeout: Option<Duration>) {
-        if PROCESSOR_THREAD.with(|c| c.get()) == self.inner.id {
-            let this = self.clone();
-            let _ = std::thread::Builder::new()
-                .name("patient-stop".into())
-                .spawn(move || this.stop(timeout));
+        if self.on_own_thread() {
+            if let Err(e) = self.spawn_stopper(timeout, None) {
+                tracing::error!(
+                    processor = self.inner.id,
+                    error = %e,
+                    "the thread to stop the processor could not be started; it keeps running"
+                );
+            }
             return;
         }
+        self.stop_here(timeout);
+    }
+
+    /// [`stop`](Processor::stop) for async callers, with the same guarantees:
+    /// when it returns, every accepted task has had its one outcome. The
+    /// waiting runs on a thread of its own, so the caller's runtime (even a
+    /// current-thread one) keeps running its other tasks meanwhile.
+    ///
+    /// Dropping the future does not cancel the stop: it carries on and ends
+    /// as it would have. Awaited in a task spawned on the processor's own
+    /// runtime (say, from a handler), the stop completes but the awaiting
+    /// task is dropped when that runtime shuts down, so it never resumes; a
+    /// handler itself, being synchronous, calls `stop`, which returns at once
+    /// there.
+    pub async fn stop_async(&self, timeout: Option<Duration>) {
+        let (done_tx, done_rx) = oneshot::channel();
+        match self.spawn_stopper(timeout, Some(done_tx)) {
+            // An error means the stopping thread panicked before it was done;
+            // there is nothing left to wait for.
+            Ok(()) => {
+                let _ = done_rx.await;
+            }
+            Err(e) if self.on_own_thread() => tracing::error!(
+                processor = self.inner.id,
+                error = %e,
+                "the thread to stop the processor could not be started; it keeps running"
+            ),
+            Err(e) => {
+                tracing::warn!(
+                    processor = self.inner.id,
+                    error = %e,
+                    "the thread to stop the processor could not be started; stopping on the caller's thread"
+                );
+                match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                    Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                        tokio::task::block_in_place(|| self.stop_here(timeout))
+                    }
+                    _ => self.stop_here(timeout),
+                }
+            }
+        }
+    }
+
+    /// Runs `stop_here` on a new thread; `done` hears when it is finished.
+    fn spawn_stopper(
+        &self,
+        timeout: Option<Duration>,
+        done: Option<oneshot::Sender<()>>,
+    ) -> std::io::Result<()> {
+        let this = self.clone();
+        std::thread::Builder::new()
+            .name("patient-stop".into())
+            .spawn(move || {
+                this.stop_here(timeout);
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            })
+            .map(drop)
+    }
+
+    /// The whole stop, on a thread that is not one of the processor's own.
+    fn stop_here(&self, timeout: Option<Duration>) {
         let inner = &self.inner;
-        let _lock = lock(&inner.lifecycle);
-        if matches!(
-            self.state(),
-            ProcessorState::Stopped | ProcessorState::Stopping
-        ) {
-            return;
-        }
-        inner.set_state(ProcessorState::Stopping);
-        // No enqueue is past its state check once the run is taken out.
-        let run = inner.run.write().unwrap_or_else(|e| e.into_inner()).take();
+        let run = {
+            let mut guard = lock(&inner.lifecycle);
+            loop {
+                match self.state() {
+                    // `Starting` is never seen here: `start` holds the lock
+                    // from `Starting` to `Running`.
+                    ProcessorState::Stopped | ProcessorState::Starting => return,
+                    // Another stop is under way: its end is this one's too.
+                    ProcessorState::Stopping => {
+                        guard = inner
+                            .stopped_cv
+                            .wait(guard)
+                            .unwrap_or_else(|e| e.into_inner());
+                    }
+                    ProcessorState::Running | ProcessorState::Draining => break,
+                }
+            }
+            inner.set_state(ProcessorState::Stopping);
+            // No enqueue is past its state check once the run is taken out.
+            write(&inner.run).take()
+        };
+        // No lock is held from here on: handlers and observers run meanwhile.
         if let Some(run) = run {
             let timeout = timeout.unwrap_or(inner.engine.config.shutdown_timeout);
-            // Out of time or not, shutting the runtime down drops every task
-            // still in it, and each task's guard hands it to `retry`.
-            inner.wait_idle(timeout);
+            if !inner.wait_idle(Some(timeout)) {
+                tracing::info!(
+                    processor = inner.id,
+                    pending = inner.pending.load(Ordering::Acquire),
+                    "shutdown timeout reached; handing unfinished tasks to retry"
+                );
+            }
             if let Some(tx) = lock(&run.shutdown).take() {
                 let _ = tx.send(());
             }
+            // The runtime drops the tasks still inside and their guards hand
+            // them to `retry`; a handler still running is waited for, with no
+            // limit: the contract is one outcome per task before returning.
+            inner.wait_idle(None);
             if let Some(thread) = lock(&run.thread).take() {
+                // The thread only shuts the runtime down in the background.
                 let _ = thread.join();
             }
         }
-        inner.set_state(ProcessorState::Stopped);
+        {
+            let _lock = lock(&inner.lifecycle);
+            inner.set_state(ProcessorState::Stopped);
+            inner.stopped_cv.notify_all();
+        }
         tracing::info!(processor = inner.id, "processor stopped");
         inner.engine.notify(|o| o.on_stop());
     }
 
     /// Waits until no task is queued or in flight; false if `timeout` passed first.
     pub fn wait_for_idle(&self, timeout: Duration) -> bool {
-        self.inner.wait_idle(timeout)
+        self.inner.wait_idle(Some(timeout))
     }
 
     /// Waits until at least one task is being executed; false on timeout.
     pub fn wait_for_processing(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        // A timeout too large for the clock never runs out.
+        let deadline = Instant::now().checked_add(timeout);
         while self.inner.in_flight.load(Ordering::Acquire) == 0 {
-            if Instant::now() >= deadline {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(1));
         }
         true
+    }
+
+    /// Whether the calling thread is one of this processor's own.
+    fn on_own_thread(&self) -> bool {
+        PROCESSOR_THREAD.with(|c| c.get()) == self.inner.id
     }
 }
 
@@ -431,17 +574,24 @@ impl Inner {
         }
     }
 
-    fn wait_idle(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+    /// Waits until no task is pending; `None` (or a timeout too large for
+    /// the clock) waits as long as it takes. False if the time ran out first.
+    fn wait_idle(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut guard = lock(&self.idle_lock);
         while self.pending.load(Ordering::Acquire) != 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            guard = match self.idle_cv.wait_timeout(guard, deadline - now) {
-                Ok((g, _)) => g,
-                Err(e) => e.into_inner().0,
+            guard = match deadline {
+                None => self.idle_cv.wait(guard).unwrap_or_else(|e| e.into_inner()),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return false;
+                    }
+                    match self.idle_cv.wait_timeout(guard, deadline - now) {
+                        Ok((g, _)) => g,
+                        Err(e) => e.into_inner().0,
+                    }
+                }
             };
         }
         true
@@ -553,4 +703,12 @@ impl Drop for InFlight<'_> {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
 }
