@@ -17,7 +17,9 @@ use std::{
     time::Duration,
 };
 
-use patient_http::{Config, Processor, Request, Response, Task, TaskError, TaskHandler};
+use patient_http::{
+    preprocess::PreparedRequest, Config, Processor, Request, Response, Task, TaskError, TaskHandler,
+};
 use patient_testkit::{Fault, Upstream};
 use serde_json::{json, Value};
 
@@ -86,15 +88,17 @@ enum Kind {
     Plain,
     /// Built from mutated wire JSON.
     Hostile,
-    // Engine-side panics (a task that makes the engine itself panic
-    // mid-request) join the mix here, with a weight in `pick_kind`, once the
-    // engine offers a way to trigger one.
+    /// Names a preprocessor that panics: the engine itself panics
+    /// mid-request, and the task must end in `on_error` (class `Panic`),
+    /// never in `retry` unless a stop came first.
+    EnginePanic,
 }
 
 fn pick_kind(rng: &mut fastrand::Rng) -> Kind {
     match rng.u32(0..100) {
-        0..=69 => Kind::Plain,
-        _ => Kind::Hostile,
+        0..=59 => Kind::Plain,
+        60..=89 => Kind::Hostile,
+        _ => Kind::EnginePanic,
     }
 }
 
@@ -111,6 +115,11 @@ fn make_task(up: &Upstream, rng: &mut fastrand::Rng) -> (Kind, Result<Task, Stri
             Ok(Task::new(b.build().unwrap(), "Stress"))
         }
         Kind::Hostile => hostile_task(up, rng),
+        Kind::EnginePanic => {
+            let (url, _) = pick_url(up, rng);
+            let request = Request::get(url).preprocessor("explode").build().unwrap();
+            Ok(Task::new(request, "Stress"))
+        }
     };
     (kind, task)
 }
@@ -304,6 +313,7 @@ fn every_task_ends_in_exactly_one_outcome() {
     let mut hostile_accepted_total = 0u64;
     let mut refused_total = 0u64;
     let mut refused_at_build_total = 0u64;
+    let mut engine_panic_errors_total = 0u64;
     for iteration in 0..iterations {
         let mut rng = fastrand::Rng::with_seed(seed ^ iteration.wrapping_mul(0x9e37_79b9));
         let tally = Arc::new(Mutex::new(Tally::default()));
@@ -314,6 +324,9 @@ fn every_task_ends_in_exactly_one_outcome() {
             .unwrap();
         let processor = Processor::builder()
             .config(config)
+            .preprocessor("explode", |_: &mut PreparedRequest| -> Result<(), String> {
+                panic!("deliberate engine panic")
+            })
             .build(Recording {
                 tally: tally.clone(),
                 panic_every: 37,
@@ -326,58 +339,77 @@ fn every_task_ends_in_exactly_one_outcome() {
         let stop_after = Duration::from_millis(rng.u64(0..600));
         let stop_timeout = Duration::from_millis(rng.u64(0..150));
         let thread_seeds: Vec<u64> = (0..4).map(|_| rng.u64(..)).collect();
-        let (accepted, refused, refused_at_build, hostile_accepted) = std::thread::scope(|s| {
-            let handles: Vec<_> = thread_seeds
-                .iter()
-                .map(|&ts| {
-                    let p = processor.clone();
-                    let up = &up;
-                    s.spawn(move || {
-                        let mut rng = fastrand::Rng::with_seed(ts);
-                        let mut accepted = Vec::new();
-                        let mut refused = 0u64;
-                        let mut refused_at_build = 0u64;
-                        let mut hostile_accepted = 0u64;
-                        for _ in 0..per_thread {
-                            let (kind, task) = make_task(up, &mut rng);
-                            let Ok(task) = task else {
-                                // Never a task: nothing to have an outcome.
-                                refused_at_build += 1;
-                                continue;
-                            };
-                            let id = task.id.clone();
-                            match p.enqueue(task) {
-                                Ok(()) => {
-                                    accepted.push(id);
-                                    hostile_accepted += u64::from(kind == Kind::Hostile);
+        let (accepted, refused, refused_at_build, hostile_accepted, panicking) =
+            std::thread::scope(|s| {
+                let handles: Vec<_> = thread_seeds
+                    .iter()
+                    .map(|&ts| {
+                        let p = processor.clone();
+                        let up = &up;
+                        s.spawn(move || {
+                            let mut rng = fastrand::Rng::with_seed(ts);
+                            let mut accepted = Vec::new();
+                            let mut refused = 0u64;
+                            let mut refused_at_build = 0u64;
+                            let mut hostile_accepted = 0u64;
+                            let mut panicking = Vec::new();
+                            for _ in 0..per_thread {
+                                let (kind, task) = make_task(up, &mut rng);
+                                let Ok(task) = task else {
+                                    // Never a task: nothing to have an outcome.
+                                    refused_at_build += 1;
+                                    continue;
+                                };
+                                let id = task.id.clone();
+                                match p.enqueue(task) {
+                                    Ok(()) => {
+                                        if kind == Kind::EnginePanic {
+                                            panicking.push(id.clone());
+                                        }
+                                        accepted.push(id);
+                                        hostile_accepted += u64::from(kind == Kind::Hostile);
+                                    }
+                                    Err(e) => {
+                                        // Nothing is lost: the task comes back.
+                                        assert_eq!(e.task().id, id);
+                                        refused += 1;
+                                    }
                                 }
-                                Err(e) => {
-                                    // Nothing is lost: the task comes back.
-                                    assert_eq!(e.task().id, id);
-                                    refused += 1;
+                                if rng.u32(0..10) == 0 {
+                                    std::thread::sleep(Duration::from_millis(rng.u64(0..5)));
                                 }
                             }
-                            if rng.u32(0..10) == 0 {
-                                std::thread::sleep(Duration::from_millis(rng.u64(0..5)));
-                            }
-                        }
-                        (accepted, refused, refused_at_build, hostile_accepted)
+                            (
+                                accepted,
+                                refused,
+                                refused_at_build,
+                                hostile_accepted,
+                                panicking,
+                            )
+                        })
                     })
-                })
-                .collect();
-            std::thread::sleep(stop_after);
-            processor.stop(Some(stop_timeout));
-            let mut accepted = Vec::new();
-            let (mut refused, mut refused_at_build, mut hostile_accepted) = (0, 0, 0);
-            for h in handles {
-                let (a, r, b, h) = h.join().unwrap();
-                accepted.extend(a);
-                refused += r;
-                refused_at_build += b;
-                hostile_accepted += h;
-            }
-            (accepted, refused, refused_at_build, hostile_accepted)
-        });
+                    .collect();
+                std::thread::sleep(stop_after);
+                processor.stop(Some(stop_timeout));
+                let mut accepted = Vec::new();
+                let mut panicking = Vec::new();
+                let (mut refused, mut refused_at_build, mut hostile_accepted) = (0, 0, 0);
+                for h in handles {
+                    let (a, r, b, h, p) = h.join().unwrap();
+                    accepted.extend(a);
+                    refused += r;
+                    refused_at_build += b;
+                    hostile_accepted += h;
+                    panicking.extend(p);
+                }
+                (
+                    accepted,
+                    refused,
+                    refused_at_build,
+                    hostile_accepted,
+                    panicking,
+                )
+            });
 
         let tally = tally.lock().unwrap();
         for id in &accepted {
@@ -394,7 +426,19 @@ fn every_task_ends_in_exactly_one_outcome() {
             accepted.len(),
             "iteration {iteration}: outcomes for tasks never accepted"
         );
+        // A task whose engine code panicked failed; it is handed to `retry`
+        // only when the stop came before it ran.
+        let mut panic_errors = 0u64;
+        for id in &panicking {
+            match tally.seen[id][0] {
+                "error" => panic_errors += 1,
+                "retry" => {}
+                other => panic!("iteration {iteration}: engine panic task {id} ended in {other}"),
+            }
+        }
+        engine_panic_errors_total += panic_errors;
         let counts = processor.counts();
+        assert!(counts.panics >= panic_errors);
         assert_eq!(counts.pending, 0);
         assert_eq!(counts.total(), accepted.len() as u64);
         accepted_total += accepted.len() as u64;
@@ -405,7 +449,8 @@ fn every_task_ends_in_exactly_one_outcome() {
     println!(
         "exactly_once: iterations={iterations} seed={seed} accepted={accepted_total} \
          (hostile {hostile_accepted_total}) refused={refused_total} \
-         refused_at_build={refused_at_build_total} complete={} error={} retry={}",
+         refused_at_build={refused_at_build_total} engine_panics={engine_panic_errors_total} \
+         complete={} error={} retry={}",
         totals.get("complete").unwrap_or(&0),
         totals.get("error").unwrap_or(&0),
         totals.get("retry").unwrap_or(&0),
@@ -413,6 +458,10 @@ fn every_task_ends_in_exactly_one_outcome() {
     assert!(
         accepted_total > 1000,
         "the run must exercise thousands of tasks"
+    );
+    assert!(
+        engine_panic_errors_total > 0,
+        "engine panics must reach the processor and end as errors"
     );
     assert!(
         hostile_accepted_total > 0 && refused_at_build_total > 0,
