@@ -199,28 +199,24 @@ impl Engine {
                     .and_then(|v| v.to_str().ok())
                     .filter(|v| !v.is_empty())
                 {
-                    let mut next = match hop.url.join(location) {
-                        Ok(next) if matches!(next.scheme(), "http" | "https") => next,
-                        Ok(next) => {
+                    let next = match hop.url.join(location) {
+                        Ok(next) if matches!(next.scheme(), "http" | "https") => Ok(next),
+                        Ok(next) => Err(format!(
+                            "redirect to an unsupported scheme {:?}",
+                            next.scheme()
+                        )),
+                        Err(e) => Err(format!("redirect to an invalid location: {e}")),
+                    };
+                    let mut next = match next {
+                        Ok(next) => next,
+                        Err(message) => {
                             return self.hop_error(
                                 task,
                                 &hop,
                                 plan.started,
                                 ErrorType::Unknown,
                                 "InvalidRedirectLocation",
-                                format!("redirect to an unsupported scheme {:?}", next.scheme()),
-                                false,
-                                sent,
-                            )
-                        }
-                        Err(e) => {
-                            return self.hop_error(
-                                task,
-                                &hop,
-                                plan.started,
-                                ErrorType::Unknown,
-                                "InvalidRedirectLocation",
-                                format!("redirect to an invalid location: {e}"),
+                                message,
                                 false,
                                 sent,
                             )
