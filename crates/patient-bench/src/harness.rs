@@ -507,7 +507,7 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Fires [`WATCHDOG_GRACE`] after `deadline` unless dropped first.
+    /// Fires `WATCHDOG_GRACE` after `deadline` unless dropped first.
     pub fn arm(deadline: Instant, progress: Arc<Completion>, line: Line) -> Watchdog {
         let (tx, rx) = mpsc::channel::<()>();
         let fire_at = deadline + WATCHDOG_GRACE;

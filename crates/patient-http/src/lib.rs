@@ -46,7 +46,7 @@ pub mod breaker;
 mod builder;
 pub mod client;
 mod config;
-mod decision;
+pub mod decision;
 mod dispatch;
 mod engine;
 mod handler;

@@ -122,7 +122,7 @@ impl Progress {
 }
 
 /// How long a step may wait for the upstream's rate and concurrency limits
-/// (and a 429 cool-down) before it gives up with [`Decision::Refused`].
+/// (and a 429 cool-down) before it gives up with [`Decision::Refused`](crate::Decision::Refused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum LimitWait {
