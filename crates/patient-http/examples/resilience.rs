@@ -69,7 +69,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .retry(Some(retry))
                 .breaker(Some(breaker))
                 .limits(limits)
-                .hedge(hedge)
+                .hedge_delays(hedge)
                 .fallback(Some(fallback))
         })
         .build()?;

@@ -21,7 +21,7 @@
 //!     .defaults(|p| p.deadline(Some(Duration::from_secs(30))))
 //!     .upstream("https://api.example.com", |p| {
 //!         p.strategy(Some(Strategy::Hedged))
-//!             .hedge(HedgeDelay::Fixed(vec![Duration::from_millis(200)]))
+//!             .hedge_delays(HedgeDelay::Fixed(vec![Duration::from_millis(200)]))
 //!             .breaker(Some(breaker))
 //!     })
 //!     .build()?;
@@ -32,7 +32,7 @@
 //! // A percentile must be in (0, 100): the error names the setting.
 //! let error = ResilienceConfig::builder()
 //!     .upstream("https://api.example.com", |p| {
-//!         p.hedge(HedgeDelay::Adaptive {
+//!         p.hedge_delays(HedgeDelay::Adaptive {
 //!             percentile: 150.0,
 //!             min: Duration::from_millis(10),
 //!             max: Duration::from_millis(500),
@@ -41,7 +41,7 @@
 //!     })
 //!     .build()
 //!     .unwrap_err();
-//! assert_eq!(error.field(), "hedge.percentile");
+//! assert_eq!(error.field(), "hedge_delays.percentile");
 //! assert_eq!(error.upstream(), Some("https://api.example.com"));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -88,9 +88,10 @@ impl InvalidResilience {
     /// The name of the invalid setting, as in [`UpstreamPolicyBuilder`] and
     /// [`ResilienceConfigBuilder`] (`"min_attempt_time"`, `"max_upstreams"`,
     /// …). Inside a hedge delay or a fallback it names the part:
-    /// `"hedge"` for a [`HedgeDelay::Fixed`] list, `"hedge.percentile"`,
-    /// `"hedge.min"`, `"hedge.max"` or `"hedge.max_hedges"` for a
-    /// [`HedgeDelay::Adaptive`] one, `"fallback.status"`.
+    /// `"hedge_delays"` for a [`HedgeDelay::Fixed`] list;
+    /// `"hedge_delays.percentile"`, `"hedge_delays.min"`,
+    /// `"hedge_delays.max"` or `"hedge_delays.max_hedges"` for a
+    /// [`HedgeDelay::Adaptive`] one; `"fallback.status"`.
     pub fn field(&self) -> &'static str {
         self.field
     }
@@ -122,7 +123,7 @@ impl std::error::Error for InvalidResilience {}
 /// How long to wait before each hedged attempt.
 ///
 /// Checked by [`UpstreamPolicyBuilder::build`], within the bounds stated on
-/// [`UpstreamPolicyBuilder::hedge`].
+/// [`UpstreamPolicyBuilder::hedge_delays`].
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum HedgeDelay {
@@ -144,7 +145,7 @@ pub enum HedgeDelay {
 }
 
 impl Default for HedgeDelay {
-    /// The default of [`UpstreamPolicyBuilder::hedge`].
+    /// The default of [`UpstreamPolicyBuilder::hedge_delays`].
     fn default() -> Self {
         HedgeDelay::Fixed(vec![Duration::from_millis(100)])
     }
@@ -165,7 +166,7 @@ impl HedgeDelay {
             HedgeDelay::Fixed(delays) => {
                 if delays.is_empty() || delays.len() > wire.max_hedge_delays {
                     return Err(InvalidResilience::new(
-                        "hedge",
+                        "hedge_delays",
                         format!(
                             "a fixed hedge delay needs 1 to {} delays, got {}",
                             wire.max_hedge_delays,
@@ -174,7 +175,7 @@ impl HedgeDelay {
                     ));
                 }
                 for (i, delay) in delays.iter().enumerate() {
-                    check_delay("hedge", &format!("delay {i}"), *delay)?;
+                    check_delay("hedge_delays", &format!("delay {i}"), *delay)?;
                 }
             }
             HedgeDelay::Adaptive {
@@ -185,21 +186,21 @@ impl HedgeDelay {
             } => {
                 if !(*percentile > 0.0 && *percentile < 100.0) {
                     return Err(InvalidResilience::new(
-                        "hedge.percentile",
+                        "hedge_delays.percentile",
                         format!("must be in (0, 100), got {percentile}"),
                     ));
                 }
-                check_delay("hedge.max", "the longest delay", *max)?;
+                check_delay("hedge_delays.max", "the longest delay", *max)?;
                 if min > max {
                     return Err(InvalidResilience::new(
-                        "hedge.min",
+                        "hedge_delays.min",
                         format!("must be at most max ({max:?}), got {min:?}"),
                     ));
                 }
                 let most = u32::try_from(wire.max_hedge_delays).unwrap_or(u32::MAX);
                 if *max_hedges == 0 || *max_hedges > most {
                     return Err(InvalidResilience::new(
-                        "hedge.max_hedges",
+                        "hedge_delays.max_hedges",
                         format!("must be 1 to {most}, got {max_hedges}"),
                     ));
                 }
@@ -281,7 +282,7 @@ fn check_status(field: &'static str, status: u16) -> Result<(), InvalidResilienc
 pub struct UpstreamPolicy {
     retry: Option<RetryPolicy>,
     strategy: Option<Strategy>,
-    hedge: HedgeDelay,
+    hedge_delays: HedgeDelay,
     breaker: Option<BreakerPolicy>,
     breaker_failure_statuses: Vec<u16>,
     limits: LimitConfig,
@@ -298,7 +299,7 @@ impl Default for UpstreamPolicy {
         UpstreamPolicy {
             retry: None,
             strategy: None,
-            hedge: HedgeDelay::default(),
+            hedge_delays: HedgeDelay::default(),
             breaker: None,
             breaker_failure_statuses: std::iter::once(429).chain(500..=599).collect(),
             limits: LimitConfig::unlimited(),
@@ -336,9 +337,9 @@ impl UpstreamPolicy {
         self.strategy
     }
 
-    /// The delays of hedged attempts; see [`UpstreamPolicyBuilder::hedge`].
-    pub fn hedge(&self) -> &HedgeDelay {
-        &self.hedge
+    /// The delays of hedged attempts; see [`UpstreamPolicyBuilder::hedge_delays`].
+    pub fn hedge_delays(&self) -> &HedgeDelay {
+        &self.hedge_delays
     }
 
     /// The circuit breaker, if any; see [`UpstreamPolicyBuilder::breaker`].
@@ -410,15 +411,15 @@ impl UpstreamPolicyBuilder {
         self
     }
 
-    /// The delays of hedged attempts, for requests without their own
-    /// `hedge_delays`. A fixed list holds 1 to 10 delays of at most 1 day
+    /// The delays of hedged attempts, for requests without their own (the
+    /// request option of the same name). A fixed list holds 1 to 10 delays of at most 1 day
     /// each; an adaptive delay needs a percentile in (0, 100),
     /// `min <= max <= 1 day` and `max_hedges` of 1 to 10 — the bounds of a
     /// request's own `hedge_delays` ([`WireLimits::max_hedge_delays`] and
     /// [`WireLimits::max_delay`] of [`WireLimits::default`]). Default: one
     /// hedge after 100 ms (`HedgeDelay::Fixed(vec![100 ms])`).
-    pub fn hedge(mut self, hedge: HedgeDelay) -> Self {
-        self.policy.hedge = hedge;
+    pub fn hedge_delays(mut self, delays: HedgeDelay) -> Self {
+        self.policy.hedge_delays = delays;
         self
     }
 
@@ -492,7 +493,7 @@ impl UpstreamPolicyBuilder {
     pub fn build(self) -> Result<UpstreamPolicy, InvalidResilience> {
         let mut p = self.policy;
         let wire = WireLimits::default();
-        p.hedge.validate(&wire)?;
+        p.hedge_delays.validate(&wire)?;
         for status in &p.breaker_failure_statuses {
             check_status("breaker_failure_statuses", *status)?;
         }
@@ -748,8 +749,8 @@ mod tests {
         let p = UpstreamPolicy::builder().build().unwrap();
         assert!(p.retry().is_none());
         assert_eq!(p.strategy(), None);
-        assert_eq!(p.hedge(), &HedgeDelay::Fixed(vec![ms(100)]));
-        assert_eq!(p.hedge(), &HedgeDelay::default());
+        assert_eq!(p.hedge_delays(), &HedgeDelay::Fixed(vec![ms(100)]));
+        assert_eq!(p.hedge_delays(), &HedgeDelay::default());
         assert!(p.breaker().is_none());
         let statuses: Vec<u16> = std::iter::once(429).chain(500..=599).collect();
         assert_eq!(p.breaker_failure_statuses(), statuses.as_slice());
@@ -778,14 +779,23 @@ mod tests {
     fn fixed_hedge_delays_are_bounded_like_a_requests_own() {
         let wire = WireLimits::default();
         let b = UpstreamPolicy::builder;
-        assert_eq!(field_of(b().hedge(HedgeDelay::Fixed(vec![]))), "hedge");
-        let too_many = vec![ms(1); wire.max_hedge_delays + 1];
-        assert_eq!(field_of(b().hedge(HedgeDelay::Fixed(too_many))), "hedge");
-        let too_long = vec![ms(1), wire.max_delay + ms(1)];
-        assert_eq!(field_of(b().hedge(HedgeDelay::Fixed(too_long))), "hedge");
         assert_eq!(
-            field_of(b().hedge(HedgeDelay::Fixed(vec![Duration::MAX]))),
-            "hedge"
+            field_of(b().hedge_delays(HedgeDelay::Fixed(vec![]))),
+            "hedge_delays"
+        );
+        let too_many = vec![ms(1); wire.max_hedge_delays + 1];
+        assert_eq!(
+            field_of(b().hedge_delays(HedgeDelay::Fixed(too_many))),
+            "hedge_delays"
+        );
+        let too_long = vec![ms(1), wire.max_delay + ms(1)];
+        assert_eq!(
+            field_of(b().hedge_delays(HedgeDelay::Fixed(too_long))),
+            "hedge_delays"
+        );
+        assert_eq!(
+            field_of(b().hedge_delays(HedgeDelay::Fixed(vec![Duration::MAX]))),
+            "hedge_delays"
         );
         // The edges are accepted: 10 delays, zero and exactly one day.
         let edges = vec![Duration::ZERO, DAY]
@@ -793,38 +803,41 @@ mod tests {
             .chain(std::iter::repeat_n(ms(5), 8))
             .collect::<Vec<_>>();
         assert_eq!(edges.len(), 10);
-        let p = b().hedge(HedgeDelay::Fixed(edges.clone())).build().unwrap();
-        assert_eq!(p.hedge(), &HedgeDelay::Fixed(edges));
+        let p = b()
+            .hedge_delays(HedgeDelay::Fixed(edges.clone()))
+            .build()
+            .unwrap();
+        assert_eq!(p.hedge_delays(), &HedgeDelay::Fixed(edges));
     }
 
     #[test]
     fn adaptive_hedge_delays_are_checked_field_by_field() {
-        let b = |hedge| UpstreamPolicy::builder().hedge(hedge);
+        let b = |hedge| UpstreamPolicy::builder().hedge_delays(hedge);
         for percentile in [0.0, 100.0, 150.0, -1.0, f64::NAN, f64::INFINITY] {
             assert_eq!(
                 field_of(b(adaptive(percentile, ms(10), ms(500), 1))),
-                "hedge.percentile",
+                "hedge_delays.percentile",
                 "{percentile}"
             );
         }
         assert_eq!(
             field_of(b(adaptive(95.0, ms(501), ms(500), 1))),
-            "hedge.min"
+            "hedge_delays.min"
         );
         assert_eq!(
             field_of(b(adaptive(95.0, ms(10), DAY + ms(1), 1))),
-            "hedge.max"
+            "hedge_delays.max"
         );
         assert_eq!(
             field_of(b(adaptive(95.0, Duration::MAX, Duration::MAX, 1))),
-            "hedge.max"
+            "hedge_delays.max"
         );
         // The engine makes `max_hedges` delays per task: u32::MAX would be
         // an allocation of 64 GiB.
         for max_hedges in [0, 11, u32::MAX] {
             assert_eq!(
                 field_of(b(adaptive(95.0, ms(10), ms(500), max_hedges))),
-                "hedge.max_hedges",
+                "hedge_delays.max_hedges",
                 "{max_hedges}"
             );
         }
@@ -922,14 +935,14 @@ mod tests {
         let error = ResilienceConfig::builder()
             .upstream("https://good.example", |p| p.min_attempt_time(ms(5)))
             .upstream("https://bad.example", |p| {
-                p.hedge(adaptive(95.0, ms(10), ms(500), u32::MAX))
+                p.hedge_delays(adaptive(95.0, ms(10), ms(500), u32::MAX))
             })
             .build()
             .unwrap_err();
-        assert_eq!(error.field(), "hedge.max_hedges");
+        assert_eq!(error.field(), "hedge_delays.max_hedges");
         assert_eq!(error.upstream(), Some("https://bad.example"));
         let message = error.to_string();
-        assert!(message.contains("hedge.max_hedges"), "{message}");
+        assert!(message.contains("hedge_delays.max_hedges"), "{message}");
         assert!(message.contains("https://bad.example"), "{message}");
 
         // The defaults are checked too, and belong to no upstream.

@@ -902,7 +902,7 @@ fn hedge_delays(task: &Task, policy: &UpstreamPolicy, upstream: &UpstreamState) 
     if !own.is_empty() {
         return own.clone();
     }
-    match policy.hedge() {
+    match policy.hedge_delays() {
         HedgeDelay::Fixed(delays) => delays.clone(),
         HedgeDelay::Adaptive {
             percentile,

@@ -190,7 +190,7 @@ fn new_state(
         limits: KeyLimits::new(limits),
         limited: limits.rate().is_some() || limits.max_in_flight().is_some(),
         cooled: AtomicBool::new(false),
-        latencies: matches!(policy.hedge(), HedgeDelay::Adaptive { .. })
+        latencies: matches!(policy.hedge_delays(), HedgeDelay::Adaptive { .. })
             .then(|| Mutex::new(LatencyWindow::default())),
         metrics: upstream_metrics,
         last_used: AtomicU64::new(now),

@@ -163,7 +163,7 @@ fn hedged_breaker(probes: u32) -> ResilienceConfig {
         .unwrap();
     ResilienceConfig::builder()
         .defaults(|p| {
-            p.hedge(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
+            p.hedge_delays(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
                 .retry(Some(
                     RetryPolicy::builder().max_attempts(2).build().unwrap(),
                 ))

@@ -397,7 +397,7 @@ async fn the_retry_budget_bounds_retries_during_an_outage() {
 async fn a_hedge_wins_over_a_slow_first_attempt_which_is_cancelled() {
     let up = Upstream::start().await.unwrap();
     let (client, seen) = observed_client(with_defaults(|p| {
-        p.hedge(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
+        p.hedge_delays(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
     }));
     let started = Instant::now();
     let response = client
@@ -436,7 +436,7 @@ async fn a_hedge_wins_over_a_slow_first_attempt_which_is_cancelled() {
 async fn a_hedged_response_records_its_hedged_attempt() {
     let up = Upstream::start().await.unwrap();
     let client = client(with_defaults(|p| {
-        p.hedge(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
+        p.hedge_delays(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
     }));
     let response = client
         .send(
@@ -458,7 +458,7 @@ async fn a_hedged_response_records_its_hedged_attempt() {
 async fn a_failed_first_attempt_starts_the_hedge_at_once() {
     let up = Upstream::start().await.unwrap();
     let client = client(with_defaults(|p| {
-        p.hedge(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
+        p.hedge_delays(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
             .strategy(Some(Strategy::Hedged))
     }));
     let started = Instant::now();
@@ -480,7 +480,7 @@ async fn a_failed_first_attempt_starts_the_hedge_at_once() {
 async fn a_fast_first_attempt_starts_no_hedge() {
     let up = Upstream::start().await.unwrap();
     let client = client(with_defaults(|p| {
-        p.hedge(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
+        p.hedge_delays(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
             .strategy(Some(Strategy::Hedged))
     }));
     let started = Instant::now();
@@ -499,7 +499,7 @@ async fn a_fast_first_attempt_starts_no_hedge() {
 async fn hedging_a_bimodal_upstream_cuts_the_slow_tail() {
     let up = Upstream::start().await.unwrap();
     let client = client(with_defaults(|p| {
-        p.hedge(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
+        p.hedge_delays(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
             .strategy(Some(Strategy::Hedged))
     }));
     // A fifth of the requests are slow: about 20 of 100 without hedging. With

@@ -191,7 +191,7 @@ impl Settings {
             .defaults(|p| {
                 p.retry(Some(RetryPolicy::none()))
                     .strategy(Some(strategy))
-                    .hedge(hedge)
+                    .hedge_delays(hedge)
             })
             .retry_budget(Some(Arc::new(budget)))
             .build()?)
