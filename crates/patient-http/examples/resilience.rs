@@ -22,56 +22,66 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let upstream = Upstream::start().await?;
     let key = format!("http://{}", upstream.addr()); // scheme://host:port
 
-    // Defaults for every upstream, then one upstream's own policy.
-    let resilience = ResilienceConfig {
+    // Retry: 4 attempts, exponential backoff with full jitter, Retry-After honoured.
+    let retry = RetryPolicy::builder()
+        .max_attempts(4)
+        .base_delay(Duration::from_millis(50))
+        .max_delay(Duration::from_secs(2))
+        .statuses([429, 500, 502, 503, 504])
+        .build()?;
+    // Circuit breaker: open after 5 consecutive failures (or 50 % over 30 s),
+    // probe after 10 s.
+    let breaker = BreakerPolicy::builder()
+        .consecutive_failures(Some(5))
+        .break_duration(Duration::from_secs(10))
+        .build()?;
+    // Rate and concurrency limits: over them a request waits its turn.
+    let limits = LimitConfig::builder()
+        .rate(50.0, 10)
+        .max_in_flight(8)
+        .build()?;
+    // Hedging delay that follows the observed p95 latency of the upstream.
+    let hedge = HedgeDelay::Adaptive {
+        percentile: 95.0,
+        min: Duration::from_millis(10),
+        max: Duration::from_millis(500),
+        max_hedges: 1,
+    };
+    // A fixed answer when the breaker is open or attempts ran out.
+    let fallback = Fallback::Response {
+        status: 503,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: r#"{"error":"upstream unavailable"}"#.into(),
+    };
+
+    // Defaults for every upstream, then one upstream's own policy (a copy of
+    // the defaults, edited). `build` checks every setting.
+    let resilience = ResilienceConfig::builder()
         // Retries and hedges stay under 20 % of first attempts (plus 10/s).
-        retry_budget: Some(Arc::new(RetryBudget::new(
+        .retry_budget(Some(Arc::new(RetryBudget::new(
             Duration::from_secs(10),
             10,
             0.2,
-        )?)),
-        ..ResilienceConfig::default()
+        )?)))
+        .defaults(|policy| policy.deadline(Some(Duration::from_secs(30))))
+        .upstream(key.clone(), |policy| {
+            policy
+                .retry(Some(retry))
+                .breaker(Some(breaker))
+                .limits(limits)
+                .hedge_delays(hedge)
+                .fallback(Some(fallback))
+        })
+        .build()?;
+
+    // An invalid setting is an error naming it (and its upstream).
+    let zero = ResilienceConfig::builder()
+        .upstream(&key, |p| p.min_attempt_time(Duration::ZERO))
+        .build();
+    match zero {
+        Err(invalid) => println!("rejected: {invalid}"),
+        Ok(_) => return Err("a zero min_attempt_time must be rejected".into()),
     }
-    .upstream(key.clone(), |policy| {
-        // Retry: 4 attempts, exponential backoff with full jitter, Retry-After honoured.
-        policy.retry = Some(
-            RetryPolicy::builder()
-                .max_attempts(4)
-                .base_delay(Duration::from_millis(50))
-                .max_delay(Duration::from_secs(2))
-                .statuses([429, 500, 502, 503, 504])
-                .build()
-                .expect("valid retry policy"),
-        );
-        // Circuit breaker: open after 5 consecutive failures (or 50 % over
-        // 30 s), probe after 10 s.
-        policy.breaker = Some(
-            BreakerPolicy::builder()
-                .consecutive_failures(Some(5))
-                .break_duration(Duration::from_secs(10))
-                .build()
-                .expect("valid breaker policy"),
-        );
-        // Rate and concurrency limits: over them a request waits its turn.
-        policy.limits = LimitConfig::builder()
-            .rate(50.0, 10)
-            .max_in_flight(8)
-            .build()
-            .expect("valid limits");
-        // Hedging delay that follows the observed p95 latency of the upstream.
-        policy.hedge = HedgeDelay::Adaptive {
-            percentile: 95.0,
-            min: Duration::from_millis(10),
-            max: Duration::from_millis(500),
-            max_hedges: 1,
-        };
-        // A fixed answer when the breaker is open or attempts ran out.
-        policy.fallback = Some(Fallback::Response {
-            status: 503,
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: r#"{"error":"upstream unavailable"}"#.into(),
-        });
-    });
 
     let client = AwaitableClient::builder()
         .config(

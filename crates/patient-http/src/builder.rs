@@ -96,7 +96,7 @@ impl Builder {
     fn engine(self) -> Result<Arc<Engine>, ConfigError> {
         let client = HttpClient::new(self.config.client.clone())
             .map_err(|e| ConfigError::new(e.field(), e.reason().to_string()))?;
-        let upstreams = crate::upstream::Upstreams::new(self.resilience.max_upstreams);
+        let upstreams = crate::upstream::Upstreams::new(self.resilience.max_upstreams());
         Ok(Arc::new(Engine {
             config: self.config,
             client,

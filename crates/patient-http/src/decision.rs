@@ -146,7 +146,7 @@ impl AwaitableClient {
             .request
             .request_options()
             .deadline
-            .or(policy.deadline)
+            .or(policy.deadline())
             .and_then(|d| accepted_at.checked_add(d));
         TaskProgress::new(deadline)
     }

@@ -267,7 +267,7 @@ impl Engine {
             .request
             .request_options()
             .deadline
-            .or(policy.deadline)?;
+            .or(policy.deadline())?;
         // Past what the clock can hold: no deadline at all.
         checked_after(queued_at, after)
     }
@@ -284,7 +284,7 @@ impl Engine {
         let policy = self.resilience.policy_for(&key);
         // The default policy retries idempotent methods only, unless the
         // request carries an idempotency key or opts in.
-        let base = policy.retry.as_ref().unwrap_or(&self.default_retry);
+        let base = policy.retry().unwrap_or(&self.default_retry);
         let retry = match &options.retry {
             None => Cow::Borrowed(base),
             Some(overrides) => Cow::Owned(base.with_overrides(overrides).map_err(|e| {
@@ -299,7 +299,7 @@ impl Engine {
         };
         let strategy = options
             .strategy
-            .or(policy.strategy)
+            .or(policy.strategy())
             .unwrap_or(Strategy::Sequential);
         let upstream = self
             .upstreams
@@ -327,7 +327,7 @@ impl Engine {
                 strategy
             },
             max_attempts,
-            mode: options.deadline_mode.unwrap_or(policy.deadline_mode),
+            mode: options.deadline_mode.unwrap_or(policy.deadline_mode()),
             started: Instant::now(),
             timeout: request
                 .timeout()
@@ -346,7 +346,7 @@ impl Engine {
         wait: LimitWait,
     ) -> Step {
         if progress.next <= 1 {
-            if let Some(budget) = &self.resilience.retry_budget {
+            if let Some(budget) = self.resilience.retry_budget() {
                 budget.deposit();
             }
         }
@@ -397,13 +397,13 @@ impl Engine {
         };
         if let Some(deadline) = progress.deadline {
             let next_possible = delay
-                .checked_add(plan.policy.min_attempt_time)
+                .checked_add(plan.policy.min_attempt_time())
                 .and_then(|d| checked_after(Instant::now(), d));
             if next_possible.is_none_or(|at| at > deadline) {
                 return Step::Done(self.finish(task, plan, progress, result.result));
             }
         }
-        if let Some(budget) = &self.resilience.retry_budget {
+        if let Some(budget) = self.resilience.retry_budget() {
             if !budget.withdraw() {
                 tracing::debug!(task_id = %task.id, upstream = %plan.key, "retry budget exhausted");
                 return Step::Done(self.finish(task, plan, progress, result.result));
@@ -449,10 +449,10 @@ impl Engine {
             Err(error) => self.fallback(task, plan.policy, error),
             // Attempts exhausted on a failing status: the fallback answers too.
             Ok(response)
-                if plan.policy.fallback.is_some()
+                if plan.policy.fallback().is_some()
                     && plan
                         .policy
-                        .breaker_failure_statuses
+                        .breaker_failure_statuses()
                         .contains(&response.status) =>
             {
                 self.fallback(task, plan.policy, TaskError::Http(HttpError { response }))
@@ -481,7 +481,7 @@ impl Engine {
         let mut timeout = plan.timeout;
         if let Some(deadline) = deadline {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining < plan.policy.min_attempt_time {
+            if remaining < plan.policy.min_attempt_time() {
                 return Err(self.task_error(
                     task,
                     plan.started,
@@ -490,7 +490,7 @@ impl Engine {
                     format!(
                         "the task's deadline leaves {:.3}s, less than the {:.3}s an attempt needs; nothing was sent",
                         remaining.as_secs_f64(),
-                        plan.policy.min_attempt_time.as_secs_f64()
+                        plan.policy.min_attempt_time().as_secs_f64()
                     ),
                 ));
             }
@@ -508,10 +508,11 @@ impl Engine {
                     }
                 }
             };
-            timeout = timeout.min(share.max(plan.policy.min_attempt_time));
+            timeout = timeout.min(share.max(plan.policy.min_attempt_time()));
         }
         let options = task.request.request_options();
-        let propagate = plan.policy.propagate && (deadline.is_some() || options.priority.is_some());
+        let propagate =
+            plan.policy.propagate() && (deadline.is_some() || options.priority.is_some());
         Ok(AttemptPlan {
             number,
             timeout,
@@ -776,8 +777,7 @@ impl Engine {
                 _ = sleep_until_opt(next_at), if next_at.is_some() => {
                     let allowed = self
                         .resilience
-                        .retry_budget
-                        .as_ref()
+                        .retry_budget()
                         .is_none_or(|b| b.withdraw());
                     if allowed {
                         started += 1;
@@ -840,7 +840,7 @@ impl Engine {
         policy: &UpstreamPolicy,
         error: TaskError,
     ) -> Result<Response, TaskError> {
-        let Some(fallback) = &policy.fallback else {
+        let Some(fallback) = policy.fallback() else {
             return Err(error);
         };
         let response = match fallback {
@@ -902,7 +902,7 @@ fn hedge_delays(task: &Task, policy: &UpstreamPolicy, upstream: &UpstreamState) 
     if !own.is_empty() {
         return own.clone();
     }
-    match &policy.hedge {
+    match policy.hedge_delays() {
         HedgeDelay::Fixed(delays) => delays.clone(),
         HedgeDelay::Adaptive {
             percentile,
@@ -947,7 +947,7 @@ fn attempt_record(
 /// a failure (`Some(false)`) or neither.
 fn breaker_verdict(result: &AttemptResult, policy: &UpstreamPolicy) -> Option<bool> {
     match &result.result {
-        Ok(r) => Some(!policy.breaker_failure_statuses.contains(&r.status)),
+        Ok(r) => Some(!policy.breaker_failure_statuses().contains(&r.status)),
         Err(TaskError::Request(e)) => match e.error_type {
             ErrorType::Timeout | ErrorType::Connection | ErrorType::Ssl => Some(false),
             _ => None,

@@ -169,7 +169,7 @@ fn new_state(
     now: u64,
 ) -> UpstreamState {
     let upstream_metrics = metrics.upstream(key);
-    let breaker = policy.breaker.as_ref().map(|breaker_policy| {
+    let breaker = policy.breaker().map(|breaker_policy| {
         let gauge = Arc::clone(&upstream_metrics);
         let observers = observers.to_vec();
         let key_owned = key.to_owned();
@@ -184,13 +184,13 @@ fn new_state(
             }
         })
     });
-    let limits = &policy.limits;
+    let limits = policy.limits();
     UpstreamState {
         breaker,
         limits: KeyLimits::new(limits),
         limited: limits.rate().is_some() || limits.max_in_flight().is_some(),
         cooled: AtomicBool::new(false),
-        latencies: matches!(policy.hedge, HedgeDelay::Adaptive { .. })
+        latencies: matches!(policy.hedge_delays(), HedgeDelay::Adaptive { .. })
             .then(|| Mutex::new(LatencyWindow::default())),
         metrics: upstream_metrics,
         last_used: AtomicU64::new(now),

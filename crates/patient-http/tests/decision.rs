@@ -10,6 +10,7 @@ use patient_http::{
     interceptor::{InterceptContext, RequestFn},
     limit::LimitConfig,
     preprocess::PreparedRequest,
+    resilience::ResilienceConfigBuilder,
     retry::{RetryBudget, RetryPolicy},
     AwaitableClient, Builder, Decision, LimitWait, Refusal, Request, RequestOptions,
     ResilienceConfig, Response, RetryOptions, Task, TaskError, TaskProgress,
@@ -18,9 +19,10 @@ use patient_testkit::Upstream;
 
 const NOW: LimitWait = LimitWait::UpTo(Duration::ZERO);
 
-fn client(edit: impl FnOnce(&mut ResilienceConfig)) -> AwaitableClient {
-    let mut config = ResilienceConfig::default();
-    edit(&mut config);
+fn client(
+    edit: impl FnOnce(ResilienceConfigBuilder) -> ResilienceConfigBuilder,
+) -> AwaitableClient {
+    let config = edit(ResilienceConfig::builder()).build().unwrap();
     Builder::new().resilience(config).build_awaitable().unwrap()
 }
 
@@ -47,7 +49,7 @@ fn done(decision: Decision) -> Result<Response, TaskError> {
 #[tokio::test]
 async fn a_first_attempt_that_succeeds_is_done_at_once() {
     let up = Upstream::start().await.unwrap();
-    let client = client(|_| {});
+    let client = client(|c| c);
     let task = task(up.url("/fast"));
     let mut progress = client.progress(&task, SystemTime::now());
     assert_eq!(progress, TaskProgress::new(None));
@@ -63,7 +65,7 @@ async fn a_first_attempt_that_succeeds_is_done_at_once() {
 #[tokio::test]
 async fn a_503_gives_retry_not_before_the_backoff_then_done_with_both_attempts() {
     let up = Upstream::start().await.unwrap();
-    let client = client(|c| c.defaults.retry = Some(fixed_backoff(3, 400)));
+    let client = client(|c| c.defaults(|p| p.retry(Some(fixed_backoff(3, 400)))));
     let task = task(up.url("/sequence?key=d&steps=503,200"));
     let mut progress = client.progress(&task, SystemTime::now());
     let before = SystemTime::now();
@@ -100,13 +102,13 @@ async fn a_503_gives_retry_not_before_the_backoff_then_done_with_both_attempts()
 }
 
 fn client_like(_: &Upstream) -> AwaitableClient {
-    client(|c| c.defaults.retry = Some(fixed_backoff(3, 400)))
+    client(|c| c.defaults(|p| p.retry(Some(fixed_backoff(3, 400)))))
 }
 
 #[tokio::test]
 async fn a_429_with_retry_after_is_stored_as_its_delay_and_cools_the_upstream_down() {
     let up = Upstream::start().await.unwrap();
-    let client = client(|c| c.defaults.retry = Some(fixed_backoff(3, 1)));
+    let client = client(|c| c.defaults(|p| p.retry(Some(fixed_backoff(3, 1)))));
     let task = task(up.url("/status/429?retry_after=30"));
     let mut progress = client.progress(&task, SystemTime::now());
     match client.step(&task, &mut progress, NOW).await {
@@ -142,15 +144,16 @@ async fn a_429_with_retry_after_is_stored_as_its_delay_and_cools_the_upstream_do
 async fn an_open_breaker_refuses_until_its_break_ends() {
     let up = Upstream::start().await.unwrap();
     let client = client(|c| {
-        c.defaults.retry = Some(RetryPolicy::none());
-        c.defaults.breaker = Some(
-            BreakerPolicy::builder()
-                .consecutive_failures(Some(1))
-                .minimum_throughput(1000)
-                .break_duration(Duration::from_secs(60))
-                .build()
-                .unwrap(),
-        );
+        c.defaults(|p| {
+            p.retry(Some(RetryPolicy::none())).breaker(Some(
+                BreakerPolicy::builder()
+                    .consecutive_failures(Some(1))
+                    .minimum_throughput(1000)
+                    .break_duration(Duration::from_secs(60))
+                    .build()
+                    .unwrap(),
+            ))
+        })
     });
     let failing = task(up.url("/status/503"));
     let mut progress = client.progress(&failing, SystemTime::now());
@@ -180,9 +183,8 @@ async fn an_open_breaker_refuses_until_its_break_ends() {
 #[tokio::test]
 async fn a_busy_rate_limit_is_waited_for_up_to_the_given_bound() {
     let up = Upstream::start().await.unwrap();
-    let client = client(|c| {
-        c.defaults.limits = LimitConfig::builder().rate(5.0, 1).build().unwrap();
-    });
+    let client =
+        client(|c| c.defaults(|p| p.limits(LimitConfig::builder().rate(5.0, 1).build().unwrap())));
     let t = task(up.url("/fast"));
     let mut p = client.progress(&t, SystemTime::now());
     assert!(done(client.step(&t, &mut p, NOW).await).is_ok());
@@ -211,7 +213,7 @@ async fn a_connection_refused_was_not_sent_and_a_deadline_in_the_past_sends_noth
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = format!("http://{}/", listener.local_addr().unwrap());
     drop(listener);
-    let client = client(|c| c.defaults.retry = Some(fixed_backoff(2, 1)));
+    let client = client(|c| c.defaults(|p| p.retry(Some(fixed_backoff(2, 1)))));
     let t = task(&dead);
     let mut progress = client.progress(&t, SystemTime::now());
     match client.step(&t, &mut progress, NOW).await {
@@ -238,7 +240,7 @@ async fn a_connection_refused_was_not_sent_and_a_deadline_in_the_past_sends_noth
 #[tokio::test]
 async fn the_deadline_is_counted_from_acceptance_and_ends_retries() {
     let up = Upstream::start().await.unwrap();
-    let client = client(|c| c.defaults.retry = Some(fixed_backoff(5, 1)));
+    let client = client(|c| c.defaults(|p| p.retry(Some(fixed_backoff(5, 1)))));
     let request = Request::get(up.url("/status/429?retry_after=2"))
         .deadline(Duration::from_millis(500))
         .build()
@@ -259,7 +261,7 @@ async fn the_deadline_is_counted_from_acceptance_and_ends_retries() {
 #[tokio::test]
 async fn a_post_is_done_after_one_attempt_unless_it_may_be_retried() {
     let up = Upstream::start().await.unwrap();
-    let client = client(|c| c.defaults.retry = Some(fixed_backoff(3, 1)));
+    let client = client(|c| c.defaults(|p| p.retry(Some(fixed_backoff(3, 1)))));
     let post = Task::new(
         Request::post(up.url("/status/503"))
             .body("x")
@@ -295,8 +297,8 @@ async fn the_retry_budget_is_spent_by_retry_decisions() {
     let up = Upstream::start().await.unwrap();
     let budget = std::sync::Arc::new(RetryBudget::new(Duration::from_secs(10), 0, 0.0).unwrap());
     let client = client(|c| {
-        c.defaults.retry = Some(fixed_backoff(3, 1));
-        c.retry_budget = Some(budget);
+        c.defaults(|p| p.retry(Some(fixed_backoff(3, 1))))
+            .retry_budget(Some(budget))
     });
     let t = task(up.url("/status/503"));
     let mut progress = client.progress(&t, SystemTime::now());
@@ -332,7 +334,7 @@ async fn a_panic_in_engine_code_ends_the_task() {
 #[tokio::test]
 async fn retry_options_of_the_request_apply_per_step() {
     let up = Upstream::start().await.unwrap();
-    let client = client(|_| {});
+    let client = client(|c| c);
     let request = Request::get(up.url("/status/503"))
         .request_options(RequestOptions {
             retry: Some(RetryOptions {

@@ -194,13 +194,14 @@ fn request_json(url: String) -> BoxedStrategy<Value> {
 }
 
 fn client() -> AwaitableClient {
-    let mut resilience = ResilienceConfig::default();
-    resilience.defaults.breaker = Some(
-        BreakerPolicy::builder()
-            .consecutive_failures(Some(3))
-            .build()
-            .unwrap(),
-    );
+    let breaker = BreakerPolicy::builder()
+        .consecutive_failures(Some(3))
+        .build()
+        .unwrap();
+    let resilience = ResilienceConfig::builder()
+        .defaults(|p| p.breaker(Some(breaker)))
+        .build()
+        .unwrap();
     Builder::new()
         .resilience(resilience)
         .build_awaitable()

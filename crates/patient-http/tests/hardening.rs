@@ -130,14 +130,15 @@ async fn preprocessor_secret_and_retry_predicate_panics_end_the_task_as_panic_er
     assert_eq!(e.class_name, "Panic");
     assert!(e.message.contains("vault exploded"));
 
-    let mut resilience = ResilienceConfig::default();
-    resilience.defaults.retry = Some(
-        RetryPolicy::builder()
-            .max_attempts(3)
-            .retry_if(|_| panic!("predicate exploded"))
-            .build()
-            .unwrap(),
-    );
+    let retry = RetryPolicy::builder()
+        .max_attempts(3)
+        .retry_if(|_| panic!("predicate exploded"))
+        .build()
+        .unwrap();
+    let resilience = ResilienceConfig::builder()
+        .defaults(|p| p.retry(Some(retry)))
+        .build()
+        .unwrap();
     let predicate = Builder::new()
         .resilience(resilience)
         .build_awaitable()
@@ -152,20 +153,24 @@ async fn preprocessor_secret_and_retry_predicate_panics_end_the_task_as_panic_er
 // 3. A hedge the breaker refuses does not start and never wins.
 
 fn hedged_breaker(probes: u32) -> ResilienceConfig {
-    let mut config = ResilienceConfig::default();
-    config.defaults.hedge = HedgeDelay::Fixed(vec![Duration::from_millis(50)]);
-    config.defaults.retry = Some(RetryPolicy::builder().max_attempts(2).build().unwrap());
-    config.defaults.breaker = Some(
-        BreakerPolicy::builder()
-            .consecutive_failures(Some(1))
-            .minimum_throughput(1000)
-            .break_duration(Duration::from_secs(1))
-            .half_open_probes(probes)
-            .success_threshold(1)
-            .build()
-            .unwrap(),
-    );
-    config
+    let breaker = BreakerPolicy::builder()
+        .consecutive_failures(Some(1))
+        .minimum_throughput(1000)
+        .break_duration(Duration::from_secs(1))
+        .half_open_probes(probes)
+        .success_threshold(1)
+        .build()
+        .unwrap();
+    ResilienceConfig::builder()
+        .defaults(|p| {
+            p.hedge_delays(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
+                .retry(Some(
+                    RetryPolicy::builder().max_attempts(2).build().unwrap(),
+                ))
+                .breaker(Some(breaker))
+        })
+        .build()
+        .unwrap()
 }
 
 #[derive(Clone, Default)]
@@ -261,9 +266,14 @@ async fn a_half_open_probe_keeps_its_permit_until_its_verdict_closes_the_breaker
 #[tokio::test(start_paused = true)]
 async fn the_breaker_is_asked_after_the_rate_limit_wait() {
     let up = Upstream::start().await.unwrap();
-    let mut config = hedged_breaker(1);
-    config.defaults.retry = Some(RetryPolicy::none());
-    config.defaults.limits = LimitConfig::builder().rate(1.0, 1).build().unwrap();
+    let config = hedged_breaker(1)
+        .to_builder()
+        .defaults(|p| {
+            p.retry(Some(RetryPolicy::none()))
+                .limits(LimitConfig::builder().rate(1.0, 1).build().unwrap())
+        })
+        .build()
+        .unwrap();
     let client = Builder::new().resilience(config).build_awaitable().unwrap();
     assert_eq!(
         client

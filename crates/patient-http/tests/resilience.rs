@@ -19,6 +19,7 @@ use patient_http::{
     interceptor::{RequestFn, RequestIdInterceptor, ServiceNameInterceptor},
     limit::LimitConfig,
     metrics::BREAKER_OPEN,
+    resilience::UpstreamPolicyBuilder,
     retry::{RetryBudget, RetryPolicy},
     AwaitableClient, Builder, Config, DeadlineMode, ErrorType, Fallback, HedgeDelay, Outcome,
     Priority, Processor, ProcessorObserver, Request, RequestEnd, RequestError, RequestOptions,
@@ -129,10 +130,10 @@ fn quick_retries(max_attempts: u32) -> RetryOptions {
 }
 
 /// A policy edit applied to the defaults of a resilience config.
-fn with_defaults(edit: impl FnOnce(&mut patient_http::UpstreamPolicy)) -> ResilienceConfig {
-    let mut config = ResilienceConfig::default();
-    edit(&mut config.defaults);
-    config
+fn with_defaults(
+    edit: impl FnOnce(UpstreamPolicyBuilder) -> UpstreamPolicyBuilder,
+) -> ResilienceConfig {
+    ResilienceConfig::builder().defaults(edit).build().unwrap()
 }
 
 // 1. A 503 storm.
@@ -237,12 +238,12 @@ async fn a_post_is_retried_only_with_an_idempotency_key_or_retry_unsafe() {
 
     // A configured policy that retries unsafe methods does it for every POST.
     let client = self::client(with_defaults(|p| {
-        p.retry = Some(
+        p.retry(Some(
             RetryPolicy::builder()
                 .retry_unsafe_methods(true)
                 .build()
                 .unwrap(),
-        )
+        ))
     }));
     let response = client.send(post("policy").build().unwrap()).await.unwrap();
     assert_eq!(response.status, 200);
@@ -291,12 +292,12 @@ async fn a_429_retry_waits_the_servers_delay_and_cools_the_whole_upstream_down()
 async fn a_retry_after_beyond_max_retry_after_gives_up_at_once() {
     let up = Upstream::start().await.unwrap();
     let client = client(with_defaults(|p| {
-        p.retry = Some(
+        p.retry(Some(
             RetryPolicy::builder()
                 .max_retry_after(Duration::from_secs(5))
                 .build()
                 .unwrap(),
-        )
+        ))
     }));
     let started = Instant::now();
     let response = client
@@ -362,10 +363,12 @@ async fn the_retry_budget_bounds_retries_during_an_outage() {
     let ttl = Duration::from_secs(10);
     let up = Upstream::start().await.unwrap();
     let budget = Arc::new(RetryBudget::new(ttl, MIN_PER_SEC, RATIO).unwrap());
-    let client = client(ResilienceConfig {
-        retry_budget: Some(budget),
-        ..ResilienceConfig::default()
-    });
+    let client = client(
+        ResilienceConfig::builder()
+            .retry_budget(Some(budget))
+            .build()
+            .unwrap(),
+    );
     let tasks: Vec<_> = (0..TASKS)
         .map(|_| {
             let client = client.clone();
@@ -394,7 +397,7 @@ async fn the_retry_budget_bounds_retries_during_an_outage() {
 async fn a_hedge_wins_over_a_slow_first_attempt_which_is_cancelled() {
     let up = Upstream::start().await.unwrap();
     let (client, seen) = observed_client(with_defaults(|p| {
-        p.hedge = HedgeDelay::Fixed(vec![Duration::from_millis(50)]);
+        p.hedge_delays(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
     }));
     let started = Instant::now();
     let response = client
@@ -433,7 +436,7 @@ async fn a_hedge_wins_over_a_slow_first_attempt_which_is_cancelled() {
 async fn a_hedged_response_records_its_hedged_attempt() {
     let up = Upstream::start().await.unwrap();
     let client = client(with_defaults(|p| {
-        p.hedge = HedgeDelay::Fixed(vec![Duration::from_millis(50)]);
+        p.hedge_delays(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
     }));
     let response = client
         .send(
@@ -455,8 +458,8 @@ async fn a_hedged_response_records_its_hedged_attempt() {
 async fn a_failed_first_attempt_starts_the_hedge_at_once() {
     let up = Upstream::start().await.unwrap();
     let client = client(with_defaults(|p| {
-        p.hedge = HedgeDelay::Fixed(vec![Duration::from_millis(50)]);
-        p.strategy = Some(Strategy::Hedged);
+        p.hedge_delays(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
+            .strategy(Some(Strategy::Hedged))
     }));
     let started = Instant::now();
     let response = client
@@ -477,8 +480,8 @@ async fn a_failed_first_attempt_starts_the_hedge_at_once() {
 async fn a_fast_first_attempt_starts_no_hedge() {
     let up = Upstream::start().await.unwrap();
     let client = client(with_defaults(|p| {
-        p.hedge = HedgeDelay::Fixed(vec![Duration::from_millis(50)]);
-        p.strategy = Some(Strategy::Hedged);
+        p.hedge_delays(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
+            .strategy(Some(Strategy::Hedged))
     }));
     let started = Instant::now();
     let response = client
@@ -496,8 +499,8 @@ async fn a_fast_first_attempt_starts_no_hedge() {
 async fn hedging_a_bimodal_upstream_cuts_the_slow_tail() {
     let up = Upstream::start().await.unwrap();
     let client = client(with_defaults(|p| {
-        p.hedge = HedgeDelay::Fixed(vec![Duration::from_millis(50)]);
-        p.strategy = Some(Strategy::Hedged);
+        p.hedge_delays(HedgeDelay::Fixed(vec![Duration::from_millis(50)]))
+            .strategy(Some(Strategy::Hedged))
     }));
     // A fifth of the requests are slow: about 20 of 100 without hedging. With
     // a hedge after 50 ms an answer is slow only when both attempts are
@@ -634,7 +637,7 @@ async fn a_pass_through_deadline_gives_the_first_attempt_everything() {
 async fn a_deadline_below_the_minimum_attempt_time_sends_nothing() {
     let up = Upstream::start().await.unwrap();
     let client = client(with_defaults(|p| {
-        p.min_attempt_time = Duration::from_millis(50);
+        p.min_attempt_time(Duration::from_millis(50))
     }));
     let error = request_error(
         client
@@ -697,7 +700,7 @@ async fn priority_and_deadline_are_propagated_upstream() {
     assert_eq!(body_json(&response)["headers"], json!({}));
 
     // Nor with propagation off.
-    let client = self::client(with_defaults(|p| p.propagate = false));
+    let client = self::client(with_defaults(|p| p.propagate(false)));
     let response = client
         .send(
             Request::get(up.url("/sequence?key=quiet"))
@@ -713,19 +716,21 @@ async fn priority_and_deadline_are_propagated_upstream() {
 
 // 7. Circuit breaker.
 
+/// No retries; a breaker that opens after 3 failures in a row for 1 s.
+fn breaker_policy(p: UpstreamPolicyBuilder) -> UpstreamPolicyBuilder {
+    p.retry(Some(RetryPolicy::none())).breaker(Some(
+        BreakerPolicy::builder()
+            .consecutive_failures(Some(3))
+            .minimum_throughput(1000)
+            .break_duration(Duration::from_secs(1))
+            .success_threshold(1)
+            .build()
+            .unwrap(),
+    ))
+}
+
 fn breaker_config() -> ResilienceConfig {
-    with_defaults(|p| {
-        p.retry = Some(RetryPolicy::none());
-        p.breaker = Some(
-            BreakerPolicy::builder()
-                .consecutive_failures(Some(3))
-                .minimum_throughput(1000)
-                .break_duration(Duration::from_secs(1))
-                .success_threshold(1)
-                .build()
-                .unwrap(),
-        );
-    })
+    with_defaults(breaker_policy)
 }
 
 #[tokio::test(start_paused = true)]
@@ -827,7 +832,7 @@ async fn the_breaker_opens_on_a_dead_port() {
 async fn a_rate_limit_spaces_requests_and_fails_none() {
     let up = Upstream::start().await.unwrap();
     let client = client(with_defaults(|p| {
-        p.limits = LimitConfig::builder().rate(10.0, 1).build().unwrap();
+        p.limits(LimitConfig::builder().rate(10.0, 1).build().unwrap())
     }));
     let started = Instant::now();
     let tasks: Vec<_> = (0..20)
@@ -859,7 +864,7 @@ async fn a_rate_limit_spaces_requests_and_fails_none() {
 async fn a_concurrency_limit_caps_requests_in_flight() {
     let up = Upstream::start().await.unwrap();
     let (client, seen) = observed_client(with_defaults(|p| {
-        p.limits = LimitConfig::builder().max_in_flight(2).build().unwrap();
+        p.limits(LimitConfig::builder().max_in_flight(2).build().unwrap())
     }));
     let started = Instant::now();
     let tasks: Vec<_> = (0..6)
@@ -1024,17 +1029,16 @@ fn assert_fallback(response: &Response) {
 #[tokio::test(start_paused = true)]
 async fn a_fallback_answers_when_attempts_are_exhausted_or_the_breaker_is_open() {
     let up = Upstream::start().await.unwrap();
-    let mut config = breaker_config();
-    config.defaults.fallback = Some(fallback());
-    config.defaults.retry = Some(
-        RetryPolicy::builder()
-            .max_attempts(2)
-            .base_delay(Duration::from_millis(1))
-            .max_delay(Duration::from_millis(1))
-            .build()
-            .unwrap(),
-    );
-    let client = client(config);
+    let client = client(with_defaults(|p| {
+        breaker_policy(p).fallback(Some(fallback())).retry(Some(
+            RetryPolicy::builder()
+                .max_attempts(2)
+                .base_delay(Duration::from_millis(1))
+                .max_delay(Duration::from_millis(1))
+                .build()
+                .unwrap(),
+        ))
+    }));
     let url = up.url("/sequence?key=fb&steps=503");
     let raising = || Task::new(get(&url), "").with_raise_error_responses(true);
 
@@ -1058,13 +1062,13 @@ async fn a_fallback_answers_for_a_dead_port() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap()
     };
-    let client = client(with_defaults(|p| p.fallback = Some(fallback())));
+    let client = client(with_defaults(|p| p.fallback(Some(fallback()))));
     let response = client.send(get(format!("http://{dead}/"))).await.unwrap();
     assert_fallback(&response);
 
     // A hook sees the error and may decline.
     let client = self::client(with_defaults(|p| {
-        p.fallback = Some(Fallback::Hook(Arc::new(|_: &Task, error: &TaskError| {
+        p.fallback(Some(Fallback::hook(|_: &Task, error: &TaskError| {
             assert_eq!(error.request_id(), "hooked");
             None
         })))
@@ -1083,7 +1087,7 @@ fn stalling_builder(stall: Duration) -> Builder {
         .unwrap();
     Builder::new()
         .config(config)
-        .resilience(with_defaults(|p| p.retry = Some(RetryPolicy::none())))
+        .resilience(with_defaults(|p| p.retry(Some(RetryPolicy::none()))))
 }
 
 #[tokio::test(start_paused = true)]
@@ -1188,7 +1192,7 @@ async fn metrics_count_requests_attempts_retries_and_latency() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap()
     };
-    let client = self::client(with_defaults(|p| p.retry = Some(RetryPolicy::none())));
+    let client = self::client(with_defaults(|p| p.retry(Some(RetryPolicy::none()))));
     client
         .send(get(format!("http://{dead}/")))
         .await

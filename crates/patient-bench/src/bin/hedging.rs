@@ -25,7 +25,7 @@ use patient_bench::{
 };
 use patient_http::{
     retry::{RetryBudget, RetryPolicy},
-    Config, HedgeDelay, Processor, Request, ResilienceConfig, Strategy, UpstreamPolicy,
+    Config, HedgeDelay, Processor, Request, ResilienceConfig, Strategy,
 };
 
 const BENCH: &str = "hedging";
@@ -187,16 +187,14 @@ impl Settings {
             self.budget_min_per_s,
             self.budget_ratio,
         )?;
-        Ok(ResilienceConfig {
-            defaults: UpstreamPolicy {
-                retry: Some(RetryPolicy::none()),
-                strategy: Some(strategy),
-                hedge,
-                ..UpstreamPolicy::default()
-            },
-            retry_budget: Some(Arc::new(budget)),
-            ..ResilienceConfig::default()
-        })
+        Ok(ResilienceConfig::builder()
+            .defaults(|p| {
+                p.retry(Some(RetryPolicy::none()))
+                    .strategy(Some(strategy))
+                    .hedge_delays(hedge)
+            })
+            .retry_budget(Some(Arc::new(budget)))
+            .build()?)
     }
 
     /// How the variant hedges, for its line.

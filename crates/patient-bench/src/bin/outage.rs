@@ -26,7 +26,7 @@ use patient_bench::{
 use patient_http::{
     breaker::BreakerPolicy,
     retry::{RetryBudget, RetryPolicy},
-    Config, Processor, Request, ResilienceConfig, Strategy, UpstreamPolicy,
+    Config, Processor, Request, ResilienceConfig, Strategy,
 };
 
 const BENCH: &str = "outage";
@@ -116,42 +116,28 @@ fn parent(harness: &mut Harness, args: &Args) -> Result<(), BoxError> {
 
 /// The resilience settings of `variant`.
 fn resilience(variant: &str) -> Result<ResilienceConfig, BoxError> {
-    let mut policy = UpstreamPolicy {
-        retry: Some(RetryPolicy::default()),
-        strategy: Some(Strategy::Sequential),
-        ..UpstreamPolicy::default()
-    };
+    let config = ResilienceConfig::builder().defaults(|p| {
+        p.retry(Some(RetryPolicy::default()))
+            .strategy(Some(Strategy::Sequential))
+    });
     if variant == UNPROTECTED {
-        return Ok(ResilienceConfig {
-            defaults: policy,
-            ..ResilienceConfig::default()
-        });
+        return Ok(config.build()?);
     }
-    let retry_budget = Some(Arc::new(RetryBudget::new(
+    let config = config.retry_budget(Some(Arc::new(RetryBudget::new(
         Duration::from_secs(10),
         10,
         0.2,
-    )?));
+    )?)));
     if variant == BUDGET_ONLY {
-        return Ok(ResilienceConfig {
-            defaults: policy,
-            retry_budget,
-            ..ResilienceConfig::default()
-        });
+        return Ok(config.build()?);
     }
-    policy.breaker = Some(
-        BreakerPolicy::builder()
-            .failure_ratio(0.5)
-            .sampling_window(Duration::from_secs(10))
-            .minimum_throughput(20)
-            .break_duration(Duration::from_secs(2))
-            .build()?,
-    );
-    Ok(ResilienceConfig {
-        defaults: policy,
-        retry_budget,
-        ..ResilienceConfig::default()
-    })
+    let breaker = BreakerPolicy::builder()
+        .failure_ratio(0.5)
+        .sampling_window(Duration::from_secs(10))
+        .minimum_throughput(20)
+        .break_duration(Duration::from_secs(2))
+        .build()?;
+    Ok(config.defaults(|p| p.breaker(Some(breaker))).build()?)
 }
 
 fn side(ctx: &SideContext, args: &Args) -> Result<SideReport, BoxError> {

@@ -180,22 +180,20 @@ fn has(variant: &str, layer: &str) -> bool {
 
 /// The resilience settings of `variant` at concurrency `c`.
 fn resilience(variant: &str, c: usize) -> Result<ResilienceConfig, BoxError> {
-    let mut policy = UpstreamPolicy {
-        retry: Some(RetryPolicy::none()),
-        ..UpstreamPolicy::default()
-    };
+    let mut policy = UpstreamPolicy::builder().retry(Some(RetryPolicy::none()));
     if has(variant, "retry") {
-        policy.retry = Some(RetryPolicy::default());
-        policy.strategy = Some(Strategy::Sequential);
+        policy = policy
+            .retry(Some(RetryPolicy::default()))
+            .strategy(Some(Strategy::Sequential));
     }
     if has(variant, "breaker") {
-        policy.breaker = Some(
+        policy = policy.breaker(Some(
             BreakerPolicy::builder()
                 .failure_ratio(0.9)
                 .minimum_throughput(1_000)
                 .consecutive_failures(Some(1_000))
                 .build()?,
-        );
+        ));
     }
     let mut limits = LimitConfig::builder();
     if has(variant, "rate") {
@@ -204,16 +202,15 @@ fn resilience(variant: &str, c: usize) -> Result<ResilienceConfig, BoxError> {
     if has(variant, "concurrency") {
         limits = limits.max_in_flight(c * 2);
     }
-    policy.limits = limits.build()?;
+    policy = policy.limits(limits.build()?);
     if has(variant, "deadline") {
-        policy.deadline = Some(Duration::from_secs(30));
+        policy = policy.deadline(Some(Duration::from_secs(30)));
     }
     let retry_budget = has(variant, "budget").then(|| Arc::new(RetryBudget::default()));
-    Ok(ResilienceConfig {
-        defaults: policy,
-        retry_budget,
-        ..ResilienceConfig::default()
-    })
+    Ok(ResilienceConfig::builder()
+        .defaults(|_| policy)
+        .retry_budget(retry_budget)
+        .build()?)
 }
 
 fn side(ctx: &SideContext, args: &Args) -> Result<SideReport, BoxError> {

@@ -108,7 +108,9 @@ fn side(ctx: &SideContext, args: &Args) -> Result<SideReport, BoxError> {
         .text("seconds", seconds);
 
     let limits = LimitConfig::builder().rate(limit, burst).build()?;
-    let resilience = ResilienceConfig::default().upstream(key, |policy| policy.limits = limits);
+    let resilience = ResilienceConfig::builder()
+        .upstream(key, |policy| policy.limits(limits))
+        .build()?;
     let handler = BenchHandler::new(request, planned, false);
     let completion = handler.completion();
     let _watchdog = Watchdog::arm(ctx.deadline, completion.clone(), line.clone());
