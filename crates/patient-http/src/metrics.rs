@@ -26,8 +26,8 @@
 //! (`patient` gives `patient_requests_total`, …).
 //!
 //! Upstream keys come from input (URLs), so the `upstream` label is bounded:
-//! past [`Metrics::set_max_upstreams`] distinct values (default
-//! [`DEFAULT_MAX_UPSTREAMS`]) further upstreams are counted under
+//! past [`Metrics::set_max_upstream_labels`] distinct values (default
+//! [`DEFAULT_MAX_UPSTREAM_LABELS`]) further upstreams are counted under
 //! `upstream="other"` ([`OTHER_UPSTREAM`]).
 //!
 //! ```
@@ -76,8 +76,8 @@ pub const WAIT_BUCKETS: &[f64] = &[
 ];
 
 /// Distinct `upstream` label values kept by default; see
-/// [`Metrics::set_max_upstreams`].
-pub const DEFAULT_MAX_UPSTREAMS: usize = 256;
+/// [`Metrics::set_max_upstream_labels`].
+pub const DEFAULT_MAX_UPSTREAM_LABELS: usize = 256;
 
 /// The `upstream` label of every upstream past the label limit.
 pub const OTHER_UPSTREAM: &str = "other";
@@ -421,7 +421,7 @@ impl Metrics {
                 registry,
                 families,
                 upstreams: RwLock::new(FxHashMap::default()),
-                max_upstreams: AtomicUsize::new(DEFAULT_MAX_UPSTREAMS),
+                max_upstreams: AtomicUsize::new(DEFAULT_MAX_UPSTREAM_LABELS),
             }),
         }
     }
@@ -472,7 +472,7 @@ impl Metrics {
     }
 
     /// The handles of one upstream's metrics (made the first time). Past the
-    /// label limit ([`set_max_upstreams`](Self::set_max_upstreams)), a new
+    /// label limit ([`set_max_upstream_labels`](Self::set_max_upstream_labels)), a new
     /// upstream gets the shared handles of [`OTHER_UPSTREAM`].
     pub fn upstream(&self, upstream: &str) -> Arc<UpstreamMetrics> {
         if let Some(m) = read(&self.inner.upstreams).get(upstream) {
@@ -499,10 +499,10 @@ impl Metrics {
     }
 
     /// Sets how many distinct `upstream` label values are kept (default
-    /// [`DEFAULT_MAX_UPSTREAMS`], at least 1); upstreams seen after that
+    /// [`DEFAULT_MAX_UPSTREAM_LABELS`], at least 1); upstreams seen after that
     /// many are counted under [`OTHER_UPSTREAM`]. Values already in use keep
     /// their label.
-    pub fn set_max_upstreams(&self, max: usize) {
+    pub fn set_max_upstream_labels(&self, max: usize) {
         self.inner
             .max_upstreams
             .store(max.max(1), Ordering::Relaxed);
@@ -765,7 +765,7 @@ mod tests {
     #[test]
     fn upstream_labels_are_capped_with_an_other_bucket() {
         let m = Metrics::new();
-        m.set_max_upstreams(3);
+        m.set_max_upstream_labels(3);
         for i in 0..1000 {
             m.record_attempt(&format!("http://host-{i}"));
         }

@@ -409,7 +409,10 @@ async fn arbitrary_upstream_keys_keep_the_metrics_bounded() {
         .lines()
         .filter(|l| l.starts_with("attempts_total{"))
         .count();
-    assert_eq!(series, patient_http::metrics::DEFAULT_MAX_UPSTREAMS + 1);
+    assert_eq!(
+        series,
+        patient_http::metrics::DEFAULT_MAX_UPSTREAM_LABELS + 1
+    );
     let other = format!(
         "attempts_total{{upstream=\"{}\"}} ",
         patient_http::metrics::OTHER_UPSTREAM
@@ -417,7 +420,7 @@ async fn arbitrary_upstream_keys_keep_the_metrics_bounded() {
     let line = text.lines().find(|l| l.starts_with(&other)).unwrap();
     assert_eq!(
         line.rsplit(' ').next().unwrap(),
-        (600 - patient_http::metrics::DEFAULT_MAX_UPSTREAMS).to_string()
+        (600 - patient_http::metrics::DEFAULT_MAX_UPSTREAM_LABELS).to_string()
     );
 }
 

@@ -239,10 +239,7 @@ async fn a_post_is_retried_only_with_an_idempotency_key_or_retry_unsafe() {
     // A configured policy that retries unsafe methods does it for every POST.
     let client = self::client(with_defaults(|p| {
         p.retry(Some(
-            RetryPolicy::builder()
-                .retry_unsafe_methods(true)
-                .build()
-                .unwrap(),
+            RetryPolicy::builder().retry_unsafe(true).build().unwrap(),
         ))
     }));
     let response = client.send(post("policy").build().unwrap()).await.unwrap();

@@ -176,7 +176,7 @@ pub struct RetryPolicy {
     conditions: Vec<RetryCondition>,
     respect_retry_after: bool,
     max_retry_after: Duration,
-    retry_unsafe_methods: bool,
+    retry_unsafe: bool,
 }
 
 impl Default for RetryPolicy {
@@ -189,7 +189,7 @@ impl Default for RetryPolicy {
             conditions: RetryCondition::defaults(),
             respect_retry_after: true,
             max_retry_after: Duration::from_secs(60),
-            retry_unsafe_methods: false,
+            retry_unsafe: false,
         }
     }
 }
@@ -233,14 +233,14 @@ impl RetryPolicy {
             conditions: self.conditions.clone(),
             respect_retry_after: self.respect_retry_after,
             max_retry_after: self.max_retry_after,
-            retry_unsafe_methods: self.retry_unsafe_methods,
+            retry_unsafe: self.retry_unsafe,
         }
     }
 
     /// This policy with a request's own retry settings applied: each field
     /// of `options` that is set replaces the matching setting
     /// (`statuses` replaces the status conditions, keeping the others;
-    /// `retry_unsafe` sets `retry_unsafe_methods`).
+    /// `retry_unsafe` sets `retry_unsafe`).
     ///
     /// # Errors
     ///
@@ -268,7 +268,7 @@ impl RetryPolicy {
             builder = builder.statuses(statuses.iter().copied());
         }
         if let Some(retry_unsafe) = options.retry_unsafe {
-            builder = builder.retry_unsafe_methods(retry_unsafe);
+            builder = builder.retry_unsafe(retry_unsafe);
         }
         builder.build()
     }
@@ -300,8 +300,8 @@ impl RetryPolicy {
 
     /// Whether POST and PATCH are retried without an idempotency key
     /// (default false).
-    pub fn retry_unsafe_methods(&self) -> bool {
-        self.retry_unsafe_methods
+    pub fn retry_unsafe(&self) -> bool {
+        self.retry_unsafe
     }
 
     /// Whether `outcome` is worth retrying by the conditions alone: false
@@ -318,9 +318,9 @@ impl RetryPolicy {
 
     /// Whether a request with `method` may be retried at all: idempotent
     /// methods always; POST and PATCH with an idempotency key or when
-    /// `retry_unsafe_methods` is set.
+    /// `retry_unsafe` is set.
     pub fn allows_method(&self, method: Method, has_idempotency_key: bool) -> bool {
-        method.is_idempotent() || has_idempotency_key || self.retry_unsafe_methods
+        method.is_idempotent() || has_idempotency_key || self.retry_unsafe
     }
 
     /// How long to wait before retry number `retry` (0 for the first retry,
@@ -403,7 +403,7 @@ pub struct RetryPolicyBuilder {
     conditions: Vec<RetryCondition>,
     respect_retry_after: bool,
     max_retry_after: Duration,
-    retry_unsafe_methods: bool,
+    retry_unsafe: bool,
 }
 
 impl Default for RetryPolicyBuilder {
@@ -503,8 +503,8 @@ impl RetryPolicyBuilder {
 
     /// Whether POST and PATCH are retried without an idempotency key
     /// (default false).
-    pub fn retry_unsafe_methods(mut self, retry: bool) -> Self {
-        self.retry_unsafe_methods = retry;
+    pub fn retry_unsafe(mut self, retry: bool) -> Self {
+        self.retry_unsafe = retry;
         self
     }
 
@@ -531,7 +531,7 @@ impl RetryPolicyBuilder {
             conditions: self.conditions,
             respect_retry_after: self.respect_retry_after,
             max_retry_after: self.max_retry_after,
-            retry_unsafe_methods: self.retry_unsafe_methods,
+            retry_unsafe: self.retry_unsafe,
         })
     }
 }
@@ -611,7 +611,7 @@ mod tests {
         assert_eq!(*p.backoff(), ExponentialBackoff::default());
         assert!(p.respect_retry_after());
         assert_eq!(p.max_retry_after(), Duration::from_secs(60));
-        assert!(!p.retry_unsafe_methods());
+        assert!(!p.retry_unsafe());
         assert_eq!(
             format!("{:?}", p.conditions()),
             "[Timeouts, ConnectionErrors, Statuses([408, 429, 500, 502, 503, 504])]"
@@ -743,10 +743,7 @@ mod tests {
             assert!(!p.allows_method(method, false), "{method:?}");
             assert!(p.allows_method(method, true), "{method:?}");
         }
-        let unsafe_ok = RetryPolicy::builder()
-            .retry_unsafe_methods(true)
-            .build()
-            .unwrap();
+        let unsafe_ok = RetryPolicy::builder().retry_unsafe(true).build().unwrap();
         assert!(unsafe_ok.allows_method(Method::Post, false));
         assert!(unsafe_ok.allows_method(Method::Patch, false));
     }
@@ -943,10 +940,7 @@ mod tests {
                 &mut rng()
             )
             .is_give_up());
-        let unsafe_ok = RetryPolicy::builder()
-            .retry_unsafe_methods(true)
-            .build()
-            .unwrap();
+        let unsafe_ok = RetryPolicy::builder().retry_unsafe(true).build().unwrap();
         assert!(!unsafe_ok
             .decide(1, Method::Post, false, &failed, now(), &mut rng())
             .is_give_up());
@@ -962,7 +956,7 @@ mod tests {
             .statuses([503])
             .respect_retry_after(false)
             .max_retry_after(Duration::from_secs(5))
-            .retry_unsafe_methods(true)
+            .retry_unsafe(true)
             .build()
             .unwrap();
         assert_eq!(p.max_attempts(), 5);
@@ -977,7 +971,7 @@ mod tests {
         );
         assert!(!p.respect_retry_after());
         assert_eq!(p.max_retry_after(), Duration::from_secs(5));
-        assert!(p.retry_unsafe_methods());
+        assert!(p.retry_unsafe());
 
         let backoff =
             ExponentialBackoff::new(Duration::from_secs(1), 1.5, Duration::from_secs(9)).unwrap();
@@ -1044,7 +1038,7 @@ mod tests {
             ExponentialBackoff::new(Duration::from_millis(20), 1.5, Duration::from_secs(1))
                 .unwrap()
         );
-        assert!(p.retry_unsafe_methods());
+        assert!(p.retry_unsafe());
         assert!(p.should_retry(&response(429, &EMPTY)));
         assert!(!p.should_retry(&response(500, &EMPTY)));
         // The other conditions stay, the custom one included.
