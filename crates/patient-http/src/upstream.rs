@@ -72,8 +72,8 @@ pub(crate) struct UpstreamState {
     pub(crate) latencies: Option<Mutex<LatencyWindow>>,
     /// The upstream's metric handles.
     pub(crate) metrics: Arc<UpstreamMetrics>,
-    /// When a task last resolved this state (milliseconds of the registry's
-    /// clock), for least-recently-used eviction.
+    /// The registry's tick when a task last resolved this state, for
+    /// least-recently-used eviction.
     last_used: AtomicU64,
 }
 
@@ -95,7 +95,10 @@ impl UpstreamState {
 pub(crate) struct Upstreams {
     states: RwLock<FxHashMap<Box<str>, Arc<UpstreamState>>>,
     max: usize,
-    clock: std::time::Instant,
+    /// A logical clock that ticks on every new state: a state resolved since
+    /// the last tick is more recently used than one that was not. (Cheaper
+    /// than reading the clock on every task, and all LRU needs.)
+    tick: AtomicU64,
 }
 
 impl Upstreams {
@@ -104,7 +107,7 @@ impl Upstreams {
         Upstreams {
             states: RwLock::new(FxHashMap::default()),
             max: max.max(1),
-            clock: std::time::Instant::now(),
+            tick: AtomicU64::new(0),
         }
     }
 
@@ -112,10 +115,6 @@ impl Upstreams {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         read(&self.states).len()
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The state of `key`, made from `policy` on first use.
@@ -126,11 +125,16 @@ impl Upstreams {
         metrics: &Metrics,
         observers: &[Arc<dyn ProcessorObserver>],
     ) -> Arc<UpstreamState> {
-        let now = self.now_ms();
+        let now = self.tick.load(Ordering::Relaxed);
         if let Some(state) = read(&self.states).get(key) {
-            state.last_used.store(now, Ordering::Relaxed);
+            // Written only when it changes: tasks of a busy upstream share
+            // the line without bouncing it between cores.
+            if state.last_used.load(Ordering::Relaxed) != now {
+                state.last_used.store(now, Ordering::Relaxed);
+            }
             return Arc::clone(state);
         }
+        let now = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
         let state = Arc::new(new_state(key, policy, metrics, observers, now));
         let mut states = write(&self.states);
         if let Some(existing) = states.get(key) {

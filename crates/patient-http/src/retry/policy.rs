@@ -309,11 +309,12 @@ impl RetryPolicy {
     /// any condition holds. Attempts left and the method are not considered
     /// here (see [`RetryPolicy::decide`]).
     pub fn should_retry(&self, outcome: &AttemptOutcome<'_>) -> bool {
-        !outcome.is_do_not_retry()
-            && self
-                .conditions
-                .iter()
-                .any(|condition| condition.matches(outcome))
+        // The conditions first: most outcomes (a 200) match none, and then
+        // the header lookup is not needed.
+        self.conditions
+            .iter()
+            .any(|condition| condition.matches(outcome))
+            && !outcome.is_do_not_retry()
     }
 
     /// Whether a request with `method` may be retried at all: idempotent
