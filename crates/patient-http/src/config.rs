@@ -8,10 +8,8 @@ use crate::client::{ClientConfig, HttpVersionPref, ProxyConfig};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration: {field}: {reason}")]
 pub struct ConfigError {
-    /// The name of the rejected setting, as in [`ConfigBuilder`].
-    pub field: &'static str,
-    /// What is wrong with its value.
-    pub reason: String,
+    field: &'static str,
+    reason: String,
 }
 
 impl ConfigError {
@@ -20,6 +18,16 @@ impl ConfigError {
             field,
             reason: reason.into(),
         }
+    }
+
+    /// The name of the rejected setting, as in [`ConfigBuilder`].
+    pub fn field(&self) -> &'static str {
+        self.field
+    }
+
+    /// What is wrong with its value.
+    pub fn reason(&self) -> &str {
+        &self.reason
     }
 }
 

@@ -755,7 +755,7 @@ fn invalid_configuration_names_the_field() {
             },
             Err(e) => e,
         };
-        assert_eq!(err.field, field, "{err}");
+        assert_eq!(err.field(), field, "{err}");
         assert!(err.to_string().contains(field), "{err}");
     }
     let d = Config::default();
