@@ -9,17 +9,23 @@ use std::{
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
-/// A response body: complete, pre-split into chunks, or streamed from a task.
+/// A response body: complete, pre-split into chunks, streamed from a task
+/// (or a test), or the request body sent back.
 #[derive(Debug)]
 pub(crate) enum Body {
     /// One buffer with a known length (sent with `Content-Length`).
     Full(Option<Bytes>),
     /// Several frames of unknown total length (sent chunked on HTTP/1.1).
     Chunks(VecDeque<Bytes>),
-    /// Frames produced by a task; the body ends when the sender is dropped.
-    Channel(mpsc::Receiver<Bytes>),
+    /// Frames (data, then possibly trailers) produced by a task or a test;
+    /// the body ends when the sender is dropped.
+    Channel(mpsc::Receiver<Frame<Bytes>>),
+    /// The request body, frame by frame as it arrives; a failed request body
+    /// ends it.
+    Mirror(Incoming),
 }
 
 impl Body {
@@ -40,7 +46,12 @@ impl http_body::Body for Body {
         let frame = match self.get_mut() {
             Body::Full(bytes) => bytes.take(),
             Body::Chunks(chunks) => chunks.pop_front(),
-            Body::Channel(rx) => return rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
+            Body::Channel(rx) => return rx.poll_recv(cx).map(|frame| frame.map(Ok)),
+            Body::Mirror(incoming) => {
+                return Pin::new(incoming)
+                    .poll_frame(cx)
+                    .map(|frame| frame.and_then(Result::ok).map(Ok))
+            }
         };
         Poll::Ready(frame.map(|b| Ok(Frame::data(b))))
     }
@@ -50,13 +61,14 @@ impl http_body::Body for Body {
             Body::Full(bytes) => bytes.is_none(),
             Body::Chunks(chunks) => chunks.is_empty(),
             Body::Channel(_) => false,
+            Body::Mirror(incoming) => http_body::Body::is_end_stream(incoming),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Body::Chunks(_) | Body::Channel(_) => SizeHint::default(),
+            Body::Chunks(_) | Body::Channel(_) | Body::Mirror(_) => SizeHint::default(),
         }
     }
 }

@@ -4,7 +4,8 @@
 //! * [`Upstream`] — a real HTTP/1.1 + HTTP/2 server on a loopback port with
 //!   routes for delays, large and chunked bodies, server-sent events, any
 //!   status, redirect chains and loops, request echo, compression, charsets
-//!   and connection ids, plus a raw-TCP listener of [`Fault`]s.
+//!   and connection ids, bodies written by the test itself ([`BodyFeed`])
+//!   or mirrored from the request, plus a raw-TCP listener of [`Fault`]s.
 //! * [`ForwardProxy`] — an HTTP forward proxy (`CONNECT` tunnels and
 //!   absolute-form requests) with optional Basic authentication.
 //! * [`TestCert`] — a CA and a server certificate signed by it.
@@ -39,5 +40,5 @@ pub use crate::{
     fault::Fault,
     proxy::ForwardProxy,
     tls::TestCert,
-    upstream::{Upstream, UpstreamOptions, CHARSET_TEXT, COMPRESSED_TEXT},
+    upstream::{BodyFeed, Upstream, UpstreamOptions, CHARSET_TEXT, COMPRESSED_TEXT},
 };

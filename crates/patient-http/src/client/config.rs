@@ -32,18 +32,25 @@ pub enum HttpVersionPref {
 #[derive(Clone)]
 #[must_use]
 pub struct ClientConfig {
-    /// Timeout of a whole request: connect, send and reading the whole body.
-    /// Default 60 s. A request's own timeout overrides it.
+    /// Timeout of a whole request: connect, send and reading the whole body
+    /// (for a streaming request: until the response head). Default 60 s. A
+    /// request's own timeout overrides it.
     pub request_timeout: Duration,
     /// Timeout of establishing a connection (TCP, proxy tunnel, TLS).
     /// Default `None`: only the request timeout applies.
     pub connect_timeout: Option<Duration>,
+    /// Idle time of a TCP connection before keepalive probes are sent
+    /// (`SO_KEEPALIVE`), so a dead peer is noticed on a connection waiting
+    /// for a slow response. Default 15 s; `None` turns keepalive off.
+    pub tcp_keepalive: Option<Duration>,
     /// Longest wait for the next piece of a response body (an idle-read
     /// limit, apart from the whole-request timeout, for long responses that
     /// trickle). Default `None`: only the request timeout applies.
     pub stall_timeout: Option<Duration>,
-    /// Largest response body accepted, in bytes (after decompression when
-    /// decompressing). Default 1 MiB. Must be greater than 0.
+    /// Largest response body accepted by [`send`](super::HttpClient::send),
+    /// in bytes (after decompression when decompressing). Default 1 MiB.
+    /// Must be greater than 0. Streaming requests carry their own limit
+    /// ([`StreamingRequest::max_response_size`](super::StreamingRequest::max_response_size)).
     pub max_response_size: usize,
     /// `User-Agent` sent unless the request sets one. Default `PatientHttp`.
     pub user_agent: String,
@@ -57,7 +64,11 @@ pub struct ClientConfig {
     /// A connection is closed after this many requests. Default `None`
     /// (unlimited).
     pub max_requests_per_connection: Option<u32>,
-    /// HTTP versions spoken. Default [`HttpVersionPref::Auto`].
+    /// HTTP versions spoken. Default [`HttpVersionPref::Auto`]. An HTTP/2
+    /// connection carries as many concurrent requests as the server's
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` allows (100 until the server has
+    /// said); beyond that the client opens another connection rather than
+    /// queue requests.
     pub http_version: HttpVersionPref,
     /// Extra trusted root certificates (PEM, each string may hold several),
     /// added to the webpki roots. Default none.
@@ -87,6 +98,7 @@ impl Default for ClientConfig {
         ClientConfig {
             request_timeout: Duration::from_secs(60),
             connect_timeout: None,
+            tcp_keepalive: Some(Duration::from_secs(15)),
             stall_timeout: None,
             max_response_size: 1024 * 1024,
             user_agent: "PatientHttp".to_owned(),
@@ -111,6 +123,7 @@ impl fmt::Debug for ClientConfig {
         f.debug_struct("ClientConfig")
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("tcp_keepalive", &self.tcp_keepalive)
             .field("stall_timeout", &self.stall_timeout)
             .field("max_response_size", &self.max_response_size)
             .field("user_agent", &self.user_agent)
@@ -159,6 +172,10 @@ impl ClientConfig {
     setter!(
         /// Sets [`connect_timeout`](Self::connect_timeout) (default `None`).
         connect_timeout: Option<Duration>
+    );
+    setter!(
+        /// Sets [`tcp_keepalive`](Self::tcp_keepalive) (default 15 s).
+        tcp_keepalive: Option<Duration>
     );
     setter!(
         /// Sets [`stall_timeout`](Self::stall_timeout) (default `None`).
@@ -237,6 +254,12 @@ impl ClientConfig {
             return Err(ClientConfigError::new(
                 "connect_timeout",
                 "must be greater than 0",
+            ));
+        }
+        if self.tcp_keepalive.is_some_and(|d| d.is_zero()) {
+            return Err(ClientConfigError::new(
+                "tcp_keepalive",
+                "must be greater than 0 (None turns it off)",
             ));
         }
         if self.stall_timeout.is_some_and(|d| d.is_zero()) {

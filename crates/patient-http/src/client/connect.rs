@@ -2,268 +2,171 @@
 //! HTTP/2 handshake with its driver task.
 
 use std::{
-    io,
-    net::{IpAddr, SocketAddr},
+    future::Future,
     pin::Pin,
-    sync::{atomic::Ordering, Arc},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, Weak,
+    },
     task::{Context, Poll},
+    time::Duration,
 };
 
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls_pki_types::ServerName;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-};
-use tokio_rustls::{client::TlsStream, TlsConnector};
 
 use super::{
-    config::HttpVersionPref,
-    error::{ErrorType, Phase, TransportError},
-    pool::{Conn, H1Conn, H2Conn},
-    proxy::{self, ProxyEndpoint},
-    Inner, Target,
+    config::{ClientConfig, HttpVersionPref},
+    conn::{Conn, H1Conn, H2Conn, H2Streams, StreamLimit},
+    error::{ClientConfigError, Phase, TransportError},
+    origin::Origin,
+    proxy::ProxyEndpoint,
+    request::RequestBody,
+    stream::Stream,
+    tcp::TcpConnector,
+    tls::{self, TlsConnectors},
+    tunnel,
 };
 
-/// A connection's byte stream: TCP, or TLS over another stream (TLS to a
-/// target inside a TLS connection to an `https://` proxy nests).
-pub(crate) enum Stream {
-    Tcp(TcpStream),
-    Tls(Box<TlsStream<Stream>>),
+/// Opens connections for one client.
+pub(crate) struct Connector {
+    tcp: TcpConnector,
+    tls: TlsConnectors,
+    http_version: HttpVersionPref,
+    /// Connections whose driver task runs, shared with the pool's stats.
+    open: Arc<AtomicUsize>,
+    next_id: AtomicU64,
 }
 
-impl Stream {
-    /// Whether ALPN chose `h2`.
-    fn alpn_h2(&self) -> bool {
-        match self {
-            Stream::Tcp(_) => false,
-            Stream::Tls(tls) => tls.get_ref().1.alpn_protocol() == Some(b"h2"),
-        }
-    }
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+impl Connector {
+    pub(crate) fn new(
+        config: &ClientConfig,
+        open: Arc<AtomicUsize>,
+    ) -> Result<Connector, ClientConfigError> {
+        Ok(Connector {
+            tcp: TcpConnector::new(config.tcp_keepalive),
+            tls: tls::build(config)?,
+            http_version: config.http_version,
+            open,
+            next_id: AtomicU64::new(1),
+        })
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Tcp(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
-/// Resolves `host` and connects to the first address that accepts.
-async fn tcp(host: &str, port: u16, authority: &str) -> Result<TcpStream, TransportError> {
-    let stream = if let Ok(ip) = host.parse::<IpAddr>() {
-        TcpStream::connect(SocketAddr::new(ip, port))
-            .await
-            .map_err(|e| TransportError::from_io(e, authority, Phase::Connect))?
-    } else {
-        let addrs = tokio::net::lookup_host((host, port)).await.map_err(|e| {
-            TransportError::new(
-                ErrorType::Connection,
-                "DnsError",
-                format!("failed to resolve {host}: {e}"),
-            )
-            .with_source(e)
-        })?;
-        let mut last = None;
-        let mut connected = None;
-        for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(s) => {
-                    connected = Some(s);
-                    break;
+    /// Opens the byte stream to `target`, through `proxy` when given. Returns
+    /// the stream and whether it speaks HTTP/2.
+    async fn open_stream(
+        &self,
+        target: &Origin,
+        proxy: Option<&ProxyEndpoint>,
+    ) -> Result<(Stream, bool), TransportError> {
+        let authority = target.authority();
+        let stream = match proxy {
+            None => Stream::Tcp(self.tcp.connect(&authority).await?),
+            Some(proxy) => {
+                let mut stream = Stream::Tcp(self.tcp.connect(&proxy.authority).await?);
+                if proxy.https {
+                    stream = tls::handshake(&self.tls.proxy, stream, &proxy.host, &proxy.authority)
+                        .await?;
                 }
-                Err(e) => last = Some(e),
+                if target.https {
+                    stream = tunnel::tunnel(stream, proxy, &authority).await?;
+                }
+                stream
             }
-        }
-        match (connected, last) {
-            (Some(s), _) => s,
-            (None, Some(e)) => return Err(TransportError::from_io(e, authority, Phase::Connect)),
-            (None, None) => {
-                return Err(TransportError::new(
-                    ErrorType::Connection,
-                    "DnsError",
-                    format!("{host} resolved to no address"),
-                ))
-            }
-        }
-    };
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
-}
-
-async fn tls(
-    connector: &TlsConnector,
-    stream: Stream,
-    host: &str,
-    authority: &str,
-) -> Result<Stream, TransportError> {
-    let name = ServerName::try_from(host.to_owned()).map_err(|e| {
-        TransportError::new(
-            ErrorType::Ssl,
-            "TlsError",
-            format!("invalid TLS server name {host}: {e}"),
-        )
-        .with_source(e)
-    })?;
-    let tls = connector.connect(name, stream).await.map_err(|e| {
-        let mut err = TransportError::from_io(e, authority, Phase::Connect);
-        if err.class_name() != "TlsError" && !err.is_timeout() {
-            // A connection lost mid-handshake is still a connection error,
-            // but say where it happened.
-            err = TransportError::new(
-                err.kind(),
-                err_class(&err),
-                format!("TLS handshake failed: {}", err.message()),
-            )
-            .with_source(err);
-        }
-        err
-    })?;
-    Ok(Stream::Tls(Box::new(tls)))
-}
-
-fn err_class(err: &TransportError) -> &'static str {
-    match err.class_name() {
-        "ConnectionReset" => "ConnectionReset",
-        "ConnectionRefused" => "ConnectionRefused",
-        "ConnectionAborted" => "ConnectionAborted",
-        _ => "ConnectionClosed",
-    }
-}
-
-/// Opens the byte stream to `target`, through `proxy` when given. Returns the
-/// stream and whether it speaks HTTP/2.
-async fn open_stream(
-    inner: &Inner,
-    target: &Target,
-    proxy: Option<&ProxyEndpoint>,
-) -> Result<(Stream, bool), TransportError> {
-    let authority = target.authority();
-    let stream = match proxy {
-        None => Stream::Tcp(tcp(&target.host, target.port, &authority).await?),
-        Some(proxy) => {
-            let mut stream = Stream::Tcp(tcp(&proxy.host, proxy.port, &proxy.authority).await?);
-            if proxy.https {
-                stream = tls(&inner.tls.proxy, stream, &proxy.host, &proxy.authority).await?;
-            }
-            if target.https {
-                stream = proxy::tunnel(stream, proxy, &authority).await?;
-            }
-            stream
-        }
-    };
-    if target.https {
-        let stream = tls(&inner.tls.target, stream, &target.host, &authority).await?;
-        let h2 = match inner.config.http_version {
-            HttpVersionPref::Auto => stream.alpn_h2(),
-            HttpVersionPref::Http1Only => false,
-            HttpVersionPref::Http2Only => true,
         };
-        Ok((stream, h2))
-    } else {
-        // h2c with prior knowledge, never through a proxy (absolute-form HTTP/1.1 there).
-        let h2 = proxy.is_none() && inner.config.http_version == HttpVersionPref::Http2Only;
-        Ok((stream, h2))
+        if target.https {
+            let stream = tls::handshake(&self.tls.target, stream, &target.host, &authority).await?;
+            let h2 = match self.http_version {
+                HttpVersionPref::Auto => stream.alpn_h2(),
+                HttpVersionPref::Http1Only => false,
+                HttpVersionPref::Http2Only => true,
+            };
+            Ok((stream, h2))
+        } else {
+            // h2c with prior knowledge, never through a proxy (absolute-form
+            // HTTP/1.1 there).
+            let h2 = proxy.is_none() && self.http_version == HttpVersionPref::Http2Only;
+            Ok((stream, h2))
+        }
+    }
+
+    /// Opens a connection and performs the HTTP handshake; the connection
+    /// driver runs on its own task until the connection closes. An HTTP/2
+    /// connection counts on `h2_streams` concurrent streams until the
+    /// server's SETTINGS say how many it allows.
+    pub(crate) async fn connect(
+        &self,
+        target: &Origin,
+        proxy: Option<&ProxyEndpoint>,
+        h2_streams: usize,
+    ) -> Result<Conn, TransportError> {
+        let (stream, h2) = self.open_stream(target, proxy).await?;
+        let authority = target.authority();
+        let io = TokioIo::new(stream);
+        let open = Arc::clone(&self.open);
+        let handshake_err = |e| TransportError::from_hyper(e, &authority, Phase::Connect);
+        if h2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .initial_max_send_streams(h2_streams)
+                .keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .handshake(io)
+                .await
+                .map_err(handshake_err)?;
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let driver = H2Driver(Arc::new(Mutex::new(conn)));
+            let limit: Weak<Mutex<H2Connection>> = Arc::downgrade(&driver.0);
+            let streams = Arc::new(H2Streams::new(id, limit));
+            open.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                if let Err(e) = driver.await {
+                    tracing::debug!(error = %e, "http2 connection closed with an error");
+                }
+                open.fetch_sub(1, Ordering::Relaxed);
+            });
+            Ok(Conn::H2(H2Conn { sender, streams }))
+        } else {
+            let (sender, conn) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(handshake_err)?;
+            open.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "http1 connection closed with an error");
+                }
+                open.fetch_sub(1, Ordering::Relaxed);
+            });
+            Ok(Conn::H1(H1Conn {
+                sender,
+                requests: 0,
+            }))
+        }
     }
 }
 
-/// Opens a connection and performs the HTTP handshake; the connection driver
-/// runs on its own task until the connection closes.
-pub(crate) async fn establish(
-    inner: &Inner,
-    target: &Target,
-    proxy: Option<&ProxyEndpoint>,
-) -> Result<Conn, TransportError> {
-    let (stream, h2) = open_stream(inner, target, proxy).await?;
-    let authority = target.authority();
-    let io = TokioIo::new(stream);
-    let open = Arc::clone(&inner.pool.open);
-    let handshake_err = |e| TransportError::from_hyper(e, &authority, Phase::Connect);
-    if h2 {
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(std::time::Duration::from_secs(30))
-            .keep_alive_timeout(std::time::Duration::from_secs(20))
-            .handshake(io)
-            .await
-            .map_err(handshake_err)?;
-        open.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "http2 connection closed with an error");
-            }
-            open.fetch_sub(1, Ordering::Relaxed);
-        });
-        Ok(Conn::H2(H2Conn {
-            sender,
-            id: inner.pool.next_id(),
-        }))
-    } else {
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(handshake_err)?;
-        open.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "http1 connection closed with an error");
-            }
-            open.fetch_sub(1, Ordering::Relaxed);
-        });
-        Ok(Conn::H1(H1Conn {
-            sender,
-            requests: 0,
-        }))
+type H2Connection = http2::Connection<TokioIo<Stream>, RequestBody, TokioExecutor>;
+
+/// Drives an HTTP/2 connection, which the pool also asks for the server's
+/// concurrent-stream limit (the connection holds it as the server's
+/// SETTINGS are applied); the pool only holds it weakly, so it goes away
+/// when the driver ends.
+struct H2Driver(Arc<Mutex<H2Connection>>);
+
+impl StreamLimit for Mutex<H2Connection> {
+    fn max_streams(&self) -> usize {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .current_max_send_streams()
+    }
+}
+
+impl Future for H2Driver {
+    type Output = hyper::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+        let mut conn = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        Pin::new(&mut *conn).poll(cx)
     }
 }

@@ -102,18 +102,56 @@ impl TransportError {
 
     /// An I/O error while `phase` with `authority`.
     pub(crate) fn from_io(err: io::Error, authority: &str, phase: Phase) -> Self {
-        let (kind, class_name) = classify_io(&err, phase);
+        Self::from_io_ref(&err, authority, phase).with_source(err)
+    }
+
+    /// Like [`from_io`](Self::from_io), for an I/O error found inside
+    /// another error (the caller sets the source).
+    fn from_io_ref(err: &io::Error, authority: &str, phase: Phase) -> Self {
+        let (kind, class_name) = classify_io(err, phase);
         TransportError::new(
             kind,
             class_name,
             format!(
                 "{} while {} {authority}",
-                describe_io(&err, class_name),
+                describe_io(err, class_name),
                 phase.describe()
             ),
         )
         .sent(phase.request_sent())
-        .with_source(err)
+    }
+
+    /// A failed TCP connect (resolving, or connecting to every address) to
+    /// `authority`: a [`DnsError`] inside becomes `DnsError`, an I/O error is
+    /// classified like any other (refused, reset, unreachable...).
+    pub(crate) fn from_connect(err: Box<dyn StdError + Send + Sync>, authority: &str) -> Self {
+        let chain: &(dyn StdError + 'static) = &*err;
+        if let Some(dns) = find::<DnsError>(chain) {
+            let message = dns.to_string();
+            return TransportError::new(ErrorType::Connection, "DnsError", message)
+                .with_source(err);
+        }
+        match find::<io::Error>(chain) {
+            Some(io) => Self::from_io_ref(io, authority, Phase::Connect).with_source(err),
+            None => TransportError::new(
+                ErrorType::Connection,
+                "ConnectionError",
+                format!("{err} while connecting to {authority}"),
+            )
+            .with_source(err),
+        }
+    }
+
+    /// The request body failed while it was being sent: the request was
+    /// sent in part.
+    pub(crate) fn request_body(source: Box<dyn StdError + Send + Sync>, authority: &str) -> Self {
+        TransportError::new(
+            ErrorType::Unknown,
+            "RequestBodyError",
+            format!("the request body failed while sending it to {authority}: {source}"),
+        )
+        .sent(true)
+        .with_source(source)
     }
 
     /// A hyper error while `phase` with `authority`.
@@ -137,7 +175,8 @@ impl TransportError {
     /// `"ConnectTimeout"`, `"ConnectionRefused"`, `"ConnectionReset"`,
     /// `"ConnectionClosed"`, `"DnsError"`, `"TlsError"`, `"ResponseTooLarge"`,
     /// `"IncompleteMessage"`, `"InvalidResponse"`, `"ProxyError"`,
-    /// `"ProxyAuthenticationRequired"`, `"DecompressionError"`.
+    /// `"ProxyAuthenticationRequired"`, `"DecompressionError"`,
+    /// `"StallTimeout"`, `"RequestBodyError"`.
     pub fn class_name(&self) -> &str {
         self.class_name
     }
@@ -166,6 +205,13 @@ impl TransportError {
     /// Whether the response exceeded `max_response_size`.
     pub fn is_too_large(&self) -> bool {
         self.kind == ErrorType::ResponseTooLarge
+    }
+
+    /// Whether the request body (a stream) failed while it was being sent
+    /// (`"RequestBodyError"`; the body's own error is the
+    /// [`source`](StdError::source)).
+    pub fn is_request_body(&self) -> bool {
+        self.class_name == "RequestBodyError"
     }
 
     /// Whether any byte of the request may have reached the server. `false`
@@ -235,16 +281,47 @@ pub(crate) fn classify_io(err: &io::Error, phase: Phase) -> (ErrorType, &'static
     }
 }
 
-/// The first `io::Error` in the source chain of `err`.
-fn find_io<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a io::Error> {
+/// The first `T` in the source chain of `err` (`err` included).
+fn find<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a T> {
     let mut current: Option<&'a (dyn StdError + 'static)> = Some(err);
     while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            return Some(io);
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
         }
         current = e.source();
     }
     None
+}
+
+/// A host name that could not be resolved.
+#[derive(Debug)]
+pub(crate) struct DnsError {
+    host: String,
+    source: Option<io::Error>,
+}
+
+impl DnsError {
+    pub(crate) fn new(host: &str, source: Option<io::Error>) -> Self {
+        DnsError {
+            host: host.to_owned(),
+            source,
+        }
+    }
+}
+
+impl fmt::Display for DnsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Some(e) => write!(f, "failed to resolve {}: {e}", self.host),
+            None => write!(f, "{} resolved to no address", self.host),
+        }
+    }
+}
+
+impl StdError for DnsError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source.as_ref().map(|e| e as &(dyn StdError + 'static))
+    }
 }
 
 /// Kind, class name and whether the request may have been sent.
@@ -264,7 +341,7 @@ fn classify_hyper(err: &hyper::Error, phase: Phase) -> (ErrorType, &'static str,
         // request was written.
         return (ErrorType::Connection, "ConnectionClosed", false);
     }
-    if let Some(io) = find_io(err) {
+    if let Some(io) = find::<io::Error>(err) {
         let (kind, class_name) = classify_io(io, phase);
         return (kind, class_name, sent);
     }

@@ -1,74 +1,48 @@
-//! The connection pool: one host pool per (scheme, host, port, proxy), at
-//! most `connection_pool_size` of them (least recently used evicted), idle
-//! HTTP/1.1 connections with an idle timeout and a request cap, and one
-//! shared HTTP/2 connection per origin.
+//! The connection pool: one host pool per origin (scheme, host, port,
+//! proxy), at most `connection_pool_size` of them (least recently used
+//! evicted), idle HTTP/1.1 connections with an idle timeout and a request
+//! cap, and shared HTTP/2 connections, as many as the server's
+//! concurrent-stream limit makes necessary.
 
-use rustc_hash::FxHashMap;
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard, Weak,
     },
     time::Duration,
 };
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::client::conn::{http1, http2};
+use rustc_hash::FxHashMap;
 use tokio::{sync::oneshot, time::Instant};
 
-/// The request body type of every connection.
-pub(crate) type ReqBody = Full<Bytes>;
-
-/// Identifies a host pool.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct PoolKey {
-    pub(crate) https: bool,
-    pub(crate) proxied: bool,
-    pub(crate) port: u16,
-    pub(crate) host: Box<str>,
-}
-
-/// An HTTP/1.1 connection, owned by one request at a time.
-pub(crate) struct H1Conn {
-    pub(crate) sender: http1::SendRequest<ReqBody>,
-    /// Requests sent on this connection so far.
-    pub(crate) requests: u32,
-}
-
-/// A handle to an HTTP/2 connection (shared; clones multiplex).
-pub(crate) struct H2Conn {
-    pub(crate) sender: http2::SendRequest<ReqBody>,
-    pub(crate) id: u64,
-}
-
-impl Clone for H2Conn {
-    fn clone(&self) -> Self {
-        H2Conn {
-            sender: self.sender.clone(),
-            id: self.id,
-        }
-    }
-}
-
-/// A freshly established connection.
-pub(crate) enum Conn {
-    H1(H1Conn),
-    H2(H2Conn),
-}
+use super::{
+    conn::{H1Conn, H2Conn, H2Stream, DEFAULT_MAX_STREAMS},
+    origin::Origin,
+};
 
 /// What a request should do to get a connection.
 pub(crate) enum Checkout {
     /// A pooled HTTP/1.1 connection (to be `ready().await`ed).
     H1(H1Conn),
-    /// The shared HTTP/2 connection.
-    H2(H2Conn),
-    /// Another request is opening the origin's HTTP/2 connection: wait for it.
-    Wait(oneshot::Receiver<H2Conn>),
+    /// A stream on a shared HTTP/2 connection with room for it.
+    H2(H2Stream),
+    /// Another request is opening an HTTP/2 connection to the origin: wait
+    /// for it.
+    Wait(oneshot::Receiver<Handoff>),
     /// Open a new connection. `leader` is true when this request opens the
-    /// origin's HTTP/2 connection that others wait for; it must then call
+    /// HTTP/2 connection that others wait for; it must then call
     /// [`Pool::h2_ready`] or drop its [`LeaderGuard`].
     Connect { leader: bool },
+}
+
+/// What a request waiting for a new HTTP/2 connection gets. A dropped
+/// sender means the connect failed: the waiter connects on its own.
+pub(crate) enum Handoff {
+    /// A stream on the new connection.
+    Stream(H2Stream),
+    /// The new connection is already at the server's stream limit: check out
+    /// again (and open yet another one).
+    Full,
 }
 
 struct Idle {
@@ -82,21 +56,34 @@ struct SharedH2 {
     last_used: Instant,
 }
 
+impl SharedH2 {
+    /// Closed, or unused for the idle timeout.
+    fn is_expired(&self, now: Instant, idle_timeout: Duration) -> bool {
+        self.conn.sender.is_closed()
+            || (self.conn.streams.is_idle()
+                && now.saturating_duration_since(self.last_used) >= idle_timeout)
+    }
+}
+
 #[derive(Default)]
 struct HostPool {
     idle: Vec<Idle>,
-    h2: Option<SharedH2>,
-    /// `Some` while a leader opens the HTTP/2 connection.
-    h2_waiters: Option<Vec<oneshot::Sender<H2Conn>>>,
+    /// Shared HTTP/2 connections; another is opened only when every one is
+    /// at the server's concurrent-stream limit.
+    h2: Vec<SharedH2>,
+    /// `Some` while a leader opens an HTTP/2 connection.
+    h2_waiters: Option<Vec<oneshot::Sender<Handoff>>>,
     /// The origin spoke HTTP/2 last time.
     speaks_h2: bool,
+    /// The concurrent-stream limit its HTTP/2 connections last announced.
+    h2_max_streams: Option<usize>,
     last_used: u64,
 }
 
 struct PoolInner {
     // Keys are the application's own upstreams, bounded by
     // `connection_pool_size`: a fast non-keyed hash is enough.
-    hosts: FxHashMap<PoolKey, HostPool>,
+    hosts: FxHashMap<Origin, HostPool>,
     tick: u64,
 }
 
@@ -105,7 +92,8 @@ struct PoolInner {
 pub struct PoolStats {
     /// Host pools kept (at most `connection_pool_size`).
     pub hosts: usize,
-    /// Idle HTTP/1.1 connections plus pooled HTTP/2 connections.
+    /// Idle HTTP/1.1 connections plus pooled HTTP/2 connections (busy or
+    /// not).
     pub idle_connections: usize,
     /// Connections whose driver task is still running (pooled or in use).
     pub open_connections: usize,
@@ -118,11 +106,10 @@ pub(crate) struct Pool {
     max_idle_per_host: usize,
     idle_timeout: Duration,
     max_requests: Option<u32>,
-    next_id: AtomicU64,
     sweeper_running: AtomicBool,
     /// Open connections (incremented at handshake, decremented when the
     /// driver task ends).
-    pub(crate) open: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
 }
 
 impl Pool {
@@ -131,6 +118,7 @@ impl Pool {
         max_idle_per_host: usize,
         idle_timeout: Duration,
         max_requests: Option<u32>,
+        open: Arc<AtomicUsize>,
     ) -> Self {
         Pool {
             inner: Mutex::new(PoolInner {
@@ -141,9 +129,8 @@ impl Pool {
             max_idle_per_host,
             idle_timeout,
             max_requests,
-            next_id: AtomicU64::new(1),
             sweeper_running: AtomicBool::new(false),
-            open: Arc::new(AtomicUsize::new(0)),
+            open,
         }
     }
 
@@ -154,13 +141,9 @@ impl Pool {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub(crate) fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
     /// Finds or opens the way to a connection for `key`. `h2_possible` says
     /// whether this origin could speak HTTP/2 (TLS with ALPN, or h2c).
-    pub(crate) fn checkout(&self, key: &PoolKey, h2_possible: bool, h2_known: bool) -> Checkout {
+    pub(crate) fn checkout(&self, key: &Origin, h2_possible: bool, h2_known: bool) -> Checkout {
         let now = Instant::now();
         let mut inner = self.lock();
         inner.tick += 1;
@@ -176,20 +159,27 @@ impl Pool {
         };
         host.last_used = tick;
 
-        if let Some(shared) = &mut host.h2 {
-            if shared.conn.sender.is_closed()
-                || now.saturating_duration_since(shared.last_used) >= self.idle_timeout
-            {
-                host.h2 = None;
-            } else {
-                shared.requests += 1;
-                shared.last_used = now;
-                let conn = shared.conn.clone();
-                if self.max_requests.is_some_and(|max| shared.requests >= max) {
-                    host.h2 = None;
-                }
-                return Checkout::H2(conn);
+        let mut all_full = false;
+        let mut i = 0;
+        while i < host.h2.len() {
+            let shared = &mut host.h2[i];
+            if shared.is_expired(now, self.idle_timeout) {
+                host.h2.swap_remove(i);
+                continue;
             }
+            host.h2_max_streams = Some(shared.conn.streams.max());
+            if !shared.conn.streams.has_room() {
+                all_full = true;
+                i += 1;
+                continue;
+            }
+            shared.requests += 1;
+            shared.last_used = now;
+            let stream = shared.conn.stream();
+            if self.max_requests.is_some_and(|max| shared.requests >= max) {
+                host.h2.swap_remove(i);
+            }
+            return Checkout::H2(stream);
         }
 
         while let Some(idle) = host.idle.pop() {
@@ -201,7 +191,7 @@ impl Pool {
             return Checkout::H1(idle.conn);
         }
 
-        if h2_possible && (h2_known || host.speaks_h2) {
+        if h2_possible && (h2_known || host.speaks_h2 || all_full) {
             if let Some(waiters) = &mut host.h2_waiters {
                 let (tx, rx) = oneshot::channel();
                 waiters.push(tx);
@@ -213,8 +203,20 @@ impl Pool {
         Checkout::Connect { leader: false }
     }
 
+    /// How many streams a new HTTP/2 connection to `key` should count on
+    /// before its server says: what the origin's connections announced, or
+    /// the default.
+    pub(crate) fn h2_streams_hint(&self, key: &Origin) -> usize {
+        let inner = self.lock();
+        inner
+            .hosts
+            .get(key)
+            .and_then(|host| host.h2_max_streams)
+            .unwrap_or(DEFAULT_MAX_STREAMS)
+    }
+
     /// Returns an HTTP/1.1 connection after a fully read response.
-    pub(crate) fn checkin(&self, key: &PoolKey, conn: H1Conn) {
+    pub(crate) fn checkin(&self, key: &Origin, conn: H1Conn) {
         if self.max_requests.is_some_and(|max| conn.requests >= max) || conn.sender.is_closed() {
             return;
         }
@@ -228,36 +230,46 @@ impl Pool {
         // else: the host pool was evicted meanwhile; the connection closes.
     }
 
-    /// Shares a new HTTP/2 connection (unless a live one is already shared)
-    /// and hands it to the requests waiting for it. Counts one request.
-    pub(crate) fn h2_ready(&self, key: &PoolKey, conn: &H2Conn) {
+    /// Shares a new HTTP/2 connection, hands streams on it to the requests
+    /// waiting for one (those beyond the server's limit are told to look
+    /// again), and returns the caller's own stream.
+    pub(crate) fn h2_ready(&self, key: &Origin, conn: &H2Conn) -> H2Stream {
         let now = Instant::now();
-        let waiters = {
+        let own = conn.stream();
+        let mut handoffs = Vec::new();
+        {
             let mut inner = self.lock();
             let Some(host) = inner.hosts.get_mut(key) else {
-                return;
+                return own;
             };
             host.speaks_h2 = true;
             let waiters = host.h2_waiters.take().unwrap_or_default();
-            let shared_alive = host.h2.as_ref().is_some_and(|s| !s.conn.sender.is_closed());
-            let requests = 1 + waiters.len() as u32;
-            if !shared_alive && self.max_requests.is_none_or(|max| requests < max) {
-                host.h2 = Some(SharedH2 {
+            let mut requests = 1;
+            for waiter in waiters {
+                if conn.streams.has_room() && self.max_requests.is_none_or(|max| requests < max) {
+                    requests += 1;
+                    handoffs.push((waiter, Handoff::Stream(conn.stream())));
+                } else {
+                    handoffs.push((waiter, Handoff::Full));
+                }
+            }
+            if self.max_requests.is_none_or(|max| requests < max) {
+                host.h2.push(SharedH2 {
                     conn: conn.clone(),
                     requests,
                     last_used: now,
                 });
             }
-            waiters
-        };
-        for waiter in waiters {
-            let _ = waiter.send(conn.clone());
         }
+        for (waiter, handoff) in handoffs {
+            let _ = waiter.send(handoff);
+        }
+        own
     }
 
     /// The leader's HTTP/2 connect failed or turned out HTTP/1.1: release the
     /// waiters (they open connections of their own).
-    pub(crate) fn h2_abandon(&self, key: &PoolKey, speaks_h2: bool) {
+    pub(crate) fn h2_abandon(&self, key: &Origin, speaks_h2: bool) {
         let mut inner = self.lock();
         if let Some(host) = inner.hosts.get_mut(key) {
             host.h2_waiters = None;
@@ -269,7 +281,7 @@ impl Pool {
 
     /// Marks that the origin answered with HTTP/1.1 (ALPN) so later requests
     /// do not wait for an HTTP/2 connection.
-    pub(crate) fn note_h1(&self, key: &PoolKey) {
+    pub(crate) fn note_h1(&self, key: &Origin) {
         let mut inner = self.lock();
         if let Some(host) = inner.hosts.get_mut(key) {
             host.speaks_h2 = false;
@@ -277,12 +289,10 @@ impl Pool {
     }
 
     /// Stops sharing a failed HTTP/2 connection.
-    pub(crate) fn retire_h2(&self, key: &PoolKey, id: u64) {
+    pub(crate) fn retire_h2(&self, key: &Origin, id: u64) {
         let mut inner = self.lock();
         if let Some(host) = inner.hosts.get_mut(key) {
-            if host.h2.as_ref().is_some_and(|s| s.conn.id == id) {
-                host.h2 = None;
-            }
+            host.h2.retain(|s| s.conn.id() != id);
         }
     }
 
@@ -309,12 +319,7 @@ impl Pool {
                     // Keep the most recently returned connection last.
                     host.idle.sort_unstable_by_key(|idle| idle.since);
                 }
-                if host.h2.as_ref().is_some_and(|s| {
-                    s.conn.sender.is_closed()
-                        || now.saturating_duration_since(s.last_used) >= self.idle_timeout
-                }) {
-                    host.h2 = None;
-                }
+                host.h2.retain(|s| !s.is_expired(now, self.idle_timeout));
             }
         }
         drop(expired);
@@ -327,7 +332,7 @@ impl Pool {
             idle_connections: inner
                 .hosts
                 .values()
-                .map(|h| h.idle.len() + usize::from(h.h2.is_some()))
+                .map(|h| h.idle.len() + h.h2.len())
                 .sum(),
             open_connections: self.open.load(Ordering::Relaxed),
         }
@@ -376,7 +381,7 @@ async fn sweep_loop(pool: Weak<Pool>, period: Duration) {
     }
 }
 
-fn evict_lru(hosts: &mut FxHashMap<PoolKey, HostPool>) {
+fn evict_lru(hosts: &mut FxHashMap<Origin, HostPool>) {
     let oldest = hosts
         .iter()
         .min_by_key(|(_, host)| host.last_used)
@@ -389,7 +394,7 @@ fn evict_lru(hosts: &mut FxHashMap<PoolKey, HostPool>) {
 /// Releases the HTTP/2 waiters if the leader's connect is dropped or fails.
 pub(crate) struct LeaderGuard<'a> {
     pub(crate) pool: &'a Pool,
-    pub(crate) key: &'a PoolKey,
+    pub(crate) key: &'a Origin,
     pub(crate) armed: bool,
 }
 

@@ -1,17 +1,14 @@
-//! HTTP proxies: [`ProxyConfig`], the environment variables, `NO_PROXY`
-//! matching and the `CONNECT` tunnel.
+//! HTTP proxies: [`ProxyConfig`], the proxy environment variables and the
+//! choice of a proxy per request (the tunnel is in `tunnel`, `NO_PROXY`
+//! matching in `no_proxy`).
 
 use std::{fmt, sync::Arc};
 
 use base64::Engine as _;
 use http::HeaderValue;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use url::Url;
 
-use super::{
-    connect::Stream,
-    error::{ClientConfigError, ErrorType, Phase, TransportError},
-};
+use super::{error::ClientConfigError, no_proxy::NoProxy};
 
 /// An HTTP proxy: `http://` or `https://` (TLS to the proxy), with optional
 /// basic credentials taken from the URL (`http://user:pass@proxy:3128`) or
@@ -88,8 +85,10 @@ impl ProxyConfig {
     }
 
     /// Hosts that bypass this proxy, in `NO_PROXY` syntax: comma-separated
-    /// host names (matching the host and its subdomains), IP addresses, or
-    /// `*` for all.
+    /// domains (`example.com` or `.example.com`, matching the host and its
+    /// subdomains), IP addresses (`10.0.0.1`, `::1`), CIDR blocks
+    /// (`10.0.0.0/8`, `::1/128`), or `*` for all; a `:port` suffix is
+    /// ignored, and so are invalid entries. Default: none.
     #[must_use]
     pub fn no_proxy(mut self, list: &str) -> Self {
         self.no_proxy = NoProxy::parse(list);
@@ -112,7 +111,6 @@ impl ProxyConfig {
             https: self.url.scheme() == "https",
             authority: format!("{}:{port}", self.url.host_str().unwrap_or_default()),
             host,
-            port,
             auth: self.auth.clone(),
         }
     }
@@ -149,58 +147,13 @@ fn basic(user: &str, password: &str) -> Result<HeaderValue, ()> {
     Ok(value)
 }
 
-/// A `NO_PROXY` list.
-#[derive(Clone, Debug, Default)]
-struct NoProxy {
-    all: bool,
-    entries: Vec<String>,
-}
-
-impl NoProxy {
-    fn parse(list: &str) -> Self {
-        let mut no_proxy = NoProxy::default();
-        for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            if entry == "*" {
-                no_proxy.all = true;
-                continue;
-            }
-            let entry = entry.to_ascii_lowercase();
-            // Drop a port (`host:8080`), but keep IPv6 literals intact.
-            let entry = match entry.rsplit_once(':') {
-                Some((host, port))
-                    if !host.contains(':') && port.chars().all(|c| c.is_ascii_digit()) =>
-                {
-                    host.to_owned()
-                }
-                _ => entry,
-            };
-            let entry = entry.trim_start_matches("*.").trim_start_matches('.');
-            let entry = entry.trim_start_matches('[').trim_end_matches(']');
-            no_proxy.entries.push(entry.to_owned());
-        }
-        no_proxy
-    }
-
-    fn matches(&self, host: &str) -> bool {
-        if self.all {
-            return true;
-        }
-        self.entries.iter().any(|entry| {
-            host.eq_ignore_ascii_case(entry)
-                || (host.len() > entry.len()
-                    && host.as_bytes()[host.len() - entry.len() - 1] == b'.'
-                    && host[host.len() - entry.len()..].eq_ignore_ascii_case(entry))
-        })
-    }
-}
-
 /// A resolved proxy to connect through.
 #[derive(Debug)]
 pub(crate) struct ProxyEndpoint {
     pub(crate) https: bool,
+    /// The host without IPv6 brackets (the TLS server name).
     pub(crate) host: String,
-    pub(crate) port: u16,
-    /// `host:port`, for messages and the pool.
+    /// `host:port` (IPv6 in brackets), to connect to and for messages.
     pub(crate) authority: String,
     pub(crate) auth: Option<HeaderValue>,
 }
@@ -227,20 +180,45 @@ impl Proxies {
         if !from_env {
             return Ok(Proxies::default());
         }
-        let no_proxy = NoProxy::parse(&env_var("no_proxy").unwrap_or_default());
-        let load =
-            |name: &str| -> Result<Option<(Arc<ProxyEndpoint>, NoProxy)>, ClientConfigError> {
-                match env_var(name).filter(|v| !v.trim().is_empty()) {
-                    Some(value) => {
-                        let config = ProxyConfig::parse(&value, "proxy_from_env")?;
-                        Ok(Some((Arc::new(config.endpoint()), no_proxy.clone())))
-                    }
-                    None => Ok(None),
+        Proxies::from_env(|name| std::env::var(name).ok())
+    }
+
+    /// The proxies the environment asks for, `var` reading one variable:
+    /// `http_proxy` (or `HTTP_PROXY`), `https_proxy` (or `HTTPS_PROXY`) and
+    /// `no_proxy` (or `NO_PROXY`), the lower-case form first, as curl reads
+    /// them; empty values count as unset. When `REQUEST_METHOD` is set the
+    /// program runs as a CGI script, where `HTTP_PROXY` holds the request's
+    /// `Proxy` header: it is then ignored ("httpoxy"), as curl and reqwest
+    /// do.
+    fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Self, ClientConfigError> {
+        let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        let cgi = var("REQUEST_METHOD").is_some();
+        let http = var("http_proxy").or_else(|| {
+            let upper = var("HTTP_PROXY");
+            if cgi && upper.is_some() {
+                tracing::warn!("ignoring HTTP_PROXY: REQUEST_METHOD is set (CGI)");
+                return None;
+            }
+            upper
+        });
+        let https = var("https_proxy").or_else(|| var("HTTPS_PROXY"));
+        let no_proxy = NoProxy::parse(
+            &var("no_proxy")
+                .or_else(|| var("NO_PROXY"))
+                .unwrap_or_default(),
+        );
+        let load = |value: Option<String>| -> Result<_, ClientConfigError> {
+            match value {
+                Some(value) => {
+                    let config = ProxyConfig::parse(&value, "proxy_from_env")?;
+                    Ok(Some((Arc::new(config.endpoint()), no_proxy.clone())))
                 }
-            };
+                None => Ok(None),
+            }
+        };
         Ok(Proxies {
-            http: load("http_proxy")?,
-            https: load("https_proxy")?,
+            http: load(http)?,
+            https: load(https)?,
         })
     }
 
@@ -255,114 +233,86 @@ impl Proxies {
     }
 }
 
-/// Lower-case form first (as curl does), then upper case.
-fn env_var(lower: &str) -> Option<String> {
-    std::env::var(lower)
-        .ok()
-        .or_else(|| std::env::var(lower.to_ascii_uppercase()).ok())
-}
-
-/// Opens a `CONNECT` tunnel to `target` (`host:port`) through an established
-/// connection to the proxy.
-pub(crate) async fn tunnel(
-    mut stream: Stream,
-    proxy: &ProxyEndpoint,
-    target: &str,
-) -> Result<Stream, TransportError> {
-    let mut request = Vec::with_capacity(128);
-    request.extend_from_slice(b"CONNECT ");
-    request.extend_from_slice(target.as_bytes());
-    request.extend_from_slice(b" HTTP/1.1\r\nHost: ");
-    request.extend_from_slice(target.as_bytes());
-    request.extend_from_slice(b"\r\n");
-    if let Some(auth) = &proxy.auth {
-        request.extend_from_slice(b"Proxy-Authorization: ");
-        request.extend_from_slice(auth.as_bytes());
-        request.extend_from_slice(b"\r\n");
-    }
-    request.extend_from_slice(b"\r\n");
-    let io_err = |e| TransportError::from_io(e, &proxy.authority, Phase::Connect);
-    stream.write_all(&request).await.map_err(io_err)?;
-    stream.flush().await.map_err(io_err)?;
-
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 512];
-    loop {
-        let n = stream.read(&mut chunk).await.map_err(io_err)?;
-        if n == 0 {
-            return Err(proxy_error(
-                proxy,
-                target,
-                "the proxy closed the connection during CONNECT",
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
-        }
-        if buf.len() > 16 * 1024 {
-            return Err(proxy_error(
-                proxy,
-                target,
-                "the CONNECT response head is too large",
-            ));
-        }
-    }
-    let status = std::str::from_utf8(&buf)
-        .ok()
-        .and_then(|head| head.split("\r\n").next())
-        .and_then(|line| {
-            let mut parts = line.split(' ');
-            let version = parts.next()?;
-            let code = parts.next()?.parse::<u16>().ok()?;
-            version.starts_with("HTTP/1.").then_some(code)
-        });
-    match status {
-        Some(code) if (200..300).contains(&code) => Ok(stream),
-        Some(407) => Err(TransportError::new(
-            ErrorType::Connection,
-            "ProxyAuthenticationRequired",
-            format!(
-                "proxy {} requires authentication (407) for CONNECT to {target}",
-                proxy.authority
-            ),
-        )),
-        Some(code) => Err(proxy_error(
-            proxy,
-            target,
-            &format!("the proxy answered CONNECT with status {code}"),
-        )),
-        None => Err(proxy_error(
-            proxy,
-            target,
-            "the proxy sent a malformed CONNECT response",
-        )),
-    }
-}
-
-fn proxy_error(proxy: &ProxyEndpoint, target: &str, what: &str) -> TransportError {
-    TransportError::new(
-        ErrorType::Connection,
-        "ProxyError",
-        format!("{what} (proxy {}, target {target})", proxy.authority),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    fn proxy_for(proxies: &Proxies, https: bool, host: &str) -> Option<String> {
+        proxies.for_target(https, host).map(|p| p.authority.clone())
+    }
+
     #[test]
-    fn no_proxy_matching() {
-        let list = NoProxy::parse("localhost, .internal.example, 10.0.0.1, foo.com:8080");
-        assert!(list.matches("localhost"));
-        assert!(list.matches("a.internal.example"));
-        assert!(list.matches("internal.example"));
-        assert!(!list.matches("xinternal.example"));
-        assert!(list.matches("10.0.0.1"));
-        assert!(list.matches("foo.com"));
-        assert!(!list.matches("example.com"));
-        assert!(NoProxy::parse("*").matches("anything"));
+    fn environment_variables_choose_the_proxies() {
+        let proxies = Proxies::from_env(env(&[
+            ("http_proxy", "http://lower:3128"),
+            ("HTTP_PROXY", "http://upper:3128"),
+            ("HTTPS_PROXY", "secure:8443"),
+            ("NO_PROXY", "10.0.0.0/8, .internal.test, ::1/128"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            proxy_for(&proxies, false, "example.com").as_deref(),
+            Some("lower:3128")
+        );
+        assert_eq!(
+            proxy_for(&proxies, true, "example.com").as_deref(),
+            Some("secure:8443")
+        );
+        assert_eq!(proxy_for(&proxies, false, "10.1.2.3"), None);
+        assert_eq!(proxy_for(&proxies, true, "api.internal.test"), None);
+        assert_eq!(proxy_for(&proxies, true, "::1"), None);
+        assert!(proxy_for(&proxies, true, "11.1.2.3").is_some());
+
+        // Upper case when there is no lower-case form; empty values are unset.
+        let proxies = Proxies::from_env(env(&[
+            ("http_proxy", " "),
+            ("HTTP_PROXY", "http://upper:3128"),
+            ("no_proxy", "*"),
+        ]))
+        .unwrap();
+        assert!(proxies.http.is_some());
+        assert_eq!(proxy_for(&proxies, false, "example.com"), None);
+
+        let none = Proxies::from_env(env(&[])).unwrap();
+        assert!(none.http.is_none() && none.https.is_none());
+        let err = Proxies::from_env(env(&[("https_proxy", "socks5://x:1")])).unwrap_err();
+        assert_eq!(err.field(), "proxy_from_env");
+    }
+
+    #[test]
+    fn cgi_ignores_upper_case_http_proxy() {
+        let cgi = Proxies::from_env(env(&[
+            ("REQUEST_METHOD", "GET"),
+            ("HTTP_PROXY", "http://attacker:8080"),
+            ("HTTPS_PROXY", "http://secure:3128"),
+        ]))
+        .unwrap();
+        assert!(cgi.http.is_none());
+        assert_eq!(
+            proxy_for(&cgi, true, "example.com").as_deref(),
+            Some("secure:3128")
+        );
+        // The lower-case form is not a request header: still honoured.
+        let lower = Proxies::from_env(env(&[
+            ("REQUEST_METHOD", "GET"),
+            ("http_proxy", "http://chosen:3128"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            proxy_for(&lower, false, "example.com").as_deref(),
+            Some("chosen:3128")
+        );
+        // Without REQUEST_METHOD, HTTP_PROXY counts.
+        let plain = Proxies::from_env(env(&[("HTTP_PROXY", "http://upper:3128")])).unwrap();
+        assert!(plain.http.is_some());
     }
 
     #[test]

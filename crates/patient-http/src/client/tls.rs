@@ -1,15 +1,16 @@
-//! rustls client configuration: webpki roots plus extra PEM roots, client
-//! certificates and ALPN.
+//! TLS: the rustls client configuration (webpki roots plus extra PEM roots,
+//! client certificates, ALPN) and the handshake.
 
 use std::sync::Arc;
 
 use rustls::RootCertStore;
-use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
 use tokio_rustls::TlsConnector;
 
 use super::{
     config::{ClientConfig, HttpVersionPref},
-    error::ClientConfigError,
+    error::{ClientConfigError, ErrorType, Phase, TransportError},
+    stream::Stream,
 };
 
 /// The TLS connectors of a client.
@@ -82,4 +83,45 @@ pub(crate) fn build(config: &ClientConfig) -> Result<TlsConnectors, ClientConfig
         target: TlsConnector::from(Arc::new(target)),
         proxy: TlsConnector::from(Arc::new(proxy)),
     })
+}
+
+/// Performs the TLS handshake with `host` over `stream`.
+pub(crate) async fn handshake(
+    connector: &TlsConnector,
+    stream: Stream,
+    host: &str,
+    authority: &str,
+) -> Result<Stream, TransportError> {
+    let name = ServerName::try_from(host.to_owned()).map_err(|e| {
+        TransportError::new(
+            ErrorType::Ssl,
+            "TlsError",
+            format!("invalid TLS server name {host}: {e}"),
+        )
+        .with_source(e)
+    })?;
+    let tls = connector.connect(name, stream).await.map_err(|e| {
+        let mut err = TransportError::from_io(e, authority, Phase::Connect);
+        if err.class_name() != "TlsError" && !err.is_timeout() {
+            // A connection lost mid-handshake is still a connection error,
+            // but say where it happened.
+            err = TransportError::new(
+                err.kind(),
+                lost_class(&err),
+                format!("TLS handshake failed: {}", err.message()),
+            )
+            .with_source(err);
+        }
+        err
+    })?;
+    Ok(Stream::Tls(Box::new(tls)))
+}
+
+fn lost_class(err: &TransportError) -> &'static str {
+    match err.class_name() {
+        "ConnectionReset" => "ConnectionReset",
+        "ConnectionRefused" => "ConnectionRefused",
+        "ConnectionAborted" => "ConnectionAborted",
+        _ => "ConnectionClosed",
+    }
 }

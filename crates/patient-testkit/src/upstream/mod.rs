@@ -2,6 +2,7 @@
 //!
 //! See [`Upstream`] for the routes and [`UpstreamOptions`] for the knobs.
 
+mod feed;
 mod routes;
 
 use std::{
@@ -23,7 +24,10 @@ use hyper_util::{
 use tokio::{net::TcpStream, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
 
-pub use self::routes::{CHARSET_TEXT, COMPRESSED_TEXT};
+pub use self::{
+    feed::BodyFeed,
+    routes::{CHARSET_TEXT, COMPRESSED_TEXT},
+};
 use crate::{fault, listener, Fault, TestCert};
 
 /// Which HTTP versions the main listener accepts.
@@ -42,6 +46,7 @@ pub struct UpstreamOptions {
     fault_listen: SocketAddr,
     tls: Option<TestCert>,
     protocols: Protocols,
+    http2_max_concurrent_streams: u32,
 }
 
 impl Default for UpstreamOptions {
@@ -51,6 +56,7 @@ impl Default for UpstreamOptions {
             fault_listen: listener::loopback(),
             tls: None,
             protocols: Protocols::Auto,
+            http2_max_concurrent_streams: 10_000,
         }
     }
 }
@@ -92,6 +98,14 @@ impl UpstreamOptions {
         self.protocols = Protocols::Http2Only;
         self
     }
+
+    /// The `SETTINGS_MAX_CONCURRENT_STREAMS` announced on HTTP/2
+    /// connections: streams beyond it wait in the client (or are refused).
+    /// Default 10 000.
+    pub fn http2_max_concurrent_streams(mut self, max: u32) -> Self {
+        self.http2_max_concurrent_streams = max;
+        self
+    }
 }
 
 /// Counters shared between the accept loop, the connections and the handle.
@@ -103,6 +117,8 @@ struct Stats {
     by_path: Mutex<HashMap<String, u64>>,
     /// Per-key request counters of `/sequence`.
     sequences: routes::Sequences,
+    /// Bodies of `/feed` registered by the test.
+    feeds: feed::Feeds,
 }
 
 impl Stats {
@@ -154,6 +170,8 @@ impl Drop for OpenGuard {
 /// | `/headers?n=N&size=S` | N response headers `x-header-{i}` (i in `0..N`) with S-byte values (default 16) |
 /// | `/set?name=value&…` | `200 ok` with every query pair as a response header |
 /// | `/sequence?key=K&steps=503,503,200&delays=0,0,5&retry_after=S&x_do_not_retry=1` | the n-th request (from 0) for key K answers `steps[n]` after `delays[n]` ms (the last step and the last delay repeat; steps default `200`, delays `0`); non-2xx steps carry `Retry-After: S` when given and `X-Do-Not-Retry: 1` with `x_do_not_retry=1`; body `{"key","n","status","headers"}`, where `headers` echoes `x-request-timeout`, `x-request-priority`, `idempotency-key` and `x-request-id` when sent |
+/// | `/feed?key=K&name=value&…` | `200` with every pair but `key` as a header; the body is written by the test through the [`BodyFeed`] that [`Upstream::feed`] registered for K (data frames, then optionally trailers); `404` for an unregistered key |
+/// | `/mirror` | the request body sent back frame by frame as it arrives (trailers included), with the request's `content-type` (default `application/octet-stream`) |
 /// | `/bimodal?slow_pct=5&slow_ms=1000&fast_ms=5` | each request is slow with probability `slow_pct` % (waits `slow_ms` ms), otherwise fast (`fast_ms` ms); body and header `x-latency-mode` are `slow` or `fast` |
 ///
 /// `/echo` answers with any method:
@@ -211,7 +229,9 @@ impl Upstream {
                 &[b"h2"]
             }
         };
-        builder.http2().max_concurrent_streams(Some(10_000));
+        builder
+            .http2()
+            .max_concurrent_streams(Some(options.http2_max_concurrent_streams));
         let tls = match &options.tls {
             Some(cert) => Some(TlsAcceptor::from(Arc::new(cert.server_config(alpn)?))),
             None => None,
@@ -283,6 +303,15 @@ impl Upstream {
         by_path.get(path).copied().unwrap_or(0)
     }
 
+    /// Registers the body of the next `/feed?key={key}` request: the
+    /// response head goes out at once (status 200, every query parameter but
+    /// `key` as a response header, e.g. `content-type=text/event-stream`),
+    /// the body is what the returned [`BodyFeed`] sends. A `/feed` request
+    /// for a key that is not registered gets `404`.
+    pub fn feed(&self, key: &str) -> BodyFeed {
+        self.stats.feeds.register(key)
+    }
+
     /// Requests `/sequence` has received for `key` so far.
     pub fn sequence_count(&self, key: &str) -> usize {
         self.stats.sequences.count(key)
@@ -311,7 +340,7 @@ async fn serve_connection(
         let stats = stats.clone();
         async move {
             stats.record_request(request.uri().path());
-            Ok::<_, Infallible>(routes::handle(request, id, &stats.sequences).await)
+            Ok::<_, Infallible>(routes::handle(request, id, &stats.sequences, &stats.feeds).await)
         }
     });
     match tls {

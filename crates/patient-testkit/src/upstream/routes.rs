@@ -11,11 +11,13 @@ use std::{
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
+use super::feed::Feeds;
 use crate::body::Body;
 
 /// The text served (before compression) by `/compressed`.
@@ -89,19 +91,25 @@ pub(super) async fn handle(
     request: Request<Incoming>,
     conn: u64,
     sequences: &Sequences,
+    feeds: &Feeds,
 ) -> Response<Body> {
     // The hot benchmark path: no query parsing, no allocation beyond hyper's.
     if request.uri().path() == "/fast" {
         return text(StatusCode::OK, "ok");
     }
-    route(request, conn, sequences)
+    route(request, conn, sequences, feeds)
         .await
         .unwrap_or_else(|message| text(StatusCode::BAD_REQUEST, message))
 }
 
 type Outcome = Result<Response<Body>, String>;
 
-async fn route(request: Request<Incoming>, conn: u64, sequences: &Sequences) -> Outcome {
+async fn route(
+    request: Request<Incoming>,
+    conn: u64,
+    sequences: &Sequences,
+    feeds: &Feeds,
+) -> Outcome {
     let query = Query::from_uri(request.uri().query());
     let path = request.uri().path().to_owned();
     match path.as_str() {
@@ -112,6 +120,8 @@ async fn route(request: Request<Incoming>, conn: u64, sequences: &Sequences) -> 
         }
         "/bytes" => bytes(&query),
         "/sse" => sse(&query),
+        "/feed" => feed(&query, feeds),
+        "/mirror" => Ok(mirror(request)),
         "/redirect-to" => {
             let url = query.get("url").ok_or("missing url parameter")?;
             redirect(&query, url)
@@ -246,7 +256,7 @@ fn sse(query: &Query) -> Outcome {
                 tokio::time::sleep(interval).await;
             }
             if tx
-                .send(Bytes::from(format!("data: event {i}\n\n")))
+                .send(Frame::data(Bytes::from(format!("data: event {i}\n\n"))))
                 .await
                 .is_err()
             {
@@ -262,6 +272,34 @@ fn sse(query: &Query) -> Outcome {
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(response)
+}
+
+fn feed(query: &Query, feeds: &Feeds) -> Outcome {
+    let key = query.get("key").ok_or("missing key parameter")?;
+    let Some(rx) = feeds.take(key) else {
+        return Ok(text(
+            StatusCode::NOT_FOUND,
+            format!("no feed registered for key {key:?}"),
+        ));
+    };
+    let mut response = Response::new(Body::Channel(rx));
+    let headers = response.headers_mut();
+    for (name, value) in query.pairs.iter().filter(|(name, _)| name != "key") {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("invalid header name {name:?}"))?;
+        headers.append(name, header_value(value)?);
+    }
+    Ok(response)
+}
+
+fn mirror(request: Request<Incoming>) -> Response<Body> {
+    let content_type = request.headers().get(header::CONTENT_TYPE).cloned();
+    let mut response = Response::new(Body::Mirror(request.into_body()));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        content_type.unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    response
 }
 
 fn status(code: &str, query: &Query) -> Outcome {
