@@ -15,12 +15,13 @@ use url::Url;
 
 use crate::{
     client::OutgoingRequest,
-    engine::{saturating_after, Engine},
+    engine::Engine,
     interceptor::{InterceptContext, ResponseParts},
     metrics::UpstreamMetrics,
     observer::{RequestEnd, RequestStart},
     preprocess::PreparedRequest,
     propagation::propagation_headers,
+    time::saturating_after,
     Task,
 };
 

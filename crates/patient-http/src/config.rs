@@ -182,7 +182,7 @@ impl ConfigBuilder {
     /// Connect timeout, apart from the request timeout (default none: the
     /// request timeout applies).
     pub fn connection_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.config.client.connect_timeout = timeout;
+        self.config.client.connection_timeout = timeout;
         self
     }
 

@@ -218,7 +218,7 @@ impl AwaitableClient {
 fn instant_of(at: SystemTime) -> Instant {
     let now = Instant::now();
     match at.duration_since(SystemTime::now()) {
-        Ok(ahead) => crate::engine::saturating_after(now, ahead),
+        Ok(ahead) => crate::time::saturating_after(now, ahead),
         Err(_) => now,
     }
 }

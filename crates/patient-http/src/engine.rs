@@ -145,16 +145,3 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
         "a panic without a message".to_owned()
     }
 }
-
-/// `base + d`, or `None` when that is beyond what the clock can represent.
-pub(crate) fn checked_after(base: Instant, d: std::time::Duration) -> Option<Instant> {
-    base.checked_add(d)
-}
-
-/// `base + d`, saturating at a point far enough away to mean "never".
-pub(crate) fn saturating_after(base: Instant, d: std::time::Duration) -> Instant {
-    const FAR: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
-    base.checked_add(d.min(FAR))
-        .or_else(|| base.checked_add(std::time::Duration::from_secs(365 * 24 * 3600)))
-        .unwrap_or(base)
-}

@@ -63,6 +63,7 @@ pub mod retry;
 mod secret;
 mod strategy;
 mod task;
+mod time;
 mod upstream;
 
 pub use awaitable::AwaitableClient;

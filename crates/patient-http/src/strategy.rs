@@ -27,10 +27,11 @@ use tokio::time::Instant;
 use crate::{
     attempt::{AttemptPlan, AttemptResult},
     breaker::BreakerPermit,
-    engine::{checked_after, Engine},
+    engine::Engine,
     limit::{LimitBusy, LimitPermit},
     resilience::{upstream_key_ref, Fallback, HedgeDelay, UpstreamPolicy},
     retry::{AttemptOutcome, RetryDelay, RetryPolicy},
+    time::checked_after,
     upstream::UpstreamState,
     Task,
 };

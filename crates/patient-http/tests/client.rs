@@ -531,7 +531,7 @@ async fn connect_timeout_is_separate_from_the_request_timeout() {
     });
     let client = client(
         ClientConfig::default()
-            .connect_timeout(Some(Duration::from_millis(100)))
+            .connection_timeout(Some(Duration::from_millis(100)))
             .request_timeout(Duration::from_secs(10)),
     );
     let started = std::time::Instant::now();
@@ -789,8 +789,8 @@ fn invalid_config_names_the_field() {
             "request_timeout",
         ),
         (
-            ClientConfig::default().connect_timeout(Some(Duration::ZERO)),
-            "connect_timeout",
+            ClientConfig::default().connection_timeout(Some(Duration::ZERO)),
+            "connection_timeout",
         ),
         (
             ClientConfig::default().max_requests_per_connection(Some(0)),

@@ -767,7 +767,7 @@ fn invalid_configuration_names_the_field() {
     assert!(!d.raise_error_responses());
     assert_eq!(d.max_redirects(), 5);
     assert_eq!(d.client().connection_pool_size, 100);
-    assert_eq!(d.client().connect_timeout, None);
+    assert_eq!(d.client().connection_timeout, None);
     assert!(d.client().proxy.is_none());
     assert_eq!(d.client().retries, 3);
     assert_eq!(d.payload_store_threshold(), 64 * 1024);

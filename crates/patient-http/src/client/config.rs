@@ -38,7 +38,7 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// Timeout of establishing a connection (TCP, proxy tunnel, TLS).
     /// Default `None`: only the request timeout applies.
-    pub connect_timeout: Option<Duration>,
+    pub connection_timeout: Option<Duration>,
     /// Idle time of a TCP connection before keepalive probes are sent
     /// (`SO_KEEPALIVE`), so a dead peer is noticed on a connection waiting
     /// for a slow response. Default 15 s; `None` turns keepalive off.
@@ -97,7 +97,7 @@ impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
             request_timeout: Duration::from_secs(60),
-            connect_timeout: None,
+            connection_timeout: None,
             tcp_keepalive: Some(Duration::from_secs(15)),
             stall_timeout: None,
             max_response_size: 1024 * 1024,
@@ -122,7 +122,7 @@ impl fmt::Debug for ClientConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientConfig")
             .field("request_timeout", &self.request_timeout)
-            .field("connect_timeout", &self.connect_timeout)
+            .field("connection_timeout", &self.connection_timeout)
             .field("tcp_keepalive", &self.tcp_keepalive)
             .field("stall_timeout", &self.stall_timeout)
             .field("max_response_size", &self.max_response_size)
@@ -170,8 +170,8 @@ impl ClientConfig {
         request_timeout: Duration
     );
     setter!(
-        /// Sets [`connect_timeout`](Self::connect_timeout) (default `None`).
-        connect_timeout: Option<Duration>
+        /// Sets [`connection_timeout`](Self::connection_timeout) (default `None`).
+        connection_timeout: Option<Duration>
     );
     setter!(
         /// Sets [`tcp_keepalive`](Self::tcp_keepalive) (default 15 s).
@@ -250,9 +250,9 @@ impl ClientConfig {
                 "must be greater than 0",
             ));
         }
-        if self.connect_timeout.is_some_and(|d| d.is_zero()) {
+        if self.connection_timeout.is_some_and(|d| d.is_zero()) {
             return Err(ClientConfigError::new(
-                "connect_timeout",
+                "connection_timeout",
                 "must be greater than 0",
             ));
         }

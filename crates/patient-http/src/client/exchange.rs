@@ -314,7 +314,7 @@ impl Transport {
         let fut = self
             .connector
             .connect(&p.origin, p.proxy.as_deref(), h2_streams);
-        match self.config.connect_timeout {
+        match self.config.connection_timeout {
             None => fut.await,
             Some(limit) => match tokio::time::timeout(limit, fut).await {
                 Ok(result) => result,

@@ -54,7 +54,7 @@ impl HttpClient {
         let transport = &*self.inner;
         transport.pool.ensure_sweeper();
         let timeout = request.timeout.unwrap_or(transport.config.request_timeout);
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::time::saturating_after(Instant::now(), timeout);
         let OutgoingRequest {
             method,
             url,
@@ -127,7 +127,7 @@ impl HttpClient {
         let transport = &*self.inner;
         transport.pool.ensure_sweeper();
         let timeout = request.timeout.unwrap_or(transport.config.request_timeout);
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::time::saturating_after(Instant::now(), timeout);
         let StreamingRequest {
             method,
             url,

@@ -46,6 +46,9 @@ mod tcp;
 mod tls;
 mod tunnel;
 
+/// Request compression, shared with the engine (which compresses before
+/// signing preprocessors run).
+pub(crate) use self::decode::{gzip, COMPRESS_MIN_SIZE};
 pub use self::{
     config::{ClientConfig, HttpVersionPref},
     error::{ClientConfigError, ErrorType, TransportError},

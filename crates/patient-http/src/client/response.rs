@@ -320,7 +320,10 @@ impl ResponseBody {
     /// A frame arrived: the stall timer starts again.
     fn rearm_stall(&mut self) {
         if let Some(stall) = self.extras.as_mut().and_then(|e| e.stall.as_mut()) {
-            stall.timer.as_mut().reset(Instant::now() + stall.after);
+            stall
+                .timer
+                .as_mut()
+                .reset(crate::time::saturating_after(Instant::now(), stall.after));
         }
     }
 }

@@ -88,12 +88,12 @@ impl PreparedRequest {
     /// `content-encoding` yet (request compression), before preprocessors
     /// run, so that a signature covers the bytes that are sent.
     pub(crate) fn compress_body(&mut self) {
-        if self.body.len() < COMPRESS_MIN_SIZE
+        if self.body.len() < crate::client::COMPRESS_MIN_SIZE
             || self.headers.contains_key(http::header::CONTENT_ENCODING)
         {
             return;
         }
-        if let Ok(compressed) = gzip(&self.body) {
+        if let Ok(compressed) = crate::client::gzip(&self.body) {
             self.body = compressed;
             self.headers.insert(
                 http::header::CONTENT_ENCODING,
@@ -106,21 +106,6 @@ impl PreparedRequest {
     pub(crate) fn into_parts(self) -> (Method, Url, HeaderMap, Bytes) {
         (self.method, self.url, self.headers, self.body)
     }
-}
-
-/// Request bodies of at least this many bytes are gzipped when request
-/// compression is on.
-pub(crate) const COMPRESS_MIN_SIZE: usize = 1024;
-
-/// Gzips a request body.
-pub(crate) fn gzip(data: &[u8]) -> std::io::Result<Bytes> {
-    use std::io::Write as _;
-    let mut encoder = flate2::write::GzEncoder::new(
-        Vec::with_capacity(data.len() / 2 + 64),
-        flate2::Compression::fast(),
-    );
-    encoder.write_all(data)?;
-    Ok(Bytes::from(encoder.finish()?))
 }
 
 /// A hook that sees and may change the outgoing request.
