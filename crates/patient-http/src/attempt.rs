@@ -488,19 +488,53 @@ fn http_method(method: Method) -> http::Method {
 /// Response headers in wire form: lower-cased names, repeated headers joined
 /// with `, `. A value that is not UTF-8 is read as Latin-1, so no byte is lost.
 pub(crate) fn wire_headers(map: &HeaderMap) -> Headers {
+    fn push_value(joined: &mut String, value: &HttpHeaderValue) {
+        match std::str::from_utf8(value.as_bytes()) {
+            Ok(s) => joined.push_str(s),
+            Err(_) => joined.extend(value.as_bytes().iter().map(|&b| b as char)),
+        }
+    }
     let mut headers = Headers::new();
-    for name in map.keys() {
-        let mut joined = String::new();
-        for (i, value) in map.get_all(name).iter().enumerate() {
-            if i > 0 {
+    // `iter` yields every value, those of one name one after the other: no
+    // second lookup per name.
+    let mut current: Option<(&HeaderName, String)> = None;
+    for (name, value) in map.iter() {
+        match &mut current {
+            Some((last, joined)) if *last == name => {
                 joined.push_str(", ");
+                push_value(joined, value);
             }
-            match std::str::from_utf8(value.as_bytes()) {
-                Ok(s) => joined.push_str(s),
-                Err(_) => joined.extend(value.as_bytes().iter().map(|&b| b as char)),
+            _ => {
+                if let Some((last, joined)) = current.take() {
+                    headers.insert(last.as_str(), joined);
+                }
+                let mut joined = String::with_capacity(value.len());
+                push_value(&mut joined, value);
+                current = Some((name, joined));
             }
         }
-        headers.insert(name.as_str(), joined);
+    }
+    if let Some((last, joined)) = current {
+        headers.insert(last.as_str(), joined);
     }
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_headers_join_repeated_values_and_keep_latin1_bytes() {
+        let mut map = HeaderMap::new();
+        map.append("x-a", HttpHeaderValue::from_static("1"));
+        map.append("content-type", HttpHeaderValue::from_static("text/plain"));
+        map.append("x-a", HttpHeaderValue::from_static("2"));
+        map.append("x-b", HttpHeaderValue::from_bytes(b"caf\xe9").unwrap());
+        let headers = wire_headers(&map);
+        assert_eq!(headers.get_str("x-a"), Some("1, 2"));
+        assert_eq!(headers.get_str("content-type"), Some("text/plain"));
+        assert_eq!(headers.get_str("x-b"), Some("caf\u{e9}"));
+        assert_eq!(headers.len(), 3);
+    }
 }
