@@ -86,7 +86,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = AwaitableClient::builder()
         .config(
             Config::builder()
-                .client_with(|c| c.stall_timeout = Some(Duration::from_secs(30)))
+                .client_with(|c| c.stall_timeout(Some(Duration::from_secs(30))))
                 .build()?,
         )
         .resilience(resilience)

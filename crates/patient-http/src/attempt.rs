@@ -377,7 +377,7 @@ impl Engine {
                 headers.remove(name);
             }
         }
-        if self.config.client.request_compression {
+        if self.config.client.request_compression() {
             prepared.compress_body();
         }
         let names = task.request.preprocessors();

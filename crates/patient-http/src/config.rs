@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::client::{ClientConfig, HttpVersionPref, ProxyConfig};
+use crate::client::{ClientConfig, ClientConfigBuilder, HttpVersionPref, ProxyConfig};
 
 /// Why a configuration was rejected. The message names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,7 +34,8 @@ impl ConfigError {
 /// The settings of a processor, an inline executor or an awaitable client.
 ///
 /// Build one with [`Config::builder`]; every setting's default is stated on its
-/// setter. A `Config` is always valid: the builder checks every field.
+/// setter (the transport's on [`ClientConfigBuilder`]). A `Config` is always
+/// valid: the builder checks every field.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub(crate) max_connections: usize,
@@ -69,6 +70,7 @@ impl Config {
     pub fn builder() -> ConfigBuilder {
         ConfigBuilder {
             config: Config::default(),
+            client: ClientConfig::builder(),
         }
     }
 
@@ -107,9 +109,10 @@ impl Config {
         self.max_in_flight
     }
 
-    /// Whole-request timeout for requests that do not set one.
+    /// Whole-request timeout for requests that do not set one; see
+    /// [`ConfigBuilder::request_timeout`].
     pub fn request_timeout(&self) -> Duration {
-        self.client.request_timeout
+        self.client.request_timeout()
     }
 
     /// The transport settings.
@@ -119,10 +122,19 @@ impl Config {
 }
 
 /// Builds a [`Config`]; `build` validates every field.
+///
+/// The transport settings the gem names at this level (`request_timeout`,
+/// `max_response_size`, `user_agent`, `connection_pool_size`,
+/// `connection_timeout`, `proxy`, `retries`, `http_version`) have setters
+/// here that forward to [`ClientConfigBuilder`], where their defaults are
+/// stated; the others are set with [`client_with`](Self::client_with).
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct ConfigBuilder {
+    /// Every setting but the transport's (`config.client` is replaced by
+    /// `client` in `build`).
     config: Config,
+    client: ClientConfigBuilder,
 }
 
 impl ConfigBuilder {
@@ -132,10 +144,11 @@ impl ConfigBuilder {
         self
     }
 
-    /// Whole-request timeout, for requests that do not set their own (default 60 s).
-    /// It covers connecting, sending, every redirect hop and reading the body.
+    /// Whole-request timeout, for requests that do not set their own; it
+    /// covers connecting, sending, every redirect hop and reading the body.
+    /// Sets [`ClientConfigBuilder::request_timeout`], which states the default.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.config.client.request_timeout = timeout;
+        self.client = self.client.request_timeout(timeout);
         self
     }
 
@@ -146,16 +159,17 @@ impl ConfigBuilder {
         self
     }
 
-    /// Largest response body read, in bytes (default 1 MiB, 1,048,576). A larger
-    /// one ends in a `response_too_large` error and its connection is dropped.
+    /// Largest response body read, in bytes. Sets
+    /// [`ClientConfigBuilder::max_response_size`], which states the default.
     pub fn max_response_size(mut self, bytes: usize) -> Self {
-        self.config.client.max_response_size = bytes;
+        self.client = self.client.max_response_size(bytes);
         self
     }
 
-    /// `User-Agent` sent when a request has none (default `PatientHttp`).
+    /// `User-Agent` sent when a request has none. Sets
+    /// [`ClientConfigBuilder::user_agent`], which states the default.
     pub fn user_agent(mut self, agent: impl Into<String>) -> Self {
-        self.config.client.user_agent = agent.into();
+        self.client = self.client.user_agent(agent);
         self
     }
 
@@ -172,30 +186,31 @@ impl ConfigBuilder {
         self
     }
 
-    /// Most hosts with a pool of kept-alive connections; the least recently used
-    /// host's pool is closed past it (default 100).
+    /// Most hosts with a pool of kept-alive connections. Sets
+    /// [`ClientConfigBuilder::connection_pool_size`], which states the default.
     pub fn connection_pool_size(mut self, hosts: usize) -> Self {
-        self.config.client.connection_pool_size = hosts;
+        self.client = self.client.connection_pool_size(hosts);
         self
     }
 
-    /// Connect timeout, apart from the request timeout (default none: the
-    /// request timeout applies).
+    /// Connect timeout, apart from the request timeout. Sets
+    /// [`ClientConfigBuilder::connection_timeout`], which states the default.
     pub fn connection_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.config.client.connection_timeout = timeout;
+        self.client = self.client.connection_timeout(timeout);
         self
     }
 
-    /// Forward proxy for every request (default none).
+    /// Forward proxy for every request. Sets [`ClientConfigBuilder::proxy`],
+    /// which states the default.
     pub fn proxy(mut self, proxy: Option<ProxyConfig>) -> Self {
-        self.config.client.proxy = proxy;
+        self.client = self.client.proxy(proxy);
         self
     }
 
-    /// Connection-level retries of idempotent requests whose pooled connection
-    /// turned out to be closed before any byte was sent (default 3).
+    /// Connection-level retries on a stale pooled connection. Sets
+    /// [`ClientConfigBuilder::retries`], which states the default.
     pub fn retries(mut self, n: u32) -> Self {
-        self.config.client.retries = n;
+        self.client = self.client.retries(n);
         self
     }
 
@@ -220,26 +235,46 @@ impl ConfigBuilder {
         self
     }
 
-    /// HTTP version policy (default: ALPN on TLS, HTTP/1.1 on plain connections).
+    /// HTTP versions spoken. Sets [`ClientConfigBuilder::http_version`],
+    /// which states the default.
     pub fn http_version(mut self, pref: HttpVersionPref) -> Self {
-        self.config.client.http_version = pref;
+        self.client = self.client.http_version(pref);
         self
     }
 
-    /// Replaces every transport setting at once.
+    /// Replaces every transport setting at once, those set by the forwarding
+    /// setters before it included.
     pub fn client(mut self, client: ClientConfig) -> Self {
-        self.config.client = client;
+        self.client = client.to_builder();
         self
     }
 
-    /// Edits the transport settings in place.
-    pub fn client_with(mut self, edit: impl FnOnce(&mut ClientConfig)) -> Self {
-        edit(&mut self.config.client);
+    /// Edits the transport settings: `edit` gets the [`ClientConfigBuilder`]
+    /// holding them so far and returns it; [`build`](Self::build) checks them.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use patient_http::Config;
+    /// let config = Config::builder()
+    ///     .request_timeout(Duration::from_secs(30))
+    ///     .client_with(|c| c.stall_timeout(Some(Duration::from_secs(5))).decompress(true))
+    ///     .build()?;
+    /// assert_eq!(config.request_timeout(), Duration::from_secs(30));
+    /// assert!(config.client().decompress());
+    /// # Ok::<(), patient_http::ConfigError>(())
+    /// ```
+    pub fn client_with(
+        mut self,
+        edit: impl FnOnce(ClientConfigBuilder) -> ClientConfigBuilder,
+    ) -> Self {
+        self.client = edit(self.client);
         self
     }
 
-    /// Checks every field and returns the configuration.
-    pub fn build(self) -> Result<Config, ConfigError> {
+    /// Checks every field, the transport's included (with
+    /// [`ClientConfigBuilder::build`]; its error becomes a [`ConfigError`]
+    /// naming the same setting), and returns the configuration.
+    pub fn build(mut self) -> Result<Config, ConfigError> {
         let c = &self.config;
         if c.max_connections == 0 {
             return Err(ConfigError::new("max_connections", "must be at least 1"));
@@ -262,8 +297,9 @@ impl ConfigBuilder {
                 "must be at most 24 hours",
             ));
         }
-        c.client
-            .validate()
+        self.config.client = self
+            .client
+            .build()
             .map_err(|e| ConfigError::new(e.field(), e.reason().to_string()))?;
         Ok(self.config)
     }

@@ -332,7 +332,7 @@ impl Engine {
             started: Instant::now(),
             timeout: request
                 .timeout()
-                .unwrap_or(self.config.client.request_timeout),
+                .unwrap_or(self.config.client.request_timeout()),
             key,
         })
     }

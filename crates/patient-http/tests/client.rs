@@ -13,8 +13,8 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderValue, Method, Version};
 use patient_http::client::{
-    ClientConfig, ErrorType, HttpClient, HttpVersionPref, OutgoingRequest, ProxyConfig,
-    RawResponse, TransportError,
+    ClientConfig, ClientConfigBuilder, ErrorType, HttpClient, HttpVersionPref, OutgoingRequest,
+    ProxyConfig, RawResponse, TransportError,
 };
 use patient_testkit::{Fault, ForwardProxy, TestCert, Upstream, UpstreamOptions};
 use tokio::{
@@ -22,8 +22,8 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-fn client(config: ClientConfig) -> HttpClient {
-    HttpClient::new(config).unwrap()
+fn client(config: ClientConfigBuilder) -> HttpClient {
+    HttpClient::new(config.build().unwrap()).unwrap()
 }
 
 fn request(method: Method, url: &str) -> OutgoingRequest {
@@ -44,8 +44,8 @@ fn echo_json(response: &RawResponse) -> serde_json::Value {
     serde_json::from_slice(&response.body).unwrap()
 }
 
-fn tls_config(cert: &TestCert) -> ClientConfig {
-    ClientConfig::default().add_root_certificate_pem(cert.ca_pem.clone())
+fn tls_config(cert: &TestCert) -> ClientConfigBuilder {
+    ClientConfig::builder().add_root_certificate_pem(cert.ca_pem.clone())
 }
 
 // ---------------------------------------------------------------- pool
@@ -53,7 +53,7 @@ fn tls_config(cert: &TestCert) -> ClientConfig {
 #[tokio::test]
 async fn keep_alive_reuses_the_connection() {
     let upstream = Upstream::start().await.unwrap();
-    let client = client(ClientConfig::default());
+    let client = client(ClientConfig::builder());
     let first = conn_id(&client, &upstream).await;
     let second = conn_id(&client, &upstream).await;
     assert_eq!(first, second);
@@ -67,7 +67,7 @@ async fn keep_alive_reuses_the_connection() {
 #[tokio::test]
 async fn max_requests_per_connection_opens_a_new_connection() {
     let upstream = Upstream::start().await.unwrap();
-    let client = client(ClientConfig::default().max_requests_per_connection(Some(2)));
+    let client = client(ClientConfig::builder().max_requests_per_connection(Some(2)));
     let a = conn_id(&client, &upstream).await;
     let b = conn_id(&client, &upstream).await;
     let c = conn_id(&client, &upstream).await;
@@ -81,7 +81,7 @@ async fn max_requests_per_connection_opens_a_new_connection() {
 #[tokio::test]
 async fn idle_connections_expire() {
     let upstream = Upstream::start().await.unwrap();
-    let client = client(ClientConfig::default().pool_idle_timeout(Duration::from_millis(120)));
+    let client = client(ClientConfig::builder().pool_idle_timeout(Duration::from_millis(120)));
     let first = conn_id(&client, &upstream).await;
     tokio::time::sleep(Duration::from_millis(250)).await;
     // The sweep already closed it.
@@ -95,7 +95,7 @@ async fn least_recently_used_host_pool_is_evicted() {
     let a = Upstream::start().await.unwrap();
     let b = Upstream::start().await.unwrap();
     let c = Upstream::start().await.unwrap();
-    let client = client(ClientConfig::default().connection_pool_size(2));
+    let client = client(ClientConfig::builder().connection_pool_size(2));
     let a1 = conn_id(&client, &a).await;
     let b1 = conn_id(&client, &b).await;
     let a2 = conn_id(&client, &a).await; // a is now more recent than b
@@ -113,7 +113,7 @@ async fn least_recently_used_host_pool_is_evicted() {
 #[tokio::test]
 async fn timed_out_connection_is_not_reused() {
     let upstream = Upstream::start().await.unwrap();
-    let client = client(ClientConfig::default());
+    let client = client(ClientConfig::builder());
     let first = conn_id(&client, &upstream).await;
     let mut slow = request(Method::GET, &upstream.url("/delay?ms=2000"));
     slow.timeout = Some(Duration::from_millis(100));
@@ -128,7 +128,7 @@ async fn timed_out_connection_is_not_reused() {
 #[tokio::test]
 async fn dropped_request_future_does_not_return_the_connection() {
     let upstream = Upstream::start().await.unwrap();
-    let client = client(ClientConfig::default());
+    let client = client(ClientConfig::builder());
     let first = conn_id(&client, &upstream).await;
     let slow = client.send(request(Method::GET, &upstream.url("/delay?ms=2000")));
     assert!(tokio::time::timeout(Duration::from_millis(100), slow)
@@ -141,7 +141,7 @@ async fn dropped_request_future_does_not_return_the_connection() {
 #[tokio::test]
 async fn too_large_response_connection_is_not_reused() {
     let upstream = Upstream::start().await.unwrap();
-    let client = client(ClientConfig::default().max_response_size(1000));
+    let client = client(ClientConfig::builder().max_response_size(1000));
     let first = conn_id(&client, &upstream).await;
     let err = get(&client, &upstream.url("/bytes?n=5000&chunked=1"))
         .await
@@ -208,7 +208,7 @@ async fn read_head(stream: &mut TcpStream) -> bool {
 #[tokio::test]
 async fn connection_closed_while_idle_is_replaced() {
     let (addr, connections) = one_response_per_connection(Some(Duration::from_millis(30))).await;
-    let client = client(ClientConfig::default());
+    let client = client(ClientConfig::builder());
     let url = format!("http://{addr}/");
     assert_eq!(get(&client, &url).await.unwrap().body, "1");
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -219,7 +219,7 @@ async fn connection_closed_while_idle_is_replaced() {
 #[tokio::test]
 async fn stale_connection_is_retried_for_idempotent_requests() {
     let (addr, connections) = one_response_per_connection(None).await;
-    let client = client(ClientConfig::default());
+    let client = client(ClientConfig::builder());
     let url = format!("http://{addr}/");
     assert_eq!(get(&client, &url).await.unwrap().body, "1");
     // The pooled connection looks alive but is closed when used.
@@ -230,7 +230,7 @@ async fn stale_connection_is_retried_for_idempotent_requests() {
 #[tokio::test]
 async fn stale_connection_is_not_retried_for_post() {
     let (addr, connections) = one_response_per_connection(None).await;
-    let client = client(ClientConfig::default());
+    let client = client(ClientConfig::builder());
     let url = format!("http://{addr}/");
     let post = || {
         let mut r = request(Method::POST, &url);
@@ -248,7 +248,7 @@ async fn stale_connection_is_not_retried_for_post() {
 #[tokio::test]
 async fn stale_retries_can_be_disabled() {
     let (addr, _) = one_response_per_connection(None).await;
-    let client = client(ClientConfig::default().retries(0));
+    let client = client(ClientConfig::builder().retries(0));
     let url = format!("http://{addr}/");
     get(&client, &url).await.unwrap();
     let err = get(&client, &url).await.unwrap_err();
@@ -274,7 +274,7 @@ async fn tls_with_trusted_root_negotiates_http2() {
 async fn untrusted_certificate_is_an_ssl_error() {
     let cert = TestCert::generate(&["localhost", "127.0.0.1"]);
     let upstream = Upstream::start_tls(&cert).await.unwrap();
-    let client = client(ClientConfig::default());
+    let client = client(ClientConfig::builder());
     let err = get(&client, &upstream.url("/fast")).await.unwrap_err();
     assert_eq!(err.kind(), ErrorType::Ssl);
     assert_eq!(err.class_name(), "TlsError");
@@ -349,7 +349,7 @@ async fn auto_falls_back_to_http1_when_the_server_has_no_h2() {
 #[tokio::test]
 async fn h2c_prior_knowledge_on_plain_http() {
     let upstream = Upstream::start_h2c().await.unwrap();
-    let client = client(ClientConfig::default().http_version(HttpVersionPref::Http2Only));
+    let client = client(ClientConfig::builder().http_version(HttpVersionPref::Http2Only));
     let response = get(&client, &upstream.url("/echo")).await.unwrap();
     assert_eq!(response.version, Version::HTTP_2);
     assert_eq!(echo_json(&response)["method"], "GET");
@@ -441,7 +441,7 @@ async fn http_target_through_proxy_with_credentials() {
     let upstream = Upstream::start().await.unwrap();
     let proxy = ForwardProxy::start(Some(("user", "secret"))).await.unwrap();
     let proxy_url = proxy.url().replace("http://", "http://user:secret@");
-    let client = client(ClientConfig::default().proxy(Some(ProxyConfig::new(proxy_url).unwrap())));
+    let client = client(ClientConfig::builder().proxy(Some(ProxyConfig::new(proxy_url).unwrap())));
     let response = get(&client, &upstream.url("/echo?a=1")).await.unwrap();
     assert_eq!(response.status, 200);
     let echo = echo_json(&response);
@@ -501,10 +501,22 @@ async fn proxy_from_env_only_when_enabled() {
     // Only this test reads these variables (clients read them at construction).
     std::env::set_var("http_proxy", proxy.url());
     std::env::set_var("no_proxy", "example.invalid");
-    let from_env = HttpClient::new(ClientConfig::default().proxy_from_env(true)).unwrap();
+    let from_env = HttpClient::new(
+        ClientConfig::builder()
+            .proxy_from_env(true)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
     let ignoring = HttpClient::new(ClientConfig::default()).unwrap();
     std::env::set_var("no_proxy", "127.0.0.1");
-    let bypassing = HttpClient::new(ClientConfig::default().proxy_from_env(true)).unwrap();
+    let bypassing = HttpClient::new(
+        ClientConfig::builder()
+            .proxy_from_env(true)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
     std::env::remove_var("http_proxy");
     std::env::remove_var("no_proxy");
 
@@ -530,7 +542,7 @@ async fn connect_timeout_is_separate_from_the_request_timeout() {
         }
     });
     let client = client(
-        ClientConfig::default()
+        ClientConfig::builder()
             .connection_timeout(Some(Duration::from_millis(100)))
             .request_timeout(Duration::from_secs(10)),
     );
@@ -559,7 +571,7 @@ async fn request_timeout_covers_the_connect_without_a_connect_timeout() {
             held.push(stream);
         }
     });
-    let client = client(ClientConfig::default().request_timeout(Duration::from_millis(150)));
+    let client = client(ClientConfig::builder().request_timeout(Duration::from_millis(150)));
     let err = get(&client, &format!("https://127.0.0.1:{}/", addr.port()))
         .await
         .unwrap_err();
@@ -572,7 +584,7 @@ async fn connection_refused() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     drop(listener);
-    let client = client(ClientConfig::default());
+    let client = client(ClientConfig::builder());
     let err = get(&client, &format!("http://127.0.0.1:{port}/"))
         .await
         .unwrap_err();
@@ -591,7 +603,7 @@ async fn connection_refused() {
 #[tokio::test]
 async fn max_response_size_by_content_length_and_running_count() {
     let upstream = Upstream::start().await.unwrap();
-    let client = client(ClientConfig::default().max_response_size(1000));
+    let client = client(ClientConfig::builder().max_response_size(1000));
     assert_eq!(
         get(&client, &upstream.url("/bytes?n=1000"))
             .await
@@ -630,7 +642,7 @@ async fn max_response_size_by_content_length_and_running_count() {
 #[tokio::test]
 async fn head_responses_have_no_body() {
     let upstream = Upstream::start().await.unwrap();
-    let client = client(ClientConfig::default().max_response_size(10));
+    let client = client(ClientConfig::builder().max_response_size(10));
     let response = client
         .send(request(Method::HEAD, &upstream.url("/bytes?n=5000")))
         .await
@@ -645,7 +657,7 @@ async fn head_responses_have_no_body() {
 #[tokio::test]
 async fn decompresses_gzip_deflate_and_br() {
     let upstream = Upstream::start().await.unwrap();
-    let client = client(ClientConfig::default().decompress(true));
+    let client = client(ClientConfig::builder().decompress(true));
     let plain = get(&client, &upstream.url("/compressed?encoding=identity"))
         .await
         .unwrap()
@@ -674,9 +686,11 @@ async fn decompresses_gzip_deflate_and_br() {
 
     // The decompressed size is limited too.
     let small = HttpClient::new(
-        ClientConfig::default()
+        ClientConfig::builder()
             .decompress(true)
-            .max_response_size(plain.len() - 1),
+            .max_response_size(plain.len() - 1)
+            .build()
+            .unwrap(),
     )
     .unwrap();
     let err = get(&small, &upstream.url("/compressed?encoding=gzip"))
@@ -688,7 +702,7 @@ async fn decompresses_gzip_deflate_and_br() {
 #[tokio::test]
 async fn request_compression_gzips_large_bodies() {
     let upstream = Upstream::start().await.unwrap();
-    let client = client(ClientConfig::default().request_compression(true));
+    let client = client(ClientConfig::builder().request_compression(true));
     let mut large = request(Method::POST, &upstream.url("/echo"));
     large.body = Bytes::from(vec![b'a'; 4096]);
     let echo = echo_json(&client.send(large).await.unwrap());
@@ -712,7 +726,7 @@ async fn request_compression_gzips_large_bodies() {
 #[tokio::test]
 async fn user_agent_and_host_headers() {
     let upstream = Upstream::start().await.unwrap();
-    let client = client(ClientConfig::default());
+    let client = client(ClientConfig::builder());
     let echo = echo_json(&get(&client, &upstream.url("/echo")).await.unwrap());
     assert_eq!(echo["headers"]["user-agent"], "PatientHttp");
     assert_eq!(echo["headers"]["host"], upstream.addr().to_string());
@@ -728,7 +742,7 @@ async fn user_agent_and_host_headers() {
 // ---------------------------------------------------------------- faults
 
 async fn fault(upstream: &Upstream, fault: Fault) -> TransportError {
-    let client = client(ClientConfig::default().request_timeout(Duration::from_secs(1)));
+    let client = client(ClientConfig::builder().request_timeout(Duration::from_secs(1)));
     get(&client, &upstream.fault_url(fault)).await.unwrap_err()
 }
 
@@ -773,43 +787,27 @@ async fn fault_modes_map_to_error_types() {
 
 // ---------------------------------------------------------------- config
 
+/// The settings `build` cannot check (TLS material) are refused by
+/// `HttpClient::new`, naming the setting; the others are refused by
+/// `ClientConfigBuilder::build` (unit tests of the `config` module).
 #[test]
-fn invalid_config_names_the_field() {
+fn invalid_tls_settings_name_the_field() {
     let cases = [
         (
-            ClientConfig::default().max_response_size(0),
-            "max_response_size",
+            ClientConfig::builder().add_root_certificate_pem("not a pem"),
+            "root_certificates_pem",
         ),
         (
-            ClientConfig::default().connection_pool_size(0),
-            "connection_pool_size",
+            ClientConfig::builder().root_certificates_pem(["not a pem"]),
+            "root_certificates_pem",
         ),
         (
-            ClientConfig::default().request_timeout(Duration::ZERO),
-            "request_timeout",
-        ),
-        (
-            ClientConfig::default().connection_timeout(Some(Duration::ZERO)),
-            "connection_timeout",
-        ),
-        (
-            ClientConfig::default().max_requests_per_connection(Some(0)),
-            "max_requests_per_connection",
-        ),
-        (
-            ClientConfig::default().user_agent("bad\nagent"),
-            "user_agent",
-        ),
-        (
-            ClientConfig::default().add_root_certificate_pem("not a pem"),
-            "extra_root_certs_pem",
-        ),
-        (
-            ClientConfig::default().client_identity(Some(("x".into(), "y".into()))),
+            ClientConfig::builder().client_identity(Some(("x".into(), "y".into()))),
             "client_identity",
         ),
     ];
-    for (config, field) in cases {
+    for (builder, field) in cases {
+        let config = builder.build().unwrap();
         let err = HttpClient::new(config).unwrap_err();
         assert_eq!(err.field(), field, "{err}");
         assert!(err.to_string().contains(field));
@@ -830,9 +828,13 @@ fn client_is_built_outside_a_runtime() {
 #[tokio::test(start_paused = true)]
 async fn stall_timeout_ends_a_trickling_body() {
     let up = Upstream::start().await.unwrap();
-    let client =
-        HttpClient::new(ClientConfig::default().stall_timeout(Some(Duration::from_millis(200))))
-            .unwrap();
+    let client = HttpClient::new(
+        ClientConfig::builder()
+            .stall_timeout(Some(Duration::from_millis(200)))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
     let url = url::Url::parse(&up.url("/sse?events=5&interval_ms=500")).unwrap();
     let err = client
         .send(OutgoingRequest::new(Method::GET, url.clone()))

@@ -358,7 +358,7 @@ async fn sigv4_signs_the_compressed_body_that_is_sent() {
     let client = Builder::new()
         .config(
             patient_http::Config::builder()
-                .client_with(|c| c.request_compression = true)
+                .client_with(|c| c.request_compression(true))
                 .build()
                 .unwrap(),
         )

@@ -743,8 +743,17 @@ fn invalid_configuration_names_the_field() {
             "connection_pool_size",
         ),
         (
-            Config::builder().client_with(|c| c.extra_root_certs_pem.push("not a pem".into())),
-            "extra_root_certs_pem",
+            Config::builder().connection_timeout(Some(Duration::ZERO)),
+            "connection_timeout",
+        ),
+        (Config::builder().user_agent("bad\nagent"), "user_agent"),
+        (
+            Config::builder().client_with(|c| c.stall_timeout(Some(Duration::ZERO))),
+            "stall_timeout",
+        ),
+        (
+            Config::builder().client_with(|c| c.add_root_certificate_pem("not a pem")),
+            "root_certificates_pem",
         ),
     ];
     for (builder, field) in cases {
@@ -762,14 +771,14 @@ fn invalid_configuration_names_the_field() {
     assert_eq!(d.max_connections(), 256);
     assert_eq!(d.request_timeout(), Duration::from_secs(60));
     assert_eq!(d.shutdown_timeout(), Duration::from_secs(30));
-    assert_eq!(d.client().max_response_size, 1024 * 1024);
-    assert_eq!(d.client().user_agent, "PatientHttp");
+    assert_eq!(d.client().max_response_size(), 1024 * 1024);
+    assert_eq!(d.client().user_agent(), "PatientHttp");
     assert!(!d.raise_error_responses());
     assert_eq!(d.max_redirects(), 5);
-    assert_eq!(d.client().connection_pool_size, 100);
-    assert_eq!(d.client().connection_timeout, None);
-    assert!(d.client().proxy.is_none());
-    assert_eq!(d.client().retries, 3);
+    assert_eq!(d.client().connection_pool_size(), 100);
+    assert_eq!(d.client().connection_timeout(), None);
+    assert!(d.client().proxy().is_none());
+    assert_eq!(d.client().retries(), 3);
     assert_eq!(d.payload_store_threshold(), 64 * 1024);
 }
 

@@ -1079,7 +1079,7 @@ async fn a_fallback_answers_for_a_dead_port() {
 
 fn stalling_builder(stall: Duration) -> Builder {
     let config = Config::builder()
-        .client_with(|c| c.stall_timeout = Some(stall))
+        .client_with(|c| c.stall_timeout(Some(stall)))
         .build()
         .unwrap();
     Builder::new()

@@ -1397,8 +1397,13 @@ async fn signature_verifies_on_arrival(service: &str) {
     let signer = SigV4::new(credentials(Some("token")), "us-east-1", service);
     let parts = sign(&signer, &mut prepared, suite_time());
 
-    let client =
-        HttpClient::new(ClientConfig::default().http_version(HttpVersionPref::Http1Only)).unwrap();
+    let client = HttpClient::new(
+        ClientConfig::builder()
+            .http_version(HttpVersionPref::Http1Only)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
     let mut outgoing = OutgoingRequest::new(Method::POST, prepared.url().clone());
     outgoing.headers = prepared.headers().clone();
     outgoing.body = prepared.body().clone();

@@ -25,7 +25,10 @@ fn client(config: ClientConfig) -> HttpClient {
 }
 
 fn h2c() -> ClientConfig {
-    ClientConfig::default().http_version(HttpVersionPref::Http2Only)
+    ClientConfig::builder()
+        .http_version(HttpVersionPref::Http2Only)
+        .build()
+        .unwrap()
 }
 
 fn streaming(method: Method, url: &str) -> StreamingRequest {
@@ -321,7 +324,7 @@ fn feed_all(feed: BodyFeed, data: Vec<u8>, size: usize) -> tokio::task::JoinHand
 #[tokio::test]
 async fn a_large_gzip_body_is_decompressed_chunk_by_chunk() {
     let upstream = Upstream::start().await.unwrap();
-    let client = client(ClientConfig::default().decompress(true));
+    let client = client(ClientConfig::builder().decompress(true).build().unwrap());
     let plain = text_body();
     let compressed = gzip(&plain);
     assert!(compressed.len() < plain.len() / 2);
@@ -355,7 +358,7 @@ async fn a_large_gzip_body_is_decompressed_chunk_by_chunk() {
 #[tokio::test]
 async fn the_size_limit_cuts_a_decompressed_stream() {
     let upstream = Upstream::start().await.unwrap();
-    let client = client(ClientConfig::default().decompress(true));
+    let client = client(ClientConfig::builder().decompress(true).build().unwrap());
     let plain = text_body();
     let compressed = gzip(&plain);
 
@@ -403,7 +406,7 @@ async fn the_size_limit_cuts_a_decompressed_stream() {
 async fn every_coding_decodes_in_small_pieces() {
     let upstream = Upstream::start().await.unwrap();
     let raw = client(ClientConfig::default());
-    let decoding = client(ClientConfig::default().decompress(true));
+    let decoding = client(ClientConfig::builder().decompress(true).build().unwrap());
     for encoding in ["gzip", "deflate", "br"] {
         let url = upstream.url(&format!("/compressed?encoding={encoding}"));
         let compressed = raw
@@ -503,7 +506,11 @@ async fn a_request_body_failing_midway_fails_the_request() {
         });
         let err: TransportError = client.send_streaming(request).await.unwrap_err();
         sender.await.unwrap();
-        assert!(err.is_request_body(), "{:?}: {err:?}", config.http_version);
+        assert!(
+            err.is_request_body(),
+            "{:?}: {err:?}",
+            config.http_version()
+        );
         assert_eq!(err.class_name(), "RequestBodyError");
         assert!(err.request_sent());
         assert!(err.message().contains("source went away"), "{err}");
@@ -517,7 +524,12 @@ async fn a_request_body_failing_midway_fails_the_request() {
 #[tokio::test(start_paused = true)]
 async fn the_request_timeout_bounds_only_the_head() {
     let upstream = Upstream::start().await.unwrap();
-    let client = client(ClientConfig::default().request_timeout(Duration::from_secs(1)));
+    let client = client(
+        ClientConfig::builder()
+            .request_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap(),
+    );
     let feed = upstream.feed("k");
     let mut response = open(&client, &upstream.url("/feed?key=k")).await;
     // Long after the request timeout, the body goes on.

@@ -196,11 +196,7 @@ fn prepare(args: &RequestArgs) -> Result<(InlineExecutor, Task), UsageError> {
                 .map_err(|e| UsageError(format!("--cacert {}: {e}", path.display())))?,
         );
     }
-    let compressed = args.compressed;
-    config = config.client_with(|c| {
-        c.extra_root_certs_pem.extend(pems);
-        c.decompress = compressed;
-    });
+    config = config.client_with(|c| c.root_certificates_pem(pems).decompress(args.compressed));
     let config = config.build()?;
 
     let mut builder = InlineExecutor::builder().config(config);

@@ -1,4 +1,5 @@
-//! [`ClientConfig`]: every setting of the transport, with its default.
+//! [`ClientConfig`]: every setting of the transport, built and checked by
+//! [`ClientConfigBuilder`], whose setters state the defaults.
 
 use std::{fmt, time::Duration};
 
@@ -19,81 +20,49 @@ pub enum HttpVersionPref {
 
 /// Settings of an [`HttpClient`](super::HttpClient).
 ///
-/// Fields are public; the owned setters of the same names chain:
+/// Build one with [`ClientConfig::builder`]; every setting's default is
+/// stated on its [`ClientConfigBuilder`] setter. A `ClientConfig` is always
+/// valid: the builder checks every field (the TLS material is parsed by
+/// [`HttpClient::new`](super::HttpClient::new)).
 ///
 /// ```
 /// # use std::time::Duration;
 /// # use patient_http::client::ClientConfig;
-/// let config = ClientConfig::default()
+/// let config = ClientConfig::builder()
 ///     .request_timeout(Duration::from_secs(30))
-///     .connection_pool_size(10);
-/// assert_eq!(config.connection_pool_size, 10);
+///     .connection_pool_size(10)
+///     .build()?;
+/// assert_eq!(config.connection_pool_size(), 10);
+///
+/// // An invalid value is refused; the error names the setting.
+/// let error = ClientConfig::builder().max_response_size(0).build().unwrap_err();
+/// assert_eq!(error.field(), "max_response_size");
+/// # Ok::<(), patient_http::client::ClientConfigError>(())
 /// ```
 #[derive(Clone)]
-#[must_use]
 pub struct ClientConfig {
-    /// Timeout of a whole request: connect, send and reading the whole body
-    /// (for a streaming request: until the response head). Default 60 s. A
-    /// request's own timeout overrides it.
-    pub request_timeout: Duration,
-    /// Timeout of establishing a connection (TCP, proxy tunnel, TLS).
-    /// Default `None`: only the request timeout applies.
-    pub connection_timeout: Option<Duration>,
-    /// Idle time of a TCP connection before keepalive probes are sent
-    /// (`SO_KEEPALIVE`), so a dead peer is noticed on a connection waiting
-    /// for a slow response. Default 15 s; `None` turns keepalive off.
-    pub tcp_keepalive: Option<Duration>,
-    /// Longest wait for the next piece of a response body (an idle-read
-    /// limit, apart from the whole-request timeout, for long responses that
-    /// trickle). Default `None`: only the request timeout applies.
-    pub stall_timeout: Option<Duration>,
-    /// Largest response body accepted by [`send`](super::HttpClient::send),
-    /// in bytes (after decompression when decompressing). Default 1 MiB.
-    /// Must be greater than 0. Streaming requests carry their own limit
-    /// ([`StreamingRequest::max_response_size`](super::StreamingRequest::max_response_size)).
-    pub max_response_size: usize,
-    /// `User-Agent` sent unless the request sets one. Default `PatientHttp`.
-    pub user_agent: String,
-    /// Number of host pools kept (one per scheme, host, port and proxy); the
-    /// least recently used is evicted. Default 100.
-    pub connection_pool_size: usize,
-    /// Idle keep-alive connections older than this are closed. Default 90 s.
-    pub pool_idle_timeout: Duration,
-    /// Idle HTTP/1.1 connections kept per host pool. Default 1024.
-    pub pool_max_idle_per_host: usize,
-    /// A connection is closed after this many requests. Default `None`
-    /// (unlimited).
-    pub max_requests_per_connection: Option<u32>,
-    /// HTTP versions spoken. Default [`HttpVersionPref::Auto`]. An HTTP/2
-    /// connection carries as many concurrent requests as the server's
-    /// `SETTINGS_MAX_CONCURRENT_STREAMS` allows (100 until the server has
-    /// said); beyond that the client opens another connection rather than
-    /// queue requests.
-    pub http_version: HttpVersionPref,
-    /// Extra trusted root certificates (PEM, each string may hold several),
-    /// added to the webpki roots. Default none.
-    pub extra_root_certs_pem: Vec<String>,
-    /// Client certificate chain and private key (both PEM) for mutual TLS.
-    /// Default `None`.
-    pub client_identity: Option<(String, String)>,
-    /// Proxy for every request. Default `None`.
-    pub proxy: Option<ProxyConfig>,
-    /// Read `HTTP_PROXY`, `HTTPS_PROXY` and `NO_PROXY` (or their lower-case
-    /// forms) when [`proxy`](Self::proxy) is not set. Default `false`.
-    pub proxy_from_env: bool,
-    /// Ask for and decode gzip, deflate and br responses; the decoded size
-    /// counts against `max_response_size`. Default `false`.
-    pub decompress: bool,
-    /// Gzip request bodies of 1 KiB or more that have no `content-encoding`.
-    /// Default `false`.
-    pub request_compression: bool,
-    /// Connection-level retries when a pooled connection turns out to be
-    /// stale: always when nothing was sent, for idempotent methods also when
-    /// the connection closed before any response byte. Default 3.
-    pub retries: u32,
+    request_timeout: Duration,
+    connection_timeout: Option<Duration>,
+    tcp_keepalive: Option<Duration>,
+    stall_timeout: Option<Duration>,
+    max_response_size: usize,
+    user_agent: String,
+    connection_pool_size: usize,
+    pool_idle_timeout: Duration,
+    pool_max_idle_per_host: usize,
+    max_requests_per_connection: Option<u32>,
+    http_version: HttpVersionPref,
+    root_certificates_pem: Vec<String>,
+    client_identity: Option<(String, String)>,
+    proxy: Option<ProxyConfig>,
+    proxy_from_env: bool,
+    decompress: bool,
+    request_compression: bool,
+    retries: u32,
 }
 
 impl Default for ClientConfig {
+    /// The defaults stated on each [`ClientConfigBuilder`] setter.
     fn default() -> Self {
         ClientConfig {
             request_timeout: Duration::from_secs(60),
@@ -107,7 +76,7 @@ impl Default for ClientConfig {
             pool_max_idle_per_host: 1024,
             max_requests_per_connection: None,
             http_version: HttpVersionPref::Auto,
-            extra_root_certs_pem: Vec::new(),
+            root_certificates_pem: Vec::new(),
             client_identity: None,
             proxy: None,
             proxy_from_env: false,
@@ -135,7 +104,7 @@ impl fmt::Debug for ClientConfig {
                 &self.max_requests_per_connection,
             )
             .field("http_version", &self.http_version)
-            .field("extra_root_certs_pem", &self.extra_root_certs_pem.len())
+            .field("root_certificates_pem", &self.root_certificates_pem.len())
             .field(
                 "client_identity",
                 &self.client_identity.as_ref().map(|_| "<redacted>"),
@@ -149,155 +118,513 @@ impl fmt::Debug for ClientConfig {
     }
 }
 
-macro_rules! setter {
-    ($(#[$doc:meta])* $name:ident: $ty:ty) => {
-        $(#[$doc])*
-        pub fn $name(mut self, value: $ty) -> Self {
-            self.$name = value;
-            self
+impl ClientConfig {
+    /// Starts from the defaults ([`ClientConfig::default`]).
+    pub fn builder() -> ClientConfigBuilder {
+        ClientConfig::default().to_builder()
+    }
+
+    /// A builder holding this configuration's settings.
+    pub fn to_builder(&self) -> ClientConfigBuilder {
+        ClientConfigBuilder {
+            config: self.clone(),
         }
-    };
+    }
+
+    /// The whole-request timeout; see [`ClientConfigBuilder::request_timeout`].
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// The connect timeout, if any; see
+    /// [`ClientConfigBuilder::connection_timeout`].
+    pub fn connection_timeout(&self) -> Option<Duration> {
+        self.connection_timeout
+    }
+
+    /// The idle time before TCP keepalive probes, if keepalive is on; see
+    /// [`ClientConfigBuilder::tcp_keepalive`].
+    pub fn tcp_keepalive(&self) -> Option<Duration> {
+        self.tcp_keepalive
+    }
+
+    /// The longest wait for the next piece of a body, if any; see
+    /// [`ClientConfigBuilder::stall_timeout`].
+    pub fn stall_timeout(&self) -> Option<Duration> {
+        self.stall_timeout
+    }
+
+    /// The largest response body accepted, in bytes; see
+    /// [`ClientConfigBuilder::max_response_size`].
+    pub fn max_response_size(&self) -> usize {
+        self.max_response_size
+    }
+
+    /// The `User-Agent` of requests without one; see
+    /// [`ClientConfigBuilder::user_agent`].
+    pub fn user_agent(&self) -> &str {
+        &self.user_agent
+    }
+
+    /// The number of host pools kept; see
+    /// [`ClientConfigBuilder::connection_pool_size`].
+    pub fn connection_pool_size(&self) -> usize {
+        self.connection_pool_size
+    }
+
+    /// The idle time after which a kept-alive connection is closed; see
+    /// [`ClientConfigBuilder::pool_idle_timeout`].
+    pub fn pool_idle_timeout(&self) -> Duration {
+        self.pool_idle_timeout
+    }
+
+    /// The idle HTTP/1.1 connections kept per host pool; see
+    /// [`ClientConfigBuilder::pool_max_idle_per_host`].
+    pub fn pool_max_idle_per_host(&self) -> usize {
+        self.pool_max_idle_per_host
+    }
+
+    /// The requests after which a connection is closed, if limited; see
+    /// [`ClientConfigBuilder::max_requests_per_connection`].
+    pub fn max_requests_per_connection(&self) -> Option<u32> {
+        self.max_requests_per_connection
+    }
+
+    /// The HTTP versions spoken; see [`ClientConfigBuilder::http_version`].
+    pub fn http_version(&self) -> HttpVersionPref {
+        self.http_version
+    }
+
+    /// The extra trusted root certificates (PEM); see
+    /// [`ClientConfigBuilder::root_certificates_pem`].
+    pub fn root_certificates_pem(&self) -> &[String] {
+        &self.root_certificates_pem
+    }
+
+    /// The client certificate chain and private key (PEM), if any; see
+    /// [`ClientConfigBuilder::client_identity`].
+    pub fn client_identity(&self) -> Option<(&str, &str)> {
+        self.client_identity
+            .as_ref()
+            .map(|(chain, key)| (chain.as_str(), key.as_str()))
+    }
+
+    /// The proxy of every request, if any; see [`ClientConfigBuilder::proxy`].
+    pub fn proxy(&self) -> Option<&ProxyConfig> {
+        self.proxy.as_ref()
+    }
+
+    /// Whether the proxy environment variables are read; see
+    /// [`ClientConfigBuilder::proxy_from_env`].
+    pub fn proxy_from_env(&self) -> bool {
+        self.proxy_from_env
+    }
+
+    /// Whether responses are decompressed; see
+    /// [`ClientConfigBuilder::decompress`].
+    pub fn decompress(&self) -> bool {
+        self.decompress
+    }
+
+    /// Whether request bodies are compressed; see
+    /// [`ClientConfigBuilder::request_compression`].
+    pub fn request_compression(&self) -> bool {
+        self.request_compression
+    }
+
+    /// The connection-level retries on a stale pooled connection; see
+    /// [`ClientConfigBuilder::retries`].
+    pub fn retries(&self) -> u32 {
+        self.retries
+    }
 }
 
-impl ClientConfig {
-    /// The defaults (same as [`Default`]).
-    pub fn new() -> Self {
-        Self::default()
-    }
+/// Builds a [`ClientConfig`]; [`build`](Self::build) checks every field.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ClientConfigBuilder {
+    config: ClientConfig,
+}
 
-    setter!(
-        /// Sets [`request_timeout`](Self::request_timeout) (default 60 s).
-        request_timeout: Duration
-    );
-    setter!(
-        /// Sets [`connection_timeout`](Self::connection_timeout) (default `None`).
-        connection_timeout: Option<Duration>
-    );
-    setter!(
-        /// Sets [`tcp_keepalive`](Self::tcp_keepalive) (default 15 s).
-        tcp_keepalive: Option<Duration>
-    );
-    setter!(
-        /// Sets [`stall_timeout`](Self::stall_timeout) (default `None`).
-        stall_timeout: Option<Duration>
-    );
-    setter!(
-        /// Sets [`max_response_size`](Self::max_response_size) (default 1 MiB).
-        max_response_size: usize
-    );
-    setter!(
-        /// Sets [`connection_pool_size`](Self::connection_pool_size) (default 100).
-        connection_pool_size: usize
-    );
-    setter!(
-        /// Sets [`pool_idle_timeout`](Self::pool_idle_timeout) (default 90 s).
-        pool_idle_timeout: Duration
-    );
-    setter!(
-        /// Sets [`pool_max_idle_per_host`](Self::pool_max_idle_per_host) (default 1024).
-        pool_max_idle_per_host: usize
-    );
-    setter!(
-        /// Sets [`max_requests_per_connection`](Self::max_requests_per_connection) (default `None`).
-        max_requests_per_connection: Option<u32>
-    );
-    setter!(
-        /// Sets [`http_version`](Self::http_version) (default `Auto`).
-        http_version: HttpVersionPref
-    );
-    setter!(
-        /// Sets [`client_identity`](Self::client_identity) (default `None`).
-        client_identity: Option<(String, String)>
-    );
-    setter!(
-        /// Sets [`proxy`](Self::proxy) (default `None`).
-        proxy: Option<ProxyConfig>
-    );
-    setter!(
-        /// Sets [`proxy_from_env`](Self::proxy_from_env) (default `false`).
-        proxy_from_env: bool
-    );
-    setter!(
-        /// Sets [`decompress`](Self::decompress) (default `false`).
-        decompress: bool
-    );
-    setter!(
-        /// Sets [`request_compression`](Self::request_compression) (default `false`).
-        request_compression: bool
-    );
-    setter!(
-        /// Sets [`retries`](Self::retries) (default 3).
-        retries: u32
-    );
-
-    /// Sets [`user_agent`](Self::user_agent) (default `PatientHttp`).
-    pub fn user_agent(mut self, value: impl Into<String>) -> Self {
-        self.user_agent = value.into();
+impl ClientConfigBuilder {
+    /// Timeout of a whole request: connect, send and reading the whole body
+    /// (for a streaming request: until the response head). A request's own
+    /// timeout overrides it. Must be greater than 0. Default 60 s.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
         self
     }
 
-    /// Adds PEM root certificates to [`extra_root_certs_pem`](Self::extra_root_certs_pem).
+    /// Timeout of establishing a connection (TCP, proxy tunnel, TLS), apart
+    /// from the request timeout. Must be greater than 0. Default `None`: only
+    /// the request timeout applies.
+    pub fn connection_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.connection_timeout = timeout;
+        self
+    }
+
+    /// Idle time of a TCP connection before keepalive probes are sent
+    /// (`SO_KEEPALIVE`), so a dead peer is noticed on a connection waiting
+    /// for a slow response; `None` turns keepalive off. Must be greater
+    /// than 0. Default 15 s.
+    pub fn tcp_keepalive(mut self, idle: Option<Duration>) -> Self {
+        self.config.tcp_keepalive = idle;
+        self
+    }
+
+    /// Longest wait for the next piece of a response body (an idle-read
+    /// limit, apart from the whole-request timeout, for long responses that
+    /// trickle); a request's own stall timeout overrides it. Must be greater
+    /// than 0. Default `None`: only the request timeout applies.
+    pub fn stall_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.stall_timeout = timeout;
+        self
+    }
+
+    /// Largest response body accepted by [`send`](super::HttpClient::send),
+    /// in bytes (after decompression when decompressing); a larger one ends
+    /// in a `response_too_large` error and its connection is dropped.
+    /// Streaming requests carry their own limit
+    /// ([`StreamingRequest::max_response_size`](super::StreamingRequest::max_response_size)).
+    /// Must be greater than 0. Default 1 MiB (1,048,576).
+    pub fn max_response_size(mut self, bytes: usize) -> Self {
+        self.config.max_response_size = bytes;
+        self
+    }
+
+    /// `User-Agent` sent unless the request sets one. Must be a valid header
+    /// value. Default `PatientHttp`.
+    pub fn user_agent(mut self, agent: impl Into<String>) -> Self {
+        self.config.user_agent = agent.into();
+        self
+    }
+
+    /// Number of host pools of kept-alive connections (one per scheme, host,
+    /// port and proxy); past it the least recently used is closed. Must be
+    /// greater than 0. Default 100.
+    pub fn connection_pool_size(mut self, hosts: usize) -> Self {
+        self.config.connection_pool_size = hosts;
+        self
+    }
+
+    /// Idle keep-alive connections older than this are closed. Must be
+    /// greater than 0. Default 90 s.
+    pub fn pool_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.config.pool_idle_timeout = timeout;
+        self
+    }
+
+    /// Idle HTTP/1.1 connections kept per host pool. Default 1024.
+    pub fn pool_max_idle_per_host(mut self, connections: usize) -> Self {
+        self.config.pool_max_idle_per_host = connections;
+        self
+    }
+
+    /// A connection is closed after this many requests. Must be greater
+    /// than 0. Default `None` (unlimited).
+    pub fn max_requests_per_connection(mut self, requests: Option<u32>) -> Self {
+        self.config.max_requests_per_connection = requests;
+        self
+    }
+
+    /// HTTP versions spoken. An HTTP/2 connection carries as many concurrent
+    /// requests as the server's `SETTINGS_MAX_CONCURRENT_STREAMS` allows (100
+    /// until the server has said); beyond that the client opens another
+    /// connection rather than queue requests. Default
+    /// [`HttpVersionPref::Auto`]: ALPN on TLS, HTTP/1.1 on plain `http`.
+    pub fn http_version(mut self, pref: HttpVersionPref) -> Self {
+        self.config.http_version = pref;
+        self
+    }
+
+    /// Extra trusted root certificates, added to the webpki roots; each
+    /// string is PEM and may hold several certificates. Replaces the list;
+    /// [`add_root_certificate_pem`](Self::add_root_certificate_pem) adds one
+    /// entry. Each entry is parsed by
+    /// [`HttpClient::new`](super::HttpClient::new). Default none.
+    pub fn root_certificates_pem<I>(mut self, pems: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        self.config.root_certificates_pem = pems.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Adds one entry (PEM, possibly several certificates) to
+    /// [`root_certificates_pem`](Self::root_certificates_pem).
     pub fn add_root_certificate_pem(mut self, pem: impl Into<String>) -> Self {
-        self.extra_root_certs_pem.push(pem.into());
+        self.config.root_certificates_pem.push(pem.into());
         self
     }
 
-    /// Checks every setting that can be checked without building TLS state.
-    pub fn validate(&self) -> Result<(), ClientConfigError> {
-        if self.request_timeout.is_zero() {
+    /// Client certificate chain and private key (both PEM) for mutual TLS,
+    /// parsed by [`HttpClient::new`](super::HttpClient::new). Default `None`.
+    pub fn client_identity(mut self, identity: Option<(String, String)>) -> Self {
+        self.config.client_identity = identity;
+        self
+    }
+
+    /// Proxy for every request. Default `None`.
+    pub fn proxy(mut self, proxy: Option<ProxyConfig>) -> Self {
+        self.config.proxy = proxy;
+        self
+    }
+
+    /// Read `HTTP_PROXY`, `HTTPS_PROXY` and `NO_PROXY` (or their lower-case
+    /// forms) when [`proxy`](Self::proxy) is not set. Default `false`.
+    pub fn proxy_from_env(mut self, enabled: bool) -> Self {
+        self.config.proxy_from_env = enabled;
+        self
+    }
+
+    /// Ask for and decode gzip, deflate and br responses; the decoded size
+    /// counts against [`max_response_size`](Self::max_response_size).
+    /// Default `false`.
+    pub fn decompress(mut self, enabled: bool) -> Self {
+        self.config.decompress = enabled;
+        self
+    }
+
+    /// Gzip request bodies of 1 KiB or more that have no `content-encoding`.
+    /// Default `false`.
+    pub fn request_compression(mut self, enabled: bool) -> Self {
+        self.config.request_compression = enabled;
+        self
+    }
+
+    /// Connection-level retries when a pooled connection turns out to be
+    /// stale: always when nothing was sent, for idempotent methods also when
+    /// the connection closed before any response byte. Default 3.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.config.retries = retries;
+        self
+    }
+
+    /// Checks every setting that can be checked without building TLS state
+    /// and returns the configuration, or names the first invalid field.
+    pub fn build(self) -> Result<ClientConfig, ClientConfigError> {
+        let c = &self.config;
+        if c.request_timeout.is_zero() {
             return Err(ClientConfigError::new(
                 "request_timeout",
                 "must be greater than 0",
             ));
         }
-        if self.connection_timeout.is_some_and(|d| d.is_zero()) {
+        if c.connection_timeout.is_some_and(|d| d.is_zero()) {
             return Err(ClientConfigError::new(
                 "connection_timeout",
                 "must be greater than 0",
             ));
         }
-        if self.tcp_keepalive.is_some_and(|d| d.is_zero()) {
+        if c.tcp_keepalive.is_some_and(|d| d.is_zero()) {
             return Err(ClientConfigError::new(
                 "tcp_keepalive",
                 "must be greater than 0 (None turns it off)",
             ));
         }
-        if self.stall_timeout.is_some_and(|d| d.is_zero()) {
+        if c.stall_timeout.is_some_and(|d| d.is_zero()) {
             return Err(ClientConfigError::new(
                 "stall_timeout",
                 "must be greater than 0",
             ));
         }
-        if self.max_response_size == 0 {
+        if c.max_response_size == 0 {
             return Err(ClientConfigError::new(
                 "max_response_size",
                 "must be greater than 0",
             ));
         }
-        if self.connection_pool_size == 0 {
+        if c.connection_pool_size == 0 {
             return Err(ClientConfigError::new(
                 "connection_pool_size",
                 "must be greater than 0",
             ));
         }
-        if self.pool_idle_timeout.is_zero() {
+        if c.pool_idle_timeout.is_zero() {
             return Err(ClientConfigError::new(
                 "pool_idle_timeout",
                 "must be greater than 0",
             ));
         }
-        if self.max_requests_per_connection == Some(0) {
+        if c.max_requests_per_connection == Some(0) {
             return Err(ClientConfigError::new(
                 "max_requests_per_connection",
                 "must be greater than 0",
             ));
         }
-        if http::HeaderValue::from_str(&self.user_agent).is_err() {
+        if http::HeaderValue::from_str(&c.user_agent).is_err() {
             return Err(ClientConfigError::new(
                 "user_agent",
                 "is not a valid header value",
             ));
         }
-        Ok(())
+        Ok(self.config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_invalid_setting_is_refused_by_name() {
+        let cases = [
+            (
+                ClientConfig::builder().request_timeout(Duration::ZERO),
+                "request_timeout",
+            ),
+            (
+                ClientConfig::builder().connection_timeout(Some(Duration::ZERO)),
+                "connection_timeout",
+            ),
+            (
+                ClientConfig::builder().tcp_keepalive(Some(Duration::ZERO)),
+                "tcp_keepalive",
+            ),
+            (
+                ClientConfig::builder().stall_timeout(Some(Duration::ZERO)),
+                "stall_timeout",
+            ),
+            (
+                ClientConfig::builder().max_response_size(0),
+                "max_response_size",
+            ),
+            (
+                ClientConfig::builder().connection_pool_size(0),
+                "connection_pool_size",
+            ),
+            (
+                ClientConfig::builder().pool_idle_timeout(Duration::ZERO),
+                "pool_idle_timeout",
+            ),
+            (
+                ClientConfig::builder().max_requests_per_connection(Some(0)),
+                "max_requests_per_connection",
+            ),
+            (
+                ClientConfig::builder().user_agent("bad\nagent"),
+                "user_agent",
+            ),
+        ];
+        for (builder, field) in cases {
+            let err = builder.build().unwrap_err();
+            assert_eq!(err.field(), field, "{err}");
+            assert!(err.to_string().contains(field), "{err}");
+            assert!(!err.reason().is_empty(), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_limits_of_each_check_are_accepted() {
+        let config = ClientConfig::builder()
+            .request_timeout(Duration::from_nanos(1))
+            .connection_timeout(Some(Duration::from_nanos(1)))
+            .tcp_keepalive(None)
+            .stall_timeout(Some(Duration::from_nanos(1)))
+            .max_response_size(1)
+            .connection_pool_size(1)
+            .pool_idle_timeout(Duration::from_nanos(1))
+            .max_requests_per_connection(Some(1))
+            .retries(0)
+            .build()
+            .unwrap();
+        assert_eq!(config.tcp_keepalive(), None);
+        assert_eq!(config.max_response_size(), 1);
+        assert_eq!(config.max_requests_per_connection(), Some(1));
+    }
+
+    #[test]
+    fn default_builds_and_holds_the_documented_defaults() {
+        let built = ClientConfig::builder().build().unwrap();
+        for config in [ClientConfig::default(), built] {
+            assert_eq!(config.request_timeout(), Duration::from_secs(60));
+            assert_eq!(config.connection_timeout(), None);
+            assert_eq!(config.tcp_keepalive(), Some(Duration::from_secs(15)));
+            assert_eq!(config.stall_timeout(), None);
+            assert_eq!(config.max_response_size(), 1024 * 1024);
+            assert_eq!(config.user_agent(), "PatientHttp");
+            assert_eq!(config.connection_pool_size(), 100);
+            assert_eq!(config.pool_idle_timeout(), Duration::from_secs(90));
+            assert_eq!(config.pool_max_idle_per_host(), 1024);
+            assert_eq!(config.max_requests_per_connection(), None);
+            assert_eq!(config.http_version(), HttpVersionPref::Auto);
+            assert!(config.root_certificates_pem().is_empty());
+            assert!(config.client_identity().is_none());
+            assert!(config.proxy().is_none());
+            assert!(!config.proxy_from_env());
+            assert!(!config.decompress());
+            assert!(!config.request_compression());
+            assert_eq!(config.retries(), 3);
+        }
+        assert!(ClientConfig::default().to_builder().build().is_ok());
+    }
+
+    #[test]
+    fn to_builder_round_trips_every_setting() {
+        let proxy = ProxyConfig::new("http://proxy.test:3128").unwrap();
+        let config = ClientConfig::builder()
+            .request_timeout(Duration::from_secs(5))
+            .connection_timeout(Some(Duration::from_secs(2)))
+            .tcp_keepalive(None)
+            .stall_timeout(Some(Duration::from_secs(3)))
+            .max_response_size(10)
+            .user_agent("agent/1")
+            .connection_pool_size(7)
+            .pool_idle_timeout(Duration::from_secs(4))
+            .pool_max_idle_per_host(8)
+            .max_requests_per_connection(Some(9))
+            .http_version(HttpVersionPref::Http2Only)
+            .root_certificates_pem(["first"])
+            .add_root_certificate_pem("second")
+            .client_identity(Some(("chain".into(), "key".into())))
+            .proxy(Some(proxy))
+            .proxy_from_env(true)
+            .decompress(true)
+            .request_compression(true)
+            .retries(1)
+            .build()
+            .unwrap();
+        let again = config.to_builder().build().unwrap();
+        for c in [&config, &again] {
+            assert_eq!(c.request_timeout(), Duration::from_secs(5));
+            assert_eq!(c.connection_timeout(), Some(Duration::from_secs(2)));
+            assert_eq!(c.tcp_keepalive(), None);
+            assert_eq!(c.stall_timeout(), Some(Duration::from_secs(3)));
+            assert_eq!(c.max_response_size(), 10);
+            assert_eq!(c.user_agent(), "agent/1");
+            assert_eq!(c.connection_pool_size(), 7);
+            assert_eq!(c.pool_idle_timeout(), Duration::from_secs(4));
+            assert_eq!(c.pool_max_idle_per_host(), 8);
+            assert_eq!(c.max_requests_per_connection(), Some(9));
+            assert_eq!(c.http_version(), HttpVersionPref::Http2Only);
+            assert_eq!(c.root_certificates_pem(), ["first", "second"]);
+            assert_eq!(c.client_identity(), Some(("chain", "key")));
+            assert!(c.proxy().is_some());
+            assert!(c.proxy_from_env());
+            assert!(c.decompress());
+            assert!(c.request_compression());
+            assert_eq!(c.retries(), 1);
+        }
+        assert_eq!(format!("{config:?}"), format!("{again:?}"));
+
+        // Replacing the root certificates drops the ones added before.
+        let replaced = config
+            .to_builder()
+            .root_certificates_pem(Vec::<String>::new())
+            .build()
+            .unwrap();
+        assert!(replaced.root_certificates_pem().is_empty());
+    }
+
+    #[test]
+    fn debug_redacts_the_client_identity() {
+        let config = ClientConfig::builder()
+            .client_identity(Some(("chain".into(), "private key".into())))
+            .build()
+            .unwrap();
+        let shown = format!("{config:?} {:?}", config.to_builder());
+        assert!(!shown.contains("private key"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 }

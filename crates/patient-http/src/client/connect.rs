@@ -44,9 +44,9 @@ impl Connector {
         open: Arc<AtomicUsize>,
     ) -> Result<Connector, ClientConfigError> {
         Ok(Connector {
-            tcp: TcpConnector::new(config.tcp_keepalive),
+            tcp: TcpConnector::new(config.tcp_keepalive()),
             tls: tls::build(config)?,
-            http_version: config.http_version,
+            http_version: config.http_version(),
             open,
             next_id: AtomicU64::new(1),
         })

@@ -127,17 +127,16 @@ pub(crate) struct Transport {
 
 impl Transport {
     pub(crate) fn new(config: ClientConfig) -> Result<Transport, ClientConfigError> {
-        config.validate()?;
-        let proxies = Proxies::new(config.proxy.as_ref(), config.proxy_from_env)?;
-        let user_agent = HeaderValue::from_str(&config.user_agent)
+        let proxies = Proxies::new(config.proxy(), config.proxy_from_env())?;
+        let user_agent = HeaderValue::from_str(config.user_agent())
             .map_err(|_| ClientConfigError::new("user_agent", "is not a valid header value"))?;
         let open = Arc::new(AtomicUsize::new(0));
         let connector = Connector::new(&config, Arc::clone(&open))?;
         let pool = Arc::new(Pool::new(
-            config.connection_pool_size,
-            config.pool_max_idle_per_host,
-            config.pool_idle_timeout,
-            config.max_requests_per_connection,
+            config.connection_pool_size(),
+            config.pool_max_idle_per_host(),
+            config.pool_idle_timeout(),
+            config.max_requests_per_connection(),
             open,
         ));
         Ok(Transport {
@@ -214,13 +213,13 @@ impl Transport {
         if !headers.contains_key(header::USER_AGENT) {
             headers.insert(header::USER_AGENT, self.user_agent.clone());
         }
-        if self.config.decompress && !headers.contains_key(header::ACCEPT_ENCODING) {
+        if self.config.decompress() && !headers.contains_key(header::ACCEPT_ENCODING) {
             headers.insert(
                 header::ACCEPT_ENCODING,
                 HeaderValue::from_static("gzip, deflate, br"),
             );
         }
-        if self.config.request_compression && !headers.contains_key(header::CONTENT_ENCODING) {
+        if self.config.request_compression() && !headers.contains_key(header::CONTENT_ENCODING) {
             let compressed = body
                 .as_full()
                 .filter(|data| data.len() >= decode::COMPRESS_MIN_SIZE)
@@ -252,7 +251,7 @@ impl Transport {
 
     /// Whether the origin may speak HTTP/2, and whether it certainly does.
     fn h2_for(&self, origin: &Origin) -> (bool, bool) {
-        match self.config.http_version {
+        match self.config.http_version() {
             HttpVersionPref::Http1Only => (false, false),
             HttpVersionPref::Auto => (origin.https, false),
             HttpVersionPref::Http2Only => {
@@ -269,7 +268,7 @@ impl Transport {
         p: &mut Prepared,
         progress: &Progress,
     ) -> Result<StreamingResponse, TransportError> {
-        let mut retries_left = self.config.retries;
+        let mut retries_left = self.config.retries();
         let mut fresh = false;
         loop {
             progress.set(Phase::Connect);
@@ -314,7 +313,7 @@ impl Transport {
         let fut = self
             .connector
             .connect(&p.origin, p.proxy.as_deref(), h2_streams);
-        match self.config.connection_timeout {
+        match self.config.connection_timeout() {
             None => fut.await,
             Some(limit) => match tokio::time::timeout(limit, fut).await {
                 Ok(result) => result,
@@ -527,7 +526,7 @@ impl Transport {
         }
 
         let mut headers = parts.headers;
-        let decoder = if self.config.decompress && !no_body && content_length != Some(0) {
+        let decoder = if self.config.decompress() && !no_body && content_length != Some(0) {
             decode::response_coding(&headers).map(|coding| Decoder::new(coding, limit))
         } else {
             None

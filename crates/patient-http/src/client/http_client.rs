@@ -31,7 +31,11 @@ impl std::fmt::Debug for HttpClient {
 }
 
 impl HttpClient {
-    /// Builds a client; fails with the name of the first invalid setting.
+    /// Builds a client over a configuration checked by
+    /// [`ClientConfigBuilder::build`](super::ClientConfigBuilder::build).
+    /// Fails, naming the setting, when the TLS material
+    /// (`root_certificates_pem`, `client_identity`) does not parse or the
+    /// proxy environment variables (`proxy_from_env`) hold an invalid URL.
     /// Works inside or outside a tokio runtime (requests must run inside one).
     pub fn new(config: ClientConfig) -> Result<HttpClient, ClientConfigError> {
         Ok(HttpClient {
@@ -53,7 +57,9 @@ impl HttpClient {
     pub async fn send(&self, request: OutgoingRequest) -> Result<RawResponse, TransportError> {
         let transport = &*self.inner;
         transport.pool.ensure_sweeper();
-        let timeout = request.timeout.unwrap_or(transport.config.request_timeout);
+        let timeout = request
+            .timeout
+            .unwrap_or(transport.config.request_timeout());
         let deadline = crate::time::saturating_after(Instant::now(), timeout);
         let OutgoingRequest {
             method,
@@ -64,8 +70,8 @@ impl HttpClient {
             stall_timeout,
         } = request;
         let limits = Limits {
-            stall_timeout: stall_timeout.or(transport.config.stall_timeout),
-            max_response_size: Some(transport.config.max_response_size),
+            stall_timeout: stall_timeout.or(transport.config.stall_timeout()),
+            max_response_size: Some(transport.config.max_response_size()),
         };
         let mut prepared =
             transport.prepare(method, url, headers, RequestBody::full(body), limits)?;
@@ -126,7 +132,9 @@ impl HttpClient {
     ) -> Result<StreamingResponse, TransportError> {
         let transport = &*self.inner;
         transport.pool.ensure_sweeper();
-        let timeout = request.timeout.unwrap_or(transport.config.request_timeout);
+        let timeout = request
+            .timeout
+            .unwrap_or(transport.config.request_timeout());
         let deadline = crate::time::saturating_after(Instant::now(), timeout);
         let StreamingRequest {
             method,
@@ -138,7 +146,7 @@ impl HttpClient {
             max_response_size,
         } = request;
         let limits = Limits {
-            stall_timeout: stall_timeout.or(transport.config.stall_timeout),
+            stall_timeout: stall_timeout.or(transport.config.stall_timeout()),
             max_response_size: max_response_size.filter(|&n| n > 0),
         };
         let mut prepared = transport.prepare(method, url, headers, body, limits)?;

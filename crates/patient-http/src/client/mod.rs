@@ -50,7 +50,7 @@ mod tunnel;
 /// signing preprocessors run).
 pub(crate) use self::decode::{gzip, COMPRESS_MIN_SIZE};
 pub use self::{
-    config::{ClientConfig, HttpVersionPref},
+    config::{ClientConfig, ClientConfigBuilder, HttpVersionPref},
     error::{ClientConfigError, ErrorType, TransportError},
     http_client::HttpClient,
     pool::PoolStats,

@@ -22,12 +22,12 @@ pub(crate) struct TlsConnectors {
 }
 
 pub(crate) fn build(config: &ClientConfig) -> Result<TlsConnectors, ClientConfigError> {
-    const FIELD_ROOTS: &str = "extra_root_certs_pem";
+    const FIELD_ROOTS: &str = "root_certificates_pem";
     const FIELD_IDENTITY: &str = "client_identity";
 
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for (index, pem) in config.extra_root_certs_pem.iter().enumerate() {
+    for (index, pem) in config.root_certificates_pem().iter().enumerate() {
         let mut found = 0;
         for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
             let cert = cert.map_err(|e| {
@@ -51,7 +51,7 @@ pub(crate) fn build(config: &ClientConfig) -> Result<TlsConnectors, ClientConfig
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientConfigError::new(FIELD_ROOTS, e.to_string()))?
         .with_root_certificates(roots);
-    let mut target = match &config.client_identity {
+    let mut target = match config.client_identity() {
         None => builder.with_no_client_auth(),
         Some((chain_pem, key_pem)) => {
             let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
@@ -73,7 +73,7 @@ pub(crate) fn build(config: &ClientConfig) -> Result<TlsConnectors, ClientConfig
         }
     };
     let mut proxy = target.clone();
-    target.alpn_protocols = match config.http_version {
+    target.alpn_protocols = match config.http_version() {
         HttpVersionPref::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         HttpVersionPref::Http1Only => vec![b"http/1.1".to_vec()],
         HttpVersionPref::Http2Only => vec![b"h2".to_vec()],

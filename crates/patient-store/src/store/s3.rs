@@ -225,11 +225,13 @@ impl S3Store {
             session_token: None,
         };
         let client = HttpClient::new(
-            ClientConfig::default()
+            ClientConfig::builder()
                 .max_response_size(MAX_OBJECT_SIZE)
                 .request_timeout(DEFAULT_REQUEST_TIMEOUT)
                 .http_version(HttpVersionPref::Http1Only)
-                .user_agent("patient-store"),
+                .user_agent("patient-store")
+                .build()
+                .map_err(|e| config_error("client", e))?,
         )
         .map_err(|e| config_error("client", e))?;
         Ok(S3Store {
