@@ -40,6 +40,12 @@ impl AwaitableClient {
         self.engine.execute(task, tokio::time::Instant::now()).await
     }
 
+    /// Adds an observer: it sees every request made from now on, by this
+    /// client and its clones.
+    pub fn add_observer(&self, observer: impl crate::ProcessorObserver) {
+        self.engine.observers.add(Arc::new(observer));
+    }
+
     /// The metrics of this client's requests.
     pub fn metrics(&self) -> &crate::metrics::Metrics {
         &self.engine.metrics

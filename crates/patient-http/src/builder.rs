@@ -103,7 +103,7 @@ impl Builder {
             secrets: self.secrets,
             preprocessors: self.preprocessors,
             interceptors: self.interceptors,
-            observers: self.observers,
+            observers: Arc::new(crate::observer::Observers::new(self.observers)),
             resilience: self.resilience,
             default_retry: crate::retry::RetryPolicy::default(),
             metrics: self.metrics.unwrap_or_default(),

@@ -21,9 +21,9 @@ use tokio::time::Instant;
 use url::Url;
 
 use crate::{
-    client::HttpClient, interceptor::Interceptors, metrics::Metrics, preprocess::Preprocessors,
-    resilience::ResilienceConfig, retry::RetryPolicy, secret::Secrets, upstream::Upstreams, Config,
-    ProcessorObserver, Task,
+    client::HttpClient, interceptor::Interceptors, metrics::Metrics, observer::Observers,
+    preprocess::Preprocessors, resilience::ResilienceConfig, retry::RetryPolicy, secret::Secrets,
+    upstream::Upstreams, Config, ProcessorObserver, Task,
 };
 
 /// Everything needed to run a task, shared by every face.
@@ -33,7 +33,7 @@ pub(crate) struct Engine {
     pub(crate) secrets: Secrets,
     pub(crate) preprocessors: Preprocessors,
     pub(crate) interceptors: Interceptors,
-    pub(crate) observers: Vec<Arc<dyn ProcessorObserver>>,
+    pub(crate) observers: Arc<Observers>,
     pub(crate) resilience: ResilienceConfig,
     /// The retry policy of upstreams without their own.
     pub(crate) default_retry: RetryPolicy,
@@ -52,7 +52,10 @@ pub(crate) const PANIC_CLASS: &str = "Panic";
 impl Engine {
     /// Calls `f` on every observer, catching and reporting panics.
     pub(crate) fn notify(&self, f: impl Fn(&dyn ProcessorObserver)) {
-        for observer in &self.observers {
+        let Some(observers) = self.observers.snapshot() else {
+            return;
+        };
+        for observer in observers.iter() {
             if catch_unwind(AssertUnwindSafe(|| f(observer.as_ref()))).is_err() {
                 self.count_panic();
                 tracing::error!("a processor observer panicked; the panic was contained");

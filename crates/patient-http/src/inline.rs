@@ -114,6 +114,11 @@ impl InlineExecutor {
         outcome(task, result)
     }
 
+    /// Adds an observer: it sees every task run from now on.
+    pub fn add_observer(&self, observer: impl crate::ProcessorObserver) {
+        self.engine.observers.add(Arc::new(observer));
+    }
+
     /// Runs a task and hands its outcome to the handler, as the processor
     /// would. It blocks like [`run`](InlineExecutor::run).
     pub fn execute(&self, task: Task) {

@@ -62,3 +62,45 @@ pub trait ProcessorObserver: Send + Sync + 'static {
     /// The circuit breaker of an upstream changed state.
     fn on_breaker_state_change(&self, _upstream: &str, _from: BreakerState, _to: BreakerState) {}
 }
+
+/// The observers of an engine. More can be added while it runs; every call
+/// goes to a snapshot of the list, taken without holding any lock while an
+/// observer runs.
+#[derive(Default)]
+pub(crate) struct Observers {
+    list: std::sync::RwLock<std::sync::Arc<[std::sync::Arc<dyn ProcessorObserver>]>>,
+    /// Whether the list is non-empty: the common case of no observers takes
+    /// no lock at all.
+    any: std::sync::atomic::AtomicBool,
+}
+
+impl Observers {
+    /// The observers given at build time.
+    pub(crate) fn new(list: Vec<std::sync::Arc<dyn ProcessorObserver>>) -> Self {
+        Observers {
+            any: std::sync::atomic::AtomicBool::new(!list.is_empty()),
+            list: std::sync::RwLock::new(list.into()),
+        }
+    }
+
+    /// Adds one; it sees every event from now on.
+    pub(crate) fn add(&self, observer: std::sync::Arc<dyn ProcessorObserver>) {
+        let mut list = self.list.write().unwrap_or_else(|e| e.into_inner());
+        let mut next: Vec<_> = list.iter().cloned().collect();
+        next.push(observer);
+        *list = next.into();
+        self.any.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The observers now, or `None` when there are none.
+    pub(crate) fn snapshot(
+        &self,
+    ) -> Option<std::sync::Arc<[std::sync::Arc<dyn ProcessorObserver>]>> {
+        if !self.any.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        Some(std::sync::Arc::clone(
+            &self.list.read().unwrap_or_else(|e| e.into_inner()),
+        ))
+    }
+}

@@ -23,8 +23,8 @@ use crate::{
     breaker::{BreakerState, CircuitBreaker},
     limit::KeyLimits,
     metrics::{Metrics, UpstreamMetrics},
+    observer::Observers,
     resilience::{HedgeDelay, UpstreamPolicy},
-    ProcessorObserver,
 };
 
 /// The last latencies of an upstream's successful attempts, for adaptive
@@ -123,7 +123,7 @@ impl Upstreams {
         key: &str,
         policy: &UpstreamPolicy,
         metrics: &Metrics,
-        observers: &[Arc<dyn ProcessorObserver>],
+        observers: &Arc<Observers>,
     ) -> Arc<UpstreamState> {
         let now = self.tick.load(Ordering::Relaxed);
         if let Some(state) = read(&self.states).get(key) {
@@ -169,19 +169,19 @@ fn new_state(
     key: &str,
     policy: &UpstreamPolicy,
     metrics: &Metrics,
-    observers: &[Arc<dyn ProcessorObserver>],
+    observers: &Arc<Observers>,
     now: u64,
 ) -> UpstreamState {
     let upstream_metrics = metrics.upstream(key);
     let breaker = policy.breaker().map(|breaker_policy| {
         let gauge = Arc::clone(&upstream_metrics);
-        let observers = observers.to_vec();
+        let observers = Arc::clone(observers);
         let key_owned = key.to_owned();
         gauge.set_breaker_state(BreakerState::Closed.as_gauge());
         CircuitBreaker::with_on_transition(breaker_policy.clone(), move |from, to| {
             gauge.set_breaker_state(to.as_gauge());
             tracing::warn!(upstream = %key_owned, from = from.as_str(), to = to.as_str(), "circuit breaker state changed");
-            for o in &observers {
+            for o in observers.snapshot().iter().flat_map(|list| list.iter()) {
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     o.on_breaker_state_change(&key_owned, from, to)
                 }));
@@ -213,14 +213,18 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 mod tests {
     use super::*;
 
+    fn none() -> Arc<Observers> {
+        Arc::new(Observers::default())
+    }
+
     #[test]
     fn unused_states_are_evicted_past_the_bound() {
         let upstreams = Upstreams::new(64);
         let metrics = Metrics::new();
         let policy = UpstreamPolicy::default();
-        let held = upstreams.resolve("http://held", &policy, &metrics, &[]);
+        let held = upstreams.resolve("http://held", &policy, &metrics, &none());
         for i in 0..10_000 {
-            let _ = upstreams.resolve(&format!("http://host-{i}"), &policy, &metrics, &[]);
+            let _ = upstreams.resolve(&format!("http://host-{i}"), &policy, &metrics, &none());
             assert!(
                 upstreams.len() <= 64,
                 "{} states after {i}",
@@ -228,7 +232,7 @@ mod tests {
             );
         }
         // The state a task still holds was never evicted.
-        let again = upstreams.resolve("http://held", &policy, &metrics, &[]);
+        let again = upstreams.resolve("http://held", &policy, &metrics, &none());
         assert!(Arc::ptr_eq(&held, &again));
     }
 
@@ -238,11 +242,11 @@ mod tests {
         let metrics = Metrics::new();
         let policy = UpstreamPolicy::default();
         let held: Vec<_> = (0..8)
-            .map(|i| upstreams.resolve(&format!("http://h{i}"), &policy, &metrics, &[]))
+            .map(|i| upstreams.resolve(&format!("http://h{i}"), &policy, &metrics, &none()))
             .collect();
         assert_eq!(upstreams.len(), 8);
         drop(held);
-        let _ = upstreams.resolve("http://next", &policy, &metrics, &[]);
+        let _ = upstreams.resolve("http://next", &policy, &metrics, &none());
         assert!(upstreams.len() <= 4);
     }
 }

@@ -483,3 +483,56 @@ async fn url_credentials_go_as_basic_auth_to_their_origin_only_and_are_never_wri
     assert!(!written.contains("secret"), "{written}");
     assert!(!error.to_string().contains("secret"), "{error}");
 }
+
+// Observers may join a running processor (issue 8, point 12).
+
+#[derive(Clone, Default)]
+struct Starts(Arc<Mutex<Vec<String>>>);
+
+impl ProcessorObserver for Starts {
+    fn on_request_start(&self, event: &patient_http::RequestStart<'_>) {
+        self.0.lock().unwrap().push(event.url.to_owned());
+    }
+
+    fn on_breaker_state_change(&self, _: &str, from: BreakerState, to: BreakerState) {
+        self.0.lock().unwrap().push(format!("{from}->{to}"));
+    }
+}
+
+#[test]
+fn an_observer_added_to_a_running_processor_sees_what_follows() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let up = runtime.block_on(Upstream::start()).unwrap();
+    let mut resilience = ResilienceConfig::builder();
+    resilience = resilience.defaults(|p| {
+        p.retry(Some(RetryPolicy::none())).breaker(Some(
+            BreakerPolicy::builder()
+                .consecutive_failures(Some(1))
+                .minimum_throughput(1000)
+                .build()
+                .unwrap(),
+        ))
+    });
+    let (tx, rx) = mpsc::channel::<Outcome>();
+    let processor = Builder::new()
+        .resilience(resilience.build().unwrap())
+        .build(tx)
+        .unwrap();
+    processor.start().unwrap();
+    // The upstream's state (and its breaker) exists before the observer joins.
+    processor
+        .enqueue(Task::new(get(up.url("/fast")), "Callback"))
+        .unwrap();
+    rx.recv_timeout(WAIT).unwrap();
+
+    let starts = Starts::default();
+    processor.add_observer(starts.clone());
+    processor
+        .enqueue(Task::new(get(up.url("/status/503")), "Callback"))
+        .unwrap();
+    rx.recv_timeout(WAIT).unwrap();
+    assert!(processor.wait_for_idle(WAIT));
+    let seen = starts.0.lock().unwrap().clone();
+    assert_eq!(seen, [up.url("/status/503"), "closed->open".to_owned()]);
+    processor.stop(None);
+}

@@ -208,6 +208,12 @@ impl Processor {
         &self.inner.engine.metrics
     }
 
+    /// Adds an observer, also while the processor runs: it sees every event
+    /// from now on (a `start` already past is not replayed).
+    pub fn add_observer(&self, observer: impl crate::ProcessorObserver) {
+        self.inner.engine.observers.add(Arc::new(observer));
+    }
+
     /// The configuration it runs with.
     pub fn config(&self) -> &crate::Config {
         &self.inner.engine.config
