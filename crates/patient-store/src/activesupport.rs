@@ -69,8 +69,9 @@ pub enum Serializer {
     /// Ruby's `Marshal` (Active Support 6.1's default, the gem's): the JSON
     /// text as a marshalled UTF-8 `String`.
     Marshal,
-    /// `serializer: JSON` (or `ActiveSupport::JSON`): the JSON text as a JSON
-    /// string literal.
+    /// `serializer: JSON`: the JSON text as a JSON string literal. Reading
+    /// also takes the `\uXXXX` escapes of a serializer that encodes with
+    /// `ActiveSupport::JSON`.
     Json,
 }
 

@@ -8,12 +8,13 @@
 use std::{
     io::Write,
     process::{Command, Stdio},
+    sync::Arc,
 };
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use patient_store::{
     activesupport::{marshal_dump_string, Serializer},
-    Encryptor, StoreError,
+    Encryptor, PayloadCodec, StoreError,
 };
 use serde_json::{json, Value};
 
@@ -23,6 +24,7 @@ require "json"
 require "active_support"
 require "active_support/key_generator"
 require "active_support/message_encryptor"
+require "active_support/json"
 
 mode, serializer, *keys = ARGV
 generate = lambda do |key|
@@ -31,6 +33,12 @@ generate = lambda do |key|
 end
 options = {cipher: "aes-256-gcm"}
 options[:serializer] = JSON if serializer == "json"
+# ActiveSupport::JSON's encoding, as newer Active Support's `:json` serializer writes it.
+module ActiveSupportJson
+  def self.dump(value) = ActiveSupport::JSON.encode(value)
+  def self.load(text) = ActiveSupport::JSON.decode(text)
+end
+options[:serializer] = ActiveSupportJson if serializer == "asjson"
 encryptor = ActiveSupport::MessageEncryptor.new(generate.call(keys.first), **options)
 keys[1..].each { |key| encryptor.rotate(generate.call(key)) }
 
@@ -230,6 +238,29 @@ fn either_serializer_is_read() {
             .unwrap(),
         payload
     );
+    // A serializer that encodes with `ActiveSupport::JSON`, which escapes
+    // `<`, `>`, `&` and U+2028 as `\uXXXX`.
+    for payload in payloads() {
+        let from_ruby = ruby_encrypt("asjson", &[NEW], &payload);
+        assert_eq!(json.decrypt(&from_ruby).unwrap(), payload);
+        let from_rust = json.encrypt(&payload).unwrap();
+        assert_eq!(ruby_decrypt("asjson", &[NEW], &from_rust), Ok(payload));
+    }
+}
+
+#[tokio::test]
+async fn the_codec_reads_and_writes_the_gem_format() {
+    if !ruby_available() {
+        return;
+    }
+    let payload = payloads().remove(0);
+    let codec = PayloadCodec::new().with_encryptor(Arc::new(
+        Encryptor::active_support(&[NEW, OLD], Serializer::Marshal).unwrap(),
+    ));
+    let from_ruby = ruby_encrypt("marshal", &[OLD], &payload);
+    assert_eq!(codec.decode(&from_ruby).await.unwrap(), payload);
+    let sent = codec.encode(&payload).await.unwrap();
+    assert_eq!(ruby_decrypt("marshal", &[NEW], &sent), Ok(payload));
 }
 
 #[test]
