@@ -430,7 +430,79 @@ impl<'a> MarshalReader<'a> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+    use crate::Encryptor;
+
+    /// Written by Ruby's Active Support 6.1 `MessageEncryptor` as the gem
+    /// sets it up, with the key "a gem encryption key", for
+    /// `{"known":"answer"}`: Marshal, then `serializer: JSON`.
+    const KNOWN_MARSHAL: &str = "N0VKRUgyNG5ycElTckFQOUw0SHhOOExVQVUzcHBKSDZPVVhEOVE9PS0tVDU4aHkrdjRWd21sb1IzRi0tQy8rclJ3U1h1VldzeEhBNUtSbnJQQT09";
+    const KNOWN_JSON: &str = "VGFoazFpNDJhWFNaUmI4dVV3T2p1Rk1RVFlqTk1XSDgtLVNRcGN3cFhVclk2OW1kTVAtLUpHU0M0Z0pGZE9UcjRXL1RxZ3ZCTnc9PQ==";
+
+    #[test]
+    fn known_ruby_messages_decrypt() {
+        for serializer in [Serializer::Marshal, Serializer::Json] {
+            let encryptor =
+                Encryptor::active_support(&["another key", "a gem encryption key"], serializer)
+                    .unwrap();
+            for known in [KNOWN_MARSHAL, KNOWN_JSON] {
+                let sealed = json!({"__encrypted__": true, "value": known});
+                assert_eq!(
+                    encryptor.decrypt(&sealed).unwrap(),
+                    json!({"known": "answer"})
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn round_trip_rotation_and_serializers() {
+        let old = Encryptor::active_support(&["old"], Serializer::Marshal).unwrap();
+        let rotated = Encryptor::active_support(&["new", "old"], Serializer::Json).unwrap();
+        let value = json!({"status": 200, "body": "ünïcødé"});
+        let before = old.encrypt(&value).unwrap();
+        assert_eq!(rotated.decrypt(&before).unwrap(), value);
+        let after = rotated.encrypt(&value).unwrap();
+        assert_eq!(rotated.decrypt(&after).unwrap(), value);
+        assert!(
+            matches!(old.decrypt(&after), Err(StoreError::Decrypt(m)) if m.contains("authentication failed"))
+        );
+        // The message inside the envelope: three strict Base64 parts.
+        let message = STANDARD
+            .decode(after["value"].as_str().unwrap_or_default())
+            .unwrap();
+        let message = String::from_utf8(message).unwrap();
+        let parts: Vec<&str> = message.split(SEPARATOR).collect();
+        assert_eq!(parts.len(), 3);
+        assert_eq!(STANDARD.decode(parts[1]).unwrap().len(), NONCE_LEN);
+        assert_eq!(STANDARD.decode(parts[2]).unwrap().len(), TAG_LEN);
+        // Data written before encryption was switched on loads unchanged.
+        assert_eq!(rotated.decrypt(&value).unwrap(), value);
+    }
+
+    #[test]
+    fn secrets_are_validated_and_not_shown() {
+        let none: [&str; 0] = [];
+        assert!(matches!(
+            Encryptor::active_support(&none, Serializer::Marshal),
+            Err(StoreError::Config(m)) if m.contains("at least one secret")
+        ));
+        assert!(matches!(
+            Encryptor::active_support(&["key", ""], Serializer::Marshal),
+            Err(StoreError::Config(m)) if m.contains("#2 is empty")
+        ));
+        let debug = format!(
+            "{:?}",
+            Encryptor::active_support(&["a secret"], Serializer::Json).unwrap()
+        );
+        assert!(
+            debug.contains("active-support") && debug.contains("Json"),
+            "{debug}"
+        );
+        assert!(!debug.contains("a secret"), "{debug}");
+    }
 
     #[test]
     fn marshal_of_short_and_long_strings() {
