@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Starts the servers the payload-store conformance suite runs against, each on
 # a free loopback port: Redis (Debian's redis-server), a private PostgreSQL
-# cluster in a temporary directory, and the moto S3-compatible server (PyPI).
+# cluster in a temporary directory, and the moto S3-compatible server (PyPI);
+# and Ruby's Active Support (Debian's ruby-activesupport, no server), which the
+# tests of the PatientHttp gem's encryption format run.
 # Missing software is installed first; install output goes to log files.
 #
 #   eval "$(scripts/services.sh start)"   # start (or reuse) them; prints `export` lines
@@ -306,6 +308,24 @@ wait_gone() {
   kill -9 "$pid" 2>/dev/null || true
 }
 
+# --- Active Support (Ruby) ---------------------------------------------------
+# Not a server: the library the encryption-format tests run with `ruby -e`.
+
+activesupport_installed() {
+  command -v ruby >/dev/null 2>&1 &&
+    ruby -e 'require "active_support"; require "active_support/message_encryptor"' >/dev/null 2>&1
+}
+
+ensure_activesupport() {
+  if activesupport_installed; then
+    say "ruby-activesupport already installed"
+    return
+  fi
+  apt_install ruby-activesupport
+  activesupport_installed || die "Active Support does not load after installing ruby-activesupport (see $STATE/install.log)"
+  say "ruby-activesupport installed"
+}
+
 # --- Commands --------------------------------------------------------------
 
 print_env() {
@@ -333,6 +353,9 @@ cmd_start() {
   t=$(now_ms)
   start_moto
   say "moto ready in $(($(now_ms) - t)) ms"
+  t=$(now_ms)
+  ensure_activesupport
+  say "active support ready in $(($(now_ms) - t)) ms"
   say "all services ready in $(($(now_ms) - t0)) ms"
   print_env
 }
@@ -356,6 +379,7 @@ cmd_status() {
   redis_running && say "redis: running on port $(cat "$STATE/redis.port")" || say "redis: stopped"
   pg_running && say "postgresql: running on port $(cat "$STATE/postgres.port")" || say "postgresql: stopped"
   moto_running && say "moto: running on port $(cat "$STATE/moto.port")" || say "moto: stopped"
+  activesupport_installed && say "active support: installed" || say "active support: not installed"
 }
 
 case "${1:-}" in

@@ -11,7 +11,7 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== services (Redis, PostgreSQL, S3) for the payload-store conformance suite"
+echo "== services (Redis, PostgreSQL, S3) for the payload-store conformance suite, Active Support for the gem's encryption format"
 # Started on free loopback ports (installed first if missing); those this run
 # starts are stopped on exit, those already running are left running.
 running=$(scripts/services.sh env)

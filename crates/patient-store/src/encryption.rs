@@ -53,7 +53,10 @@ use ring::{
 };
 use serde_json::{Map, Value};
 
-use crate::StoreError;
+use crate::{
+    activesupport::{ActiveSupport, Serializer},
+    StoreError,
+};
 
 /// The shortest secret accepted, in bytes.
 pub const MIN_SECRET_LEN: usize = 16;
@@ -93,6 +96,7 @@ pub struct Encryptor {
 
 enum Inner {
     AesGcm(AesGcm),
+    ActiveSupport(ActiveSupport),
     Custom {
         encrypt: Box<CustomFn>,
         decrypt: Box<CustomFn>,
@@ -106,6 +110,12 @@ impl fmt::Debug for Encryptor {
                 .debug_struct("Encryptor")
                 .field("kind", &"aes-256-gcm")
                 .field("keys", &aes.keys.len())
+                .finish_non_exhaustive(),
+            Inner::ActiveSupport(aes) => f
+                .debug_struct("Encryptor")
+                .field("kind", &"active-support aes-256-gcm")
+                .field("keys", &aes.key_count())
+                .field("serializer", &aes.serializer())
                 .finish_non_exhaustive(),
             Inner::Custom { .. } => f
                 .debug_struct("Encryptor")
@@ -148,6 +158,25 @@ impl Encryptor {
         })
     }
 
+    /// The PatientHttp gem's encryption (its `encryption_key` setting):
+    /// Active Support's `MessageEncryptor` with `aes-256-gcm` and keys from
+    /// `KeyGenerator` with the gem's salt, see the
+    /// [`activesupport`](crate::activesupport) module for the format. The
+    /// first secret encrypts, every secret decrypts (the gem's rotation);
+    /// `serializer` is the one the Ruby side's `MessageEncryptor` uses
+    /// ([`Serializer::Marshal`] for the gem), and decryption reads either.
+    ///
+    /// Secrets are the gem's keys as they are (any non-empty string). Fails
+    /// with [`StoreError::Config`] when there is no secret or one is empty.
+    pub fn active_support(
+        secrets: &[impl AsRef<str>],
+        serializer: Serializer,
+    ) -> Result<Self, StoreError> {
+        Ok(Encryptor {
+            inner: Inner::ActiveSupport(ActiveSupport::new(secrets, serializer)?),
+        })
+    }
+
     /// Your own encryption: `encrypt` turns the JSON text's bytes into
     /// ciphertext and `decrypt` turns ciphertext back; an `Err` (or a panic)
     /// becomes [`StoreError::Encrypt`] or [`StoreError::Decrypt`] with its
@@ -169,6 +198,11 @@ impl Encryptor {
     pub fn encrypt(&self, value: &Value) -> Result<Value, StoreError> {
         let ciphertext = match &self.inner {
             Inner::AesGcm(aes) => aes.seal(value)?,
+            Inner::ActiveSupport(aes) => {
+                let json = serde_json::to_string(value)
+                    .map_err(|e| StoreError::Encrypt(format!("cannot serialize the value: {e}")))?;
+                aes.seal(&json)?.into_bytes()
+            }
             Inner::Custom { encrypt, .. } => {
                 let json = serde_json::to_vec(value)
                     .map_err(|e| StoreError::Encrypt(format!("cannot serialize the value: {e}")))?;
@@ -222,6 +256,10 @@ impl Encryptor {
                 let (buffer, range) = aes.open(encoded)?;
                 plaintext = buffer;
                 &plaintext[range]
+            }
+            Inner::ActiveSupport(aes) => {
+                plaintext = aes.open(&decode_base64(encoded)?)?.into_bytes();
+                &plaintext
             }
             Inner::Custom { decrypt, .. } => {
                 let ciphertext = decode_base64(encoded)?;

@@ -9,9 +9,11 @@
 //!   store stays readable.
 //! * [`Encryptor`]: AES-256-GCM with keys derived from configured secrets,
 //!   rotation, custom functions, and the `{"__encrypted__": true, "value": …}`
-//!   envelope of the wire format.
+//!   envelope of the wire format; [`Encryptor::active_support`] for the
+//!   PatientHttp gem's format ([`activesupport`]).
 //! * [`PayloadCodec`]: both in one call, for a job-queue integration.
 
+pub mod activesupport;
 pub mod codec;
 pub mod encryption;
 pub mod error;
