@@ -277,7 +277,7 @@ impl ClientConfigBuilder {
     }
 
     /// Longest wait for the next piece of a response body (an idle-read
-    /// limit, apart from the whole-request timeout, for long responses that
+    /// limit, apart from the attempt timeout, for long responses that
     /// trickle); a request's own stall timeout overrides it. Must be greater
     /// than 0. Default `None`: only the request timeout applies.
     pub fn stall_timeout(mut self, timeout: Option<Duration>) -> Self {
