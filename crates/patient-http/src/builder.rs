@@ -105,7 +105,7 @@ impl Builder {
             interceptors: self.interceptors,
             observers: Arc::new(crate::observer::Observers::new(self.observers)),
             resilience: self.resilience,
-            default_retry: crate::retry::RetryPolicy::default(),
+            default_retry: crate::retry::RetryPolicy::none(),
             metrics: self.metrics.unwrap_or_default(),
             upstreams,
             panics: AtomicU64::new(0),

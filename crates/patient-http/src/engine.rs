@@ -35,7 +35,8 @@ pub(crate) struct Engine {
     pub(crate) interceptors: Interceptors,
     pub(crate) observers: Arc<Observers>,
     pub(crate) resilience: ResilienceConfig,
-    /// The retry policy of upstreams without their own.
+    /// The retry policy of upstreams without their own: one attempt (see
+    /// [`UpstreamPolicyBuilder::retry`](crate::resilience::UpstreamPolicyBuilder::retry)).
     pub(crate) default_retry: RetryPolicy,
     pub(crate) metrics: Metrics,
     /// Breaker, limits, latencies and metric handles by upstream key.

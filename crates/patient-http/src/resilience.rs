@@ -396,9 +396,20 @@ pub struct UpstreamPolicyBuilder {
 }
 
 impl UpstreamPolicyBuilder {
-    /// The retry policy. Default `None`: [`RetryPolicy::default`], which
-    /// retries idempotent methods and leaves POST and PATCH to one attempt
-    /// unless they carry an idempotency key or opt in.
+    /// The retry policy. Default `None`: one attempt ([`RetryPolicy::none`]),
+    /// as the PatientHttp gem does, so a request's `timeout` is also the
+    /// longest wait for its outcome. Retries are one setting away: set a
+    /// policy here (on the defaults or on one upstream), for example
+    /// [`RetryPolicy::default`] (up to 3 attempts on timeouts, connection
+    /// errors and 408/429/5xx), or give a request its own `options.retry`
+    /// (applied over this policy, so it needs `max_attempts` to retry when
+    /// none is set here). Any policy retries idempotent methods and leaves
+    /// POST and PATCH to one attempt unless they carry an idempotency key
+    /// (`options.idempotency_key` or an `Idempotency-Key` /
+    /// `X-Idempotency-Key` header) or opt in with `retry_unsafe`. The
+    /// connection-level retry of a stale pooled connection
+    /// ([`ClientConfigBuilder::retries`](crate::client::ClientConfigBuilder::retries)) is separate
+    /// and stays on.
     pub fn retry(mut self, retry: Option<RetryPolicy>) -> Self {
         self.policy.retry = retry;
         self

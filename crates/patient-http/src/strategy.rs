@@ -305,7 +305,7 @@ impl Engine {
         let upstream = self
             .upstreams
             .resolve(&key, policy, &self.metrics, &self.observers);
-        let may_retry = retry.allows_method(request.method(), options.idempotency_key.is_some());
+        let may_retry = retry.allows_method(request.method(), request.has_idempotency_key());
         let hedge_delays = if strategy == Strategy::Hedged && may_retry {
             hedge_delays(task, policy, &upstream)
         } else {
@@ -384,7 +384,7 @@ impl Engine {
             Some(outcome) => plan.retry.decide(
                 number,
                 task.request.method(),
-                task.request.request_options().idempotency_key.is_some(),
+                task.request.has_idempotency_key(),
                 &outcome,
                 SystemTime::now(),
                 &mut fastrand::Rng::new(),

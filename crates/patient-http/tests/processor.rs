@@ -1248,3 +1248,65 @@ fn inline_run_and_run_async_share_the_pool_across_runtimes() {
     let began = std::time::Instant::now();
     quick(inline.run(t()), began);
 }
+
+/// Each face (processor, inline executor, awaitable client) sends one GET to
+/// `/status/503` and returns its status.
+fn send_once_by_each_face(up: &Upstream, resilience: patient_http::ResilienceConfig) -> [u16; 3] {
+    let url = up.url("/status/503");
+    let (tx, rx) = mpsc::channel();
+    let p = Processor::builder()
+        .resilience(resilience.clone())
+        .build(tx)
+        .unwrap();
+    p.start().unwrap();
+    p.enqueue(task(&url)).unwrap();
+    let by_processor = completed(rx.recv_timeout(WAIT).unwrap()).status;
+    p.stop(None);
+
+    let inline = InlineExecutor::builder()
+        .resilience(resilience.clone())
+        .build_inline(mpsc::channel().0)
+        .unwrap();
+    let by_inline = completed(inline.run(task(&url))).status;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let by_awaitable = rt.block_on(async {
+        let client = patient_http::AwaitableClient::builder()
+            .resilience(resilience)
+            .build_awaitable()
+            .unwrap();
+        client
+            .send(Request::get(&url).build().unwrap())
+            .await
+            .unwrap()
+            .status
+    });
+    [by_processor, by_inline, by_awaitable]
+}
+
+#[test]
+fn a_get_is_sent_once_by_default_and_retried_with_a_retry_policy() {
+    let (up, _rt) = upstream();
+    let statuses = send_once_by_each_face(&up, patient_http::ResilienceConfig::default());
+    assert_eq!(statuses, [503; 3]);
+    // One attempt each, as the gem makes.
+    assert_eq!(up.requests_to("/status/503"), 3);
+
+    let retry = patient_http::retry::RetryPolicy::builder()
+        .base_delay(Duration::from_millis(1))
+        .max_delay(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    assert_eq!(retry.max_attempts(), 3, "the retrying policy's default");
+    let resilience = patient_http::ResilienceConfig::builder()
+        .defaults(|p| p.retry(Some(retry)))
+        .build()
+        .unwrap();
+    let statuses = send_once_by_each_face(&up, resilience);
+    assert_eq!(statuses, [503; 3]);
+    // Three attempts each.
+    assert_eq!(up.requests_to("/status/503"), 3 + 3 * 3);
+}

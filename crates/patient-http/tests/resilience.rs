@@ -129,6 +129,12 @@ fn quick_retries(max_attempts: u32) -> RetryOptions {
     }
 }
 
+/// The retrying policy ([`RetryPolicy::default`]: 3 attempts) as the
+/// default of every upstream; without one a request makes one attempt.
+fn retrying() -> ResilienceConfig {
+    with_defaults(|p| p.retry(Some(RetryPolicy::default())))
+}
+
 /// A policy edit applied to the defaults of a resilience config.
 fn with_defaults(
     edit: impl FnOnce(UpstreamPolicyBuilder) -> UpstreamPolicyBuilder,
@@ -141,7 +147,7 @@ fn with_defaults(
 #[tokio::test(start_paused = true)]
 async fn a_503_storm_succeeds_on_the_third_attempt_within_the_backoff_bounds() {
     let up = Upstream::start().await.unwrap();
-    let (client, seen) = observed_client(ResilienceConfig::default());
+    let (client, seen) = observed_client(retrying());
     let started = Instant::now();
     let response = client
         .send(get(up.url("/sequence?key=storm&steps=503,503,200")))
@@ -185,7 +191,7 @@ async fn a_503_storm_succeeds_on_the_third_attempt_within_the_backoff_bounds() {
 #[tokio::test(start_paused = true)]
 async fn a_storm_that_outlasts_the_attempts_ends_in_the_last_503() {
     let up = Upstream::start().await.unwrap();
-    let client = client(ResilienceConfig::default());
+    let client = client(retrying());
     let response = client
         .send(get(up.url("/sequence?key=long-storm&steps=503")))
         .await
@@ -198,7 +204,7 @@ async fn a_storm_that_outlasts_the_attempts_ends_in_the_last_503() {
 #[tokio::test(start_paused = true)]
 async fn a_post_is_retried_only_with_an_idempotency_key_or_retry_unsafe() {
     let up = Upstream::start().await.unwrap();
-    let client = client(ResilienceConfig::default());
+    let client = client(retrying());
     let post = |key: &str| {
         Request::post(up.url(&format!("/sequence?key={key}&steps=503,200")))
             .json(&json!({"order": 1}))
@@ -247,12 +253,67 @@ async fn a_post_is_retried_only_with_an_idempotency_key_or_retry_unsafe() {
     assert_eq!(up.sequence_count("policy"), 2);
 }
 
+#[tokio::test(start_paused = true)]
+async fn an_idempotency_key_header_opts_a_post_in_to_retries() {
+    let up = Upstream::start().await.unwrap();
+    let client = client(retrying());
+    let post = |key: &str| {
+        Request::post(up.url(&format!("/sequence?key={key}&steps=503,200")))
+            .json(&json!({"order": 1}))
+    };
+
+    let response = client.send(post("bare").build().unwrap()).await.unwrap();
+    assert_eq!(response.status, 503);
+    assert_eq!(up.sequence_count("bare"), 1, "sent once without a key");
+
+    for (key, header) in [
+        ("header", "Idempotency-Key"),
+        ("x-header", "X-Idempotency-Key"),
+    ] {
+        let started = Instant::now();
+        let response = client
+            .send(post(key).header(header, "order-1").build().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200, "{header}");
+        assert_eq!(statuses(&response), [Some(503), Some(200)], "{header}");
+        assert_eq!(up.sequence_count(key), 2, "{header}");
+        if header == "Idempotency-Key" {
+            // The caller's header went out as given.
+            assert_eq!(
+                body_json(&response)["headers"]["idempotency-key"],
+                "order-1"
+            );
+        }
+        // One backoff of the retrying policy: at most 100 ms.
+        assert!(
+            started.elapsed() <= Duration::from_millis(105),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    // Without a retry policy the header changes nothing: one attempt.
+    let client = self::client(ResilienceConfig::default());
+    let response = client
+        .send(
+            post("no-policy")
+                .header("Idempotency-Key", "order-2")
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 503);
+    assert_eq!(up.sequence_count("no-policy"), 1);
+}
+
 // 2. 429 with Retry-After.
 
 #[tokio::test(start_paused = true)]
 async fn a_429_retry_waits_the_servers_delay_and_cools_the_whole_upstream_down() {
     let up = Upstream::start().await.unwrap();
-    let client = client(ResilienceConfig::default());
+    let client = client(retrying());
     let started = Instant::now();
     let first = {
         let client = client.clone();
@@ -312,7 +373,7 @@ async fn a_retry_after_beyond_max_retry_after_gives_up_at_once() {
 #[tokio::test(start_paused = true)]
 async fn a_503_with_retry_after_waits_that_long_instead_of_the_backoff() {
     let up = Upstream::start().await.unwrap();
-    let client = client(ResilienceConfig::default());
+    let client = client(retrying());
     let started = Instant::now();
     let response = client
         .send(get(up.url("/sequence?key=busy&steps=503,200&retry_after=3")))
@@ -329,7 +390,7 @@ async fn a_503_with_retry_after_waits_that_long_instead_of_the_backoff() {
 #[tokio::test(start_paused = true)]
 async fn x_do_not_retry_stops_retries() {
     let up = Upstream::start().await.unwrap();
-    let client = client(ResilienceConfig::default());
+    let client = client(retrying());
     let response = client
         .send(get(
             up.url("/sequence?key=dnr&steps=503,200&x_do_not_retry=1")
@@ -363,6 +424,7 @@ async fn the_retry_budget_bounds_retries_during_an_outage() {
     let client = client(
         ResilienceConfig::builder()
             .retry_budget(Some(budget))
+            .defaults(|p| p.retry(Some(RetryPolicy::default())))
             .build()
             .unwrap(),
     );
@@ -1151,7 +1213,7 @@ fn a_stall_timeout_applies_to_the_processor() {
 #[tokio::test(start_paused = true)]
 async fn metrics_count_requests_attempts_retries_and_latency() {
     let up = Upstream::start().await.unwrap();
-    let client = client(ResilienceConfig::default());
+    let client = client(retrying());
     client.send(get(up.url("/fast"))).await.unwrap();
     client.send(get(up.url("/fast"))).await.unwrap();
     let response = client
@@ -1204,7 +1266,7 @@ async fn metrics_count_requests_attempts_retries_and_latency() {
 #[tokio::test(start_paused = true)]
 async fn metrics_count_every_request_sent_with_its_status() {
     let up = Upstream::start().await.unwrap();
-    let client = client(ResilienceConfig::default());
+    let client = client(retrying());
     let response = client
         .send(get(up.url("/sequence?key=final&steps=503,503,200")))
         .await

@@ -266,6 +266,11 @@ impl std::error::Error for HttpError {}
 serde_via_json!(HttpError);
 
 /// Which redirect failure a [`RedirectError`] is.
+///
+/// Written under the gem's `PatientHttp::` class names; loaded also under
+/// the names of its earlier releases, `AsyncHttpPool::TooManyRedirectsError`
+/// and `AsyncHttpPool::RecursiveRedirectError`, so payloads stored by them
+/// still load (and are written back under the current names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RedirectErrorKind {
     /// More redirects than `max_redirects`:
@@ -276,9 +281,13 @@ pub enum RedirectErrorKind {
 }
 
 impl RedirectErrorKind {
+    /// Every `error_class` that loads: the current names first, then the
+    /// earlier ones.
     const CLASS_NAMES: &'static [&'static str] = &[
         "PatientHttp::TooManyRedirectsError",
         "PatientHttp::RecursiveRedirectError",
+        "AsyncHttpPool::TooManyRedirectsError",
+        "AsyncHttpPool::RecursiveRedirectError",
     ];
 
     /// The `error_class` written to the wire.
@@ -289,11 +298,16 @@ impl RedirectErrorKind {
         }
     }
 
-    /// The kind with this `error_class`; `None` for any other name.
+    /// The kind with this `error_class`, under its current `PatientHttp::`
+    /// name or its earlier `AsyncHttpPool::` one; `None` for any other name.
     pub fn from_class_name(name: &str) -> Option<Self> {
         match name {
-            "PatientHttp::TooManyRedirectsError" => Some(RedirectErrorKind::TooManyRedirects),
-            "PatientHttp::RecursiveRedirectError" => Some(RedirectErrorKind::RecursiveRedirect),
+            "PatientHttp::TooManyRedirectsError" | "AsyncHttpPool::TooManyRedirectsError" => {
+                Some(RedirectErrorKind::TooManyRedirects)
+            }
+            "PatientHttp::RecursiveRedirectError" | "AsyncHttpPool::RecursiveRedirectError" => {
+                Some(RedirectErrorKind::RecursiveRedirect)
+            }
             _ => None,
         }
     }

@@ -109,7 +109,9 @@ pub use payload::{
     charset_param, is_text_content_type, Payload, PayloadEncoding, BINARY_CHARSET, GZIP_THRESHOLD,
     TEXT_CHARSET,
 };
-pub use request::{Request, RequestBuilder, RequestValidationError, JSON_CONTENT_TYPE};
+pub use request::{
+    Request, RequestBuilder, RequestValidationError, IDEMPOTENCY_KEY_HEADERS, JSON_CONTENT_TYPE,
+};
 pub use response::{Response, ResponseJsonError};
 pub use secret::{is_secret_ref, SecretRef, SECRET_KEY};
 pub use storage::{is_storage_ref, StorageRef, REF_KEY};

@@ -290,8 +290,10 @@ pub struct RequestOptions {
     pub deadline_mode: Option<DeadlineMode>,
     /// Dispatch priority, sent upstream as `X-Request-Priority`.
     pub priority: Option<Priority>,
-    /// An idempotency key: sent as `Idempotency-Key`, and makes a
-    /// non-idempotent method safe to retry. At most
+    /// An idempotency key: sent as `Idempotency-Key` (unless the request
+    /// has that header already), and makes a non-idempotent method safe to
+    /// retry, as a caller-set `Idempotency-Key` or `X-Idempotency-Key`
+    /// header does too (see [`Request::has_idempotency_key`](crate::Request::has_idempotency_key)). At most
     /// [`WireLimits::max_key_len`] bytes.
     pub idempotency_key: Option<String>,
     /// The key of the upstream settings (breaker, limits, policy) this request

@@ -21,6 +21,11 @@ use crate::{
 /// The content type a [`RequestBuilder::json`] body gets when none was given.
 pub const JSON_CONTENT_TYPE: &str = "application/json; charset=utf-8";
 
+/// The request headers that carry an idempotency key, lower-cased:
+/// `idempotency-key` and `x-idempotency-key` (see
+/// [`Request::has_idempotency_key`]).
+pub const IDEMPOTENCY_KEY_HEADERS: [&str; 2] = ["idempotency-key", "x-idempotency-key"];
+
 /// A request that breaks a request rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -221,7 +226,8 @@ impl Request {
         self.body.as_ref()
     }
 
-    /// The timeout of the whole request; `None` uses the processor's default.
+    /// The timeout of one attempt (each retry gets its own; the `deadline`
+    /// option bounds them all); `None` uses the processor's default.
     pub fn timeout(&self) -> Option<Duration> {
         self.timeout
     }
@@ -246,6 +252,19 @@ impl Request {
     /// The resilience options (empty unless set).
     pub fn request_options(&self) -> &RequestOptions {
         &self.options
+    }
+
+    /// Whether the request carries an idempotency key, which makes POST and
+    /// PATCH safe to retry: `options.idempotency_key`, or an
+    /// `Idempotency-Key` or `X-Idempotency-Key` header set by the caller (a
+    /// plain value that is not blank, or a secret reference).
+    pub fn has_idempotency_key(&self) -> bool {
+        self.options.idempotency_key.is_some()
+            || IDEMPOTENCY_KEY_HEADERS.iter().any(|name| {
+                self.headers
+                    .get(name)
+                    .is_some_and(|value| value.as_str().is_none_or(|text| !text.trim().is_empty()))
+            })
     }
 
     /// A builder holding everything this request has, to derive a changed
@@ -594,7 +613,8 @@ impl RequestBuilder {
         self
     }
 
-    /// Sets the timeout of the whole request. Default: none (the processor's
+    /// Sets the timeout of one attempt (each retry gets its own; the
+    /// `deadline` option bounds the whole request). Default: none (the processor's
     /// request timeout applies). Must be greater than zero and at most
     /// [`WireLimits::max_timeout`].
     pub fn timeout(mut self, timeout: Duration) -> Self {

@@ -151,6 +151,52 @@ fn redirect_messages_match_the_gem() {
 }
 
 #[test]
+fn redirect_errors_under_the_earlier_gem_names_load() {
+    for (old, kind, current) in [
+        (
+            "AsyncHttpPool::TooManyRedirectsError",
+            RedirectErrorKind::TooManyRedirects,
+            "PatientHttp::TooManyRedirectsError",
+        ),
+        (
+            "AsyncHttpPool::RecursiveRedirectError",
+            RedirectErrorKind::RecursiveRedirect,
+            "PatientHttp::RecursiveRedirectError",
+        ),
+    ] {
+        assert_eq!(RedirectErrorKind::from_class_name(old), Some(kind));
+        let text = format!(
+            r#"{{"error_class":"{old}","url":"https://a.example/1","http_method":"post",
+            "duration":0.1,"request_id":"r","redirects":["https://a.example/1"],
+            "callback_args":{{"id":3}}}}"#
+        );
+        let loaded: TaskError = serde_json::from_str(&text).unwrap();
+        match &loaded {
+            TaskError::Redirect(e) => {
+                assert_eq!(e.kind, kind);
+                assert_eq!(e.method, Method::Post);
+                assert_eq!(e.callback_args.get("id"), Some(&json!(3)));
+            }
+            other => panic!("expected a redirect error, got {other:?}"),
+        }
+        // Written back under the current name.
+        assert_eq!(loaded.to_json()["error_class"], current);
+    }
+    // Only those two: other names of the old namespace are still rejected.
+    let err = TaskError::load(&json!({
+        "error_class": "AsyncHttpPool::Error", "url": "https://a.example/", "http_method": "get",
+        "duration": 0.1, "request_id": "r", "redirects": [], "callback_args": {}
+    }))
+    .unwrap_err();
+    assert_eq!(err.path(), "error_class");
+    assert!(
+        err.to_string()
+            .contains("AsyncHttpPool::TooManyRedirectsError"),
+        "{err}"
+    );
+}
+
+#[test]
 fn load_rejects_other_error_classes() {
     for class in [
         "Kernel",

@@ -418,3 +418,34 @@ fn template_params_come_before_request_params() {
         "https://h.example/api/items?v=1&sort=asc&key=k&page=3"
     );
 }
+
+#[test]
+fn an_idempotency_key_header_counts_as_an_idempotency_key() {
+    let url = "https://api.example.com/orders";
+    assert!(!Request::post(url).build().unwrap().has_idempotency_key());
+    assert!(Request::post(url)
+        .idempotency_key("order-17")
+        .build()
+        .unwrap()
+        .has_idempotency_key());
+    for name in ["Idempotency-Key", "idempotency-key", "X-Idempotency-Key"] {
+        let request = Request::post(url).header(name, "order-17").build().unwrap();
+        assert!(request.has_idempotency_key(), "{name}");
+        let secret = Request::post(url)
+            .secret_header(name, "key")
+            .build()
+            .unwrap();
+        assert!(secret.has_idempotency_key(), "{name} as a secret");
+    }
+    // A blank value is no key; neither is another header.
+    let blank = Request::post(url)
+        .header("Idempotency-Key", " ")
+        .build()
+        .unwrap();
+    assert!(!blank.has_idempotency_key());
+    let other = Request::post(url)
+        .header("X-Request-Id", "order-17")
+        .build()
+        .unwrap();
+    assert!(!other.has_idempotency_key());
+}

@@ -10,7 +10,8 @@ use std::{
 
 use clap::Args;
 use patient_http::{
-    client::HttpVersionPref, CallbackArgs, Config, InlineExecutor, Method, Outcome, Request, Task,
+    client::HttpVersionPref, retry::RetryPolicy, CallbackArgs, Config, InlineExecutor, Method,
+    Outcome, Request, ResilienceConfig, Task,
 };
 
 /// Exit status of a response outcome.
@@ -35,6 +36,7 @@ Examples:
   patient request https://httpbin.org/get
   patient request POST https://api.example.com/v1/items --json '{\"name\":\"a\"}' -H 'authorization: Bearer x'
   patient request --from request.json
+  patient request https://api.example.com/v1/items --timeout 10 --retries 2 --deadline 30
   echo '{\"http_method\":\"get\",\"url\":\"http://127.0.0.1:8080/\",\"headers\":{},\"body\":null,\"timeout\":null,\"max_redirects\":null}' | patient request --from -";
 
 /// Arguments of `patient request`.
@@ -61,9 +63,29 @@ pub(crate) struct RequestArgs {
     #[arg(long = "param", value_name = "NAME=VALUE")]
     params: Vec<String>,
 
-    /// The whole-request timeout in seconds (default 60).
+    /// The timeout of one attempt in seconds, from connecting to the last
+    /// byte of the response (default 60). With retries the whole request can
+    /// take longer: bound it with --deadline.
     #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     timeout: Option<f64>,
+
+    /// Retries after the first attempt, so up to N + 1 attempts in all, on
+    /// timeouts, connection errors and statuses 408, 429, 500, 502, 503 and
+    /// 504, with exponential backoff (default 0: one attempt). POST and PATCH
+    /// are retried only with an Idempotency-Key or X-Idempotency-Key header.
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(u32).range(0..=99)
+    )]
+    retries: Option<u32>,
+
+    /// The deadline of the whole request in seconds, every attempt and wait
+    /// between them included; attempts share what is left of it (default:
+    /// none).
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
+    deadline: Option<f64>,
 
     /// Redirects followed (default 5; 0 disables).
     #[arg(long, value_name = "N")]
@@ -86,7 +108,7 @@ pub(crate) struct RequestArgs {
     #[arg(long = "secret-env", value_name = "NAME=VAR")]
     secret_env: Vec<String>,
 
-    /// Connect timeout in seconds (default: the request timeout applies).
+    /// Connect timeout in seconds (default: the attempt's --timeout applies).
     #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     connect_timeout: Option<f64>,
 
@@ -199,7 +221,9 @@ fn prepare(args: &RequestArgs) -> Result<(InlineExecutor, Task), UsageError> {
     config = config.client_with(|c| c.root_certificates_pem(pems).decompress(args.compressed));
     let config = config.build()?;
 
-    let mut builder = InlineExecutor::builder().config(config);
+    let mut builder = InlineExecutor::builder()
+        .config(config)
+        .resilience(resilience(args)?);
     for spec in &args.secret_env {
         let (name, var) = spec
             .split_once('=')
@@ -225,6 +249,31 @@ fn prepare(args: &RequestArgs) -> Result<(InlineExecutor, Task), UsageError> {
         task.raise_error_responses = Some(true);
     }
     Ok((executor, task))
+}
+
+/// The executor's default policy from `--retries` and `--deadline`; a
+/// request file's own `options` apply over it.
+fn resilience(args: &RequestArgs) -> Result<ResilienceConfig, UsageError> {
+    let retry = match args.retries {
+        None | Some(0) => None,
+        Some(retries) => Some(
+            RetryPolicy::builder()
+                .max_attempts(retries.saturating_add(1))
+                .build()
+                .map_err(|e| UsageError(format!("--retries {retries}: {e}")))?,
+        ),
+    };
+    let deadline = match args.deadline {
+        None => None,
+        Some(d) => Some(seconds("--deadline", d)?),
+    };
+    ResilienceConfig::builder()
+        .defaults(|p| p.retry(retry).deadline(deadline))
+        .build()
+        .map_err(|e| match (e.field(), args.deadline) {
+            ("deadline", Some(d)) => UsageError(format!("--deadline {d}: {}", e.reason())),
+            _ => UsageError(e.to_string()),
+        })
 }
 
 fn read_request(path: &PathBuf) -> Result<Request, UsageError> {

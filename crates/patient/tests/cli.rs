@@ -237,6 +237,91 @@ fn bad_input_gets_one_line_naming_the_problem_and_exit_2() {
 }
 
 #[test]
+fn one_attempt_by_default_and_retries_resend_a_failed_get() {
+    let rt = runtime();
+    let up = rt.block_on(Upstream::start()).unwrap();
+    let out = patient(&["request", &up.url("/status/503")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(outcome(&out)["status"], 503);
+    assert_eq!(up.requests_to("/status/503"), 1, "one attempt by default");
+
+    let out = patient(&["request", &up.url("/status/503"), "--retries", "2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(outcome(&out)["status"], 503);
+    assert_eq!(
+        up.requests_to("/status/503"),
+        1 + 3,
+        "--retries 2: 3 attempts"
+    );
+
+    // `--retries 0` is the default: one attempt.
+    let out = patient(&["request", &up.url("/status/503"), "--retries", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(up.requests_to("/status/503"), 1 + 3 + 1);
+
+    // A POST is retried only with an idempotency key header.
+    let out = patient(&["request", "POST", &up.url("/status/502"), "--retries", "2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(up.requests_to("/status/502"), 1);
+    let out = patient(&[
+        "request",
+        "POST",
+        &up.url("/status/502"),
+        "--retries",
+        "2",
+        "-H",
+        "Idempotency-Key: order-17",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(up.requests_to("/status/502"), 1 + 3);
+}
+
+#[test]
+fn the_deadline_bounds_every_attempt_together() {
+    let rt = runtime();
+    let up = rt.block_on(Upstream::start()).unwrap();
+    let started = std::time::Instant::now();
+    let out = patient(&[
+        "request",
+        &up.url("/delay?ms=20000"),
+        "--deadline",
+        "1",
+        "--retries",
+        "5",
+    ]);
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let e = outcome(&out);
+    assert_eq!(e["error_type"], "timeout", "{e}");
+    assert!(
+        took >= std::time::Duration::from_millis(900) && took < std::time::Duration::from_secs(5),
+        "ended after {took:?}"
+    );
+}
+
+#[test]
+fn bad_retries_and_deadlines_exit_2_naming_the_flag() {
+    for (args, needle) in [
+        (&["--retries", "-1"][..], "--retries"),
+        (&["--retries", "two"][..], "--retries"),
+        (&["--retries", "100"][..], "--retries"),
+        (&["--deadline", "0"][..], "--deadline"),
+        (&["--deadline", "-1"][..], "--deadline"),
+        (&["--deadline", "soon"][..], "--deadline"),
+        (&["--deadline", "1e12"][..], "--deadline"),
+    ] {
+        let mut all = vec!["request", "http://127.0.0.1:1/"];
+        all.extend_from_slice(args);
+        let out = patient(&all);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        let err = stderr(&out);
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn an_out_of_range_timeout_from_a_file_is_bad_input_not_a_panic() {
     let dir = std::env::temp_dir().join(format!("patient-cli-timeout-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -266,9 +351,13 @@ fn help_documents_the_exit_status() {
         "--from",
         "--header",
         "--raise-error-responses",
+        "--retries",
+        "--deadline",
+        "one attempt",
     ] {
         assert!(help.contains(needle), "{needle}");
     }
+    assert!(!help.contains("whole-request timeout"), "{help}");
 }
 
 #[test]

@@ -131,7 +131,7 @@ impl ClientConfig {
         }
     }
 
-    /// The whole-request timeout; see [`ClientConfigBuilder::request_timeout`].
+    /// The timeout of one attempt; see [`ClientConfigBuilder::request_timeout`].
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout
     }
@@ -247,9 +247,13 @@ pub struct ClientConfigBuilder {
 }
 
 impl ClientConfigBuilder {
-    /// Timeout of a whole request: connect, send and reading the whole body
-    /// (for a streaming request: until the response head). A request's own
-    /// timeout overrides it. Must be greater than 0. Default 60 s.
+    /// Timeout of one attempt of a request: connect, send and reading the
+    /// whole body (for a streaming request: until the response head). A
+    /// request's own timeout overrides it. Each retry gets its own; the whole
+    /// task, every attempt and wait included, is bounded by a deadline
+    /// instead ([`UpstreamPolicyBuilder::deadline`](crate::resilience::UpstreamPolicyBuilder::deadline)
+    /// or the request's `deadline` option). Must be greater than 0. Default
+    /// 60 s.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.config.request_timeout = timeout;
         self
@@ -273,7 +277,7 @@ impl ClientConfigBuilder {
     }
 
     /// Longest wait for the next piece of a response body (an idle-read
-    /// limit, apart from the whole-request timeout, for long responses that
+    /// limit, apart from the attempt timeout, for long responses that
     /// trickle); a request's own stall timeout overrides it. Must be greater
     /// than 0. Default `None`: only the request timeout applies.
     pub fn stall_timeout(mut self, timeout: Option<Duration>) -> Self {

@@ -34,8 +34,8 @@ pub struct OutgoingRequest {
     pub headers: HeaderMap,
     /// The body; empty for none.
     pub body: Bytes,
-    /// Timeout of the whole request (connect, send, reading the whole body);
-    /// `None` uses the client's `request_timeout`.
+    /// Timeout of this one exchange, an attempt (connect, send, reading the
+    /// whole body); `None` uses the client's `request_timeout`.
     pub timeout: Option<Duration>,
     /// Longest wait for the next piece of the body; `None` uses the client's
     /// `stall_timeout`.

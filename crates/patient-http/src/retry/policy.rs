@@ -164,7 +164,10 @@ impl RetryDelay {
 /// 10 s, full jitter) or what the server asked for in `Retry-After` (up to
 /// 60 s; a longer wait ends the retries); and retries POST and PATCH only
 /// when they carry an idempotency key. A response with the `x-do-not-retry`
-/// header is never retried.
+/// header is never retried. It is the policy to set where retries are
+/// wanted: a processor, inline executor or awaitable client without a retry
+/// policy makes one attempt (see
+/// [`UpstreamPolicyBuilder::retry`](crate::resilience::UpstreamPolicyBuilder::retry)).
 ///
 /// Build another with [`RetryPolicy::builder`], start from the method's
 /// default with [`RetryPolicy::default_for`], and apply a request's own
@@ -318,8 +321,11 @@ impl RetryPolicy {
     }
 
     /// Whether a request with `method` may be retried at all: idempotent
-    /// methods always; POST and PATCH with an idempotency key or when
-    /// `retry_unsafe` is set.
+    /// methods always; POST and PATCH with an idempotency key
+    /// (`has_idempotency_key`: the request's
+    /// [`has_idempotency_key`](crate::Request::has_idempotency_key),
+    /// the option or a caller-set `Idempotency-Key` / `X-Idempotency-Key`
+    /// header) or when `retry_unsafe` is set.
     pub fn allows_method(&self, method: Method, has_idempotency_key: bool) -> bool {
         method.is_idempotent() || has_idempotency_key || self.retry_unsafe
     }
