@@ -25,6 +25,9 @@ fi
 services_env=$(scripts/services.sh start)
 eval "$services_env"
 export PATIENT_REQUIRE_SERVICES=1
+# The property tests draw from a fixed seed here, so a run is repeatable;
+# unset it (or pick another) to explore new cases.
+export PROPTEST_RNG_SEED="${PROPTEST_RNG_SEED:-20261201}"
 echo "== cargo test"
 cargo test --workspace --locked 2>&1 | tee target/test-output.txt
 # One closing line for the whole run.

@@ -83,6 +83,14 @@ pub enum RequestValidationError {
     /// percent-decoded.
     #[error("the user name or password of the URL is not UTF-8 once percent-decoded")]
     InvalidUrlCredentials,
+    /// The resilience options hold a value their JSON form would refuse
+    /// (an empty idempotency key, a backoff factor below 1, a status code out
+    /// of range, zero attempts…): what builds is what loads.
+    #[error("invalid {reason}")]
+    InvalidOptions {
+        /// The loader's message, naming the option.
+        reason: String,
+    },
     /// A value is outside one of the [`WireLimits`]; the error names the
     /// field and the bound.
     #[error("{0}")]
@@ -463,6 +471,7 @@ impl Request {
                     }
                 }
                 RequestValidationError::EmptyPreprocessorName => "preprocessors".to_owned(),
+                RequestValidationError::InvalidOptions { .. } => "options".to_owned(),
             };
             WireError::new(join(path, &field), WireErrorKind::Request(e))
         })
@@ -806,6 +815,15 @@ impl RequestBuilder {
             return Err(RequestValidationError::EmptyPreprocessorName);
         }
         self.options.check_limits("options", limits)?;
+        if !self.options.is_empty() {
+            // The loader's rules, so that a request built in Rust loads again
+            // from its own JSON.
+            RequestOptions::from_json_with_limits(&self.options.to_json(), limits).map_err(
+                |e| RequestValidationError::InvalidOptions {
+                    reason: e.to_string().trim_start_matches("invalid ").to_owned(),
+                },
+            )?;
+        }
 
         Ok(Request {
             method: self.method,
