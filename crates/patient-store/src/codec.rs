@@ -165,9 +165,12 @@ impl PayloadCodec {
         }
     }
 
-    /// `value` loaded back: fetched when it is a reference, then decrypted
-    /// when it is an encrypted envelope. Anything else (data written before
-    /// encryption or storage was switched on) is returned unchanged.
+    /// `value` loaded back: fetched when it is a reference (it has a `$ref`
+    /// key), then decrypted when it is an encrypted envelope. Anything else
+    /// (an outcome small enough to stay inline, or data written before
+    /// encryption or storage was switched on) is returned unchanged: unlike
+    /// [`PayloadStores::fetch`], which refuses a value that is not a
+    /// reference, decoding loads plain payloads as they are.
     ///
     /// Fails with the stores' errors (a reference to an unknown store or a
     /// missing key names both; a reference with no stores configured is
@@ -176,10 +179,12 @@ impl PayloadCodec {
     pub async fn decode(&self, value: &Value) -> Result<Value, StoreError> {
         let fetched;
         let value = match &self.stores {
-            Some(stores) => {
+            Some(stores) if PayloadStores::has_ref(value) => {
                 fetched = stores.fetch(value).await?;
                 &fetched
             }
+            // Never offloaded: the payload itself.
+            Some(_) => value,
             None => {
                 if let Ok(reference) = patient_wire::StorageRef::from_json(value) {
                     return Err(StoreError::UnknownStore {
@@ -361,11 +366,58 @@ mod tests {
         let (codec, memory) = setup(16);
         let plain = response_json("written in clear");
         assert_eq!(codec.decode(&plain).await.unwrap(), plain);
+        // Decoding loads a plain payload as it is; fetching it explicitly
+        // from the stores is an error, as in the gem.
+        let stores = codec.stores().unwrap();
+        match stores.fetch(&plain).await {
+            Err(StoreError::NotAReference(message)) => {
+                assert!(message.contains("an object without"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(memory.map().is_empty());
 
         // A reference to a payload stored in clear, before encryption.
         memory.map().insert("old".into(), plain.to_string());
         let reference = json!({"$ref": {"store": "memory", "key": "old"}});
         assert_eq!(codec.decode(&reference).await.unwrap(), plain);
+
+        // A malformed reference is not a plain payload: decoding refuses it.
+        match codec.decode(&json!({"$ref": {"store": "memory"}})).await {
+            Err(StoreError::NotAReference(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn inline_outcomes_decode_without_fetching() {
+        // Small outcomes stay inline (encrypted or not) and decode as they
+        // are; only offloaded ones are fetched.
+        let memory = Arc::new(MemoryStore::default());
+        let store_only = PayloadCodec::new().with_stores(Arc::new(
+            PayloadStores::new()
+                .with_threshold(1 << 20)
+                .with_store("memory", memory.clone()),
+        ));
+        let response = Response::from_json(&response_json("inline")).unwrap();
+        let outcome = Outcome::Completed {
+            response: response.clone(),
+            callback: "Callback".into(),
+        };
+        let encoded = store_only.encode_outcome(&outcome).await.unwrap();
+        assert!(!PayloadStores::is_storage_ref(&encoded));
+        assert!(memory.map().is_empty());
+        assert_eq!(
+            store_only.decode_response(&encoded).await.unwrap(),
+            response
+        );
+        store_only.delete(&encoded).await.unwrap();
+
+        let (full, memory) = setup(1 << 20);
+        let encoded = full.encode_outcome(&outcome).await.unwrap();
+        assert!(Encryptor::is_encrypted(&encoded));
+        assert!(memory.map().is_empty());
+        assert_eq!(full.decode_response(&encoded).await.unwrap(), response);
     }
 
     #[tokio::test]

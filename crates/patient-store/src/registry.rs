@@ -136,17 +136,23 @@ impl PayloadStores {
         Ok(StorageRef::new(name.as_str(), key).to_json())
     }
 
-    /// The payload a reference points to; a value that is not a reference is
-    /// returned unchanged.
+    /// The payload a reference points to.
     ///
-    /// Fails with [`StoreError::UnknownStore`] when the reference names a
-    /// store that is not registered, [`StoreError::NotFound`] (naming store
-    /// and key) when the store has nothing under the key,
-    /// [`StoreError::Corrupt`] when the stored text is not JSON, and
-    /// [`StoreError::NotAReference`] when `$ref` is malformed.
+    /// Fails with [`StoreError::NotAReference`] when `value` is not a
+    /// reference (as the gem's `fetch` does: a plain payload is not passed
+    /// through; check with [`is_storage_ref`](Self::is_storage_ref) first, or
+    /// use [`PayloadCodec::decode`](crate::PayloadCodec::decode), which loads
+    /// plain payloads as they are) or its `$ref` is malformed,
+    /// [`StoreError::UnknownStore`] when the reference names a store that is
+    /// not registered, [`StoreError::NotFound`] (naming store and key) when
+    /// the store has nothing under the key, and [`StoreError::Corrupt`] when
+    /// the stored text is not JSON.
     pub async fn fetch(&self, value: &Value) -> Result<Value, StoreError> {
         let Some(reference) = self.reference(value)? else {
-            return Ok(value.clone());
+            return Err(StoreError::NotAReference(format!(
+                r#"expected {{"$ref": {{"store": …, "key": …}}}}, got {}"#,
+                describe(value)
+            )));
         };
         let store = self.store_for(&reference)?;
         let json = store
@@ -189,7 +195,7 @@ impl PayloadStores {
     /// The reference in `value`: `None` when `value` has no `$ref`, an error
     /// when its `$ref` is malformed.
     fn reference(&self, value: &Value) -> Result<Option<StorageRef>, StoreError> {
-        if value.get(patient_wire::REF_KEY).is_none() {
+        if !Self::has_ref(value) {
             return Ok(None);
         }
         StorageRef::from_json(value)
@@ -197,11 +203,29 @@ impl PayloadStores {
             .map_err(|e| StoreError::NotAReference(e.to_string()))
     }
 
+    /// Whether `value` has a `$ref` key: a reference, well-formed or not.
+    pub(crate) fn has_ref(value: &Value) -> bool {
+        value.get(patient_wire::REF_KEY).is_some()
+    }
+
     fn store_for(&self, reference: &StorageRef) -> Result<&Arc<dyn PayloadStore>, StoreError> {
         self.get(&reference.store)
             .ok_or_else(|| StoreError::UnknownStore {
                 store: reference.store.clone(),
             })
+    }
+}
+
+/// What kind of JSON value `value` is, for messages (never its content, which
+/// may be confidential).
+fn describe(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object without \"$ref\"",
     }
 }
 
@@ -217,5 +241,81 @@ impl fmt::Debug for PayloadStores {
             .field("stores", &self.names().collect::<Vec<_>>())
             .field("threshold", &self.threshold)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::store::FileStore;
+
+    fn stores(label: &str) -> (PayloadStores, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "patient-registry-{label}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let store = FileStore::new(&dir).unwrap();
+        let stores = PayloadStores::new()
+            .with_threshold(16)
+            .with_store("files", Arc::new(store));
+        (stores, dir)
+    }
+
+    #[tokio::test]
+    async fn fetch_of_a_value_that_is_not_a_reference_is_an_error() {
+        let (stores, dir) = stores("not-a-ref");
+        for (value, kind) in [
+            (json!(null), "null"),
+            (json!(true), "a boolean"),
+            (json!(42), "a number"),
+            (json!("confidential"), "a string"),
+            (
+                json!([{"$ref": {"store": "files", "key": "k"}}]),
+                "an array",
+            ),
+            (
+                json!({"status": 200, "body": "confidential"}),
+                "an object without \"$ref\"",
+            ),
+        ] {
+            match stores.fetch(&value).await {
+                Err(StoreError::NotAReference(message)) => {
+                    assert!(message.contains(kind), "{value}: {message}");
+                    assert!(message.contains("$ref"), "{message}");
+                    assert!(!message.contains("confidential"), "{message}");
+                }
+                other => panic!("{value}: {other:?}"),
+            }
+            // Deleting one stays a no-op, as in the gem.
+            stores.delete(&value).await.unwrap();
+        }
+        // With no store registered too: the value is checked first.
+        let error = PayloadStores::new().fetch(&json!({})).await.unwrap_err();
+        assert!(matches!(error, StoreError::NotAReference(_)), "{error:?}");
+        assert!(
+            error.to_string().starts_with("not a storage reference: "),
+            "{error}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn fetch_of_what_store_returned_round_trips() {
+        let (stores, dir) = stores("round-trip");
+        let value = json!({"body": "x".repeat(64)});
+        let reference = stores.store(&value, None).await.unwrap();
+        assert!(PayloadStores::is_storage_ref(&reference));
+        assert_eq!(stores.fetch(&reference).await.unwrap(), value);
+        stores.delete(&reference).await.unwrap();
+
+        // A small payload stays inline: it is not something to fetch.
+        let small = json!({"a": 1});
+        let inline = stores.store(&small, None).await.unwrap();
+        assert_eq!(inline, small);
+        let error = stores.fetch(&inline).await.unwrap_err();
+        assert!(matches!(error, StoreError::NotAReference(_)), "{error:?}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

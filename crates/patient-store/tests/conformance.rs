@@ -248,11 +248,23 @@ async fn registry_threshold_and_ref_shape(name: &str, store: Arc<dyn PayloadStor
     assert_eq!(stores.fetch(&reference).await.unwrap(), big);
     stores.delete(&reference).await.unwrap();
 
-    // Values that are not references pass through fetch and delete.
-    let plain = json!({"status": 200, "headers": {}});
-    assert_eq!(stores.fetch(&plain).await.unwrap(), plain);
-    stores.delete(&plain).await.unwrap();
-    assert_eq!(stores.fetch(&json!(null)).await.unwrap(), json!(null));
+    // Fetching a value that is not a reference is an error, as in the gem;
+    // deleting one is a no-op.
+    for plain in [
+        json!({"status": 200, "headers": {}}),
+        small.clone(),
+        json!(null),
+        json!("key"),
+        json!([reference]),
+    ] {
+        let err = stores.fetch(&plain).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotAReference(_)),
+            "{name}: {plain}: {err:?}"
+        );
+        assert!(err.to_string().contains("not a storage reference"), "{err}");
+        stores.delete(&plain).await.unwrap();
+    }
 }
 
 async fn registry_last_registered_writes(name: &str, store: Arc<dyn PayloadStore>) {
@@ -553,14 +565,28 @@ async fn redis_store() {
     let store = RedisStore::connect(&url)
         .await
         .unwrap()
-        .key_prefix(prefix.clone())
-        .ttl(Some(Duration::from_secs(3600)));
+        .key_prefix(prefix.clone());
     conformance("redis", Arc::new(store.clone())).await;
+    let with_ttl = store.clone().ttl(Some(Duration::from_secs(3600)));
+    conformance("redis", Arc::new(with_ttl.clone())).await;
 
-    // Keys live under the prefix, with the TTL.
-    store.store("interop-check", "{}").await.unwrap();
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let pttl_conn = conn.clone();
+    let pttl = |key: String| {
+        let mut conn = pttl_conn.clone();
+        async move {
+            redis::cmd("PTTL")
+                .arg(&key)
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+
+    // Keys live under the prefix and, by default, never expire (PTTL -1):
+    // a job retried days later still finds its payload.
+    store.store("interop-check", "{}").await.unwrap();
     let full_key = format!("{prefix}interop-check");
     let value: Option<String> = redis::cmd("GET")
         .arg(&full_key)
@@ -568,12 +594,27 @@ async fn redis_store() {
         .await
         .unwrap();
     assert_eq!(value.as_deref(), Some("{}"));
-    let ttl_ms: i64 = redis::cmd("PTTL")
-        .arg(&full_key)
-        .query_async(&mut conn)
+    assert_eq!(pttl(full_key.clone()).await, -1, "no expiry by default");
+
+    // Through the registry too: the payload behind a reference is kept.
+    let stores = PayloadStores::new()
+        .with_threshold(10)
+        .with_store("redis", Arc::new(store.clone()));
+    let reference = stores
+        .store(&json!({"kept": "until deleted"}), None)
         .await
         .unwrap();
+    let key = ref_key("redis", &reference).to_owned();
+    assert_eq!(pttl(format!("{prefix}{key}")).await, -1);
+    stores.delete(&reference).await.unwrap();
+    assert_eq!(pttl(format!("{prefix}{key}")).await, -2, "deleted");
+
+    // A configured TTL is applied; storing again without one clears it.
+    with_ttl.store("interop-check", "{}").await.unwrap();
+    let ttl_ms = pttl(full_key.clone()).await;
     assert!(ttl_ms > 3_500_000 && ttl_ms <= 3_600_000, "{ttl_ms}");
+    store.store("interop-check", "{}").await.unwrap();
+    assert_eq!(pttl(full_key.clone()).await, -1);
     store.delete("interop-check").await.unwrap();
 }
 

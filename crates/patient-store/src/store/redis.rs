@@ -1,5 +1,5 @@
 //! A payload store in Redis: one string key per payload, with a key prefix
-//! and an expiry.
+//! and an optional expiry.
 
 use std::{fmt, time::Duration};
 
@@ -16,9 +16,6 @@ use crate::StoreError;
 /// gem's default).
 pub const DEFAULT_KEY_PREFIX: &str = "patient_http:payloads:";
 
-/// How long a payload is kept unless [`RedisStore::ttl`] says otherwise: 24 h.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
-
 /// How long [`RedisStore::connect`] waits for a reply to a command (the
 /// `redis` crate's own default of 500 ms is too short for large payloads).
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,8 +25,8 @@ pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 const STORE: &str = "redis";
 
-/// Payloads in Redis, under `<key prefix><key>` (the gem's layout), written
-/// with `SET … PX <ttl>` so they expire on their own.
+/// Payloads in Redis, under `<key prefix><key>` (the gem's layout), kept
+/// until deleted or for the TTL set with [`ttl`](Self::ttl).
 ///
 /// Cheap to clone: clones share one multiplexed connection, which reconnects
 /// by itself after a failure.
@@ -92,7 +89,7 @@ impl RedisStore {
         RedisStore {
             connection,
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
-            ttl: Some(DEFAULT_TTL),
+            ttl: None,
         }
     }
 
@@ -103,9 +100,12 @@ impl RedisStore {
         self
     }
 
-    /// Sets how long payloads are kept (default [`DEFAULT_TTL`], 24 h);
-    /// `None` keeps them until deleted (the gem's default). A TTL is applied
-    /// in whole milliseconds, at least 1 ms.
+    /// Sets how long payloads are kept: `Some(ttl)` writes each one with
+    /// `SET … PX <ttl>` so it expires on its own; `None`, the default (as in
+    /// the gem), keeps it until deleted. Set a TTL only if every payload is
+    /// consumed well within it: a job retried after its payload expired finds
+    /// nothing ([`StoreError::NotFound`]). A TTL is applied in whole
+    /// milliseconds, at least 1 ms.
     pub fn ttl(mut self, ttl: Option<Duration>) -> RedisStore {
         self.ttl = ttl;
         self
@@ -202,7 +202,7 @@ mod tests {
 
     #[test]
     fn ttl_is_whole_milliseconds_at_least_one() {
-        assert_eq!(ttl_millis(DEFAULT_TTL), 86_400_000);
+        assert_eq!(ttl_millis(Duration::from_secs(24 * 3600)), 86_400_000);
         assert_eq!(ttl_millis(Duration::from_millis(1500)), 1500);
         assert_eq!(ttl_millis(Duration::from_micros(10)), 1);
         assert_eq!(ttl_millis(Duration::ZERO), 1);
@@ -263,7 +263,8 @@ mod tests {
         assert_eq!(store.redis_key("abc"), "patient_http:payloads:abc");
         assert_eq!(
             args(&store.set_command("abc", "{}")),
-            ["SET", "patient_http:payloads:abc", "{}", "PX", "86400000"]
+            ["SET", "patient_http:payloads:abc", "{}"],
+            "no TTL by default: kept until deleted"
         );
 
         let store = store
