@@ -723,6 +723,65 @@ async fn request_compression_gzips_large_bodies() {
     assert_eq!(echo["body"], "tiny");
 }
 
+/// The body the upstream received (decoded from base64) and its
+/// `content-encoding`, for a POST of `len` bytes through `client`.
+async fn echoed_post(
+    client: &HttpClient,
+    upstream: &Upstream,
+    len: usize,
+) -> (Option<String>, Vec<u8>) {
+    use base64::Engine as _;
+    let mut post = request(Method::POST, &upstream.url("/echo"));
+    post.body = Bytes::from(vec![b'a'; len]);
+    let echo = echo_json(&client.send(post).await.unwrap());
+    let encoding = echo["headers"]
+        .get("content-encoding")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
+    let body = base64::engine::general_purpose::STANDARD
+        .decode(echo["body_base64"].as_str().unwrap())
+        .unwrap();
+    (encoding, body)
+}
+
+#[tokio::test]
+async fn request_compression_starts_at_the_configured_threshold() {
+    let upstream = Upstream::start().await.unwrap();
+
+    // The default threshold: 1 KiB.
+    let default = client(ClientConfig::builder().request_compression(true));
+    let (encoding, body) = echoed_post(&default, &upstream, 1023).await;
+    assert_eq!(encoding, None);
+    assert_eq!(body, vec![b'a'; 1023]);
+    let (encoding, body) = echoed_post(&default, &upstream, 1024).await;
+    assert_eq!(encoding.as_deref(), Some("gzip"));
+    assert!(body.len() < 1024, "{}", body.len());
+
+    // A threshold of 100 bytes.
+    let low = client(
+        ClientConfig::builder()
+            .request_compression(true)
+            .request_compression_min_size(100),
+    );
+    let (encoding, body) = echoed_post(&low, &upstream, 99).await;
+    assert_eq!(encoding, None);
+    assert_eq!(body, vec![b'a'; 99]);
+    let (encoding, body) = echoed_post(&low, &upstream, 100).await;
+    assert_eq!(encoding.as_deref(), Some("gzip"));
+    assert_eq!(body[..2], [0x1f, 0x8b], "a gzip member");
+    assert!(body.len() < 100, "{}", body.len());
+
+    // A threshold above the default leaves a 2 KiB body alone.
+    let high = client(
+        ClientConfig::builder()
+            .request_compression(true)
+            .request_compression_min_size(4096),
+    );
+    let (encoding, body) = echoed_post(&high, &upstream, 2048).await;
+    assert_eq!(encoding, None);
+    assert_eq!(body.len(), 2048);
+}
+
 #[tokio::test]
 async fn user_agent_and_host_headers() {
     let upstream = Upstream::start().await.unwrap();

@@ -58,6 +58,7 @@ pub struct ClientConfig {
     proxy_from_env: bool,
     decompress: bool,
     request_compression: bool,
+    request_compression_min_size: usize,
     retries: u32,
 }
 
@@ -82,6 +83,7 @@ impl Default for ClientConfig {
             proxy_from_env: false,
             decompress: false,
             request_compression: false,
+            request_compression_min_size: super::decode::COMPRESS_MIN_SIZE,
             retries: 3,
         }
     }
@@ -113,6 +115,10 @@ impl fmt::Debug for ClientConfig {
             .field("proxy_from_env", &self.proxy_from_env)
             .field("decompress", &self.decompress)
             .field("request_compression", &self.request_compression)
+            .field(
+                "request_compression_min_size",
+                &self.request_compression_min_size,
+            )
             .field("retries", &self.retries)
             .finish()
     }
@@ -230,6 +236,12 @@ impl ClientConfig {
     /// [`ClientConfigBuilder::request_compression`].
     pub fn request_compression(&self) -> bool {
         self.request_compression
+    }
+
+    /// The smallest request body that is compressed, in bytes; see
+    /// [`ClientConfigBuilder::request_compression_min_size`].
+    pub fn request_compression_min_size(&self) -> usize {
+        self.request_compression_min_size
     }
 
     /// The connection-level retries on a stale pooled connection; see
@@ -390,10 +402,19 @@ impl ClientConfigBuilder {
         self
     }
 
-    /// Gzip request bodies of 1 KiB or more that have no `content-encoding`.
-    /// Default `false`.
+    /// Gzip request bodies that have no `content-encoding` and are at least
+    /// [`request_compression_min_size`](Self::request_compression_min_size)
+    /// long. Default `false`.
     pub fn request_compression(mut self, enabled: bool) -> Self {
         self.config.request_compression = enabled;
+        self
+    }
+
+    /// With [`request_compression`](Self::request_compression) on, the
+    /// smallest body that is gzipped, in bytes; a shorter one is sent as it
+    /// is (0 compresses every body). Default 1024.
+    pub fn request_compression_min_size(mut self, bytes: usize) -> Self {
+        self.config.request_compression_min_size = bytes;
         self
     }
 
@@ -559,6 +580,7 @@ mod tests {
             assert!(!config.proxy_from_env());
             assert!(!config.decompress());
             assert!(!config.request_compression());
+            assert_eq!(config.request_compression_min_size(), 1024);
             assert_eq!(config.retries(), 3);
         }
         assert!(ClientConfig::default().to_builder().build().is_ok());
@@ -586,6 +608,7 @@ mod tests {
             .proxy_from_env(true)
             .decompress(true)
             .request_compression(true)
+            .request_compression_min_size(300)
             .retries(1)
             .build()
             .unwrap();
@@ -608,6 +631,7 @@ mod tests {
             assert!(c.proxy_from_env());
             assert!(c.decompress());
             assert!(c.request_compression());
+            assert_eq!(c.request_compression_min_size(), 300);
             assert_eq!(c.retries(), 1);
         }
         assert_eq!(format!("{config:?}"), format!("{again:?}"));
