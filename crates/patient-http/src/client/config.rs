@@ -53,6 +53,7 @@ pub struct ClientConfig {
     max_requests_per_connection: Option<u32>,
     http_version: HttpVersionPref,
     root_certificates_pem: Vec<String>,
+    danger_accept_invalid_certs: bool,
     client_identity: Option<(String, String)>,
     proxy: Option<ProxyConfig>,
     proxy_from_env: bool,
@@ -78,6 +79,7 @@ impl Default for ClientConfig {
             max_requests_per_connection: None,
             http_version: HttpVersionPref::Auto,
             root_certificates_pem: Vec::new(),
+            danger_accept_invalid_certs: false,
             client_identity: None,
             proxy: None,
             proxy_from_env: false,
@@ -107,6 +109,10 @@ impl fmt::Debug for ClientConfig {
             )
             .field("http_version", &self.http_version)
             .field("root_certificates_pem", &self.root_certificates_pem.len())
+            .field(
+                "danger_accept_invalid_certs",
+                &self.danger_accept_invalid_certs,
+            )
             .field(
                 "client_identity",
                 &self.client_identity.as_ref().map(|_| "<redacted>"),
@@ -205,6 +211,12 @@ impl ClientConfig {
     /// [`ClientConfigBuilder::root_certificates_pem`].
     pub fn root_certificates_pem(&self) -> &[String] {
         &self.root_certificates_pem
+    }
+
+    /// Whether server certificates go unverified; see
+    /// [`ClientConfigBuilder::danger_accept_invalid_certs`].
+    pub fn danger_accept_invalid_certs(&self) -> bool {
+        self.danger_accept_invalid_certs
     }
 
     /// The client certificate chain and private key (PEM), if any; see
@@ -371,6 +383,19 @@ impl ClientConfigBuilder {
     /// [`root_certificates_pem`](Self::root_certificates_pem).
     pub fn add_root_certificate_pem(mut self, pem: impl Into<String>) -> Self {
         self.config.root_certificates_pem.push(pem.into());
+        self
+    }
+
+    /// **Dangerous: for tests only.** Disables server certificate
+    /// verification entirely: any certificate is accepted — self-signed,
+    /// issued by anyone, expired, or for another host — so anyone on the
+    /// path can impersonate any server and read or change the traffic. The
+    /// handshake signature is still checked against the presented
+    /// certificate, and [`root_certificates_pem`](Self::root_certificates_pem)
+    /// is not used while this is on. A warning is logged when a client is
+    /// built with it. Default `false`.
+    pub fn danger_accept_invalid_certs(mut self, accept: bool) -> Self {
+        self.config.danger_accept_invalid_certs = accept;
         self
     }
 
@@ -575,6 +600,7 @@ mod tests {
             assert_eq!(config.max_requests_per_connection(), None);
             assert_eq!(config.http_version(), HttpVersionPref::Auto);
             assert!(config.root_certificates_pem().is_empty());
+            assert!(!config.danger_accept_invalid_certs());
             assert!(config.client_identity().is_none());
             assert!(config.proxy().is_none());
             assert!(!config.proxy_from_env());
@@ -603,6 +629,7 @@ mod tests {
             .http_version(HttpVersionPref::Http2Only)
             .root_certificates_pem(["first"])
             .add_root_certificate_pem("second")
+            .danger_accept_invalid_certs(true)
             .client_identity(Some(("chain".into(), "key".into())))
             .proxy(Some(proxy))
             .proxy_from_env(true)
@@ -626,6 +653,7 @@ mod tests {
             assert_eq!(c.max_requests_per_connection(), Some(9));
             assert_eq!(c.http_version(), HttpVersionPref::Http2Only);
             assert_eq!(c.root_certificates_pem(), ["first", "second"]);
+            assert!(c.danger_accept_invalid_certs());
             assert_eq!(c.client_identity(), Some(("chain", "key")));
             assert!(c.proxy().is_some());
             assert!(c.proxy_from_env());
