@@ -155,6 +155,7 @@ impl Default for LinearBackoff {
 /// The backoff a [`RetryPolicy`](super::RetryPolicy) waits between attempts:
 /// exponential (the default, [`ExponentialBackoff::default`]) or linear.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum Backoff {
     /// `base × factorⁿ` capped at `max`, full jitter.
     Exponential(ExponentialBackoff),
@@ -245,6 +246,7 @@ impl PartialEq<LinearBackoff> for Backoff {
 /// The shape of a [`Backoff`], chosen with
 /// [`RetryPolicyBuilder::backoff_kind`](super::RetryPolicyBuilder::backoff_kind).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum BackoffKind {
     /// [`ExponentialBackoff`] (the default).
     #[default]
