@@ -378,7 +378,7 @@ impl Engine {
             }
         }
         if self.config.client.request_compression() {
-            prepared.compress_body();
+            prepared.compress_body(self.config.client.request_compression_min_size());
         }
         let names = task.request.preprocessors();
         if !hop.cross_origin && !names.is_empty() {

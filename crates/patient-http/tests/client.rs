@@ -284,6 +284,98 @@ async fn untrusted_certificate_is_an_ssl_error() {
     assert!(std::error::Error::source(&err).is_some());
 }
 
+/// A client built with `config` while events are captured: the client and
+/// each event logged, as `LEVEL message`.
+fn client_logging(config: ClientConfigBuilder) -> (HttpClient, String) {
+    let capture = Capture::default();
+    let client = tracing::subscriber::with_default(capture.clone(), || client(config));
+    let logged = capture.0.lock().unwrap().join("\n");
+    (client, logged)
+}
+
+/// A subscriber that keeps the level and message of every event.
+#[derive(Clone, Default)]
+struct Capture(Arc<std::sync::Mutex<Vec<String>>>);
+
+struct Message(String);
+
+impl tracing::field::Visit for Message {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
+}
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        let line = format!("{} {}", event.metadata().level(), message.0);
+        self.0.lock().unwrap().push(line);
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test]
+async fn danger_accept_invalid_certs_accepts_an_untrusted_certificate_and_warns() {
+    let cert = TestCert::generate(&["localhost", "127.0.0.1"]);
+    let upstream = Upstream::start_tls(&cert).await.unwrap();
+
+    // Refused by default, without a word about certificates being ignored.
+    let (strict, logged) = client_logging(ClientConfig::builder());
+    assert!(!logged.contains("danger_accept_invalid_certs"), "{logged}");
+    let err = get(&strict, &upstream.url("/fast")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorType::Ssl);
+    assert!(err.is_tls());
+
+    // Accepted with the option, over HTTP/2 as with a trusted root, and the
+    // build logged a warning.
+    let (lax, logged) = client_logging(ClientConfig::builder().danger_accept_invalid_certs(true));
+    assert!(logged.starts_with("WARN "), "{logged}");
+    assert!(logged.contains("danger_accept_invalid_certs"), "{logged}");
+    assert!(logged.contains("not verified"), "{logged}");
+    let response = get(&lax, &upstream.url("/fast")).await.unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(response.version, Version::HTTP_2);
+    let by_name = format!("https://localhost:{}/fast", upstream.addr().port());
+    assert_eq!(get(&lax, &by_name).await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn danger_accept_invalid_certs_ignores_the_certificate_names() {
+    // A certificate for another host entirely, from an unknown CA.
+    let cert = TestCert::generate(&["elsewhere.test"]);
+    let upstream = Upstream::start_tls(&cert).await.unwrap();
+    let trusting = client(tls_config(&cert));
+    let err = get(&trusting, &upstream.url("/fast")).await.unwrap_err();
+    assert!(err.is_tls(), "trusted CA, wrong name: {err}");
+
+    let lax = client(
+        tls_config(&cert)
+            .http_version(HttpVersionPref::Http1Only)
+            .danger_accept_invalid_certs(true),
+    );
+    let response = get(&lax, &upstream.url("/fast")).await.unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(response.version, Version::HTTP_11);
+}
+
 #[tokio::test]
 async fn http2_connection_is_shared_by_concurrent_requests() {
     let cert = TestCert::generate(&["localhost", "127.0.0.1"]);
@@ -721,6 +813,65 @@ async fn request_compression_gzips_large_bodies() {
     let echo = echo_json(&client.send(small).await.unwrap());
     assert!(echo["headers"].get("content-encoding").is_none());
     assert_eq!(echo["body"], "tiny");
+}
+
+/// The body the upstream received (decoded from base64) and its
+/// `content-encoding`, for a POST of `len` bytes through `client`.
+async fn echoed_post(
+    client: &HttpClient,
+    upstream: &Upstream,
+    len: usize,
+) -> (Option<String>, Vec<u8>) {
+    use base64::Engine as _;
+    let mut post = request(Method::POST, &upstream.url("/echo"));
+    post.body = Bytes::from(vec![b'a'; len]);
+    let echo = echo_json(&client.send(post).await.unwrap());
+    let encoding = echo["headers"]
+        .get("content-encoding")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
+    let body = base64::engine::general_purpose::STANDARD
+        .decode(echo["body_base64"].as_str().unwrap())
+        .unwrap();
+    (encoding, body)
+}
+
+#[tokio::test]
+async fn request_compression_starts_at_the_configured_threshold() {
+    let upstream = Upstream::start().await.unwrap();
+
+    // The default threshold: 1 KiB.
+    let default = client(ClientConfig::builder().request_compression(true));
+    let (encoding, body) = echoed_post(&default, &upstream, 1023).await;
+    assert_eq!(encoding, None);
+    assert_eq!(body, vec![b'a'; 1023]);
+    let (encoding, body) = echoed_post(&default, &upstream, 1024).await;
+    assert_eq!(encoding.as_deref(), Some("gzip"));
+    assert!(body.len() < 1024, "{}", body.len());
+
+    // A threshold of 100 bytes.
+    let low = client(
+        ClientConfig::builder()
+            .request_compression(true)
+            .request_compression_min_size(100),
+    );
+    let (encoding, body) = echoed_post(&low, &upstream, 99).await;
+    assert_eq!(encoding, None);
+    assert_eq!(body, vec![b'a'; 99]);
+    let (encoding, body) = echoed_post(&low, &upstream, 100).await;
+    assert_eq!(encoding.as_deref(), Some("gzip"));
+    assert_eq!(body[..2], [0x1f, 0x8b], "a gzip member");
+    assert!(body.len() < 100, "{}", body.len());
+
+    // A threshold above the default leaves a 2 KiB body alone.
+    let high = client(
+        ClientConfig::builder()
+            .request_compression(true)
+            .request_compression_min_size(4096),
+    );
+    let (encoding, body) = echoed_post(&high, &upstream, 2048).await;
+    assert_eq!(encoding, None);
+    assert_eq!(body.len(), 2048);
 }
 
 #[tokio::test]

@@ -388,6 +388,65 @@ async fn sigv4_signs_the_compressed_body_that_is_sent() {
     assert!(auth.contains("x-amz-content-sha256"), "{auth}");
 }
 
+#[tokio::test]
+async fn the_engine_compresses_from_the_configured_threshold_before_signing() {
+    // The signature is computed on the engine's side of compression: if the
+    // engine kept its own threshold while the transport used the configured
+    // one, the signed digest would not be that of the bytes sent.
+    use base64::Engine as _;
+    let up = Upstream::start().await.unwrap();
+    let signer = SigV4::new(
+        AwsCredentials {
+            access_key_id: "AKIDEXAMPLE".into(),
+            secret_access_key: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into(),
+            session_token: None,
+        },
+        "us-east-1",
+        "service",
+    )
+    .content_sha256_header(true);
+    let client = Builder::new()
+        .config(
+            patient_http::Config::builder()
+                .client_with(|c| {
+                    c.request_compression(true)
+                        .request_compression_min_size(100)
+                })
+                .build()
+                .unwrap(),
+        )
+        .preprocessor("sigv4", signer)
+        .build_awaitable()
+        .unwrap();
+    for (len, gzipped) in [(99, false), (100, true)] {
+        let body = "x".repeat(len);
+        let request = Request::post(up.url("/echo"))
+            .body(body.clone())
+            .header("content-type", "text/plain")
+            .preprocessor("sigv4")
+            .build()
+            .unwrap();
+        let echoed = body_json(&client.send(request).await.unwrap());
+        let sent = base64::engine::general_purpose::STANDARD
+            .decode(echoed["body_base64"].as_str().unwrap())
+            .unwrap();
+        if gzipped {
+            assert_eq!(echoed["headers"]["content-encoding"], "gzip", "{len}");
+            assert!(sent.len() < len, "{len}: {} bytes sent", sent.len());
+        } else {
+            assert!(echoed["headers"].get("content-encoding").is_none(), "{len}");
+            assert_eq!(sent, body.as_bytes());
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, &sent);
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            echoed["headers"]["x-amz-content-sha256"],
+            hex.as_str(),
+            "{len}"
+        );
+    }
+}
+
 // 8. Per-upstream state and metric labels stay bounded whatever the input.
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use patient_http::{
     limit::LimitConfig,
     metrics::BREAKER_OPEN,
     resilience::UpstreamPolicyBuilder,
-    retry::{RetryBudget, RetryPolicy},
+    retry::{BackoffKind, RetryBudget, RetryPolicy},
     AwaitableClient, Builder, Config, DeadlineMode, ErrorType, Fallback, HedgeDelay, Outcome,
     Priority, Processor, ProcessorObserver, Request, RequestEnd, RequestError, RequestOptions,
     RequestStart, ResilienceConfig, Response, RetryOptions, Strategy, Task, TaskError,
@@ -186,6 +186,61 @@ async fn a_503_storm_succeeds_on_the_third_attempt_within_the_backoff_bounds() {
         "{elapsed:?} vs {waited:?}"
     );
     assert!(elapsed <= Duration::from_millis(305), "{elapsed:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_503_storm_with_linear_backoff_waits_grow_linearly() {
+    // Linear, base 100 ms: retry i waits at most 100 ms × (i + 1) — 100,
+    // 200, 300 ms, where the exponential default would allow 400 ms for the
+    // third. Full jitter makes one wait random, so the storm is repeated and
+    // the largest wait of each retry is checked to fill its window.
+    const RUNS: usize = 60;
+    let up = Upstream::start().await.unwrap();
+    let policy = RetryPolicy::builder()
+        .max_attempts(4)
+        .backoff_kind(BackoffKind::Linear)
+        .base_delay(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let (client, seen) = observed_client(with_defaults(|p| p.retry(Some(policy))));
+    for run in 0..RUNS {
+        let started = Instant::now();
+        let response = client
+            .send(get(up.url(&format!(
+                "/sequence?key=linear-{run}&steps=503,503,503,200"
+            ))))
+            .await
+            .unwrap();
+        let elapsed = started.elapsed();
+        assert_eq!(response.status, 200);
+        assert_eq!(
+            statuses(&response),
+            [Some(503), Some(503), Some(503), Some(200)]
+        );
+        let retries = seen.seen(|s| s.retries[run * 3..].to_vec());
+        assert_eq!(retries.len(), 3, "{retries:?}");
+        let waited: Duration = retries.iter().map(|(_, d)| *d).sum();
+        assert!(elapsed >= waited, "{elapsed:?} < {waited:?}");
+        assert!(elapsed <= waited + Duration::from_millis(5), "{elapsed:?}");
+    }
+    let retries = seen.seen(|s| s.retries.clone());
+    assert_eq!(retries.len(), RUNS * 3);
+    for i in 0..3u32 {
+        let waits: Vec<Duration> = retries
+            .iter()
+            .filter(|(attempt, _)| *attempt == i + 2)
+            .map(|(_, d)| *d)
+            .collect();
+        assert_eq!(waits.len(), RUNS);
+        let ceiling = Duration::from_millis(100) * (i + 1);
+        let longest = waits.iter().max().copied().unwrap_or_default();
+        assert!(longest <= ceiling, "retry {i}: {longest:?} > {ceiling:?}");
+        // 60 uniform draws all under 80% of the window: odds 0.8^60 ≈ 1e-6.
+        assert!(
+            longest >= ceiling * 8 / 10,
+            "retry {i}: longest {longest:?} of {ceiling:?}"
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -53,11 +53,13 @@ pub struct ClientConfig {
     max_requests_per_connection: Option<u32>,
     http_version: HttpVersionPref,
     root_certificates_pem: Vec<String>,
+    danger_accept_invalid_certs: bool,
     client_identity: Option<(String, String)>,
     proxy: Option<ProxyConfig>,
     proxy_from_env: bool,
     decompress: bool,
     request_compression: bool,
+    request_compression_min_size: usize,
     retries: u32,
 }
 
@@ -77,11 +79,13 @@ impl Default for ClientConfig {
             max_requests_per_connection: None,
             http_version: HttpVersionPref::Auto,
             root_certificates_pem: Vec::new(),
+            danger_accept_invalid_certs: false,
             client_identity: None,
             proxy: None,
             proxy_from_env: false,
             decompress: false,
             request_compression: false,
+            request_compression_min_size: super::decode::COMPRESS_MIN_SIZE,
             retries: 3,
         }
     }
@@ -106,6 +110,10 @@ impl fmt::Debug for ClientConfig {
             .field("http_version", &self.http_version)
             .field("root_certificates_pem", &self.root_certificates_pem.len())
             .field(
+                "danger_accept_invalid_certs",
+                &self.danger_accept_invalid_certs,
+            )
+            .field(
                 "client_identity",
                 &self.client_identity.as_ref().map(|_| "<redacted>"),
             )
@@ -113,6 +121,10 @@ impl fmt::Debug for ClientConfig {
             .field("proxy_from_env", &self.proxy_from_env)
             .field("decompress", &self.decompress)
             .field("request_compression", &self.request_compression)
+            .field(
+                "request_compression_min_size",
+                &self.request_compression_min_size,
+            )
             .field("retries", &self.retries)
             .finish()
     }
@@ -201,6 +213,12 @@ impl ClientConfig {
         &self.root_certificates_pem
     }
 
+    /// Whether server certificates go unverified; see
+    /// [`ClientConfigBuilder::danger_accept_invalid_certs`].
+    pub fn danger_accept_invalid_certs(&self) -> bool {
+        self.danger_accept_invalid_certs
+    }
+
     /// The client certificate chain and private key (PEM), if any; see
     /// [`ClientConfigBuilder::client_identity`].
     pub fn client_identity(&self) -> Option<(&str, &str)> {
@@ -230,6 +248,12 @@ impl ClientConfig {
     /// [`ClientConfigBuilder::request_compression`].
     pub fn request_compression(&self) -> bool {
         self.request_compression
+    }
+
+    /// The smallest request body that is compressed, in bytes; see
+    /// [`ClientConfigBuilder::request_compression_min_size`].
+    pub fn request_compression_min_size(&self) -> usize {
+        self.request_compression_min_size
     }
 
     /// The connection-level retries on a stale pooled connection; see
@@ -362,6 +386,19 @@ impl ClientConfigBuilder {
         self
     }
 
+    /// **Dangerous: for tests only.** Disables server certificate
+    /// verification entirely: any certificate is accepted — self-signed,
+    /// issued by anyone, expired, or for another host — so anyone on the
+    /// path can impersonate any server and read or change the traffic. The
+    /// handshake signature is still checked against the presented
+    /// certificate, and [`root_certificates_pem`](Self::root_certificates_pem)
+    /// is not used while this is on. A warning is logged when a client is
+    /// built with it. Default `false`.
+    pub fn danger_accept_invalid_certs(mut self, accept: bool) -> Self {
+        self.config.danger_accept_invalid_certs = accept;
+        self
+    }
+
     /// Client certificate chain and private key (both PEM) for mutual TLS,
     /// parsed by [`HttpClient::new`](super::HttpClient::new). Default `None`.
     pub fn client_identity(mut self, identity: Option<(String, String)>) -> Self {
@@ -390,10 +427,19 @@ impl ClientConfigBuilder {
         self
     }
 
-    /// Gzip request bodies of 1 KiB or more that have no `content-encoding`.
-    /// Default `false`.
+    /// Gzip request bodies that have no `content-encoding` and are at least
+    /// [`request_compression_min_size`](Self::request_compression_min_size)
+    /// long. Default `false`.
     pub fn request_compression(mut self, enabled: bool) -> Self {
         self.config.request_compression = enabled;
+        self
+    }
+
+    /// With [`request_compression`](Self::request_compression) on, the
+    /// smallest body that is gzipped, in bytes; a shorter one is sent as it
+    /// is (0 compresses every body). Default 1024.
+    pub fn request_compression_min_size(mut self, bytes: usize) -> Self {
+        self.config.request_compression_min_size = bytes;
         self
     }
 
@@ -554,11 +600,13 @@ mod tests {
             assert_eq!(config.max_requests_per_connection(), None);
             assert_eq!(config.http_version(), HttpVersionPref::Auto);
             assert!(config.root_certificates_pem().is_empty());
+            assert!(!config.danger_accept_invalid_certs());
             assert!(config.client_identity().is_none());
             assert!(config.proxy().is_none());
             assert!(!config.proxy_from_env());
             assert!(!config.decompress());
             assert!(!config.request_compression());
+            assert_eq!(config.request_compression_min_size(), 1024);
             assert_eq!(config.retries(), 3);
         }
         assert!(ClientConfig::default().to_builder().build().is_ok());
@@ -581,11 +629,13 @@ mod tests {
             .http_version(HttpVersionPref::Http2Only)
             .root_certificates_pem(["first"])
             .add_root_certificate_pem("second")
+            .danger_accept_invalid_certs(true)
             .client_identity(Some(("chain".into(), "key".into())))
             .proxy(Some(proxy))
             .proxy_from_env(true)
             .decompress(true)
             .request_compression(true)
+            .request_compression_min_size(300)
             .retries(1)
             .build()
             .unwrap();
@@ -603,11 +653,13 @@ mod tests {
             assert_eq!(c.max_requests_per_connection(), Some(9));
             assert_eq!(c.http_version(), HttpVersionPref::Http2Only);
             assert_eq!(c.root_certificates_pem(), ["first", "second"]);
+            assert!(c.danger_accept_invalid_certs());
             assert_eq!(c.client_identity(), Some(("chain", "key")));
             assert!(c.proxy().is_some());
             assert!(c.proxy_from_env());
             assert!(c.decompress());
             assert!(c.request_compression());
+            assert_eq!(c.request_compression_min_size(), 300);
             assert_eq!(c.retries(), 1);
         }
         assert_eq!(format!("{config:?}"), format!("{again:?}"));

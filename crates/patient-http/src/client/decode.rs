@@ -6,8 +6,8 @@ use std::io::{self, Write};
 use bytes::Bytes;
 use http::{header, HeaderMap};
 
-/// Request bodies of at least this many bytes are gzipped when request
-/// compression is on.
+/// The default of `request_compression_min_size`: request bodies of at least
+/// this many bytes are gzipped when request compression is on.
 pub(crate) const COMPRESS_MIN_SIZE: usize = 1024;
 
 /// A content coding the client decodes.

@@ -222,7 +222,7 @@ impl Transport {
         if self.config.request_compression() && !headers.contains_key(header::CONTENT_ENCODING) {
             let compressed = body
                 .as_full()
-                .filter(|data| data.len() >= decode::COMPRESS_MIN_SIZE)
+                .filter(|data| data.len() >= self.config.request_compression_min_size())
                 .and_then(|data| decode::gzip(data).ok());
             if let Some(compressed) = compressed {
                 body = RequestBody::full(compressed);

@@ -48,7 +48,7 @@ mod tunnel;
 
 /// Request compression, shared with the engine (which compresses before
 /// signing preprocessors run).
-pub(crate) use self::decode::{gzip, COMPRESS_MIN_SIZE};
+pub(crate) use self::decode::gzip;
 pub use self::{
     config::{ClientConfig, ClientConfigBuilder, HttpVersionPref},
     error::{ClientConfigError, ErrorType, TransportError},

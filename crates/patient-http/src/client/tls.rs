@@ -1,10 +1,15 @@
 //! TLS: the rustls client configuration (webpki roots plus extra PEM roots,
-//! client certificates, ALPN) and the handshake.
+//! client certificates, ALPN, or no certificate verification at all when
+//! `danger_accept_invalid_certs` is on) and the handshake.
 
 use std::sync::Arc;
 
-use rustls::RootCertStore;
-use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms},
+    DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio_rustls::TlsConnector;
 
 use super::{
@@ -47,10 +52,21 @@ pub(crate) fn build(config: &ClientConfig) -> Result<TlsConnectors, ClientConfig
     }
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let algorithms = provider.signature_verification_algorithms;
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| ClientConfigError::new(FIELD_ROOTS, e.to_string()))?
-        .with_root_certificates(roots);
+        .map_err(|e| ClientConfigError::new(FIELD_ROOTS, e.to_string()))?;
+    let builder = if config.danger_accept_invalid_certs() {
+        tracing::warn!(
+            "danger_accept_invalid_certs is on: server certificates are not verified, \
+             any server can impersonate any host; use this only in tests"
+        );
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate { algorithms }))
+    } else {
+        builder.with_root_certificates(roots)
+    };
     let mut target = match config.client_identity() {
         None => builder.with_no_client_auth(),
         Some((chain_pem, key_pem)) => {
@@ -83,6 +99,50 @@ pub(crate) fn build(config: &ClientConfig) -> Result<TlsConnectors, ClientConfig
         target: TlsConnector::from(Arc::new(target)),
         proxy: TlsConnector::from(Arc::new(proxy)),
     })
+}
+
+/// The verifier of `danger_accept_invalid_certs`: any certificate chain is
+/// accepted, whoever issued it, whatever names it holds and however expired,
+/// but the handshake signature must still be made by the certificate's key
+/// with one of the crypto provider's algorithms.
+#[derive(Debug)]
+struct AcceptAnyCertificate {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }
 
 /// Performs the TLS handshake with `host` over `stream`.

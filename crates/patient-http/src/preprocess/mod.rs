@@ -84,13 +84,11 @@ impl PreparedRequest {
         self.url.query_pairs_mut().append_pair(name, value);
     }
 
-    /// Gzips a body of at least [`COMPRESS_MIN_SIZE`] bytes that has no
+    /// Gzips a body of at least `min_size` bytes that has no
     /// `content-encoding` yet (request compression), before preprocessors
     /// run, so that a signature covers the bytes that are sent.
-    pub(crate) fn compress_body(&mut self) {
-        if self.body.len() < crate::client::COMPRESS_MIN_SIZE
-            || self.headers.contains_key(http::header::CONTENT_ENCODING)
-        {
+    pub(crate) fn compress_body(&mut self, min_size: usize) {
+        if self.body.len() < min_size || self.headers.contains_key(http::header::CONTENT_ENCODING) {
             return;
         }
         if let Ok(compressed) = crate::client::gzip(&self.body) {

@@ -1,4 +1,5 @@
-//! Exponential backoff with full jitter.
+//! Backoffs with full jitter: exponential ([`ExponentialBackoff`]), linear
+//! ([`LinearBackoff`]) and the choice of the two a policy holds ([`Backoff`]).
 
 use std::time::Duration;
 
@@ -69,8 +70,7 @@ impl ExponentialBackoff {
     /// The delay before retry `retry` (0 for the first retry): uniform in
     /// `[0, ceiling(retry)]`, drawn from `rng`.
     pub fn delay(&self, retry: u32, rng: &mut fastrand::Rng) -> Duration {
-        let ceiling = u64::try_from(self.ceiling(retry).as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rng.u64(0..=ceiling))
+        jittered(self.ceiling(retry), rng)
     }
 }
 
@@ -85,7 +85,184 @@ impl Default for ExponentialBackoff {
     }
 }
 
-/// The parameters given to [`ExponentialBackoff::new`] do not make a backoff.
+/// How long to wait between attempts: linear growth with full jitter.
+///
+/// The delay before retry `n` (0 for the first retry) is drawn uniformly from
+/// `[0, min(max, base × (n + 1))]`, the same full jitter as
+/// [`ExponentialBackoff`].
+///
+/// The default is a base of 100 ms and a cap of 10 s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearBackoff {
+    base: Duration,
+    max: Duration,
+}
+
+impl LinearBackoff {
+    /// A backoff that starts at `base`, grows by `base` per retry and never
+    /// exceeds `max`.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidBackoff`] naming the first bad parameter: `base` must be
+    /// greater than zero and `max` at least `base`.
+    pub fn new(base: Duration, max: Duration) -> Result<Self, InvalidBackoff> {
+        if base.is_zero() {
+            return Err(InvalidBackoff::Base);
+        }
+        if max < base {
+            return Err(InvalidBackoff::Max { base, max });
+        }
+        Ok(Self { base, max })
+    }
+
+    /// The ceiling before the first retry and the growth per retry (default
+    /// 100 ms).
+    pub fn base(&self) -> Duration {
+        self.base
+    }
+
+    /// The largest delay (default 10 s).
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
+    /// The un-jittered cap for retry `retry` (0 for the first retry):
+    /// `min(max, base × (retry + 1))`.
+    pub fn ceiling(&self, retry: u32) -> Duration {
+        self.base
+            .checked_mul(retry.saturating_add(1))
+            .map_or(self.max, |ceiling| ceiling.min(self.max))
+    }
+
+    /// The delay before retry `retry` (0 for the first retry): uniform in
+    /// `[0, ceiling(retry)]`, drawn from `rng`.
+    pub fn delay(&self, retry: u32, rng: &mut fastrand::Rng) -> Duration {
+        jittered(self.ceiling(retry), rng)
+    }
+}
+
+impl Default for LinearBackoff {
+    /// Base 100 ms, max 10 s.
+    fn default() -> Self {
+        Self {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The backoff a [`RetryPolicy`](super::RetryPolicy) waits between attempts:
+/// exponential (the default, [`ExponentialBackoff::default`]) or linear.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum Backoff {
+    /// `base × factorⁿ` capped at `max`, full jitter.
+    Exponential(ExponentialBackoff),
+    /// `base × (n + 1)` capped at `max`, full jitter.
+    Linear(LinearBackoff),
+}
+
+impl Backoff {
+    /// Which of the two this is.
+    pub fn kind(&self) -> BackoffKind {
+        match self {
+            Backoff::Exponential(_) => BackoffKind::Exponential,
+            Backoff::Linear(_) => BackoffKind::Linear,
+        }
+    }
+
+    /// The ceiling before the first retry.
+    pub fn base(&self) -> Duration {
+        match self {
+            Backoff::Exponential(b) => b.base(),
+            Backoff::Linear(b) => b.base(),
+        }
+    }
+
+    /// The growth factor per retry of an exponential backoff; `None` for a
+    /// linear one.
+    pub fn factor(&self) -> Option<f64> {
+        match self {
+            Backoff::Exponential(b) => Some(b.factor()),
+            Backoff::Linear(_) => None,
+        }
+    }
+
+    /// The largest delay.
+    pub fn max(&self) -> Duration {
+        match self {
+            Backoff::Exponential(b) => b.max(),
+            Backoff::Linear(b) => b.max(),
+        }
+    }
+
+    /// The un-jittered cap for retry `retry` (0 for the first retry).
+    pub fn ceiling(&self, retry: u32) -> Duration {
+        match self {
+            Backoff::Exponential(b) => b.ceiling(retry),
+            Backoff::Linear(b) => b.ceiling(retry),
+        }
+    }
+
+    /// The delay before retry `retry` (0 for the first retry): uniform in
+    /// `[0, ceiling(retry)]`, drawn from `rng`.
+    pub fn delay(&self, retry: u32, rng: &mut fastrand::Rng) -> Duration {
+        jittered(self.ceiling(retry), rng)
+    }
+}
+
+impl Default for Backoff {
+    /// [`ExponentialBackoff::default`].
+    fn default() -> Self {
+        Backoff::Exponential(ExponentialBackoff::default())
+    }
+}
+
+impl From<ExponentialBackoff> for Backoff {
+    fn from(backoff: ExponentialBackoff) -> Self {
+        Backoff::Exponential(backoff)
+    }
+}
+
+impl From<LinearBackoff> for Backoff {
+    fn from(backoff: LinearBackoff) -> Self {
+        Backoff::Linear(backoff)
+    }
+}
+
+impl PartialEq<ExponentialBackoff> for Backoff {
+    fn eq(&self, other: &ExponentialBackoff) -> bool {
+        matches!(self, Backoff::Exponential(b) if b == other)
+    }
+}
+
+impl PartialEq<LinearBackoff> for Backoff {
+    fn eq(&self, other: &LinearBackoff) -> bool {
+        matches!(self, Backoff::Linear(b) if b == other)
+    }
+}
+
+/// The shape of a [`Backoff`], chosen with
+/// [`RetryPolicyBuilder::backoff_kind`](super::RetryPolicyBuilder::backoff_kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum BackoffKind {
+    /// [`ExponentialBackoff`] (the default).
+    #[default]
+    Exponential,
+    /// [`LinearBackoff`]; the factor is not used.
+    Linear,
+}
+
+/// Full jitter: uniform in `[0, ceiling]`.
+fn jittered(ceiling: Duration, rng: &mut fastrand::Rng) -> Duration {
+    let ceiling = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(rng.u64(0..=ceiling))
+}
+
+/// The parameters given to [`ExponentialBackoff::new`] or
+/// [`LinearBackoff::new`] do not make a backoff.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum InvalidBackoff {
@@ -246,5 +423,102 @@ mod tests {
         );
         assert_eq!(err.parameter(), "max");
         assert!(ExponentialBackoff::new(ms(100), 2.0, ms(100)).is_ok());
+    }
+
+    #[test]
+    fn linear_default_is_100ms_up_to_10s() {
+        let b = LinearBackoff::default();
+        assert_eq!(b.base(), ms(100));
+        assert_eq!(b.max(), Duration::from_secs(10));
+        assert_eq!(LinearBackoff::new(ms(100), ms(10_000)), Ok(b));
+    }
+
+    #[test]
+    fn linear_ceilings_grow_by_the_base_then_cap() {
+        let b = LinearBackoff::new(ms(100), ms(450)).unwrap();
+        let ceilings: Vec<u64> = (0..7).map(|r| b.ceiling(r).as_millis() as u64).collect();
+        assert_eq!(ceilings, [100, 200, 300, 400, 450, 450, 450]);
+        assert_eq!(b.ceiling(u32::MAX), ms(450));
+        let uncapped = LinearBackoff::new(Duration::from_secs(1), Duration::MAX).unwrap();
+        assert_eq!(
+            uncapped.ceiling(u32::MAX - 1),
+            Duration::from_secs(u64::from(u32::MAX))
+        );
+        let huge = LinearBackoff::new(Duration::MAX, Duration::MAX).unwrap();
+        assert_eq!(huge.ceiling(1), Duration::MAX);
+    }
+
+    #[test]
+    fn linear_seeded_delays_are_reproducible_and_under_the_ceiling() {
+        let b = LinearBackoff::default();
+        let draw = |seed| -> Vec<Duration> {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            (0..12).map(|r| b.delay(r, &mut rng)).collect()
+        };
+        let first = draw(7);
+        assert_eq!(first, draw(7));
+        assert_ne!(first, draw(8));
+        for (r, d) in first.iter().enumerate() {
+            assert!(*d <= ms(100) * (r as u32 + 1), "retry {r}: {d:?}");
+        }
+        // The same jitter as the exponential backoff: the same draw for the
+        // same ceiling.
+        let e = ExponentialBackoff::new(ms(100), 1.0, ms(100)).unwrap();
+        let mut a = fastrand::Rng::with_seed(5);
+        let mut c = fastrand::Rng::with_seed(5);
+        assert_eq!(b.delay(0, &mut a), e.delay(0, &mut c));
+    }
+
+    #[test]
+    fn linear_full_jitter_covers_the_whole_window() {
+        let b = LinearBackoff::default();
+        let mut rng = fastrand::Rng::with_seed(42);
+        let ceiling = b.ceiling(3);
+        assert_eq!(ceiling, ms(400));
+        let samples: Vec<Duration> = (0..10_000).map(|_| b.delay(3, &mut rng)).collect();
+        let min = samples.iter().min().copied().unwrap_or_default();
+        let max = samples.iter().max().copied().unwrap_or_default();
+        assert!(samples.iter().all(|d| *d <= ceiling));
+        assert!(min < ceiling / 100, "min {min:?}");
+        assert!(max > ceiling * 99 / 100, "max {max:?}");
+    }
+
+    #[test]
+    fn linear_bad_parameters_are_rejected() {
+        let err = LinearBackoff::new(Duration::ZERO, ms(10)).unwrap_err();
+        assert_eq!(err, InvalidBackoff::Base);
+        assert_eq!(err.parameter(), "base");
+        let err = LinearBackoff::new(ms(100), ms(99)).unwrap_err();
+        assert_eq!(
+            err,
+            InvalidBackoff::Max {
+                base: ms(100),
+                max: ms(99)
+            }
+        );
+        assert_eq!(err.parameter(), "max");
+        assert!(err.to_string().contains("max"));
+        assert!(LinearBackoff::new(ms(100), ms(100)).is_ok());
+    }
+
+    #[test]
+    fn backoff_dispatches_to_its_kind() {
+        let linear = Backoff::from(LinearBackoff::new(ms(100), ms(1000)).unwrap());
+        let exponential = Backoff::from(ExponentialBackoff::default());
+        assert_eq!(Backoff::default(), exponential);
+        assert_eq!(linear.kind(), BackoffKind::Linear);
+        assert_eq!(exponential.kind(), BackoffKind::Exponential);
+        assert_eq!(linear.factor(), None);
+        assert_eq!(exponential.factor(), Some(2.0));
+        assert_eq!(linear.ceiling(2), ms(300));
+        assert_eq!(exponential.ceiling(2), ms(400));
+        let mut a = fastrand::Rng::with_seed(9);
+        let mut c = fastrand::Rng::with_seed(9);
+        assert_eq!(
+            linear.delay(4, &mut a),
+            LinearBackoff::new(ms(100), ms(1000))
+                .unwrap()
+                .delay(4, &mut c)
+        );
     }
 }

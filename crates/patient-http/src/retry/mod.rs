@@ -6,7 +6,8 @@
 //!   request's method may be retried (POST and PATCH only with an
 //!   idempotency key or an explicit opt-in), and how long to wait.
 //! * [`ExponentialBackoff`] is the wait: base × factorⁿ capped at a maximum,
-//!   with full jitter.
+//!   with full jitter; [`LinearBackoff`] grows by the base instead
+//!   (base × (n + 1)), and [`Backoff`] is the one a policy holds.
 //! * [`retry_after`] reads the wait the server asked for: `Retry-After`
 //!   (seconds or an HTTP date) and the rate-limit reset headers.
 //! * [`RetryBudget`] caps retries at a share of first attempts over a
@@ -61,7 +62,7 @@ mod budget;
 mod policy;
 
 pub use after::{rate_limit_reset, retry_after, retry_after_header};
-pub use backoff::{ExponentialBackoff, InvalidBackoff};
+pub use backoff::{Backoff, BackoffKind, ExponentialBackoff, InvalidBackoff, LinearBackoff};
 pub use budget::{InvalidBudget, RetryBudget};
 pub use policy::{
     AttemptOutcome, InvalidRetryPolicy, RetryCondition, RetryDelay, RetryPolicy,

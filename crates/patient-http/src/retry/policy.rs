@@ -11,7 +11,7 @@ use patient_wire::{ErrorType, Method, RetryOptions};
 
 use super::{
     after::{retry_after, retry_after_header},
-    backoff::{ExponentialBackoff, InvalidBackoff},
+    backoff::{Backoff, BackoffKind, ExponentialBackoff, InvalidBackoff, LinearBackoff},
 };
 
 /// The response statuses retried by default: 408, 429, 500, 502, 503, 504.
@@ -161,7 +161,8 @@ impl RetryDelay {
 /// The default ([`RetryPolicy::default`]) makes up to 3 attempts; retries
 /// timeouts, connection errors and the statuses 408, 429, 500, 502, 503 and
 /// 504; waits an [`ExponentialBackoff::default`] (100 ms doubling up to
-/// 10 s, full jitter) or what the server asked for in `Retry-After` (up to
+/// 10 s, full jitter; a [`LinearBackoff`] with
+/// [`RetryPolicyBuilder::backoff_kind`]) or what the server asked for in `Retry-After` (up to
 /// 60 s; a longer wait ends the retries); and retries POST and PATCH only
 /// when they carry an idempotency key. A response with the `x-do-not-retry`
 /// header is never retried. It is the policy to set where retries are
@@ -175,7 +176,7 @@ impl RetryDelay {
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     max_attempts: u32,
-    backoff: ExponentialBackoff,
+    backoff: Backoff,
     conditions: Vec<RetryCondition>,
     respect_retry_after: bool,
     max_retry_after: Duration,
@@ -188,7 +189,7 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
             max_attempts: 3,
-            backoff: ExponentialBackoff::default(),
+            backoff: Backoff::default(),
             conditions: RetryCondition::defaults(),
             respect_retry_after: true,
             max_retry_after: Duration::from_secs(60),
@@ -230,8 +231,9 @@ impl RetryPolicy {
     pub fn to_builder(&self) -> RetryPolicyBuilder {
         RetryPolicyBuilder {
             max_attempts: self.max_attempts,
+            backoff_kind: self.backoff.kind(),
             base_delay: self.backoff.base(),
-            factor: self.backoff.factor(),
+            factor: self.backoff.factor().unwrap_or(DEFAULT_FACTOR),
             max_delay: self.backoff.max(),
             conditions: self.conditions.clone(),
             respect_retry_after: self.respect_retry_after,
@@ -282,7 +284,7 @@ impl RetryPolicy {
     }
 
     /// The backoff between attempts (default [`ExponentialBackoff::default`]).
-    pub fn backoff(&self) -> &ExponentialBackoff {
+    pub fn backoff(&self) -> &Backoff {
         &self.backoff
     }
 
@@ -399,11 +401,16 @@ impl RetryPolicy {
     }
 }
 
+/// The exponential backoff's default factor, kept by a builder made from a
+/// linear policy.
+const DEFAULT_FACTOR: f64 = 2.0;
+
 /// Builds a [`RetryPolicy`]; every setting starts at its default.
 #[must_use]
 #[derive(Debug, Clone)]
 pub struct RetryPolicyBuilder {
     max_attempts: u32,
+    backoff_kind: BackoffKind,
     base_delay: Duration,
     factor: f64,
     max_delay: Duration,
@@ -432,12 +439,26 @@ impl RetryPolicyBuilder {
         self
     }
 
-    /// The backoff between attempts, replacing `base_delay`, `factor` and
-    /// `max_delay` (default [`ExponentialBackoff::default`]).
-    pub fn backoff(mut self, backoff: ExponentialBackoff) -> Self {
+    /// The backoff between attempts, an [`ExponentialBackoff`] or a
+    /// [`LinearBackoff`], replacing the kind, `base_delay`, `max_delay` and
+    /// (for an exponential one) `factor` (default
+    /// [`ExponentialBackoff::default`]).
+    pub fn backoff(mut self, backoff: impl Into<Backoff>) -> Self {
+        let backoff = backoff.into();
+        self.backoff_kind = backoff.kind();
         self.base_delay = backoff.base();
-        self.factor = backoff.factor();
+        if let Some(factor) = backoff.factor() {
+            self.factor = factor;
+        }
         self.max_delay = backoff.max();
+        self
+    }
+
+    /// The shape of the backoff, keeping `base_delay` and `max_delay`
+    /// (default [`BackoffKind::Exponential`]). A linear backoff waits up to
+    /// `base_delay × (n + 1)` before retry `n` and ignores `factor`.
+    pub fn backoff_kind(mut self, kind: BackoffKind) -> Self {
+        self.backoff_kind = kind;
         self
     }
 
@@ -448,7 +469,8 @@ impl RetryPolicyBuilder {
         self
     }
 
-    /// The backoff growth per retry; at least 1 (default 2).
+    /// The exponential backoff's growth per retry; at least 1 (default 2;
+    /// not used by a linear backoff).
     pub fn factor(mut self, factor: f64) -> Self {
         self.factor = factor;
         self
@@ -524,7 +546,12 @@ impl RetryPolicyBuilder {
         if self.max_attempts == 0 {
             return Err(InvalidRetryPolicy::MaxAttempts);
         }
-        let backoff = ExponentialBackoff::new(self.base_delay, self.factor, self.max_delay)?;
+        let backoff = match self.backoff_kind {
+            BackoffKind::Exponential => {
+                ExponentialBackoff::new(self.base_delay, self.factor, self.max_delay)?.into()
+            }
+            BackoffKind::Linear => LinearBackoff::new(self.base_delay, self.max_delay)?.into(),
+        };
         for condition in &self.conditions {
             if let RetryCondition::Statuses(statuses) = condition {
                 if let Some(bad) = statuses.iter().find(|s| !(100..=599).contains(*s)) {
@@ -1138,5 +1165,85 @@ mod tests {
         assert!(e.headers().is_none());
         assert_eq!(e.error_kind(), Some(ErrorType::Timeout));
         assert!(!e.is_do_not_retry());
+    }
+
+    #[test]
+    fn a_linear_backoff_is_chosen_by_kind_or_value() {
+        let p = RetryPolicy::builder()
+            .backoff_kind(BackoffKind::Linear)
+            .base_delay(Duration::from_millis(50))
+            .max_delay(Duration::from_millis(120))
+            .build()
+            .unwrap();
+        let linear =
+            LinearBackoff::new(Duration::from_millis(50), Duration::from_millis(120)).unwrap();
+        assert_eq!(*p.backoff(), linear);
+        let ceilings: Vec<Duration> = (0..4).map(|r| p.backoff().ceiling(r)).collect();
+        assert_eq!(
+            ceilings,
+            [50, 100, 120, 120].map(Duration::from_millis),
+            "linear, capped"
+        );
+        // The decision draws from the linear backoff.
+        let got = p.decide(
+            2,
+            Method::Get,
+            false,
+            &response(503, &EMPTY),
+            now(),
+            &mut rng(),
+        );
+        let want = linear.delay(1, &mut rng());
+        assert_eq!(got, RetryDelay::After(want));
+
+        let by_value = RetryPolicy::builder().backoff(linear).build().unwrap();
+        assert_eq!(*by_value.backoff(), linear);
+        assert_eq!(by_value.backoff().kind(), BackoffKind::Linear);
+        // Back to exponential, keeping base and max and the default factor.
+        let back = by_value
+            .to_builder()
+            .backoff_kind(BackoffKind::Exponential)
+            .build()
+            .unwrap();
+        assert_eq!(
+            *back.backoff(),
+            ExponentialBackoff::new(Duration::from_millis(50), 2.0, Duration::from_millis(120))
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn a_linear_policy_stays_linear_under_overrides() {
+        let base = RetryPolicy::builder()
+            .backoff(LinearBackoff::default())
+            .build()
+            .unwrap();
+        let options = RetryOptions {
+            base_delay: Some(Duration::from_millis(30)),
+            factor: Some(3.0),
+            max_delay: Some(Duration::from_millis(200)),
+            ..RetryOptions::default()
+        };
+        let p = base.with_overrides(&options).unwrap();
+        assert_eq!(
+            *p.backoff(),
+            LinearBackoff::new(Duration::from_millis(30), Duration::from_millis(200)).unwrap()
+        );
+        assert_eq!(p.backoff().ceiling(2), Duration::from_millis(90));
+        let same = base.with_overrides(&RetryOptions::default()).unwrap();
+        assert_eq!(*same.backoff(), LinearBackoff::default());
+
+        let bad = RetryOptions {
+            max_delay: Some(Duration::from_millis(10)),
+            ..RetryOptions::default()
+        };
+        let err = base.with_overrides(&bad).unwrap_err();
+        assert_eq!(err.parameter(), "max_delay");
+        let err = RetryPolicy::builder()
+            .backoff_kind(BackoffKind::Linear)
+            .base_delay(Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.parameter(), "base_delay");
     }
 }
