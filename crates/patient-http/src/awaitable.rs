@@ -40,6 +40,19 @@ impl AwaitableClient {
         self.engine.execute(task, tokio::time::Instant::now()).await
     }
 
+    /// The health of every upstream it keeps state for: breaker state,
+    /// concurrency in use, cool-down, the last minute's attempts and
+    /// failures.
+    pub fn health(&self) -> crate::HealthSummary {
+        self.engine.health()
+    }
+
+    /// The health of one upstream (its key: `scheme://host[:port]` or an
+    /// `upstream_key`), if state is kept for it.
+    pub fn upstream_health(&self, key: &str) -> Option<crate::UpstreamHealth> {
+        self.engine.upstream_health(key)
+    }
+
     /// Adds an observer: it sees every request made from now on, by this
     /// client and its clones.
     pub fn add_observer(&self, observer: impl crate::ProcessorObserver) {

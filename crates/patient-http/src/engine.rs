@@ -64,6 +64,18 @@ impl Engine {
         }
     }
 
+    /// Every upstream's health now.
+    pub(crate) fn health(&self) -> crate::HealthSummary {
+        crate::HealthSummary {
+            upstreams: self.upstreams.health(),
+        }
+    }
+
+    /// One upstream's health, if the engine keeps state for it.
+    pub(crate) fn upstream_health(&self, key: &str) -> Option<crate::UpstreamHealth> {
+        self.upstreams.health_of(key)
+    }
+
     /// Counts one caught panic.
     pub(crate) fn count_panic(&self) {
         self.panics.fetch_add(1, Ordering::Relaxed);

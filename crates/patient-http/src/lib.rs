@@ -50,6 +50,7 @@ pub mod decision;
 mod dispatch;
 mod engine;
 mod handler;
+mod health;
 mod inline;
 pub mod interceptor;
 pub mod limit;
@@ -72,6 +73,7 @@ pub use config::{Config, ConfigBuilder, ConfigError};
 pub use decision::{Decision, LimitWait, Refusal, TaskProgress};
 pub use dispatch::{Body, Dispatch, DispatchError, DispatchOptions};
 pub use handler::{Outcome, TaskHandler};
+pub use health::{HealthSummary, UpstreamHealth};
 pub use inline::InlineExecutor;
 pub use observer::{ProcessorObserver, RequestEnd, RequestStart};
 pub use patient_wire::{

@@ -675,8 +675,10 @@ impl Engine {
         }
         let result = self.run_attempt(task, &attempt_plan).await;
         drop(limit_permit);
+        let verdict = breaker_verdict(&result, plan.policy);
+        upstream.recent.record(began, verdict == Some(false));
         if let Some(permit) = permit {
-            match breaker_verdict(&result, plan.policy) {
+            match verdict {
                 Some(true) => permit.success(),
                 Some(false) => permit.failure(),
                 None => drop(permit),

@@ -57,6 +57,72 @@ impl LatencyWindow {
     }
 }
 
+/// Attempts and failures of an upstream over the last
+/// [`RecentOutcomes::WINDOW_SECS`] seconds, in one-second buckets of atomics
+/// (no lock on the request path).
+pub(crate) struct RecentOutcomes {
+    /// Per bucket: the second it counts (since the registry's origin), then
+    /// attempts and failures in it.
+    buckets: [(AtomicU64, AtomicU64, AtomicU64); RecentOutcomes::WINDOW_SECS as usize],
+    origin: tokio::time::Instant,
+}
+
+impl RecentOutcomes {
+    /// The window the error rate is taken over.
+    pub(crate) const WINDOW_SECS: u64 = 60;
+
+    fn new() -> Self {
+        RecentOutcomes {
+            buckets: std::array::from_fn(|_| {
+                (
+                    AtomicU64::new(u64::MAX),
+                    AtomicU64::new(0),
+                    AtomicU64::new(0),
+                )
+            }),
+            origin: tokio::time::Instant::now(),
+        }
+    }
+
+    fn second(&self, at: tokio::time::Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_secs()
+    }
+
+    /// Counts one attempt that ended at `at`; `failed` as the breaker would
+    /// count it.
+    pub(crate) fn record(&self, at: tokio::time::Instant, failed: bool) {
+        let second = self.second(at);
+        let (epoch, attempts, failures) = &self.buckets[(second % Self::WINDOW_SECS) as usize];
+        if epoch.load(Ordering::Acquire) != second {
+            // A new second for this bucket: the first to see it resets it.
+            // (A racing increment may land in the old count; the rate is an
+            // estimate, never a decision.)
+            if epoch.swap(second, Ordering::AcqRel) != second {
+                attempts.store(0, Ordering::Release);
+                failures.store(0, Ordering::Release);
+            }
+        }
+        attempts.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Attempts and failures within the window ending now.
+    pub(crate) fn totals(&self) -> (u64, u64) {
+        let now = self.second(tokio::time::Instant::now());
+        let mut totals = (0, 0);
+        for (epoch, attempts, failures) in &self.buckets {
+            let second = epoch.load(Ordering::Acquire);
+            if second != u64::MAX && second <= now && now - second < Self::WINDOW_SECS {
+                totals.0 += attempts.load(Ordering::Relaxed);
+                totals.1 += failures.load(Ordering::Relaxed);
+            }
+        }
+        totals
+    }
+}
+
 /// One upstream's breaker, limits, latency window and metric handles.
 pub(crate) struct UpstreamState {
     /// The circuit breaker, when the upstream's policy has one.
@@ -72,6 +138,8 @@ pub(crate) struct UpstreamState {
     pub(crate) latencies: Option<Mutex<LatencyWindow>>,
     /// The upstream's metric handles.
     pub(crate) metrics: Arc<UpstreamMetrics>,
+    /// Recent attempts and failures, for health queries.
+    pub(crate) recent: RecentOutcomes,
     /// The registry's tick when a task last resolved this state, for
     /// least-recently-used eviction.
     last_used: AtomicU64,
@@ -81,6 +149,20 @@ impl UpstreamState {
     /// Whether an attempt must pass through the limits.
     pub(crate) fn is_limited(&self) -> bool {
         self.limited || self.cooled.load(Ordering::Relaxed)
+    }
+
+    /// Its state now, for health queries.
+    pub(crate) fn health(&self, key: &str) -> crate::UpstreamHealth {
+        let (attempts, failures) = self.recent.totals();
+        crate::UpstreamHealth {
+            key: key.to_owned(),
+            breaker: self.breaker.as_ref().map(CircuitBreaker::state),
+            in_flight: self.limits.concurrency().map(|c| c.in_flight()),
+            max_in_flight: self.limits.concurrency().map(|c| c.max_in_flight()),
+            cooldown_remaining: self.limits.cooldown_remaining(),
+            recent_attempts: attempts,
+            recent_failures: failures,
+        }
     }
 
     /// Holds every attempt to this upstream back for `wait` (a 429's
@@ -115,6 +197,24 @@ impl Upstreams {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         read(&self.states).len()
+    }
+
+    /// The health of every upstream kept now, by key.
+    pub(crate) fn health(&self) -> Vec<crate::UpstreamHealth> {
+        let states: Vec<(Box<str>, Arc<UpstreamState>)> = read(&self.states)
+            .iter()
+            .map(|(k, s)| (k.clone(), Arc::clone(s)))
+            .collect();
+        // Breaker queries may call observers: outside the registry's lock.
+        let mut health: Vec<_> = states.iter().map(|(k, s)| s.health(k)).collect();
+        health.sort_by(|a, b| a.key.cmp(&b.key));
+        health
+    }
+
+    /// The health of one upstream, if it is kept.
+    pub(crate) fn health_of(&self, key: &str) -> Option<crate::UpstreamHealth> {
+        let state = read(&self.states).get(key).map(Arc::clone)?;
+        Some(state.health(key))
     }
 
     /// The state of `key`, made from `policy` on first use.
@@ -197,6 +297,7 @@ fn new_state(
         latencies: matches!(policy.hedge_delays(), HedgeDelay::Adaptive { .. })
             .then(|| Mutex::new(LatencyWindow::default())),
         metrics: upstream_metrics,
+        recent: RecentOutcomes::new(),
         last_used: AtomicU64::new(now),
     }
 }

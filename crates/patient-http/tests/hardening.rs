@@ -595,3 +595,73 @@ fn an_observer_added_to_a_running_processor_sees_what_follows() {
     assert_eq!(seen, [up.url("/status/503"), "closed->open".to_owned()]);
     processor.stop(None);
 }
+
+// Upstream health on demand (issue 8, point 9).
+
+#[tokio::test(start_paused = true)]
+async fn upstream_health_reports_breaker_limits_cool_down_and_recent_errors() {
+    let up = Upstream::start().await.unwrap();
+    let key = format!("http://{}", up.addr());
+    let config = ResilienceConfig::builder()
+        .defaults(|p| {
+            p.retry(Some(RetryPolicy::none()))
+                .breaker(Some(
+                    BreakerPolicy::builder()
+                        .consecutive_failures(Some(2))
+                        .minimum_throughput(1000)
+                        .break_duration(Duration::from_secs(5))
+                        .build()
+                        .unwrap(),
+                ))
+                .limits(LimitConfig::builder().max_in_flight(4).build().unwrap())
+        })
+        .build()
+        .unwrap();
+    let client = Builder::new().resilience(config).build_awaitable().unwrap();
+    assert_eq!(client.upstream_health(&key), None, "nothing known yet");
+
+    assert_eq!(client.send(get(up.url("/fast"))).await.unwrap().status, 200);
+    let health = client.upstream_health(&key).unwrap();
+    assert_eq!(health.breaker, Some(BreakerState::Closed));
+    assert_eq!((health.in_flight, health.max_in_flight), (Some(0), Some(4)));
+    assert_eq!((health.recent_attempts, health.recent_failures), (1, 0));
+    assert!(health.is_available());
+
+    for _ in 0..2 {
+        assert_eq!(
+            client
+                .send(get(up.url("/status/503")))
+                .await
+                .unwrap()
+                .status,
+            503
+        );
+    }
+    let health = client.upstream_health(&key).unwrap();
+    assert_eq!(health.breaker, Some(BreakerState::Open));
+    assert_eq!((health.recent_attempts, health.recent_failures), (3, 2));
+    assert!((health.error_rate() - 2.0 / 3.0).abs() < 1e-9);
+    assert!(!health.is_available());
+
+    // A 429 with Retry-After cools another upstream down.
+    let other = Request::get(up.url("/status/429?retry_after=30"))
+        .request_options(RequestOptions {
+            upstream_key: Some("tenant-a".into()),
+            ..RequestOptions::default()
+        })
+        .build()
+        .unwrap();
+    assert_eq!(client.send(other).await.unwrap().status, 429);
+    let summary = client.health();
+    assert_eq!(summary.upstreams.len(), 2);
+    assert_eq!((summary.open_breakers(), summary.cooling_down()), (1, 1));
+    assert!(!summary.is_healthy());
+    let tenant = client.upstream_health("tenant-a").unwrap();
+    assert!(tenant.cooldown_remaining.unwrap() > Duration::from_secs(29));
+
+    // A minute later the counts have aged out.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let health = client.upstream_health(&key).unwrap();
+    assert_eq!((health.recent_attempts, health.recent_failures), (0, 0));
+    assert_eq!(health.error_rate(), 0.0);
+}

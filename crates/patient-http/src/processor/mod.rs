@@ -208,6 +208,19 @@ impl Processor {
         &self.inner.engine.metrics
     }
 
+    /// The health of every upstream it keeps state for: breaker state,
+    /// concurrency in use, cool-down, the last minute's attempts and
+    /// failures.
+    pub fn health(&self) -> crate::HealthSummary {
+        self.inner.engine.health()
+    }
+
+    /// The health of one upstream (its key: `scheme://host[:port]` or an
+    /// `upstream_key`), if state is kept for it.
+    pub fn upstream_health(&self, key: &str) -> Option<crate::UpstreamHealth> {
+        self.inner.engine.upstream_health(key)
+    }
+
     /// Adds an observer, also while the processor runs: it sees every event
     /// from now on (a `start` already past is not replayed).
     pub fn add_observer(&self, observer: impl crate::ProcessorObserver) {
