@@ -64,6 +64,7 @@ pub mod retry;
 mod secret;
 mod strategy;
 mod task;
+pub mod testing;
 mod time;
 mod upstream;
 
