@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use patient_wire::{CallbackArgs, Method, Request, RequestValidationError};
+use patient_wire::{
+    CallbackArgs, Method, Request, RequestBuilder, RequestTemplate, RequestValidationError,
+};
 
 use crate::{EnqueueError, InlineExecutor, Processor, Task};
 
@@ -79,22 +81,7 @@ pub trait Dispatch {
         callback: &str,
         options: DispatchOptions,
     ) -> Result<String, DispatchError> {
-        let mut builder = Request::builder(method, url);
-        for (name, value) in &options.headers {
-            builder = builder.header(name.as_str(), value.as_str());
-        }
-        for (name, value) in &options.params {
-            builder = builder.param(name.as_str(), value.as_str());
-        }
-        if let Some(timeout) = options.timeout {
-            builder = builder.timeout(timeout);
-        }
-        builder = match body {
-            Body::Empty => builder,
-            Body::Bytes(bytes) => builder.body(bytes),
-            Body::Json(value) => builder.json(&value),
-        };
-        let request = builder.build()?;
+        let request = apply(Request::builder(method, url), body, &options).build()?;
         self.request(request, callback, options)
     }
 
@@ -149,6 +136,99 @@ pub trait Dispatch {
         options: DispatchOptions,
     ) -> Result<String, DispatchError> {
         self.send(Method::Patch, url, body, callback, options)
+    }
+}
+
+/// Sets the options' headers (replacing any of the same name), query
+/// parameters and timeout, and the body, on a request builder.
+fn apply(mut builder: RequestBuilder, body: Body, options: &DispatchOptions) -> RequestBuilder {
+    for (name, value) in &options.headers {
+        builder = builder.header(name.as_str(), value.as_str());
+    }
+    for (name, value) in &options.params {
+        builder = builder.param(name.as_str(), value.as_str());
+    }
+    if let Some(timeout) = options.timeout {
+        builder = builder.timeout(timeout);
+    }
+    match body {
+        Body::Empty => builder,
+        Body::Bytes(bytes) => builder.body(bytes),
+        Body::Json(value) => builder.json(&value),
+    }
+}
+
+/// A [`Dispatch`] bound to a [`RequestTemplate`]: the URLs given to its
+/// shortcuts are paths under the template's base URL, as with the template's
+/// own builders: `api.get("/users/1", ..)`.
+///
+/// Each request is built with [`RequestTemplate::request`] (the path joined
+/// under the base URL, or an absolute URL used as is; the template's default
+/// headers, query parameters, timeout, preprocessors and URL credentials),
+/// then the call's [`DispatchOptions`] apply on top: their headers replace
+/// the template's of the same name, their query parameters come after the
+/// template's, their timeout replaces the template's. Tasks go to `dispatch`.
+///
+/// ```
+/// use std::sync::mpsc;
+///
+/// use patient_http::testing::{FakeDispatch, Reply};
+/// use patient_http::{Dispatch, DispatchOptions, Method, RequestTemplate, TemplateDispatch};
+///
+/// let (tx, _rx) = mpsc::channel();
+/// let template = RequestTemplate::new("https://api.example.com/v1")?
+///     .header("accept", "application/json");
+/// let api = TemplateDispatch::new(template, FakeDispatch::new(tx));
+/// api.dispatch.stub(Method::Get, "https://api.example.com/v1/users/1", Reply::status(200));
+///
+/// api.get("/users/1", "UserLoaded", DispatchOptions::default())?;
+///
+/// let request = &api.dispatch.requests()[0];
+/// assert_eq!(request.url().as_str(), "https://api.example.com/v1/users/1");
+/// assert_eq!(request.headers().get_str("accept"), Some("application/json"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct TemplateDispatch<D> {
+    /// The base URL and defaults of every request.
+    pub template: RequestTemplate,
+    /// Where the tasks go.
+    pub dispatch: D,
+}
+
+impl<D: Dispatch> TemplateDispatch<D> {
+    /// Binds `template` to `dispatch`.
+    pub fn new(template: RequestTemplate, dispatch: D) -> TemplateDispatch<D> {
+        TemplateDispatch { template, dispatch }
+    }
+}
+
+impl<D: Dispatch> Dispatch for TemplateDispatch<D> {
+    fn dispatch(&self, task: Task) -> Result<String, DispatchError> {
+        self.dispatch.dispatch(task)
+    }
+
+    fn request(
+        &self,
+        request: Request,
+        callback: &str,
+        options: DispatchOptions,
+    ) -> Result<String, DispatchError> {
+        self.dispatch.request(request, callback, options)
+    }
+
+    /// Builds a request to `path` under the template's base URL (see the
+    /// type's documentation) and hands it over.
+    fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Body,
+        callback: &str,
+        options: DispatchOptions,
+    ) -> Result<String, DispatchError> {
+        let request = apply(self.template.request(method, path), body, &options).build()?;
+        self.dispatch.request(request, callback, options)
     }
 }
 

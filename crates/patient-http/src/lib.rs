@@ -72,7 +72,7 @@ pub use awaitable::AwaitableClient;
 pub use builder::Builder;
 pub use config::{Config, ConfigBuilder, ConfigError};
 pub use decision::{Decision, LimitWait, Refusal, TaskProgress};
-pub use dispatch::{Body, Dispatch, DispatchError, DispatchOptions};
+pub use dispatch::{Body, Dispatch, DispatchError, DispatchOptions, TemplateDispatch};
 pub use handler::{Outcome, TaskHandler};
 pub use health::{HealthSummary, UpstreamHealth};
 pub use inline::InlineExecutor;

@@ -1,12 +1,14 @@
 //! The in-memory dispatch double: recorded tasks, canned replies, outcomes
 //! delivered synchronously.
 
-use std::sync::mpsc;
+use std::{sync::mpsc, time::Duration};
 
 use patient_http::testing::{FakeDispatch, Reply, NO_CANNED_RESPONSE};
 use patient_http::{
-    Body, CallbackArgs, Dispatch, DispatchOptions, ErrorType, Method, Outcome, TaskError,
+    Body, CallbackArgs, Dispatch, DispatchOptions, ErrorType, InlineExecutor, Method, Outcome,
+    RequestTemplate, TaskError, TemplateDispatch,
 };
+use patient_testkit::Upstream;
 use serde_json::json;
 
 fn fake() -> (FakeDispatch, mpsc::Receiver<Outcome>) {
@@ -208,4 +210,131 @@ fn works_behind_a_trait_object() {
     fake.stub(Method::Get, "https://h/x", Reply::status(200).body("ok"));
     let id = load(&fake);
     assert_eq!(rx.try_recv().unwrap().task_id(), id);
+}
+
+fn api(base: &str) -> (TemplateDispatch<FakeDispatch>, mpsc::Receiver<Outcome>) {
+    let (fake, rx) = fake();
+    let template = RequestTemplate::new(base)
+        .unwrap()
+        .header("accept", "application/json")
+        .header("x-client", "template")
+        .param("key", "k")
+        .timeout(Duration::from_secs(7));
+    (TemplateDispatch::new(template, fake), rx)
+}
+
+#[test]
+fn template_dispatch_joins_paths_under_the_base_url() {
+    let (api, rx) = api("https://api.example.com/v1/");
+    api.dispatch.respond_with(|_| Some(Reply::status(200)));
+    let none = DispatchOptions::default;
+    api.get("/users/1", "Cb", none()).unwrap();
+    api.get("users/2?fields=name", "Cb", none()).unwrap();
+    api.delete("", "Cb", none()).unwrap();
+    api.post("//evil.example/x", Body::Empty, "Cb", none())
+        .unwrap();
+    api.get("https://other.example/abs", "Cb", none()).unwrap();
+    let urls: Vec<String> = api
+        .dispatch
+        .requests()
+        .iter()
+        .map(|r| format!("{} {}", r.method().as_str(), r.url()))
+        .collect();
+    assert_eq!(
+        urls,
+        [
+            "GET https://api.example.com/v1/users/1?key=k",
+            "GET https://api.example.com/v1/users/2?fields=name&key=k",
+            "DELETE https://api.example.com/v1/?key=k",
+            "POST https://api.example.com/v1/evil.example/x?key=k",
+            "GET https://other.example/abs?key=k",
+        ]
+    );
+    // Every outcome reaches the handler, carrying the resolved URL.
+    let Outcome::Completed { response, .. } = rx.try_recv().unwrap() else {
+        panic!("expected a response");
+    };
+    assert_eq!(response.url, "https://api.example.com/v1/users/1?key=k");
+}
+
+#[test]
+fn template_dispatch_applies_default_headers_and_timeout_with_per_call_overrides() {
+    let (api, rx) = api("https://api.example.com/v1");
+    api.dispatch.stub(
+        Method::Put,
+        "https://api.example.com/v1/users/1?key=k&page=2",
+        Reply::status(204),
+    );
+    let options = DispatchOptions {
+        headers: vec![
+            ("X-Client".into(), "call".into()),
+            ("x-extra".into(), "1".into()),
+        ],
+        params: vec![("page".into(), "2".into())],
+        timeout: Some(Duration::from_secs(2)),
+        ..DispatchOptions::default()
+    };
+    api.put(
+        "/users/1",
+        Body::Json(json!({"name": "ada"})),
+        "Updated",
+        options,
+    )
+    .unwrap();
+    api.get("/users/1", "Loaded", DispatchOptions::default())
+        .unwrap();
+
+    let requests = api.dispatch.requests();
+    let (put, get) = (&requests[0], &requests[1]);
+    assert_eq!(put.headers().get_str("accept"), Some("application/json"));
+    assert_eq!(put.headers().get_str("x-client"), Some("call"));
+    assert_eq!(put.headers().get_str("x-extra"), Some("1"));
+    assert_eq!(put.timeout(), Some(Duration::from_secs(2)));
+    assert_eq!(put.body().map(|b| &b[..]), Some(&br#"{"name":"ada"}"#[..]));
+    // The override was for that call only.
+    assert_eq!(get.headers().get_str("x-client"), Some("template"));
+    assert_eq!(get.headers().get_str("x-extra"), None);
+    assert_eq!(get.timeout(), Some(Duration::from_secs(7)));
+    // Exactly what the template's own builder gives.
+    let built = api.template.get("/users/1").build().unwrap();
+    assert_eq!(get, &built);
+
+    assert!(rx.try_recv().unwrap().is_completed());
+    assert!(rx.try_recv().unwrap().is_failed(), "no reply for the GET");
+}
+
+#[test]
+fn template_dispatch_runs_through_an_inline_executor() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let upstream = rt.block_on(Upstream::start()).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let inline = InlineExecutor::builder().build_inline(tx).unwrap();
+    let template = RequestTemplate::new(upstream.url("/"))
+        .unwrap()
+        .header("x-client", "template")
+        .header("x-default", "d");
+    let api = TemplateDispatch::new(template, inline);
+    let options = DispatchOptions {
+        headers: vec![("x-client".into(), "call".into())],
+        ..DispatchOptions::default()
+    };
+    api.post("echo?a=1", Body::Bytes("hi".into()), "Cb", options)
+        .unwrap();
+    let Outcome::Completed { response, callback } = rx.try_recv().unwrap() else {
+        panic!("expected a response");
+    };
+    assert_eq!(callback, "Cb");
+    assert_eq!(response.status, 200);
+    let echo: serde_json::Value =
+        serde_json::from_slice(response.body.as_deref().unwrap()).unwrap();
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["path"], "/echo");
+    assert_eq!(echo["query"], "a=1");
+    assert_eq!(echo["headers"]["x-client"], "call");
+    assert_eq!(echo["headers"]["x-default"], "d");
+    assert_eq!(echo["body"], "hi");
 }
