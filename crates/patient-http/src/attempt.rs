@@ -327,9 +327,10 @@ impl Engine {
             .map_err(|_| ("InvalidHeader", format!("invalid value for header {name}")))?;
             headers.append(header_name, value);
         }
-        if !hop.cross_origin && !headers.contains_key(header::AUTHORIZATION) {
-            // Credentials of the URL go to its own origin only, as basic auth.
-            if let Some(credentials) = task.request.url_credentials() {
+        // Credentials of the URL go to its own origin only, as basic auth
+        // (the header lookup only for the rare request that has them).
+        if let Some(credentials) = task.request.url_credentials() {
+            if !hop.cross_origin && !headers.contains_key(header::AUTHORIZATION) {
                 headers.insert(header::AUTHORIZATION, basic_auth(credentials)?);
             }
         }

@@ -56,11 +56,7 @@ impl HttpClient {
     /// [`ClientConfig::retries`]). Redirects are not followed.
     pub async fn send(&self, request: OutgoingRequest) -> Result<RawResponse, TransportError> {
         let transport = &*self.inner;
-        transport.pool.ensure_sweeper();
-        let timeout = request
-            .timeout
-            .unwrap_or(transport.config.request_timeout());
-        let deadline = crate::time::saturating_after(Instant::now(), timeout);
+        let (timeout, deadline) = self.start(request.timeout);
         let OutgoingRequest {
             method,
             url,
@@ -131,11 +127,7 @@ impl HttpClient {
         request: StreamingRequest,
     ) -> Result<StreamingResponse, TransportError> {
         let transport = &*self.inner;
-        transport.pool.ensure_sweeper();
-        let timeout = request
-            .timeout
-            .unwrap_or(transport.config.request_timeout());
-        let deadline = crate::time::saturating_after(Instant::now(), timeout);
+        let (timeout, deadline) = self.start(request.timeout);
         let StreamingRequest {
             method,
             url,
@@ -154,6 +146,18 @@ impl HttpClient {
         let exchange = Box::pin(transport.exchange(&mut prepared, &progress));
         let result = tokio::time::timeout_at(deadline, exchange).await;
         finish(result, &prepared, &progress, timeout)
+    }
+
+    /// The start of a call: the pool's sweeper running, the call's timeout
+    /// (its own or the client's) and the deadline it gives.
+    fn start(&self, own: Option<Duration>) -> (Duration, Instant) {
+        let transport = &*self.inner;
+        transport.pool.ensure_sweeper();
+        let timeout = own.unwrap_or(transport.config.request_timeout());
+        (
+            timeout,
+            crate::time::saturating_after(Instant::now(), timeout),
+        )
     }
 
     /// Host pools, idle and open connections.
