@@ -342,10 +342,10 @@ async fn an_auth_interceptor_does_not_send_its_token_to_another_origin() {
 
 // 6. SigV4 signs the body that is sent, after request compression.
 
-#[tokio::test]
-async fn sigv4_signs_the_compressed_body_that_is_sent() {
-    let up = Upstream::start().await.unwrap();
-    let signer = SigV4::new(
+/// A signer with the AWS test suite's credentials that also sends
+/// `x-amz-content-sha256`, so the signed body hash can be checked.
+fn example_signer() -> SigV4 {
+    SigV4::new(
         AwsCredentials {
             access_key_id: "AKIDEXAMPLE".into(),
             secret_access_key: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into(),
@@ -354,7 +354,13 @@ async fn sigv4_signs_the_compressed_body_that_is_sent() {
         "us-east-1",
         "service",
     )
-    .content_sha256_header(true);
+    .content_sha256_header(true)
+}
+
+#[tokio::test]
+async fn sigv4_signs_the_compressed_body_that_is_sent() {
+    let up = Upstream::start().await.unwrap();
+    let signer = example_signer();
     let client = Builder::new()
         .config(
             patient_http::Config::builder()
@@ -395,16 +401,7 @@ async fn the_engine_compresses_from_the_configured_threshold_before_signing() {
     // one, the signed digest would not be that of the bytes sent.
     use base64::Engine as _;
     let up = Upstream::start().await.unwrap();
-    let signer = SigV4::new(
-        AwsCredentials {
-            access_key_id: "AKIDEXAMPLE".into(),
-            secret_access_key: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into(),
-            session_token: None,
-        },
-        "us-east-1",
-        "service",
-    )
-    .content_sha256_header(true);
+    let signer = example_signer();
     let client = Builder::new()
         .config(
             patient_http::Config::builder()
