@@ -17,7 +17,7 @@ use crate::{
     client::OutgoingRequest,
     engine::Engine,
     interceptor::{InterceptContext, ResponseParts},
-    metrics::UpstreamMetrics,
+    metrics::EndpointMetrics,
     observer::{RequestEnd, RequestStart},
     preprocess::PreparedRequest,
     propagation::propagation_headers,
@@ -61,8 +61,8 @@ pub(crate) struct AttemptPlan<'a> {
     /// Priority to send upstream, when propagation is on.
     pub(crate) propagate_priority: Option<Priority>,
     pub(crate) upstream: &'a str,
-    /// The upstream's metric handles.
-    pub(crate) metrics: &'a UpstreamMetrics,
+    /// The metric handles of the task's upstream and endpoint.
+    pub(crate) metrics: &'a EndpointMetrics,
     /// When the task began executing: durations count from here.
     pub(crate) started: Instant,
 }

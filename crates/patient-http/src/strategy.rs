@@ -29,6 +29,7 @@ use crate::{
     breaker::BreakerPermit,
     engine::Engine,
     limit::{LimitBusy, LimitPermit},
+    metrics::EndpointMetrics,
     resilience::{upstream_key_ref, Fallback, HedgeDelay, UpstreamPolicy},
     retry::{AttemptOutcome, RetryDelay, RetryPolicy},
     time::checked_after,
@@ -40,6 +41,8 @@ use crate::{
 pub(crate) struct Plan<'a> {
     pub(crate) key: Cow<'a, str>,
     pub(crate) upstream: Arc<UpstreamState>,
+    /// The metric handles of the task's endpoint.
+    endpoint: Arc<EndpointMetrics>,
     /// Delays before each hedged attempt (hedged strategy only).
     hedge_delays: Vec<Duration>,
     pub(crate) policy: &'a UpstreamPolicy,
@@ -317,8 +320,12 @@ impl Engine {
             Strategy::Sequential => retry.max_attempts(),
             Strategy::Hedged => 1 + hedge_delays.len() as u32,
         };
+        let endpoint = upstream
+            .metrics
+            .endpoint(request.method().as_str(), request.url().path());
         Ok(Plan {
             hedge_delays,
+            endpoint,
             upstream,
             policy,
             retry,
@@ -520,7 +527,7 @@ impl Engine {
             deadline,
             propagate_priority: propagate.then(|| options.priority.unwrap_or_default()),
             upstream: &plan.key,
-            metrics: &plan.upstream.metrics,
+            metrics: &plan.endpoint,
             started: plan.started,
         })
     }

@@ -480,6 +480,61 @@ async fn arbitrary_upstream_keys_keep_the_metrics_bounded() {
     );
 }
 
+#[tokio::test]
+async fn arbitrary_paths_keep_the_endpoint_label_bounded_and_ids_share_one_template() {
+    let up = Upstream::start().await.unwrap();
+    let client = AwaitableClient::builder().build_awaitable().unwrap();
+    let max = patient_http::metrics::DEFAULT_MAX_ENDPOINT_LABELS;
+    for i in 0..(max + 300) {
+        // Words, not identifiers: each is an endpoint of its own.
+        let word: String = format!("{i:04}")
+            .bytes()
+            .map(|b| char::from(b'a' + (b - b'0')))
+            .collect();
+        let response = client.send(get(up.url(&format!("/{word}")))).await.unwrap();
+        assert_eq!(response.status, 404);
+    }
+    for id in [200, 201, 404] {
+        client
+            .send(get(up.url(&format!("/status/{id}"))))
+            .await
+            .unwrap();
+    }
+    let text = client.metrics().render();
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("requests_total{"))
+        .count();
+    // The budget was spent on the words; the ids went to `other` too, under
+    // their own status.
+    assert!(series <= max + 1 + 3, "{series} series");
+    let other = text
+        .lines()
+        .find(|l| {
+            l.starts_with("requests_total{")
+                && l.contains("endpoint=\"other\"")
+                && l.contains("status=\"404\"")
+        })
+        .unwrap_or_else(|| panic!("no other bucket in\n{text}"));
+    // 300 words past the budget, and `/status/404`.
+    assert_eq!(other.rsplit(' ').next().unwrap(), "301");
+
+    // A fresh client: ids share one template.
+    let client = AwaitableClient::builder().build_awaitable().unwrap();
+    for id in [200, 201, 404] {
+        client
+            .send(get(up.url(&format!("/status/{id}"))))
+            .await
+            .unwrap();
+    }
+    let text = client.metrics().render();
+    let templated: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("requests_total{") && l.contains("GET /status/{id}"))
+        .collect();
+    assert_eq!(templated.len(), 3, "one series per status: {templated:?}");
+}
+
 // 5. Credentials in a URL are sent as basic auth and never written out.
 
 #[tokio::test]

@@ -1285,12 +1285,14 @@ async fn metrics_count_requests_attempts_retries_and_latency() {
     let k = key(&up);
     let text = client.metrics().render();
     for line in [
-        format!("requests_total{{upstream=\"{k}\",method=\"GET\",status=\"200\"}} 3"),
-        format!("requests_total{{upstream=\"{k}\",method=\"POST\",status=\"404\"}} 1"),
+        format!("requests_total{{upstream=\"{k}\",endpoint=\"GET /fast\",method=\"GET\",status=\"200\"}} 2"),
+        format!("requests_total{{upstream=\"{k}\",endpoint=\"GET /sequence\",method=\"GET\",status=\"200\"}} 1"),
+        format!("requests_total{{upstream=\"{k}\",endpoint=\"GET /sequence\",method=\"GET\",status=\"503\"}} 1"),
+        format!("requests_total{{upstream=\"{k}\",endpoint=\"POST /status/{{id}}\",method=\"POST\",status=\"404\"}} 1"),
         format!("attempts_total{{upstream=\"{k}\"}} 5"),
         format!("retries_total{{upstream=\"{k}\"}} 1"),
-        format!("request_duration_seconds_count{{upstream=\"{k}\"}}"),
-        format!("request_duration_seconds_bucket{{le=\"0.005\",upstream=\"{k}\"}}"),
+        format!("request_duration_seconds_count{{upstream=\"{k}\",endpoint=\"GET /fast\"}} 2"),
+        format!("request_duration_seconds_bucket{{le=\"0.005\",upstream=\"{k}\",endpoint=\"GET /fast\"}}"),
     ] {
         assert!(text.contains(&line), "missing {line:?} in\n{text}");
     }
@@ -1313,7 +1315,7 @@ async fn metrics_count_requests_attempts_retries_and_latency() {
         .unwrap_err();
     let text = client.metrics().render();
     let line = format!(
-        "requests_total{{upstream=\"http://{dead}\",method=\"GET\",status=\"connection\"}} 1"
+        "requests_total{{upstream=\"http://{dead}\",endpoint=\"GET /\",method=\"GET\",status=\"connection\"}} 1"
     );
     assert!(text.contains(&line), "missing {line:?} in\n{text}");
 }
@@ -1330,11 +1332,12 @@ async fn metrics_count_every_request_sent_with_its_status() {
     let k = key(&up);
     let text = client.metrics().render();
     // What the upstream saw: two 503s and a 200, each with its latency.
-    let ok = format!("requests_total{{upstream=\"{k}\",method=\"GET\",status=\"200\"}} 1");
+    let e = "endpoint=\"GET /sequence\"";
+    let ok = format!("requests_total{{upstream=\"{k}\",{e},method=\"GET\",status=\"200\"}} 1");
     assert!(text.contains(&ok), "{text}");
-    let failed = format!("requests_total{{upstream=\"{k}\",method=\"GET\",status=\"503\"}} 2");
+    let failed = format!("requests_total{{upstream=\"{k}\",{e},method=\"GET\",status=\"503\"}} 2");
     assert!(text.contains(&failed), "{text}");
-    let count = format!("request_duration_seconds_count{{upstream=\"{k}\"}} 3");
+    let count = format!("request_duration_seconds_count{{upstream=\"{k}\",{e}}} 3");
     assert!(text.contains(&count), "{text}");
     assert!(
         text.contains(&format!("retries_total{{upstream=\"{k}\"}} 2")),

@@ -9,8 +9,8 @@
 //!
 //! | family | type | labels |
 //! |---|---|---|
-//! | `requests_total` | counter | `upstream`, `method`, `status` (a status code, or an error type) |
-//! | `request_duration_seconds` | histogram ([`LATENCY_BUCKETS`]) | `upstream` |
+//! | `requests_total` | counter | `upstream`, `endpoint`, `method`, `status` (a status code, or an error type) |
+//! | `request_duration_seconds` | histogram ([`LATENCY_BUCKETS`]) | `upstream`, `endpoint` |
 //! | `attempts_total` | counter | `upstream` |
 //! | `retries_total` | counter | `upstream` |
 //! | `hedges_total` | counter | `upstream` |
@@ -19,7 +19,6 @@
 //! | `rate_limit_wait_seconds` | histogram ([`WAIT_BUCKETS`]) | `upstream` |
 //! | `in_flight` | gauge | — |
 //! | `queue_depth` | gauge | — |
-//!
 //! | `panics_total` | counter | — |
 //!
 //! Names carry no prefix unless one is given with [`Metrics::with_prefix`]
@@ -30,6 +29,15 @@
 //! [`DEFAULT_MAX_UPSTREAM_LABELS`]) further upstreams are counted under
 //! `upstream="other"` ([`OTHER_UPSTREAM`]).
 //!
+//! The `endpoint` label is the task's method and its URL's path reduced to a
+//! template (`GET /users/{id}`): a registered template
+//! ([`Metrics::set_endpoint_templates`]) when one matches, otherwise the path
+//! with identifier-like segments replaced by `{id}` (see [`endpoint`]). It is
+//! bounded too: past [`Metrics::set_max_endpoint_labels`] distinct values
+//! (default [`DEFAULT_MAX_ENDPOINT_LABELS`]) further endpoints are counted
+//! under `endpoint="other"` ([`OTHER_ENDPOINT`]). Redirect hops count under
+//! the endpoint of the task's own URL.
+//!
 //! ```
 //! use std::time::Duration;
 //!
@@ -37,14 +45,16 @@
 //!
 //! let metrics = Metrics::new();
 //! metrics.record_attempt("api.example.com:443");
-//! metrics.record_request("api.example.com:443", "GET", "200", Duration::from_millis(42));
+//! metrics.record_request("api.example.com:443", "GET /v1/items", "GET", "200", Duration::from_millis(42));
 //! metrics.set_breaker_state("api.example.com:443", BREAKER_OPEN);
 //!
 //! let text = metrics.render();
 //! assert!(text.contains(
-//!     r#"requests_total{upstream="api.example.com:443",method="GET",status="200"} 1"#
+//!     r#"requests_total{upstream="api.example.com:443",endpoint="GET /v1/items",method="GET",status="200"} 1"#
 //! ));
 //! ```
+
+pub mod endpoint;
 
 use rustc_hash::FxHashMap;
 use std::{
@@ -82,6 +92,16 @@ pub const DEFAULT_MAX_UPSTREAM_LABELS: usize = 256;
 /// The `upstream` label of every upstream past the label limit.
 pub const OTHER_UPSTREAM: &str = "other";
 
+/// Distinct `endpoint` label values kept by default (over all upstreams);
+/// see [`Metrics::set_max_endpoint_labels`].
+pub const DEFAULT_MAX_ENDPOINT_LABELS: usize = 512;
+
+/// The `endpoint` label of every endpoint past the label limit.
+pub const OTHER_ENDPOINT: &str = "other";
+
+pub use endpoint::InvalidEndpointTemplate;
+use endpoint::{endpoint_label, PathTemplate};
+
 /// The value of the `breaker_state` gauge: one of [`BREAKER_CLOSED`],
 /// [`BREAKER_OPEN`], [`BREAKER_HALF_OPEN`].
 pub type BreakerStateCode = u8;
@@ -96,6 +116,7 @@ pub const BREAKER_HALF_OPEN: BreakerStateCode = 2;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     upstream: String,
+    endpoint: String,
     method: String,
     status: String,
 }
@@ -113,7 +134,14 @@ impl UpstreamLabels {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    upstream: String,
+    endpoint: String,
+}
+
 type HistogramFamily = Family<UpstreamLabels, Histogram, fn() -> Histogram>;
+type EndpointHistogramFamily = Family<EndpointLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS.iter().copied())
@@ -146,7 +174,7 @@ fn label_value(s: &str) -> String {
 #[derive(Clone)]
 struct Families {
     requests: Family<RequestLabels, Counter>,
-    request_duration: HistogramFamily,
+    request_duration: EndpointHistogramFamily,
     attempts: Family<UpstreamLabels, Counter>,
     retries: Family<UpstreamLabels, Counter>,
     hedges: Family<UpstreamLabels, Counter>,
@@ -181,7 +209,7 @@ impl Families {
         let f = self.clone();
         registry.register(
             "requests",
-            "Requests sent upstream (every attempt and redirect hop) by upstream, method and status code or error type",
+            "Requests sent upstream (every attempt and redirect hop) by upstream, endpoint, method and status code or error type",
             f.requests,
         );
         registry.register(
@@ -234,6 +262,27 @@ struct Inner {
     families: Families,
     upstreams: RwLock<FxHashMap<String, Arc<UpstreamMetrics>>>,
     max_upstreams: AtomicUsize,
+    endpoints: Arc<EndpointLimits>,
+}
+
+/// What every upstream shares about endpoint labels: the registered
+/// templates and the label budget.
+struct EndpointLimits {
+    templates: RwLock<Arc<[PathTemplate]>>,
+    used: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl EndpointLimits {
+    /// Takes one label from the budget; false when it is spent.
+    fn take(&self) -> bool {
+        let max = self.max.load(Ordering::Relaxed);
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
 }
 
 /// The metrics of one upstream, with its counters looked up once: the
@@ -245,11 +294,11 @@ pub struct UpstreamMetrics {
     attempts: Counter,
     retries: Counter,
     hedges: Counter,
-    duration: Histogram,
     /// Made on first use: upstreams without a breaker or limits show none.
     breaker_state: OnceLock<Gauge>,
     rate_limit_waits: OnceLock<(Counter, Histogram)>,
-    requests: RwLock<FxHashMap<(&'static str, StatusKey), Counter>>,
+    endpoint_limits: Arc<EndpointLimits>,
+    endpoints: RwLock<FxHashMap<String, Arc<EndpointMetrics>>>,
 }
 
 /// A status code or an error type, as a `status` label.
@@ -268,54 +317,49 @@ impl fmt::Debug for UpstreamMetrics {
 }
 
 impl UpstreamMetrics {
-    fn new(upstream: &str, families: &Families) -> Self {
+    fn new(upstream: &str, families: &Families, endpoint_limits: &Arc<EndpointLimits>) -> Self {
         let labels = UpstreamLabels::new(upstream);
         UpstreamMetrics {
             upstream: upstream.to_owned(),
             attempts: families.attempts.get_or_create(&labels).clone(),
             retries: families.retries.get_or_create(&labels).clone(),
             hedges: families.hedges.get_or_create(&labels).clone(),
-            duration: families.request_duration.get_or_create(&labels).clone(),
             breaker_state: OnceLock::new(),
             rate_limit_waits: OnceLock::new(),
             families: families.clone(),
-            requests: RwLock::new(FxHashMap::default()),
+            endpoint_limits: Arc::clone(endpoint_limits),
+            endpoints: RwLock::new(FxHashMap::default()),
         }
     }
 
-    fn counter(&self, method: &'static str, status: StatusKey) -> Counter {
-        let key = (method, status);
-        if let Some(c) = read(&self.requests).get(&key) {
-            return c.clone();
+    /// The handles of the endpoint `method` + `path` of this upstream (made
+    /// the first time): `path` is reduced to its template (see
+    /// [`endpoint`](self::endpoint)); past the endpoint label limit a new
+    /// endpoint gets the handles of [`OTHER_ENDPOINT`].
+    pub fn endpoint(&self, method: &str, path: &str) -> Arc<EndpointMetrics> {
+        let templates = Arc::clone(&read(&self.endpoint_limits.templates));
+        self.endpoint_labelled(endpoint_label(method, path, &templates))
+    }
+
+    fn endpoint_labelled(&self, label: String) -> Arc<EndpointMetrics> {
+        if let Some(m) = read(&self.endpoints).get(&label) {
+            return Arc::clone(m);
         }
-        let status_label = match status {
-            StatusKey::Code(code) => code.to_string(),
-            StatusKey::Error(kind) => kind.to_owned(),
+        let mut map = write(&self.endpoints);
+        if let Some(m) = map.get(&label) {
+            return Arc::clone(m);
+        }
+        let label = if label == OTHER_ENDPOINT || self.endpoint_limits.take() {
+            label
+        } else {
+            if let Some(m) = map.get(OTHER_ENDPOINT) {
+                return Arc::clone(m);
+            }
+            OTHER_ENDPOINT.to_owned()
         };
-        let counter = self
-            .families
-            .requests
-            .get_or_create(&RequestLabels {
-                upstream: label_value(&self.upstream),
-                method: label_value(method),
-                status: label_value(&status_label),
-            })
-            .clone();
-        write(&self.requests).insert(key, counter.clone());
-        counter
-    }
-
-    /// Counts one request sent upstream that got `status`, and its latency.
-    pub fn record_response(&self, method: &'static str, status: u16, duration: Duration) {
-        self.counter(method, StatusKey::Code(status)).inc();
-        self.duration.observe(duration.as_secs_f64());
-    }
-
-    /// Counts one request sent upstream that ended in an error of type
-    /// `error_type` (`"timeout"`, …), and its latency.
-    pub fn record_error(&self, method: &'static str, error_type: &'static str, duration: Duration) {
-        self.counter(method, StatusKey::Error(error_type)).inc();
-        self.duration.observe(duration.as_secs_f64());
+        let m = Arc::new(EndpointMetrics::new(&self.upstream, &label, &self.families));
+        map.insert(label, Arc::clone(&m));
+        m
     }
 
     /// Counts one attempt.
@@ -371,6 +415,86 @@ impl UpstreamMetrics {
     }
 }
 
+/// The metrics of one endpoint (method and path template) of one upstream,
+/// looked up once per task: each request sent records with no label set
+/// built.
+pub struct EndpointMetrics {
+    upstream: String,
+    endpoint: String,
+    families: Families,
+    duration: Histogram,
+    requests: RwLock<FxHashMap<(&'static str, StatusKey), Counter>>,
+}
+
+impl fmt::Debug for EndpointMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointMetrics")
+            .field("upstream", &self.upstream)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EndpointMetrics {
+    fn new(upstream: &str, endpoint: &str, families: &Families) -> Self {
+        EndpointMetrics {
+            upstream: upstream.to_owned(),
+            endpoint: endpoint.to_owned(),
+            duration: families
+                .request_duration
+                .get_or_create(&EndpointLabels {
+                    upstream: label_value(upstream),
+                    endpoint: label_value(endpoint),
+                })
+                .clone(),
+            families: families.clone(),
+            requests: RwLock::new(FxHashMap::default()),
+        }
+    }
+
+    fn counter(&self, method: &'static str, status: StatusKey) -> Counter {
+        let key = (method, status);
+        if let Some(c) = read(&self.requests).get(&key) {
+            return c.clone();
+        }
+        let status_label = match status {
+            StatusKey::Code(code) => code.to_string(),
+            StatusKey::Error(kind) => kind.to_owned(),
+        };
+        let counter = self
+            .families
+            .requests
+            .get_or_create(&RequestLabels {
+                upstream: label_value(&self.upstream),
+                endpoint: label_value(&self.endpoint),
+                method: label_value(method),
+                status: label_value(&status_label),
+            })
+            .clone();
+        write(&self.requests).insert(key, counter.clone());
+        counter
+    }
+
+    /// Counts one request sent upstream that got `status`, and its latency.
+    pub fn record_response(&self, method: &'static str, status: u16, duration: Duration) {
+        self.counter(method, StatusKey::Code(status)).inc();
+        self.duration.observe(duration.as_secs_f64());
+    }
+
+    /// Counts one request sent upstream that ended in an error of type
+    /// `error_type` (`"timeout"`, …), and its latency.
+    pub fn record_error(&self, method: &'static str, error_type: &'static str, duration: Duration) {
+        self.counter(method, StatusKey::Error(error_type)).inc();
+        self.duration.observe(duration.as_secs_f64());
+    }
+
+    /// The `endpoint` label these handles record under (the template, or
+    /// [`OTHER_ENDPOINT`] past the label limit).
+    pub fn label(&self) -> &str {
+        &self.endpoint
+    }
+}
+
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())
 }
@@ -422,6 +546,11 @@ impl Metrics {
                 families,
                 upstreams: RwLock::new(FxHashMap::default()),
                 max_upstreams: AtomicUsize::new(DEFAULT_MAX_UPSTREAM_LABELS),
+                endpoints: Arc::new(EndpointLimits {
+                    templates: RwLock::new(Arc::from(Vec::new())),
+                    used: AtomicUsize::new(0),
+                    max: AtomicUsize::new(DEFAULT_MAX_ENDPOINT_LABELS),
+                }),
             }),
         }
     }
@@ -444,15 +573,27 @@ impl Metrics {
     /// Counts one request sent upstream (every attempt and redirect hop) and
     /// observes its latency.
     ///
-    /// `status` is the status code it got (`"200"`) or, when it ended without
-    /// a response, its error type (`"timeout"`); `duration` runs from sending
-    /// to the end of the body.
-    pub fn record_request(&self, upstream: &str, method: &str, status: &str, duration: Duration) {
-        let handles = self.upstream(upstream);
+    /// `endpoint` is the label as the engine writes it (`"GET /users/{id}"`,
+    /// see [`endpoint_label`](Self::endpoint_label)); `status` is the status
+    /// code it got (`"200"`) or, when it ended without a response, its error
+    /// type (`"timeout"`); `duration` runs from sending to the end of the
+    /// body. Both labels are bounded like the engine's.
+    pub fn record_request(
+        &self,
+        upstream: &str,
+        endpoint: &str,
+        method: &str,
+        status: &str,
+        duration: Duration,
+    ) {
+        let handles = self
+            .upstream(upstream)
+            .endpoint_labelled(endpoint.to_owned());
         let f = &self.inner.families;
         f.requests
             .get_or_create(&RequestLabels {
                 upstream: label_value(&handles.upstream),
+                endpoint: label_value(&handles.endpoint),
                 method: label_value(method),
                 status: label_value(status),
             })
@@ -460,9 +601,39 @@ impl Metrics {
         handles.duration.observe(duration.as_secs_f64());
     }
 
-    /// [`record_request`](Self::record_request) with a numeric status code.
-    pub fn record_response(&self, upstream: &str, method: &str, status: u16, duration: Duration) {
-        self.record_request(upstream, method, &status.to_string(), duration);
+    /// The `endpoint` label the engine gives a request of `method` to a URL
+    /// with `path`, with the templates registered now.
+    pub fn endpoint_label(&self, method: &str, path: &str) -> String {
+        let templates = Arc::clone(&read(&self.inner.endpoints.templates));
+        endpoint_label(method, path, &templates)
+    }
+
+    /// Sets the path templates endpoints are labelled with, replacing any set
+    /// before: `/repos/{owner}/{repo}` (one segment per `{name}`), `/files/*`
+    /// (any rest). The first that matches a path names its endpoint; paths
+    /// matching none are normalised automatically. Endpoints already seen
+    /// keep their label.
+    pub fn set_endpoint_templates<I, S>(&self, templates: I) -> Result<(), InvalidEndpointTemplate>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let parsed = templates
+            .into_iter()
+            .map(|t| PathTemplate::parse(t.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        *write(&self.inner.endpoints.templates) = Arc::from(parsed);
+        Ok(())
+    }
+
+    /// Sets how many distinct `endpoint` label values are kept over all
+    /// upstreams (default [`DEFAULT_MAX_ENDPOINT_LABELS`], at least 1);
+    /// endpoints seen after that many are counted under [`OTHER_ENDPOINT`].
+    pub fn set_max_endpoint_labels(&self, max: usize) {
+        self.inner
+            .endpoints
+            .max
+            .store(max.max(1), Ordering::Relaxed);
     }
 
     /// Counts one attempt sent to `upstream` (first attempts, retries and
@@ -493,7 +664,11 @@ impl Metrics {
                 return Arc::clone(m);
             }
         }
-        let m = Arc::new(UpstreamMetrics::new(label, &self.inner.families));
+        let m = Arc::new(UpstreamMetrics::new(
+            label,
+            &self.inner.families,
+            &self.inner.endpoints,
+        ));
         map.insert(label.to_owned(), Arc::clone(&m));
         m
     }
@@ -610,9 +785,9 @@ mod tests {
         m.record_attempt(up);
         m.record_retry(up);
         m.record_hedge(up);
-        m.record_request(up, "GET", "200", Duration::from_millis(42));
-        m.record_response(up, "GET", 200, Duration::from_millis(3));
-        m.record_request(up, "POST", "timeout", Duration::from_secs(61));
+        m.record_request(up, "/items", "GET", "200", Duration::from_millis(42));
+        m.record_request(up, "/items", "GET", "200", Duration::from_millis(3));
+        m.record_request(up, "/items", "POST", "timeout", Duration::from_secs(61));
         m.set_breaker_state(up, BREAKER_HALF_OPEN);
         m.record_rate_limit_wait(up, Duration::from_millis(300));
         m.in_flight_inc();
@@ -630,7 +805,8 @@ mod tests {
         assert!(text.contains("# TYPE breaker_state gauge\n"), "{text}");
         let s = samples(&text);
         let get = |k: &str| s.get(k).map(String::as_str);
-        let u = r#"upstream="api.example.com:443""#;
+        let u = r#"upstream="api.example.com:443",endpoint="/items""#;
+        let up_only = r#"upstream="api.example.com:443""#;
 
         assert_eq!(
             get(&format!(
@@ -644,11 +820,14 @@ mod tests {
             )),
             Some("1")
         );
-        assert_eq!(get(&format!("attempts_total{{{u}}}")), Some("3"));
-        assert_eq!(get(&format!("retries_total{{{u}}}")), Some("1"));
-        assert_eq!(get(&format!("hedges_total{{{u}}}")), Some("1"));
-        assert_eq!(get(&format!("breaker_state{{{u}}}")), Some("2"));
-        assert_eq!(get(&format!("rate_limit_waits_total{{{u}}}")), Some("1"));
+        assert_eq!(get(&format!("attempts_total{{{up_only}}}")), Some("3"));
+        assert_eq!(get(&format!("retries_total{{{up_only}}}")), Some("1"));
+        assert_eq!(get(&format!("hedges_total{{{up_only}}}")), Some("1"));
+        assert_eq!(get(&format!("breaker_state{{{up_only}}}")), Some("2"));
+        assert_eq!(
+            get(&format!("rate_limit_waits_total{{{up_only}}}")),
+            Some("1")
+        );
         assert_eq!(get("in_flight"), Some("1"));
         assert_eq!(get("queue_depth"), Some("7"));
 
@@ -675,13 +854,13 @@ mod tests {
 
         let wait = |le: &str| {
             get(&format!(
-                r#"rate_limit_wait_seconds_bucket{{le="{le}",{u}}}"#
+                r#"rate_limit_wait_seconds_bucket{{le="{le}",{up_only}}}"#
             ))
         };
         assert_eq!(wait("0.25"), Some("0"));
         assert_eq!(wait("0.5"), Some("1"));
         assert_eq!(
-            get(&format!("rate_limit_wait_seconds_count{{{u}}}")),
+            get(&format!("rate_limit_wait_seconds_count{{{up_only}}}")),
             Some("1")
         );
     }
@@ -754,10 +933,10 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         let m = Metrics::new();
-        m.record_request("a\"b\\c\nd", "GET", "200", Duration::ZERO);
+        m.record_request("a\"b\\c\nd", "GET /", "GET", "200", Duration::ZERO);
         let text = m.render();
         assert!(
-            text.contains(r#"requests_total{upstream="a\"b\\c\nd",method="GET",status="200"} 1"#),
+            text.contains(r#"requests_total{upstream="a\"b\\c\nd",endpoint="GET /",method="GET",status="200"} 1"#),
             "{text}"
         );
     }
@@ -786,6 +965,51 @@ mod tests {
         assert_eq!(
             s.get(r#"attempts_total{upstream="http://host-1"}"#),
             Some(&"2".into())
+        );
+    }
+
+    #[test]
+    fn endpoints_are_templated_and_capped_with_an_other_bucket() {
+        let m = Metrics::new();
+        m.set_endpoint_templates(["/repos/{owner}/{repo}"])
+            .expect("a valid template");
+        let up = m.upstream("api");
+        for i in 0..50 {
+            up.endpoint("GET", &format!("/users/{i}"))
+                .record_response("GET", 200, Duration::ZERO);
+            up.endpoint("GET", &format!("/repos/o{i}/r{i}"))
+                .record_response("GET", 200, Duration::ZERO);
+        }
+        let s = samples(&m.render());
+        let count = |endpoint: &str| {
+            s.get(&format!(
+                r#"requests_total{{upstream="api",endpoint="{endpoint}",method="GET",status="200"}}"#
+            ))
+            .cloned()
+        };
+        assert_eq!(count("GET /users/{id}"), Some("50".into()));
+        assert_eq!(count("GET /repos/{owner}/{repo}"), Some("50".into()));
+
+        m.set_max_endpoint_labels(3);
+        for i in 0..100 {
+            up.endpoint("GET", &format!("/page-{i}")).record_error(
+                "GET",
+                "timeout",
+                Duration::ZERO,
+            );
+        }
+        let s = samples(&m.render());
+        let series = s.keys().filter(|k| k.starts_with("requests_total")).count();
+        assert_eq!(series, 4, "{s:?}");
+        assert_eq!(
+            s.get(
+                r#"requests_total{upstream="api",endpoint="other",method="GET",status="timeout"}"#
+            ),
+            Some(&"99".into())
+        );
+        assert_eq!(
+            s.get(r#"requests_total{upstream="api",endpoint="GET /page-0",method="GET",status="timeout"}"#),
+            Some(&"1".into())
         );
     }
 
