@@ -44,6 +44,7 @@ mod attempt;
 mod awaitable;
 pub mod breaker;
 mod builder;
+pub mod call;
 pub mod client;
 mod config;
 pub mod decision;
@@ -70,6 +71,7 @@ mod upstream;
 
 pub use awaitable::AwaitableClient;
 pub use builder::Builder;
+pub use call::{CallError, CallPolicy};
 pub use config::{Config, ConfigBuilder, ConfigError};
 pub use decision::{Decision, LimitWait, Refusal, TaskProgress};
 pub use dispatch::{Body, Dispatch, DispatchError, DispatchOptions, TemplateDispatch};
