@@ -79,6 +79,72 @@ async fn max_requests_per_connection_opens_a_new_connection() {
 }
 
 #[tokio::test]
+async fn a_full_origin_queues_requests_on_its_connections() {
+    let upstream = Upstream::start().await.unwrap();
+    let url = upstream.url("/delay?ms=40");
+    let limited = client(ClientConfig::builder().max_connections_per_host(Some(2)));
+    let results = futures_util::future::join_all((0..10).map(|_| get(&limited, &url))).await;
+    assert!(results
+        .iter()
+        .all(|r| r.as_ref().is_ok_and(|r| r.status == 200)));
+    assert_eq!(
+        upstream.connections(),
+        2,
+        "ten requests over two connections"
+    );
+
+    // Unlimited (the default), the same burst opens a connection each.
+    let other = Upstream::start().await.unwrap();
+    let url = other.url("/delay?ms=40");
+    let unlimited = client(ClientConfig::builder());
+    let results = futures_util::future::join_all((0..10).map(|_| get(&unlimited, &url))).await;
+    assert!(results.iter().all(Result::is_ok));
+    assert_eq!(other.connections(), 10);
+}
+
+#[tokio::test]
+async fn pool_wait_timeout_fails_a_request_that_finds_no_free_connection() {
+    let upstream = Upstream::start().await.unwrap();
+    let client = client(
+        ClientConfig::builder()
+            .max_connections_per_host(Some(1))
+            .pool_wait_timeout(Some(Duration::from_millis(50))),
+    );
+    let slow_url = upstream.url("/delay?ms=1000");
+    let slow = get(&client, &slow_url);
+    let waiting = async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        get(&client, &upstream.url("/fast")).await
+    };
+    let (slow, waiting) = tokio::join!(slow, waiting);
+    assert_eq!(slow.unwrap().status, 200);
+    let error = waiting.unwrap_err();
+    assert_eq!(error.kind(), ErrorType::Timeout);
+    assert_eq!(error.class_name(), "PoolTimeout");
+    assert!(!error.request_sent(), "nothing was sent: {error}");
+    assert!(
+        error.to_string().contains("waiting for a free connection"),
+        "{error}"
+    );
+    assert_eq!(upstream.connections(), 1);
+    // The slot came back with the connection: the next request reuses it.
+    assert_eq!(
+        get(&client, &upstream.url("/fast")).await.unwrap().status,
+        200
+    );
+    assert_eq!(upstream.connections(), 1);
+}
+
+#[test]
+fn a_zero_connection_limit_is_refused_by_name() {
+    let error = ClientConfig::builder()
+        .max_connections_per_host(Some(0))
+        .build()
+        .unwrap_err();
+    assert_eq!(error.field(), "max_connections_per_host");
+}
+
+#[tokio::test]
 async fn idle_connections_expire() {
     let upstream = Upstream::start().await.unwrap();
     let client = client(ClientConfig::builder().pool_idle_timeout(Duration::from_millis(120)));

@@ -51,6 +51,8 @@ pub struct ClientConfig {
     pool_idle_timeout: Duration,
     pool_max_idle_per_host: usize,
     max_requests_per_connection: Option<u32>,
+    max_connections_per_host: Option<usize>,
+    pool_wait_timeout: Option<Duration>,
     http_version: HttpVersionPref,
     root_certificates_pem: Vec<String>,
     danger_accept_invalid_certs: bool,
@@ -77,6 +79,8 @@ impl Default for ClientConfig {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 1024,
             max_requests_per_connection: None,
+            max_connections_per_host: None,
+            pool_wait_timeout: None,
             http_version: HttpVersionPref::Auto,
             root_certificates_pem: Vec::new(),
             danger_accept_invalid_certs: false,
@@ -107,6 +111,8 @@ impl fmt::Debug for ClientConfig {
                 "max_requests_per_connection",
                 &self.max_requests_per_connection,
             )
+            .field("max_connections_per_host", &self.max_connections_per_host)
+            .field("pool_wait_timeout", &self.pool_wait_timeout)
             .field("http_version", &self.http_version)
             .field("root_certificates_pem", &self.root_certificates_pem.len())
             .field(
@@ -200,6 +206,18 @@ impl ClientConfig {
     /// [`ClientConfigBuilder::max_requests_per_connection`].
     pub fn max_requests_per_connection(&self) -> Option<u32> {
         self.max_requests_per_connection
+    }
+
+    /// The HTTP/1.1 connections in use at once per origin, if limited; see
+    /// [`ClientConfigBuilder::max_connections_per_host`].
+    pub fn max_connections_per_host(&self) -> Option<usize> {
+        self.max_connections_per_host
+    }
+
+    /// How long a request waits for a connection of a full origin, if
+    /// limited; see [`ClientConfigBuilder::pool_wait_timeout`].
+    pub fn pool_wait_timeout(&self) -> Option<Duration> {
+        self.pool_wait_timeout
     }
 
     /// The HTTP versions spoken; see [`ClientConfigBuilder::http_version`].
@@ -355,6 +373,26 @@ impl ClientConfigBuilder {
         self
     }
 
+    /// At most this many HTTP/1.1 connections in use at once per origin;
+    /// a request past it waits for one to come free (reusing it) for up to
+    /// [`pool_wait_timeout`](Self::pool_wait_timeout). Requests over
+    /// HTTP/2 share connections and are bounded by the server's stream
+    /// limit instead. Must be greater than 0. Default `None` (unlimited).
+    pub fn max_connections_per_host(mut self, connections: Option<usize>) -> Self {
+        self.config.max_connections_per_host = connections;
+        self
+    }
+
+    /// How long a request waits for a connection when its origin is at
+    /// [`max_connections_per_host`](Self::max_connections_per_host); past
+    /// it the attempt fails with a timeout error of class `PoolTimeout`,
+    /// nothing sent (so it may be retried). `Some(Duration::ZERO)` fails at
+    /// once. Default `None`: wait within the request timeout.
+    pub fn pool_wait_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.pool_wait_timeout = timeout;
+        self
+    }
+
     /// HTTP versions spoken. An HTTP/2 connection carries as many concurrent
     /// requests as the server's `SETTINGS_MAX_CONCURRENT_STREAMS` allows (100
     /// until the server has said); beyond that the client opens another
@@ -495,6 +533,12 @@ impl ClientConfigBuilder {
             return Err(ClientConfigError::new(
                 "pool_idle_timeout",
                 "must be greater than 0",
+            ));
+        }
+        if c.max_connections_per_host == Some(0) {
+            return Err(ClientConfigError::new(
+                "max_connections_per_host",
+                "must be greater than 0 (None leaves it unlimited)",
             ));
         }
         if c.max_requests_per_connection == Some(0) {

@@ -20,6 +20,10 @@ pub(crate) struct H1Conn {
     pub(crate) sender: http1::SendRequest<RequestBody>,
     /// Requests sent on this connection so far.
     pub(crate) requests: u32,
+    /// The origin's connection slot while a request uses it (see
+    /// `max_connections_per_host`); released when the connection goes back
+    /// to the pool or closes.
+    pub(crate) slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// A handle to an HTTP/2 connection (clones multiplex on it).

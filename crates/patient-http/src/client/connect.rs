@@ -141,6 +141,7 @@ impl Connector {
             Ok(Conn::H1(H1Conn {
                 sender,
                 requests: 0,
+                slot: None,
             }))
         }
     }

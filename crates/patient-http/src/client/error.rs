@@ -9,6 +9,8 @@ pub use patient_wire::ErrorType;
 /// the message and whether request bytes may have reached the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Phase {
+    /// Waiting for a connection of an origin at its connection limit.
+    Pool,
     /// Resolving, TCP connect, proxy tunnel, TLS and HTTP handshakes.
     Connect,
     /// Writing the request and waiting for the response head.
@@ -20,6 +22,7 @@ pub(crate) enum Phase {
 impl Phase {
     fn describe(self) -> &'static str {
         match self {
+            Phase::Pool => "waiting for a free connection to",
             Phase::Connect => "connecting to",
             Phase::Request => "sending the request to",
             Phase::Body => "reading the response body from",
@@ -27,7 +30,7 @@ impl Phase {
     }
 
     pub(crate) fn request_sent(self) -> bool {
-        !matches!(self, Phase::Connect)
+        !matches!(self, Phase::Pool | Phase::Connect)
     }
 }
 

@@ -35,6 +35,7 @@ impl Progress {
     const CONNECT: u8 = 0;
     const REQUEST: u8 = 1;
     const BODY: u8 = 2;
+    const POOL: u8 = 3;
 
     pub(crate) fn new() -> Progress {
         Progress(AtomicU8::new(Self::CONNECT))
@@ -45,6 +46,7 @@ impl Progress {
             Phase::Connect => Self::CONNECT,
             Phase::Request => Self::REQUEST,
             Phase::Body => Self::BODY,
+            Phase::Pool => Self::POOL,
         };
         self.0.store(value, Ordering::Relaxed);
     }
@@ -53,6 +55,7 @@ impl Progress {
         match self.0.load(Ordering::Relaxed) {
             Self::CONNECT => Phase::Connect,
             Self::REQUEST => Phase::Request,
+            Self::POOL => Phase::Pool,
             _ => Phase::Body,
         }
     }
@@ -137,6 +140,7 @@ impl Transport {
             config.pool_max_idle_per_host(),
             config.pool_idle_timeout(),
             config.max_requests_per_connection(),
+            config.max_connections_per_host(),
             open,
         ));
         Ok(Transport {
@@ -271,8 +275,7 @@ impl Transport {
         let mut retries_left = self.config.retries();
         let mut fresh = false;
         loop {
-            progress.set(Phase::Connect);
-            let (mut conn, reused) = self.acquire(p, fresh).await?;
+            let (mut conn, reused) = self.acquire(p, fresh, progress).await?;
             let outgoing = self.request_for(p, &conn, reused, retries_left > 0);
             progress.set(Phase::Request);
             let sent = match &mut conn {
@@ -327,8 +330,64 @@ impl Transport {
         }
     }
 
-    /// A ready connection and whether it was reused from the pool.
-    async fn acquire(&self, p: &Prepared, fresh: bool) -> Result<(InUse, bool), TransportError> {
+    /// A ready connection and whether it was reused from the pool, within
+    /// the origin's connection limit when there is one.
+    async fn acquire(
+        &self,
+        p: &Prepared,
+        fresh: bool,
+        progress: &Progress,
+    ) -> Result<(InUse, bool), TransportError> {
+        let slot = match self.pool.connection_slots(&p.origin) {
+            None => None,
+            Some(slots) => {
+                progress.set(Phase::Pool);
+                Some(self.connection_slot(p, slots).await?)
+            }
+        };
+        progress.set(Phase::Connect);
+        let (mut conn, reused) = self.checkout(p, fresh).await?;
+        if let InUse::H1(c) = &mut conn {
+            c.slot = slot;
+        }
+        Ok((conn, reused))
+    }
+
+    /// One of the origin's connection slots, waiting up to
+    /// `pool_wait_timeout` for one to come free.
+    async fn connection_slot(
+        &self,
+        p: &Prepared,
+        slots: Arc<tokio::sync::Semaphore>,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, TransportError> {
+        let slots = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => return Ok(slot),
+            Err(_) => slots,
+        };
+        let closed = || {
+            TransportError::timeout(
+                "PoolTimeout",
+                &p.origin.authority(),
+                Phase::Pool,
+                Duration::ZERO,
+            )
+        };
+        match self.config.pool_wait_timeout() {
+            None => slots.acquire_owned().await.map_err(|_| closed()),
+            Some(limit) => match tokio::time::timeout(limit, slots.acquire_owned()).await {
+                Ok(slot) => slot.map_err(|_| closed()),
+                Err(_) => Err(TransportError::timeout(
+                    "PoolTimeout",
+                    &p.origin.authority(),
+                    Phase::Pool,
+                    limit,
+                )),
+            },
+        }
+    }
+
+    /// A connection from the pool, or a new one.
+    async fn checkout(&self, p: &Prepared, fresh: bool) -> Result<(InUse, bool), TransportError> {
         let (h2_possible, h2_known) = self.h2_for(&p.origin);
         let mut must_connect = fresh;
         loop {

@@ -13,7 +13,10 @@ use std::{
 };
 
 use rustc_hash::FxHashMap;
-use tokio::{sync::oneshot, time::Instant};
+use tokio::{
+    sync::{oneshot, Semaphore},
+    time::Instant,
+};
 
 use super::{
     conn::{H1Conn, H2Conn, H2Stream, DEFAULT_MAX_STREAMS},
@@ -106,6 +109,11 @@ pub(crate) struct Pool {
     max_idle_per_host: usize,
     idle_timeout: Duration,
     max_requests: Option<u32>,
+    /// `max_connections_per_host`, and the slots of each origin: held by the
+    /// connections in use only, so a semaphore no request holds is freed
+    /// and its entry pruned.
+    max_per_host: Option<usize>,
+    slots: Mutex<FxHashMap<Origin, Weak<Semaphore>>>,
     sweeper_running: AtomicBool,
     /// Open connections (incremented at handshake, decremented when the
     /// driver task ends).
@@ -118,6 +126,7 @@ impl Pool {
         max_idle_per_host: usize,
         idle_timeout: Duration,
         max_requests: Option<u32>,
+        max_per_host: Option<usize>,
         open: Arc<AtomicUsize>,
     ) -> Self {
         Pool {
@@ -129,6 +138,8 @@ impl Pool {
             max_idle_per_host,
             idle_timeout,
             max_requests,
+            max_per_host,
+            slots: Mutex::new(FxHashMap::default()),
             sweeper_running: AtomicBool::new(false),
             open,
         }
@@ -215,8 +226,26 @@ impl Pool {
             .unwrap_or(DEFAULT_MAX_STREAMS)
     }
 
+    /// The connection slots of `key` when connections per origin are
+    /// limited.
+    pub(crate) fn connection_slots(&self, key: &Origin) -> Option<Arc<Semaphore>> {
+        let max = self.max_per_host?;
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slots) = slots.get(key).and_then(Weak::upgrade) {
+            return Some(slots);
+        }
+        if slots.len() >= self.max_hosts.saturating_mul(2) {
+            slots.retain(|_, s| s.strong_count() > 0);
+        }
+        let fresh = Arc::new(Semaphore::new(max));
+        slots.insert(key.clone(), Arc::downgrade(&fresh));
+        Some(fresh)
+    }
+
     /// Returns an HTTP/1.1 connection after a fully read response.
-    pub(crate) fn checkin(&self, key: &Origin, conn: H1Conn) {
+    pub(crate) fn checkin(&self, key: &Origin, mut conn: H1Conn) {
+        // Idle, it no longer takes one of the origin's slots.
+        conn.slot = None;
         if self.max_requests.is_some_and(|max| conn.requests >= max) || conn.sender.is_closed() {
             return;
         }
