@@ -1,6 +1,6 @@
 //! The awaitable client: the same request path as an `async fn`.
 
-use std::sync::Arc;
+use std::{future::Future, pin::Pin, sync::Arc};
 
 use patient_wire::{Request, Response, TaskError};
 
@@ -69,5 +69,35 @@ impl AwaitableClient {
         self.engine
             .execute(&Task::new(request, ""), tokio::time::Instant::now())
             .await
+    }
+}
+
+/// The future of an [`AwaitableDispatch`] call.
+pub type ResponseFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Response, TaskError>> + Send + 'a>>;
+
+/// What application code awaiting its requests depends on: implemented by
+/// [`AwaitableClient`] and, for tests, by
+/// [`FakeClient`](crate::testing::FakeClient).
+///
+/// Object safe (`&dyn AwaitableDispatch`, `Arc<dyn AwaitableDispatch>`).
+pub trait AwaitableDispatch: Send + Sync {
+    /// Runs a task: a response, or the error the processor would hand to
+    /// `on_error`.
+    fn execute<'a>(&'a self, task: &'a Task) -> ResponseFuture<'a>;
+
+    /// Runs a request as a task with a new id and no callback.
+    fn send(&self, request: Request) -> ResponseFuture<'_> {
+        Box::pin(async move { self.execute(&Task::new(request, "")).await })
+    }
+}
+
+impl AwaitableDispatch for AwaitableClient {
+    fn execute<'a>(&'a self, task: &'a Task) -> ResponseFuture<'a> {
+        Box::pin(AwaitableClient::execute(self, task))
+    }
+
+    fn send(&self, request: Request) -> ResponseFuture<'_> {
+        Box::pin(AwaitableClient::send(self, request))
     }
 }

@@ -69,7 +69,7 @@ pub mod testing;
 mod time;
 mod upstream;
 
-pub use awaitable::AwaitableClient;
+pub use awaitable::{AwaitableClient, AwaitableDispatch, ResponseFuture};
 pub use builder::Builder;
 pub use call::{CallError, CallPolicy};
 pub use config::{Config, ConfigBuilder, ConfigError};

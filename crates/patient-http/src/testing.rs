@@ -1,10 +1,40 @@
 //! Test doubles for application code that makes requests through
-//! [`Dispatch`].
+//! [`Dispatch`] or [`AwaitableDispatch`].
 //!
 //! [`FakeDispatch`] runs nothing: it records every task it is handed and
 //! answers it at once, on the calling thread, from canned [`Reply`]s, handing
 //! the outcome to a [`TaskHandler`]. A test sees `on_complete`/`on_error`
 //! as soon as the dispatching call has returned.
+//!
+//! [`FakeClient`] is the same for code written against the awaitable client
+//! (through [`AwaitableDispatch`], which [`AwaitableClient`](crate::AwaitableClient)
+//! implements): `send`/`execute` return the canned reply as the response or
+//! the error, and every request is recorded.
+//!
+//! ```
+//! use patient_http::testing::{FakeClient, Reply};
+//! use patient_http::{AwaitableDispatch, Method, Request};
+//!
+//! async fn user_name(api: &dyn AwaitableDispatch, id: u32) -> Option<String> {
+//!     let request = Request::get(format!("https://api.example.com/users/{id}")).build().ok()?;
+//!     let response = api.send(request).await.ok()?;
+//!     let user: serde_json::Value = serde_json::from_slice(response.body.as_deref()?).ok()?;
+//!     user["name"].as_str().map(str::to_owned)
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let fake = FakeClient::new();
+//! fake.stub(
+//!     Method::Get,
+//!     "https://api.example.com/users/7",
+//!     Reply::json(200, &serde_json::json!({ "name": "ada" })),
+//! );
+//! assert_eq!(user_name(&fake, 7).await.as_deref(), Some("ada"));
+//! assert_eq!(user_name(&fake, 8).await, None); // no canned reply: an error
+//! assert_eq!(fake.requests().len(), 2);
+//! # }
+//! ```
 //!
 //! ```
 //! use std::sync::mpsc;
@@ -57,7 +87,9 @@ use patient_wire::{
     ErrorType, Headers, HttpError, Method, Request, RequestError, Response, TaskError,
 };
 
-use crate::{Dispatch, DispatchError, Outcome, Task, TaskHandler};
+use crate::{
+    AwaitableDispatch, Dispatch, DispatchError, Outcome, ResponseFuture, Task, TaskHandler,
+};
 
 /// The `class_name` of the error a [`FakeDispatch`] answers a task with when
 /// no canned reply matches it.
@@ -227,6 +259,12 @@ type Responder = Arc<dyn Fn(&Task) -> Option<Reply> + Send + Sync>;
 /// [`raise_error_responses`](FakeDispatch::raise_error_responses)) says so.
 pub struct FakeDispatch {
     handler: Arc<dyn TaskHandler>,
+    canned: Canned,
+}
+
+/// The canned replies and the recorded tasks of a fake.
+#[derive(Default)]
+struct Canned {
     raise_error_responses: bool,
     state: Mutex<State>,
 }
@@ -237,65 +275,34 @@ struct State {
     responders: Vec<Responder>,
 }
 
-impl fmt::Debug for FakeDispatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Canned {
+    fn debug(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = self.lock();
-        f.debug_struct("FakeDispatch")
+        f.debug_struct(name)
             .field("raise_error_responses", &self.raise_error_responses)
             .field("tasks", &state.tasks.len())
             .field("responders", &state.responders.len())
             .finish()
     }
-}
 
-impl FakeDispatch {
-    /// A fake with no canned replies, delivering outcomes to `handler`.
-    pub fn new(handler: impl TaskHandler) -> FakeDispatch {
-        FakeDispatch {
-            handler: Arc::new(handler),
-            raise_error_responses: false,
-            state: Mutex::new(State::default()),
-        }
-    }
-
-    /// Sets the default of `raise_error_responses` for tasks that leave it
-    /// unset. Default: `false`, as the processor's.
-    #[must_use]
-    pub fn raise_error_responses(mut self, raise: bool) -> FakeDispatch {
-        self.raise_error_responses = raise;
-        self
-    }
-
-    /// Answers requests with this method to this URL with `reply`. The URL is
-    /// compared in full, query included, after parsing (so
-    /// `https://API.example.com` matches `https://api.example.com/`); a URL
-    /// that does not parse matches nothing.
-    pub fn stub(&self, method: Method, url: &str, reply: Reply) -> &FakeDispatch {
+    fn stub(&self, method: Method, url: &str, reply: Reply) {
         let url = url::Url::parse(url).ok();
         self.respond_with(move |task| {
             let matches =
                 task.request.method() == method && url.as_ref() == Some(task.request.url());
             matches.then(|| reply.clone())
-        })
+        });
     }
 
-    /// Answers the tasks for which `responder` returns a reply; `None` passes
-    /// the task on to the replies added before.
-    pub fn respond_with(
-        &self,
-        responder: impl Fn(&Task) -> Option<Reply> + Send + Sync + 'static,
-    ) -> &FakeDispatch {
+    fn respond_with(&self, responder: impl Fn(&Task) -> Option<Reply> + Send + Sync + 'static) {
         self.lock().responders.push(Arc::new(responder));
-        self
     }
 
-    /// Every task dispatched so far, oldest first.
-    pub fn tasks(&self) -> Vec<Task> {
+    fn tasks(&self) -> Vec<Task> {
         self.lock().tasks.clone()
     }
 
-    /// The requests of every task dispatched so far, oldest first.
-    pub fn requests(&self) -> Vec<Request> {
+    fn requests(&self) -> Vec<Request> {
         self.lock()
             .tasks
             .iter()
@@ -303,9 +310,15 @@ impl FakeDispatch {
             .collect()
     }
 
-    /// Forgets the recorded tasks (the canned replies stay).
-    pub fn clear(&self) {
+    fn clear(&self) {
         self.lock().tasks.clear();
+    }
+
+    /// Records `task` and returns its outcome.
+    fn answer_and_record(&self, task: &Task) -> Outcome {
+        let outcome = self.answer(task);
+        self.lock().tasks.push(task.clone());
+        outcome
     }
 
     /// The outcome of a task, without recording or delivering it.
@@ -343,12 +356,158 @@ impl FakeDispatch {
     }
 }
 
+impl fmt::Debug for FakeDispatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.canned.debug("FakeDispatch", f)
+    }
+}
+
+impl FakeDispatch {
+    /// A fake with no canned replies, delivering outcomes to `handler`.
+    pub fn new(handler: impl TaskHandler) -> FakeDispatch {
+        FakeDispatch {
+            handler: Arc::new(handler),
+            canned: Canned::default(),
+        }
+    }
+
+    /// Sets the default of `raise_error_responses` for tasks that leave it
+    /// unset. Default: `false`, as the processor's.
+    #[must_use]
+    pub fn raise_error_responses(mut self, raise: bool) -> FakeDispatch {
+        self.canned.raise_error_responses = raise;
+        self
+    }
+
+    /// Answers requests with this method to this URL with `reply`. The URL is
+    /// compared in full, query included, after parsing (so
+    /// `https://API.example.com` matches `https://api.example.com/`); a URL
+    /// that does not parse matches nothing.
+    pub fn stub(&self, method: Method, url: &str, reply: Reply) -> &FakeDispatch {
+        self.canned.stub(method, url, reply);
+        self
+    }
+
+    /// Answers the tasks for which `responder` returns a reply; `None` passes
+    /// the task on to the replies added before.
+    pub fn respond_with(
+        &self,
+        responder: impl Fn(&Task) -> Option<Reply> + Send + Sync + 'static,
+    ) -> &FakeDispatch {
+        self.canned.respond_with(responder);
+        self
+    }
+
+    /// Every task dispatched so far, oldest first.
+    pub fn tasks(&self) -> Vec<Task> {
+        self.canned.tasks()
+    }
+
+    /// The requests of every task dispatched so far, oldest first.
+    pub fn requests(&self) -> Vec<Request> {
+        self.canned.requests()
+    }
+
+    /// Forgets the recorded tasks (the canned replies stay).
+    pub fn clear(&self) {
+        self.canned.clear();
+    }
+}
+
 impl Dispatch for FakeDispatch {
     fn dispatch(&self, task: Task) -> Result<String, DispatchError> {
-        let id = task.id.clone();
-        let outcome = self.answer(&task);
-        self.lock().tasks.push(task);
+        let outcome = self.canned.answer_and_record(&task);
         outcome.deliver(self.handler.as_ref());
-        Ok(id)
+        Ok(task.id)
     }
+}
+
+/// An in-memory [`AwaitableDispatch`] for tests: records every request and
+/// answers it from canned replies, as the response or the error the
+/// awaitable client would return.
+///
+/// Replies are matched as [`FakeDispatch`]'s are (the most recently added
+/// match wins; no match is a request error of class
+/// [`NO_CANNED_RESPONSE`]), and non-2xx responses become HTTP errors when the
+/// task (or else the fake's default) sets `raise_error_responses`. Cheap to
+/// share: clone the `Arc` it is usually kept in.
+#[derive(Default)]
+pub struct FakeClient {
+    canned: Canned,
+}
+
+impl fmt::Debug for FakeClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.canned.debug("FakeClient", f)
+    }
+}
+
+impl FakeClient {
+    /// A fake with no canned replies.
+    pub fn new() -> FakeClient {
+        FakeClient::default()
+    }
+
+    /// Sets the default of `raise_error_responses` for tasks that leave it
+    /// unset. Default: `false`, as the awaitable client's.
+    #[must_use]
+    pub fn raise_error_responses(mut self, raise: bool) -> FakeClient {
+        self.canned.raise_error_responses = raise;
+        self
+    }
+
+    /// Answers requests with this method to this URL with `reply` (the URL
+    /// compared in full after parsing, as [`FakeDispatch::stub`] does).
+    pub fn stub(&self, method: Method, url: &str, reply: Reply) -> &FakeClient {
+        self.canned.stub(method, url, reply);
+        self
+    }
+
+    /// Answers the tasks for which `responder` returns a reply; `None` passes
+    /// the task on to the replies added before.
+    pub fn respond_with(
+        &self,
+        responder: impl Fn(&Task) -> Option<Reply> + Send + Sync + 'static,
+    ) -> &FakeClient {
+        self.canned.respond_with(responder);
+        self
+    }
+
+    /// Every task run so far (a `send` is a task with a new id and no
+    /// callback), oldest first.
+    pub fn tasks(&self) -> Vec<Task> {
+        self.canned.tasks()
+    }
+
+    /// The requests of every task run so far, oldest first.
+    pub fn requests(&self) -> Vec<Request> {
+        self.canned.requests()
+    }
+
+    /// Forgets the recorded tasks (the canned replies stay).
+    pub fn clear(&self) {
+        self.canned.clear();
+    }
+}
+
+impl AwaitableDispatch for FakeClient {
+    fn execute<'a>(&'a self, task: &'a Task) -> ResponseFuture<'a> {
+        let result = match self.canned.answer_and_record(task) {
+            Outcome::Completed { response, .. } => Ok(response),
+            Outcome::Failed { error, .. } => Err(error),
+            Outcome::Retry(_) => unreachable_retry(task),
+        };
+        Box::pin(std::future::ready(result))
+    }
+}
+
+/// Canned replies never ask for a retry; should one ever, it is an error
+/// rather than a panic in the test's code path.
+fn unreachable_retry(task: &Task) -> Result<Response, TaskError> {
+    Err(TaskError::Request(request_error(
+        task,
+        ErrorType::Unknown,
+        NO_CANNED_RESPONSE.to_owned(),
+        "a canned reply asked for a retry".to_owned(),
+    )))
 }

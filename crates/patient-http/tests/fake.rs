@@ -1,12 +1,16 @@
 //! The in-memory dispatch double: recorded tasks, canned replies, outcomes
 //! delivered synchronously.
 
-use std::{sync::mpsc, time::Duration};
+use std::{
+    sync::{mpsc, Arc},
+    time::Duration,
+};
 
-use patient_http::testing::{FakeDispatch, Reply, NO_CANNED_RESPONSE};
+use patient_http::testing::{FakeClient, FakeDispatch, Reply, NO_CANNED_RESPONSE};
 use patient_http::{
-    Body, CallbackArgs, Dispatch, DispatchOptions, ErrorType, InlineExecutor, Method, Outcome,
-    RequestTemplate, TaskError, TemplateDispatch,
+    AwaitableClient, AwaitableDispatch, Body, CallbackArgs, Dispatch, DispatchOptions, ErrorType,
+    HeaderValue, InlineExecutor, Method, Outcome, Request, RequestTemplate, Task, TaskError,
+    TemplateDispatch,
 };
 use patient_testkit::Upstream;
 use serde_json::json;
@@ -337,4 +341,87 @@ fn template_dispatch_runs_through_an_inline_executor() {
     assert_eq!(echo["headers"]["x-client"], "call");
     assert_eq!(echo["headers"]["x-default"], "d");
     assert_eq!(echo["body"], "hi");
+}
+
+// ---------------------------------------------------------------- FakeClient
+
+/// Application code written against the awaitable interface.
+async fn load_user(
+    api: &dyn AwaitableDispatch,
+    base: &str,
+    id: u32,
+) -> Result<serde_json::Value, String> {
+    let request = Request::get(format!("{base}/users/{id}"))
+        .header("accept", "application/json")
+        .build()
+        .map_err(|e| e.to_string())?;
+    let response = api.send(request).await.map_err(|e| e.to_string())?;
+    if response.status != 200 {
+        return Err(format!("status {}", response.status));
+    }
+    serde_json::from_slice(response.body.as_deref().unwrap_or_default()).map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn the_fake_client_answers_awaited_requests_and_records_them() {
+    let fake = FakeClient::new();
+    fake.stub(
+        Method::Get,
+        "https://api.example.com/users/1",
+        Reply::json(200, &json!({"id": 1, "name": "ada"})),
+    )
+    .stub(
+        Method::Get,
+        "https://api.example.com/users/2",
+        Reply::status(404),
+    );
+    let base = "https://api.example.com";
+    assert_eq!(
+        load_user(&fake, base, 1).await,
+        Ok(json!({"id": 1, "name": "ada"}))
+    );
+    assert_eq!(load_user(&fake, base, 2).await, Err("status 404".into()));
+    let unmatched = load_user(&fake, base, 3).await.unwrap_err();
+    assert!(unmatched.contains("no canned response"), "{unmatched}");
+
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 3);
+    assert_eq!(requests[0].url().path(), "/users/1");
+    assert_eq!(
+        requests[0].headers().get("accept"),
+        Some(&HeaderValue::Value("application/json".into()))
+    );
+
+    // A task's own settings apply: an error status raised as an HTTP error.
+    let task = Task::new(
+        Request::get("https://api.example.com/users/2")
+            .build()
+            .unwrap(),
+        "Loaded",
+    )
+    .with_raise_error_responses(true);
+    match fake.execute(&task).await {
+        Err(TaskError::Http(error)) => assert_eq!(error.response.status, 404),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        fake.tasks().last().map(|t| t.id.clone()),
+        Some(task.id.clone())
+    );
+    fake.clear();
+    assert!(fake.requests().is_empty());
+}
+
+#[tokio::test]
+async fn the_same_code_runs_against_the_real_awaitable_client() {
+    let up = Upstream::start().await.unwrap();
+    let client = AwaitableClient::builder().build_awaitable().unwrap();
+    let api: Arc<dyn AwaitableDispatch> = Arc::new(client);
+    // The testkit upstream has no /users route: a 404, through the same path
+    // the fake answered above.
+    assert_eq!(
+        load_user(api.as_ref(), &up.url(""), 1).await,
+        Err("status 404".into())
+    );
+    assert_eq!(up.requests_to("/users/1"), 1);
 }
