@@ -94,7 +94,11 @@ impl Config {
         self.max_redirects
     }
 
-    /// Size in bytes of a serialized payload above which it goes to a payload store.
+    /// Size in bytes of a serialized payload above which it goes to a payload
+    /// store: the threshold of the stores made with
+    /// `patient_store::PayloadStores::from_config`, which the codec that
+    /// serializes this processor's outcomes (`PayloadCodec::encode_outcome`)
+    /// then applies.
     pub fn payload_store_threshold(&self) -> usize {
         self.payload_store_threshold
     }

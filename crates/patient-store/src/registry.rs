@@ -62,6 +62,14 @@ impl PayloadStores {
         }
     }
 
+    /// No stores, and the threshold of a processor's configuration
+    /// ([`Config::payload_store_threshold`](patient_http::Config::payload_store_threshold)),
+    /// so that one setting decides, as the gem's `payload_store_threshold`
+    /// does, when the payloads of that processor's outcomes go to a store.
+    pub fn from_config(config: &patient_http::Config) -> Self {
+        Self::new().with_threshold(config.payload_store_threshold())
+    }
+
     /// Sets the size in bytes of JSON text above which [`store`](Self::store)
     /// moves a payload to a store. Default: 64 KiB
     /// ([`DEFAULT_THRESHOLD`](Self::DEFAULT_THRESHOLD)).
@@ -261,6 +269,32 @@ mod tests {
             .with_threshold(16)
             .with_store("files", Arc::new(store));
         (stores, dir)
+    }
+
+    #[tokio::test]
+    async fn the_processor_configuration_sets_the_threshold() {
+        let config = patient_http::Config::builder()
+            .payload_store_threshold(32)
+            .build()
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "patient-registry-config-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let stores = PayloadStores::from_config(&config)
+            .with_store("files", Arc::new(FileStore::new(&dir).unwrap()));
+        assert_eq!(stores.threshold(), 32);
+        let small = json!({"status": 200});
+        assert_eq!(stores.store(&small, None).await.unwrap(), small);
+        let large = json!({"status": 200, "body": "x".repeat(64)});
+        let stored = stores.store(&large, None).await.unwrap();
+        assert!(PayloadStores::is_storage_ref(&stored), "{stored}");
+        assert_eq!(stores.fetch(&stored).await.unwrap(), large);
+        assert_eq!(
+            PayloadStores::from_config(&patient_http::Config::default()).threshold(),
+            PayloadStores::DEFAULT_THRESHOLD
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test]
