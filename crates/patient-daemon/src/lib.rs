@@ -1,0 +1,13 @@
+//! `patient serve`: patient's engine as a durable HTTP request queue for
+//! applications in any language.
+//!
+//! Applications submit requests over HTTP and get each outcome back exactly
+//! once by signed webhook, in Redis (a list, a stream, or a Sidekiq job the
+//! PatientHttp Ruby integration already runs), or by polling. The contract
+//! (command line, settings, routes, JSON, error codes, delivery formats) is
+//! fixed in the daemon's API document; [`settings`] reads the settings.
+
+pub mod settings;
+pub mod webhook_secret;
+
+pub use settings::{Flags, Settings, SettingsError};

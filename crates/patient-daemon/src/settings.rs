@@ -1,0 +1,839 @@
+//! The daemon's settings: defaults, then a TOML file, then `PATIENT_*`
+//! environment variables, then command-line flags, each layer over the one
+//! before, and every value checked with an error naming the setting and
+//! where it came from.
+//!
+//! Every setting has an environment name: `PATIENT_` and its path in upper
+//! case, nested keys joined with `__` (`egress.allow` is
+//! `PATIENT_EGRESS__ALLOW`). An environment value takes the type of the
+//! setting it sets: numbers for numbers, `true`/`false` for flags, a
+//! comma-separated list for lists. `docs/patient.toml` is the commented
+//! example of every setting with its default.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Environment variables read by the command line's client commands, not
+/// settings of the daemon: they are left alone by [`Settings::load`].
+pub const CLIENT_ENV: [&str; 1] = ["PATIENT_URL"];
+
+/// Where a setting's value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The built-in default.
+    Default,
+    /// The TOML file.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+    /// A command-line flag.
+    Flag(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("the default"),
+            Origin::File(path) => write!(f, "{}", path.display()),
+            Origin::Env(name) => f.write_str(name),
+            Origin::Flag(flag) => f.write_str(flag),
+        }
+    }
+}
+
+/// A setting that could not be read or is out of range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("setting `{setting}` (from {origin}): {message}")]
+pub struct SettingsError {
+    /// The setting's path (`lease`, `egress.allow`, `retry.max_attempts`).
+    pub setting: String,
+    /// Where its value came from.
+    pub origin: Origin,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl SettingsError {
+    fn new(setting: impl Into<String>, origin: Origin, message: impl Into<String>) -> Self {
+        SettingsError {
+            setting: setting.into(),
+            origin,
+            message: message.into(),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The egress guard's exemptions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct EgressSettings {
+    /// CIDRs (`10.0.0.0/8`, `::1/128`) or host names exempt from the guard.
+    pub allow: Vec<String>,
+}
+
+/// The retry policy of submitted tasks (a task's `request.options.retry`
+/// overrides it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySettings {
+    /// Attempts per task, the first included.
+    pub max_attempts: u32,
+    /// Backoff before the first retry, seconds (doubled by `factor` each
+    /// retry, full jitter).
+    pub base_delay: f64,
+    /// Backoff growth per retry.
+    pub factor: f64,
+    /// Longest backoff, seconds.
+    pub max_delay: f64,
+    /// Longest `Retry-After` (or rate-limit reset) honoured, seconds; a
+    /// longer one ends the task.
+    pub max_retry_after: f64,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            max_attempts: 5,
+            base_delay: 1.0,
+            factor: 2.0,
+            max_delay: 600.0,
+            max_retry_after: 3600.0,
+        }
+    }
+}
+
+/// Webhook delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// Seconds a delivery may take before it counts as failed.
+    pub timeout: f64,
+    /// Deliveries tried per outcome before `delivery.state` is `failed`.
+    pub max_attempts: u32,
+    /// Seconds before the first redelivery, doubled each time.
+    pub base_delay: f64,
+    /// Longest wait between deliveries, seconds.
+    pub max_delay: f64,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        WebhookSettings {
+            timeout: 10.0,
+            max_attempts: 12,
+            base_delay: 5.0,
+            max_delay: 3600.0,
+        }
+    }
+}
+
+/// Where a named secret's value is read from when the daemon starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// An environment variable holding the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    /// A file holding the value (one trailing newline is removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+}
+
+/// Every setting of `patient serve`; see the module docs for how they are
+/// layered and `docs/patient.toml` for each one's meaning and default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// API, dashboard, metrics and proxy routes (`127.0.0.1:8750`).
+    pub listen: String,
+    /// SQLite file and local state (`./patient-data`).
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH` or `postgres://…`; SQLite in `data_dir` when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// Bearer token for `/v1/*`; required to listen on a non-loopback
+    /// address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_token: Option<String>,
+    /// `whsec_<base64>` webhook signing secret; generated once and stored in
+    /// the database when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
+    /// For Redis and Sidekiq delivery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// The egress guard's exemptions.
+    pub egress: EgressSettings,
+    /// Seconds SIGTERM waits for in-flight attempts before releasing them.
+    pub shutdown_timeout: f64,
+    /// Largest API request body, bytes.
+    pub max_body: u64,
+    /// Largest batch of `POST /v1/tasks/batch`.
+    pub max_batch: u64,
+    /// Seconds a claimed task or delivery stays with its node without a
+    /// renewal (renewed every third of it).
+    pub lease: f64,
+    /// Seconds finished tasks are kept before they are purged.
+    pub retention: f64,
+    /// Requests in flight at once.
+    pub max_in_flight: u64,
+    /// `text` or `json` log lines.
+    pub log_format: LogFormat,
+    /// The retry policy of submitted tasks.
+    pub retry: RetrySettings,
+    /// Webhook delivery.
+    pub webhook: WebhookSettings,
+    /// Named secrets requests refer to with `{"$secret": NAME}`.
+    pub secrets: BTreeMap<String, SecretSource>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: "127.0.0.1:8750".to_owned(),
+            data_dir: PathBuf::from("./patient-data"),
+            database_url: None,
+            api_token: None,
+            webhook_secret: None,
+            redis_url: None,
+            egress: EgressSettings::default(),
+            shutdown_timeout: 30.0,
+            max_body: 16 * 1024 * 1024,
+            max_batch: 1000,
+            lease: 30.0,
+            retention: 7.0 * 24.0 * 3600.0,
+            max_in_flight: 1024,
+            log_format: LogFormat::Text,
+            retry: RetrySettings::default(),
+            webhook: WebhookSettings::default(),
+            secrets: BTreeMap::new(),
+        }
+    }
+}
+
+/// Flags of `patient serve` that override settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Flags {
+    /// `--listen ADDR`.
+    pub listen: Option<String>,
+    /// `--data-dir DIR`.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Which settings paths have numeric, boolean or list values, read from
+/// the defaults: an environment value is parsed as that type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Integer,
+    Float,
+    Bool,
+    List,
+    Text,
+}
+
+fn kind_at(defaults: &Value, path: &[String]) -> Kind {
+    let mut node = defaults;
+    for key in path {
+        match node.get(key) {
+            Some(next) => node = next,
+            None => return Kind::Text,
+        }
+    }
+    match node {
+        Value::Bool(_) => Kind::Bool,
+        Value::Number(n) if n.is_f64() => Kind::Float,
+        Value::Number(_) => Kind::Integer,
+        Value::Array(_) => Kind::List,
+        _ => Kind::Text,
+    }
+}
+
+/// Whether `path` names a setting (or a key under the secrets table).
+fn is_setting(defaults: &Value, path: &[String]) -> bool {
+    let Some(first) = path.first() else {
+        return false;
+    };
+    if first == "secrets" {
+        return path.len() == 3 && matches!(path[2].as_str(), "env" | "file");
+    }
+    let Some(Value::Object(top)) = Some(defaults) else {
+        return false;
+    };
+    let optional = ["database_url", "api_token", "webhook_secret", "redis_url"];
+    if path.len() == 1 {
+        return top.contains_key(first) || optional.contains(&first.as_str());
+    }
+    matches!(top.get(first), Some(Value::Object(inner)) if path.len() == 2 && inner.contains_key(&path[1]))
+}
+
+impl Settings {
+    /// The settings from the defaults, the TOML file at `file` (if any),
+    /// the environment `env` (name and value pairs; pass
+    /// `std::env::vars()`) and `flags`, checked.
+    ///
+    /// # Errors
+    ///
+    /// [`SettingsError`] naming the first bad setting and where it came from.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &Flags,
+    ) -> Result<Settings, SettingsError> {
+        let defaults = serde_json::to_value(Settings::default()).unwrap_or(Value::Null);
+        let mut merged = defaults.clone();
+        let mut origins: BTreeMap<String, Origin> = BTreeMap::new();
+
+        if let Some(path) = file {
+            let origin = Origin::File(path.to_owned());
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                SettingsError::new(
+                    "config",
+                    origin.clone(),
+                    format!("cannot read the file: {e}"),
+                )
+            })?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| {
+                SettingsError::new("config", origin.clone(), one_line(&e.to_string()))
+            })?;
+            let value = serde_json::to_value(table)
+                .map_err(|e| SettingsError::new("config", origin.clone(), e.to_string()))?;
+            let mut paths = Vec::new();
+            leaf_paths(&value, &mut Vec::new(), &mut paths);
+            for path in paths {
+                origins.insert(path, origin.clone());
+            }
+            merge(&mut merged, value);
+        }
+
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(name, _)| {
+                name.starts_with("PATIENT_") && !CLIENT_ENV.contains(&name.as_str())
+            })
+            .collect();
+        env.sort();
+        for (name, raw) in env {
+            let path: Vec<String> = name["PATIENT_".len()..]
+                .split("__")
+                .map(str::to_ascii_lowercase)
+                .collect();
+            let dotted = path.join(".");
+            let origin = Origin::Env(name.clone());
+            if !is_setting(&defaults, &path) {
+                tracing::warn!(variable = %name, "not a setting of patient serve; ignored");
+                continue;
+            }
+            let value = typed(&raw, kind_at(&defaults, &path))
+                .map_err(|message| SettingsError::new(dotted.clone(), origin.clone(), message))?;
+            set_path(&mut merged, &path, value);
+            origins.insert(dotted, origin);
+        }
+
+        if let Some(listen) = &flags.listen {
+            merged["listen"] = Value::String(listen.clone());
+            origins.insert("listen".into(), Origin::Flag("--listen"));
+        }
+        if let Some(dir) = &flags.data_dir {
+            merged["data_dir"] = Value::String(dir.display().to_string());
+            origins.insert("data_dir".into(), Origin::Flag("--data-dir"));
+        }
+
+        let origin_of = |setting: &str| {
+            origins
+                .get(setting)
+                .cloned()
+                .or_else(|| {
+                    // A whole table from the file: the file.
+                    origins
+                        .iter()
+                        .find(|(k, _)| k.starts_with(&format!("{setting}.")))
+                        .map(|(_, o)| o.clone())
+                })
+                .unwrap_or(Origin::Default)
+        };
+        let settings: Settings = serde_json::from_value(merged).map_err(|e| {
+            let message = e.to_string();
+            let setting = message
+                .split('`')
+                .nth(1)
+                .filter(|_| message.starts_with("unknown field"))
+                .map(str::to_owned)
+                .unwrap_or_else(|| "config".to_owned());
+            SettingsError::new(setting.clone(), origin_of(&setting), message)
+        })?;
+        settings.check(&origin_of)?;
+        Ok(settings)
+    }
+
+    /// Checks ranges and formats; `origin_of` says where a setting came from.
+    fn check(&self, origin_of: &dyn Fn(&str) -> Origin) -> Result<(), SettingsError> {
+        let fail = |setting: &str, message: String| {
+            Err(SettingsError::new(setting, origin_of(setting), message))
+        };
+        if let Err(e) = self.listen.parse::<SocketAddr>() {
+            return fail(
+                "listen",
+                format!(
+                    "{:?} is not an address and port such as 127.0.0.1:8750 ({e})",
+                    self.listen
+                ),
+            );
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return fail("data_dir", "must not be empty".into());
+        }
+        if let Some(url) = &self.database_url {
+            if !(url.starts_with("sqlite:")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://"))
+            {
+                return fail(
+                    "database_url",
+                    "must start with sqlite: or postgres:// (the value is not repeated here: it may hold a password)".into(),
+                );
+            }
+        }
+        if self.api_token.as_deref() == Some("") {
+            return fail(
+                "api_token",
+                "must not be empty (leave it unset for no token)".into(),
+            );
+        }
+        if let Some(secret) = &self.webhook_secret {
+            if let Err(message) = crate::webhook_secret::decode(secret) {
+                return fail("webhook_secret", message);
+            }
+        }
+        if let Some(url) = &self.redis_url {
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("unix://"))
+            {
+                return fail(
+                    "redis_url",
+                    "must start with redis://, rediss:// or unix://".into(),
+                );
+            }
+        }
+        for (i, entry) in self.egress.allow.iter().enumerate() {
+            if let Err(message) = check_allow_entry(entry) {
+                return fail("egress.allow", format!("entry {i} {entry:?}: {message}"));
+            }
+        }
+        for (setting, value, min, max) in [
+            ("shutdown_timeout", self.shutdown_timeout, 0.0, 86_400.0),
+            ("lease", self.lease, 1.0, 86_400.0),
+            ("retention", self.retention, 0.0, 10.0 * 365.0 * 86_400.0),
+            ("retry.base_delay", self.retry.base_delay, 0.0, 86_400.0),
+            ("retry.factor", self.retry.factor, 1.0, 100.0),
+            (
+                "retry.max_delay",
+                self.retry.max_delay,
+                0.0,
+                30.0 * 86_400.0,
+            ),
+            (
+                "retry.max_retry_after",
+                self.retry.max_retry_after,
+                0.0,
+                30.0 * 86_400.0,
+            ),
+            ("webhook.timeout", self.webhook.timeout, 0.001, 3600.0),
+            ("webhook.base_delay", self.webhook.base_delay, 0.0, 86_400.0),
+            (
+                "webhook.max_delay",
+                self.webhook.max_delay,
+                0.0,
+                30.0 * 86_400.0,
+            ),
+        ] {
+            if !(value.is_finite() && (min..=max).contains(&value)) {
+                return fail(setting, format!("{value} is outside {min} to {max}"));
+            }
+        }
+        for (setting, value, min, max) in [
+            ("max_body", self.max_body, 1024, 1 << 32),
+            ("max_batch", self.max_batch, 1, 100_000),
+            ("max_in_flight", self.max_in_flight, 1, 1_000_000),
+            (
+                "retry.max_attempts",
+                u64::from(self.retry.max_attempts),
+                1,
+                1000,
+            ),
+            (
+                "webhook.max_attempts",
+                u64::from(self.webhook.max_attempts),
+                1,
+                1000,
+            ),
+        ] {
+            if !(min..=max).contains(&value) {
+                return fail(setting, format!("{value} is outside {min} to {max}"));
+            }
+        }
+        for (name, source) in &self.secrets {
+            let setting = format!("secrets.{name}");
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return fail(
+                    &setting,
+                    "a secret's name is letters, digits, '_' and '-'".into(),
+                );
+            }
+            match (&source.env, &source.file) {
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => {
+                    return fail(
+                        &setting,
+                        "give exactly one of env = \"VAR\" or file = \"PATH\"".into(),
+                    )
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The listen address (checked by [`load`](Self::load)).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
+    }
+
+    /// `shutdown_timeout` as a duration.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.shutdown_timeout)
+    }
+
+    /// `lease` as a duration.
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs_f64(self.lease)
+    }
+
+    /// `retention` as a duration.
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs_f64(self.retention)
+    }
+
+    /// The database URL: `database_url`, or the SQLite file in `data_dir`.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("patient.db").display()),
+        }
+    }
+
+    /// Whether the listen address needs an API token (it is not loopback).
+    pub fn needs_token(&self) -> bool {
+        self.listen_addr().is_some_and(|a| !a.ip().is_loopback())
+    }
+}
+
+/// An `egress.allow` entry: a CIDR, an address or a host name.
+fn check_allow_entry(entry: &str) -> Result<(), String> {
+    if entry.is_empty() {
+        return Err("empty".into());
+    }
+    if let Some((addr, bits)) = entry.split_once('/') {
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let bits: u8 = bits
+            .parse()
+            .map_err(|_| format!("{bits:?} is not a prefix length"))?;
+        if bits > max {
+            return Err(format!("a prefix length is at most {max}"));
+        }
+        return Ok(());
+    }
+    if entry.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let valid = entry.split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    });
+    if valid && entry.len() <= 253 {
+        Ok(())
+    } else {
+        Err("neither a CIDR, an IP address nor a host name".into())
+    }
+}
+
+fn typed(raw: &str, kind: Kind) -> Result<Value, String> {
+    let raw_trimmed = raw.trim();
+    match kind {
+        Kind::Text => Ok(Value::String(raw.to_owned())),
+        Kind::Bool => match raw_trimmed {
+            "true" | "1" | "yes" => Ok(Value::Bool(true)),
+            "false" | "0" | "no" => Ok(Value::Bool(false)),
+            _ => Err(format!("{raw:?} is not true or false")),
+        },
+        Kind::Integer => raw_trimmed
+            .parse::<u64>()
+            .map(Value::from)
+            .map_err(|_| format!("{raw:?} is not a whole number")),
+        Kind::Float => raw_trimmed
+            .parse::<f64>()
+            .ok()
+            .filter(|f| f.is_finite())
+            .map(Value::from)
+            .ok_or_else(|| format!("{raw:?} is not a number")),
+        Kind::List => Ok(Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_owned()))
+                .collect(),
+        )),
+    }
+}
+
+fn merge(into: &mut Value, from: Value) {
+    match (into, from) {
+        (Value::Object(into), Value::Object(from)) => {
+            for (key, value) in from {
+                match into.get_mut(&key) {
+                    Some(existing) if existing.is_object() && value.is_object() => {
+                        merge(existing, value)
+                    }
+                    _ => {
+                        into.insert(key, value);
+                    }
+                }
+            }
+        }
+        (into, from) => *into = from,
+    }
+}
+
+fn set_path(root: &mut Value, path: &[String], value: Value) {
+    let mut node = root;
+    for key in &path[..path.len() - 1] {
+        if !node.get(key).is_some_and(Value::is_object) {
+            node[key.as_str()] = Value::Object(serde_json::Map::new());
+        }
+        node = &mut node[key.as_str()];
+    }
+    node[path[path.len() - 1].as_str()] = value;
+}
+
+fn leaf_paths(value: &Value, prefix: &mut Vec<String>, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                prefix.push(key.clone());
+                leaf_paths(value, prefix, out);
+                prefix.pop();
+            }
+        }
+        _ => out.push(prefix.join(".")),
+    }
+}
+
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '|' || c == '^' || c.is_whitespace()))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn file(text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "patient-settings-{}.toml",
+            std::process::id() as u64 * 1000 + fastish()
+        ));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn fastish() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::Relaxed)
+    }
+
+    #[test]
+    fn defaults_need_nothing() {
+        let s = Settings::load(None, Vec::new(), &Flags::default()).unwrap();
+        assert_eq!(s, Settings::default());
+        assert_eq!(s.listen, "127.0.0.1:8750");
+        assert_eq!(
+            s.database_url(),
+            format!(
+                "sqlite://{}",
+                Path::new("./patient-data/patient.db").display()
+            )
+        );
+        assert!(!s.needs_token());
+    }
+
+    #[test]
+    fn layers_apply_in_order_file_env_flags() {
+        let path = file(
+            "listen = \"127.0.0.1:9000\"\nlease = 12\nmax_batch = 7\n[egress]\nallow = [\"10.0.0.0/8\"]\n[retry]\nmax_attempts = 2\n[secrets.openai]\nenv = \"OPENAI_API_KEY\"\n",
+        );
+        let s = Settings::load(
+            Some(&path),
+            env(&[
+                ("PATIENT_LEASE", "20"),
+                ("PATIENT_EGRESS__ALLOW", "192.168.1.0/24, api.internal"),
+                ("PATIENT_API_TOKEN", "12345"),
+                ("PATIENT_URL", "http://ignored"),
+                ("PATIENT_RETRY__BASE_DELAY", "0.5"),
+                ("HOME", "/root"),
+            ]),
+            &Flags {
+                listen: Some("127.0.0.1:0".into()),
+                data_dir: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.listen, "127.0.0.1:0");
+        assert_eq!(s.lease, 20.0);
+        assert_eq!(s.max_batch, 7);
+        assert_eq!(s.egress.allow, ["192.168.1.0/24", "api.internal"]);
+        assert_eq!(
+            s.api_token.as_deref(),
+            Some("12345"),
+            "a number-looking token stays text"
+        );
+        assert_eq!(s.retry.max_attempts, 2);
+        assert_eq!(s.retry.base_delay, 0.5);
+        assert_eq!(
+            s.retry.factor, 2.0,
+            "the rest of the table keeps its defaults"
+        );
+        assert_eq!(s.secrets["openai"].env.as_deref(), Some("OPENAI_API_KEY"));
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn errors_name_the_setting_and_its_origin() {
+        let e =
+            Settings::load(None, env(&[("PATIENT_LEASE", "soon")]), &Flags::default()).unwrap_err();
+        assert_eq!(e.setting, "lease");
+        assert_eq!(e.origin, Origin::Env("PATIENT_LEASE".into()));
+        assert!(e.to_string().contains("not a number"), "{e}");
+
+        let e =
+            Settings::load(None, env(&[("PATIENT_LEASE", "0")]), &Flags::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "setting `lease` (from PATIENT_LEASE): 0 is outside 1 to 86400"
+        );
+
+        let e = Settings::load(
+            None,
+            Vec::new(),
+            &Flags {
+                listen: Some("localhost".into()),
+                data_dir: None,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.setting.as_str(), &e.origin),
+            ("listen", &Origin::Flag("--listen"))
+        );
+
+        let path = file("lease = 5\nmax_bodyy = 3\n");
+        let e = Settings::load(Some(&path), Vec::new(), &Flags::default()).unwrap_err();
+        assert_eq!(e.setting, "max_bodyy");
+        assert_eq!(e.origin, Origin::File(path.clone()));
+        assert!(e.message.contains("unknown field"), "{e}");
+        let _ = std::fs::remove_file(path);
+
+        let path = file("lease = \"long\"\n");
+        let e = Settings::load(Some(&path), Vec::new(), &Flags::default()).unwrap_err();
+        assert!(e.to_string().contains("invalid type"), "{e}");
+        let _ = std::fs::remove_file(path);
+
+        let path = file("lease = [\n");
+        let e = Settings::load(Some(&path), Vec::new(), &Flags::default()).unwrap_err();
+        assert_eq!(e.setting, "config");
+        assert!(!e.message.contains('\n'), "one line: {e}");
+        let _ = std::fs::remove_file(path);
+
+        let e = Settings::load(
+            None,
+            env(&[("PATIENT_EGRESS__ALLOW", "10.0.0.0/33")]),
+            &Flags::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.setting, "egress.allow");
+        assert!(e.message.contains("at most 32"), "{e}");
+
+        let e = Settings::load(
+            None,
+            env(&[("PATIENT_DATABASE_URL", "mysql://u:hunter2@db/x")]),
+            &Flags::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.setting, "database_url");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+
+        let e = Settings::load(
+            None,
+            env(&[("PATIENT_WEBHOOK_SECRET", "not-a-secret")]),
+            &Flags::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.setting, "webhook_secret");
+    }
+
+    #[test]
+    fn unknown_environment_names_are_ignored_not_fatal() {
+        let s = Settings::load(None, env(&[("PATIENT_LISTN", "x")]), &Flags::default()).unwrap();
+        assert_eq!(s, Settings::default());
+    }
+
+    #[test]
+    fn a_non_loopback_address_needs_a_token() {
+        let s = Settings::load(
+            None,
+            env(&[("PATIENT_LISTEN", "0.0.0.0:8750")]),
+            &Flags::default(),
+        )
+        .unwrap();
+        assert!(s.needs_token());
+    }
+}
