@@ -54,6 +54,12 @@ impl Attempt {
         Value::Object(map)
     }
 
+    /// An attempt from its JSON (what [`to_json`](Self::to_json) wrote); the
+    /// error names the offending field.
+    pub fn from_json(value: &Value) -> Result<Attempt, WireError> {
+        Self::load(value, "")
+    }
+
     pub(crate) fn load(value: &Value, path: &str) -> Result<Attempt, WireError> {
         let fields = Fields::new(value, path)?;
         let number = fields.u64("attempt")?;
