@@ -4,11 +4,16 @@ use std::{future::Future, pin::Pin, sync::Arc};
 
 use patient_wire::{Request, Response, TaskError};
 
-use crate::{engine::Engine, Builder, Task};
+use crate::{engine::Engine, propagation::Admission, Builder, Task};
 
 /// Runs requests in the caller's own async runtime and returns their outcome,
 /// with the same redirects, secrets, preprocessors and error wrapping as the
 /// processor. Cheap to clone.
+///
+/// A request sent while serving one behind
+/// [`PropagationLayer`](crate::propagation::PropagationLayer) inherits that
+/// request's deadline and priority (see
+/// [inherited deadlines](crate::propagation#inherited-deadlines)).
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -37,7 +42,7 @@ impl AwaitableClient {
 
     /// Runs a task: a response, or the error the processor would hand to `on_error`.
     pub async fn execute(&self, task: &Task) -> Result<Response, TaskError> {
-        self.engine.execute(task, tokio::time::Instant::now()).await
+        self.engine.execute(task, Admission::now()).await
     }
 
     /// The health of every upstream it keeps state for: breaker state,
@@ -67,7 +72,7 @@ impl AwaitableClient {
     /// Runs a request as a task with a new id and no callback.
     pub async fn send(&self, request: Request) -> Result<Response, TaskError> {
         self.engine
-            .execute(&Task::new(request, ""), tokio::time::Instant::now())
+            .execute(&Task::new(request, ""), Admission::now())
             .await
     }
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use patient_wire::{Response, TaskError};
 use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 
-use crate::{engine::Engine, Builder, ConfigError, Outcome, Task, TaskHandler};
+use crate::{
+    engine::Engine, propagation::Admission, Builder, ConfigError, Outcome, Task, TaskHandler,
+};
 
 /// Runs tasks on the calling thread and returns (or hands over) their outcome.
 ///
@@ -77,13 +79,18 @@ impl InlineExecutor {
     ///   runs into its timeout). Use [`run_async`](InlineExecutor::run_async)
     ///   there.
     pub fn run(&self, task: Task) -> Outcome {
+        // Before any hand-over to another thread: the served request's
+        // context is a task-local of this one.
+        let admitted = Admission::now();
         match Handle::try_current().map(|h| h.runtime_flavor()) {
-            Err(_) => self.run_here(task),
-            Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| self.run_here(task)),
+            Err(_) => self.run_here(task, admitted),
+            Ok(RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(|| self.run_here(task, admitted))
+            }
             // A current-thread runtime cannot hand its work to another thread
             // and `block_on` would panic here: run on a helper thread.
             Ok(_) => std::thread::scope(|s| {
-                s.spawn(|| self.run_here(task))
+                s.spawn(|| self.run_here(task, admitted))
                     .join()
                     .unwrap_or_else(|p| std::panic::resume_unwind(p))
             }),
@@ -100,17 +107,12 @@ impl InlineExecutor {
     /// runtime that drives those connections, and a request reusing one
     /// waits for its timeout.
     pub async fn run_async(&self, task: Task) -> Outcome {
-        let result = self
-            .engine
-            .execute(&task, tokio::time::Instant::now())
-            .await;
+        let result = self.engine.execute(&task, Admission::now()).await;
         outcome(task, result)
     }
 
-    fn run_here(&self, task: Task) -> Outcome {
-        let result = self
-            .handle
-            .block_on(self.engine.execute(&task, tokio::time::Instant::now()));
+    fn run_here(&self, task: Task, admitted: Admission) -> Outcome {
+        let result = self.handle.block_on(self.engine.execute(&task, admitted));
         outcome(task, result)
     }
 

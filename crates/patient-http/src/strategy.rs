@@ -20,7 +20,7 @@ use std::{
 use futures_util::{stream::FuturesUnordered, FutureExt, StreamExt};
 use http::HeaderMap;
 use patient_wire::{
-    Attempt, DeadlineMode, ErrorType, Headers, HttpError, Response, Strategy, TaskError,
+    Attempt, DeadlineMode, ErrorType, Headers, HttpError, Priority, Response, Strategy, TaskError,
 };
 use tokio::time::Instant;
 
@@ -30,6 +30,7 @@ use crate::{
     engine::Engine,
     limit::{LimitBusy, LimitPermit},
     metrics::EndpointMetrics,
+    propagation::Admission,
     resilience::{upstream_key_ref, Fallback, HedgeDelay, UpstreamPolicy},
     retry::{AttemptOutcome, RetryDelay, RetryPolicy},
     time::checked_after,
@@ -52,6 +53,9 @@ pub(crate) struct Plan<'a> {
     mode: DeadlineMode,
     started: Instant,
     timeout: Duration,
+    /// The priority sent upstream: the request's own, else (once admitted)
+    /// the one inherited from the request being served.
+    priority: Option<Priority>,
 }
 
 /// Where a task stands between steps.
@@ -212,17 +216,18 @@ const AT_CAPACITY_RETRY: Duration = Duration::from_millis(100);
 
 impl Engine {
     /// Runs a task to its outcome: a response, or a wire-format error.
-    /// `queued_at` is when the task was accepted: a deadline counts from it.
+    /// `admitted` is when the task was accepted (a deadline counts from it)
+    /// and the context it inherits.
     /// A panic in engine code (an interceptor, preprocessor, computed
     /// secret, retry predicate) ends the task in a request error of class
     /// `Panic`; it is never handed back for a retry.
     pub(crate) async fn execute(
         &self,
         task: &Task,
-        queued_at: Instant,
+        admitted: Admission,
     ) -> Result<Response, TaskError> {
         let started = Instant::now();
-        match AssertUnwindSafe(self.run_to_outcome(task, queued_at))
+        match AssertUnwindSafe(self.run_to_outcome(task, admitted))
             .catch_unwind()
             .await
         {
@@ -235,15 +240,19 @@ impl Engine {
         }
     }
 
-    async fn run_to_outcome(&self, task: &Task, queued_at: Instant) -> Result<Response, TaskError> {
-        let plan = match self.plan(task) {
+    async fn run_to_outcome(
+        &self,
+        task: &Task,
+        admitted: Admission,
+    ) -> Result<Response, TaskError> {
+        let mut plan = match self.plan(task) {
             Ok(plan) => plan,
             Err(error) => {
                 self.notify(|o| o.on_request_error(&error));
                 return Err(error);
             }
         };
-        let mut progress = Progress::new(self.deadline_of(task, plan.policy, queued_at));
+        let mut progress = Progress::new(self.admit(task, &mut plan, admitted));
         loop {
             match self.step(task, &plan, &mut progress, LimitWait::Wait).await {
                 Step::Done(result) => return result,
@@ -260,20 +269,21 @@ impl Engine {
         }
     }
 
-    /// The deadline of a task accepted at `queued_at`, if it has one.
-    pub(crate) fn deadline_of(
-        &self,
-        task: &Task,
-        policy: &UpstreamPolicy,
-        queued_at: Instant,
-    ) -> Option<Instant> {
-        let after = task
+    /// Applies what a task was submitted with to its plan, and returns its
+    /// deadline: its own (the request's, else its upstream policy's,
+    /// counted from submission; past what the clock can hold, none) capped
+    /// by the one inherited from the request being served, and the
+    /// inherited priority where the request sets none. The one place a
+    /// task inherits the served request's context; see
+    /// [`propagation`](crate::propagation#inherited-deadlines).
+    fn admit(&self, task: &Task, plan: &mut Plan<'_>, admitted: Admission) -> Option<Instant> {
+        plan.priority = admitted.priority(plan.priority);
+        let own = task
             .request
             .request_options()
             .deadline
-            .or(policy.deadline())?;
-        // Past what the clock can hold: no deadline at all.
-        checked_after(queued_at, after)
+            .or(plan.policy.deadline());
+        admitted.deadline(own)
     }
 
     /// Resolves what a task runs with, or the error when its options are
@@ -340,6 +350,7 @@ impl Engine {
             timeout: request
                 .timeout()
                 .unwrap_or(self.config.client.request_timeout()),
+            priority: options.priority,
             key,
         })
     }
@@ -518,14 +529,12 @@ impl Engine {
             };
             timeout = timeout.min(share.max(plan.policy.min_attempt_time()));
         }
-        let options = task.request.request_options();
-        let propagate =
-            plan.policy.propagate() && (deadline.is_some() || options.priority.is_some());
+        let propagate = plan.policy.propagate() && (deadline.is_some() || plan.priority.is_some());
         Ok(AttemptPlan {
             number,
             timeout,
             deadline,
-            propagate_priority: propagate.then(|| options.priority.unwrap_or_default()),
+            propagate_priority: propagate.then(|| plan.priority.unwrap_or_default()),
             upstream: &plan.key,
             metrics: &plan.endpoint,
             started: plan.started,

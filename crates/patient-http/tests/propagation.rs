@@ -118,12 +118,13 @@ async fn garbage_is_ignored() {
 }
 
 #[tokio::test]
-async fn expired_deadline_reaches_the_handler_as_zero() {
+async fn expired_deadline_is_refused_before_the_handler() {
     let addr = start().await;
-    let (_, body) = get_with(
+    let (status, body) = get_with(
         addr,
         &[("X-Request-Timeout", "0"), ("X-Request-Priority", "normal")],
     )
     .await;
-    assert_eq!(body, json!({"remaining_ms": 0, "priority": "normal"}));
+    assert_eq!(status, 408);
+    assert_eq!(body["error"]["code"], "deadline_expired", "{body}");
 }

@@ -153,7 +153,7 @@ fn wait_histogram() -> Histogram {
 
 /// Escapes a label value for the text format (the encoder writes values
 /// verbatim): backslash, double quote and line feed.
-fn label_value(s: &str) -> String {
+pub(crate) fn label_value(s: &str) -> String {
     if !s.contains(['\\', '"', '\n']) {
         return s.to_owned();
     }

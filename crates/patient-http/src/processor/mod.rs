@@ -42,7 +42,7 @@ pub use state::ProcessorState;
 use tokio::sync::{mpsc, oneshot};
 
 use self::gate::PriorityGate;
-use crate::{engine::Engine, Builder, Outcome, Task, TaskHandler};
+use crate::{engine::Engine, propagation::Admission, Builder, Outcome, Task, TaskHandler};
 
 std::thread_local! {
     /// The id of the processor whose runtime owns this thread (0: none).
@@ -322,6 +322,11 @@ impl Processor {
     /// task back, when the processor is not running or is at capacity (queued
     /// plus in-flight tasks reached `max_connections`). Observers hear of a
     /// refusal for capacity with no lock held, so one may stop the processor.
+    ///
+    /// Enqueued while serving a request behind
+    /// [`PropagationLayer`](crate::propagation::PropagationLayer), the task
+    /// inherits that request's deadline and priority (see
+    /// [inherited deadlines](crate::propagation#inherited-deadlines)).
     pub fn enqueue(&self, task: Task) -> Result<(), EnqueueError> {
         let inner = &self.inner;
         let max = inner.engine.config.max_connections;
@@ -362,7 +367,9 @@ impl Processor {
         let guard = TaskGuard {
             inner: Arc::clone(inner),
             task: Some(task),
-            queued_at: tokio::time::Instant::now(),
+            // On the submitting thread: the context of the request it
+            // serves, if any, is a task-local there.
+            admitted: Admission::now(),
         };
         if self.on_own_thread() {
             // On one of our own threads (a handler enqueueing the next task):
@@ -637,7 +644,8 @@ impl Inner {
 struct TaskGuard {
     inner: Arc<Inner>,
     task: Option<Task>,
-    queued_at: tokio::time::Instant,
+    /// When it was accepted, in which context.
+    admitted: Admission,
 }
 
 impl TaskGuard {
@@ -671,12 +679,13 @@ async fn run_task(mut guard: TaskGuard) {
     };
     let engine = Arc::clone(&guard.inner.engine);
     let gate = guard.inner.gate.clone();
-    let queued_at = guard.queued_at;
+    let admitted = guard.admitted;
     let work = async {
         // Saturated: wait for a slot, high priority first.
         let _slot = match &gate {
             Some(gate) => {
-                let priority = task.request.request_options().priority.unwrap_or_default();
+                let own = task.request.request_options().priority;
+                let priority = admitted.priority(own).unwrap_or_default();
                 engine.metrics.set_queue_depth(gate.waiting() + 1);
                 let slot = gate.acquire(priority).await;
                 engine.metrics.set_queue_depth(gate.waiting());
@@ -689,7 +698,7 @@ async fn run_task(mut guard: TaskGuard) {
         // Boxed: a spawned task's future is copied into and out of the
         // runtime's task cell; keeping the large request state behind a
         // pointer makes those copies small.
-        Box::pin(engine.execute(task, queued_at)).await
+        Box::pin(engine.execute(task, admitted)).await
     };
     match work.await {
         Ok(response) => guard.deliver(|task| Outcome::Completed {
