@@ -146,10 +146,9 @@ impl Deliver {
         let text = |key: &str, required: bool| -> Result<Option<String>, (String, String)> {
             match spec.get(key) {
                 None | Some(Value::Null) if !required => Ok(None),
-                None | Some(Value::Null) => Err((
-                    format!("deliver.{channel}.{key}"),
-                    "is required".to_owned(),
-                )),
+                None | Some(Value::Null) => {
+                    Err((format!("deliver.{channel}.{key}"), "is required".to_owned()))
+                }
                 Some(Value::String(s)) if !s.is_empty() && s.len() <= 1024 => Ok(Some(s.clone())),
                 Some(_) => Err((
                     format!("deliver.{channel}.{key}"),
@@ -171,7 +170,10 @@ impl Deliver {
                 only(&["url"])?;
                 let url = text("url", true)?.unwrap_or_default();
                 match url::Url::parse(&url) {
-                    Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some() => {
+                    Ok(parsed)
+                        if matches!(parsed.scheme(), "http" | "https")
+                            && parsed.host().is_some() =>
+                    {
                         Ok(Deliver::Webhook { url })
                     }
                     Ok(parsed) => fail(
@@ -329,7 +331,9 @@ impl TaskRecord {
         map.insert("not_before".into(), rfc3339(self.not_before).into());
         map.insert(
             "finished_at".into(),
-            self.finished_at.map(rfc3339).map_or(Value::Null, Value::from),
+            self.finished_at
+                .map(rfc3339)
+                .map_or(Value::Null, Value::from),
         );
         map.insert("attempts".into(), Value::Array(self.attempts.clone()));
         map.insert(
@@ -339,7 +343,9 @@ impl TaskRecord {
         map.insert("delivery".into(), delivery);
         map.insert(
             "idempotency_key".into(),
-            self.idempotency_key.clone().map_or(Value::Null, Value::from),
+            self.idempotency_key
+                .clone()
+                .map_or(Value::Null, Value::from),
         );
         map.insert("request".into(), self.request.clone());
         Value::Object(map)
@@ -391,6 +397,7 @@ pub fn rfc3339(ms: i64) -> String {
 
 /// Parses an RFC 3339 time (any offset) into Unix milliseconds.
 pub fn parse_rfc3339(text: &str) -> Option<i64> {
-    let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }

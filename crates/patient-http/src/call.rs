@@ -10,6 +10,12 @@
 //! try: [`CallPolicy::run`] retries every error, [`CallPolicy::run_if`] asks
 //! a predicate.
 //!
+//! A run made while serving a request (inside the scope of
+//! [`PropagationLayer`](crate::propagation::PropagationLayer), or of
+//! [`propagation::scope`](crate::propagation::scope)) also ends at that
+//! request's deadline, as the HTTP faces' calls do: the earlier of the two
+//! wins.
+//!
 //! Each run:
 //!
 //! 1. asks the breaker (when there is one) for a permit; an open breaker
@@ -236,7 +242,16 @@ impl CallPolicy {
         Fut: Future<Output = Result<T, E>>,
         P: Fn(&E) -> bool,
     {
-        let deadline = self.deadline.and_then(|d| checked_after(Instant::now(), d));
+        let now = Instant::now();
+        let own = self.deadline.and_then(|d| checked_after(now, d));
+        // Inside a served request, its remaining deadline caps the run's.
+        let inherited = crate::propagation::RequestContext::current()
+            .and_then(|ctx| ctx.remaining())
+            .and_then(|d| checked_after(now, d));
+        let deadline = match (own, inherited) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let mut rng = fastrand::Rng::new();
         let mut last = Last::None;
         let mut attempt = 0u32;

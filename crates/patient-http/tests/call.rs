@@ -347,3 +347,34 @@ async fn a_spent_retry_budget_ends_the_run_with_its_last_error() {
     );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_run_inside_a_served_request_ends_at_that_requests_deadline() {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-request-timeout", http::HeaderValue::from_static("3"));
+    let ctx = patient_http::propagation::RequestContext::from_headers(&headers);
+    let policy = CallPolicy::builder()
+        .retry(retry(100, 1))
+        .deadline(Duration::from_secs(60))
+        .build();
+    let started = Instant::now();
+    let error = patient_http::propagation::scope(
+        ctx,
+        policy.run(|_| std::future::pending::<Result<(), ()>>()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_secs(3));
+    assert!(
+        matches!(error, CallError::DeadlineExceeded { attempts: 1, .. }),
+        "{error:?}"
+    );
+
+    // Outside, the policy's own deadline applies.
+    let started = Instant::now();
+    let _ = policy
+        .run(|_| std::future::pending::<Result<(), ()>>())
+        .await
+        .unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_secs(60));
+}
