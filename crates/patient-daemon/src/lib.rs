@@ -7,6 +7,7 @@
 //! (command line, settings, routes, JSON, error codes, delivery formats) is
 //! fixed in the daemon's API document; [`settings`] reads the settings.
 
+pub mod db;
 pub mod model;
 pub mod settings;
 pub mod webhook_secret;
