@@ -1,6 +1,12 @@
 //! One attempt of a task: secrets, interceptors, request compression,
-//! preprocessors, the transport and redirects, every failure wrapped into a
-//! wire-format error. Which attempts to make, and when, is `strategy.rs`.
+//! preprocessors, the transport, response interceptors, a replay they ask
+//! for and redirects, every failure wrapped into a wire-format error. Which
+//! attempts to make, and when, is `strategy.rs`.
+//!
+//! Hooks are async and run within the attempt's timeout: preparing a send
+//! (secrets, request hooks, preprocessors) and the response hooks are each
+//! bounded by what the attempt has left, and the transport gets what is left
+//! after the hooks ran.
 
 use std::{borrow::Cow, time::Duration};
 
@@ -16,7 +22,7 @@ use url::Url;
 use crate::{
     client::OutgoingRequest,
     engine::Engine,
-    interceptor::{InterceptContext, ResponseParts},
+    interceptor::{InterceptContext, ResponseAction, ResponseParts, SentRequest},
     metrics::EndpointMetrics,
     observer::{RequestEnd, RequestStart},
     preprocess::PreparedRequest,
@@ -75,6 +81,16 @@ const CROSS_ORIGIN_STRIPPED: [HeaderName; 3] = [
     header::PROXY_AUTHORIZATION,
 ];
 
+/// One send of a hop: its number, whether it is the replay, and the
+/// attempt's times.
+struct HopSend {
+    /// The redirect hop; the first request is hop 1.
+    number: u32,
+    replay: bool,
+    attempt_started: Instant,
+    attempt_deadline: Instant,
+}
+
 /// One hop of an attempt: what is sent next.
 struct Hop {
     method: Method,
@@ -90,10 +106,12 @@ struct Hop {
 }
 
 impl Engine {
-    /// Makes one attempt of a task, following redirects.
+    /// Makes one attempt of a task, following redirects, and replaying a
+    /// send once when a response hook asks for it.
     pub(crate) async fn run_attempt(&self, task: &Task, plan: &AttemptPlan<'_>) -> AttemptResult {
         let request = &task.request;
-        let attempt_deadline = saturating_after(Instant::now(), plan.timeout);
+        let attempt_started = Instant::now();
+        let attempt_deadline = saturating_after(attempt_started, plan.timeout);
         let max_redirects = request.max_redirects().unwrap_or(self.config.max_redirects);
 
         let mut hop = Hop {
@@ -107,6 +125,8 @@ impl Engine {
         let mut redirects: Vec<String> = Vec::new();
         let mut hop_number = 1u32;
         let mut sent = false;
+        // A response hook may have the request sent again once per attempt.
+        let mut replay = false;
 
         loop {
             let hop_id: Cow<'_, str> = if hop_number == 1 {
@@ -127,10 +147,33 @@ impl Engine {
                     sent,
                 );
             }
-            let outgoing = match self.prepare(task, &hop, hop_number, plan, attempt_deadline - now)
-            {
-                Ok(outgoing) => outgoing,
-                Err((class, message)) => {
+            let send = HopSend {
+                number: hop_number,
+                replay,
+                attempt_started,
+                attempt_deadline,
+            };
+            let prepared =
+                tokio::time::timeout_at(attempt_deadline, self.prepare(task, &hop, &send, plan))
+                    .await;
+            let (mut outgoing, sent_request) = match prepared {
+                Ok(Ok(prepared)) => prepared,
+                Err(_) => {
+                    return self.hop_error(
+                        task,
+                        &hop,
+                        plan.started,
+                        ErrorType::Timeout,
+                        "Timeout",
+                        format!(
+                            "request timed out after {:.3}s while its secrets, interceptors or preprocessors ran; it was not sent",
+                            plan.timeout.as_secs_f64()
+                        ),
+                        false,
+                        sent,
+                    )
+                }
+                Ok(Err((class, message))) => {
                     return self.hop_error(
                         task,
                         &hop,
@@ -143,6 +186,8 @@ impl Engine {
                     )
                 }
             };
+            // The transport gets what the attempt has left after the hooks.
+            outgoing.timeout = Some(attempt_deadline.saturating_duration_since(Instant::now()));
             let url_str = hop.url.as_str();
             self.notify(|o| {
                 o.on_request_start(&RequestStart {
@@ -185,11 +230,43 @@ impl Engine {
                     duration: elapsed,
                 })
             });
-            let mut parts = ResponseParts::new(raw.status, raw.headers);
-            if !self.interceptors.is_empty() {
+            let mut parts = ResponseParts {
+                status: raw.status,
+                headers: raw.headers,
+                body: raw.body,
+                duration: elapsed,
+            };
+            if let Some(sent_request) = &sent_request {
                 let ctx = InterceptContext::new(&task.id, plan.number, plan.upstream)
-                    .with_hop(hop_number, hop.cross_origin);
-                self.interceptors.run_response(&mut parts, &ctx);
+                    .with_hop(hop_number, hop.cross_origin)
+                    .with_replay(replay)
+                    .with_request(sent_request)
+                    .with_started(plan.started, attempt_started);
+                let hooks = self.interceptors.run_response(&mut parts, &ctx);
+                let action = match tokio::time::timeout_at(attempt_deadline, hooks).await {
+                    Ok(action) => action,
+                    Err(_) => {
+                        return self.hop_error(
+                            task,
+                            &hop,
+                            plan.started,
+                            ErrorType::Timeout,
+                            "Timeout",
+                            format!(
+                                "request timed out after {:.3}s while response interceptors ran",
+                                plan.timeout.as_secs_f64()
+                            ),
+                            false,
+                            sent,
+                        )
+                    }
+                };
+                if action == ResponseAction::Replay && !replay {
+                    // Within the attempt: the retry policy and the breaker
+                    // see only the replay's outcome.
+                    replay = true;
+                    continue;
+                }
             }
 
             // Redirects.
@@ -262,10 +339,10 @@ impl Engine {
             let response = Response {
                 status: parts.status,
                 headers: wire_headers(&parts.headers),
-                body: if raw.body.is_empty() {
+                body: if parts.body.is_empty() {
                     None
                 } else {
-                    Some(raw.body)
+                    Some(parts.body)
                 },
                 duration: plan.started.elapsed(),
                 request_id: task.id.clone(),
@@ -286,25 +363,27 @@ impl Engine {
 
     /// Resolves secrets, builds the outgoing request, runs interceptors,
     /// compresses the body and runs preprocessors, in that order, so a
-    /// signing preprocessor signs exactly what is sent.
-    fn prepare(
+    /// signing preprocessor signs exactly what is sent. With interceptors,
+    /// also what their response hooks see of the request.
+    async fn prepare(
         &self,
         task: &Task,
         hop: &Hop,
-        hop_number: u32,
+        send: &HopSend,
         plan: &AttemptPlan<'_>,
-        remaining: Duration,
-    ) -> Result<OutgoingRequest, (&'static str, String)> {
+    ) -> Result<(OutgoingRequest, Option<SentRequest>), (&'static str, String)> {
         let mut url = hop.url.clone();
         if hop.secret_params && !task.request.secret_params().is_empty() {
-            let mut pairs = url.query_pairs_mut();
+            let mut values = Vec::with_capacity(task.request.secret_params().len());
             for (name, secret) in task.request.secret_params() {
                 let value = self
                     .secrets
                     .resolve(&secret.name)
+                    .await
                     .map_err(|e| ("SecretError", e.to_string()))?;
-                pairs.append_pair(name, &value);
+                values.push((name, value));
             }
+            url.query_pairs_mut().extend_pairs(values);
         }
         let mut headers = HeaderMap::with_capacity(hop.headers.len() + 4);
         for (name, value) in hop.headers.iter() {
@@ -316,6 +395,7 @@ impl Engine {
                     let v = self
                         .secrets
                         .resolve(&secret.name)
+                        .await
                         .map_err(|e| ("SecretError", e.to_string()))?;
                     let mut v = HttpHeaderValue::from_str(&v);
                     if let Ok(v) = &mut v {
@@ -345,9 +425,11 @@ impl Engine {
         if let Some(priority) = plan.propagate_priority {
             // The upstream gets what this attempt has left: the attempt's own
             // share of the deadline, not the whole task's.
+            let now = Instant::now();
+            let remaining = send.attempt_deadline.saturating_duration_since(now);
             let remaining = plan
                 .deadline
-                .map(|d| d.saturating_duration_since(Instant::now()).min(remaining));
+                .map(|d| d.saturating_duration_since(now).min(remaining));
             for (name, value) in propagation_headers(remaining, priority) {
                 headers.insert(name, value);
             }
@@ -357,9 +439,12 @@ impl Engine {
         let mut prepared = PreparedRequest::new(method, url, headers, body);
         if !self.interceptors.is_empty() {
             let ctx = InterceptContext::new(&task.id, plan.number, plan.upstream)
-                .with_hop(hop_number, hop.cross_origin);
+                .with_hop(send.number, hop.cross_origin)
+                .with_replay(send.replay)
+                .with_started(plan.started, send.attempt_started);
             self.interceptors
                 .run_request(&mut prepared, &ctx)
+                .await
                 .map_err(|e| ("InterceptorError", e.to_string()))?;
         }
         if hop.cross_origin {
@@ -385,17 +470,32 @@ impl Engine {
         if !hop.cross_origin && !names.is_empty() {
             self.preprocessors
                 .run(names, &mut prepared)
+                .await
                 .map_err(|e| ("PreprocessError", e.to_string()))?;
         }
-        let (method, url, headers, body) = prepared.into_parts();
-        Ok(OutgoingRequest {
+        let (method, url, headers, body, extensions) = prepared.into_parts();
+        let sent = (!self.interceptors.is_empty()).then(|| {
+            let secret_params: Vec<&str> = if hop.secret_params {
+                task.request
+                    .secret_params()
+                    .keys()
+                    .map(String::as_str)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            SentRequest::redacted(&method, &url, &headers, extensions, &secret_params)
+        });
+        let outgoing = OutgoingRequest {
             method,
             url,
             headers,
             body,
-            timeout: Some(remaining),
+            // Set again when it is sent, after the hooks.
+            timeout: None,
             stall_timeout: None,
-        })
+        };
+        Ok((outgoing, sent))
     }
 
     /// An attempt that ended without a response at `hop`.

@@ -69,6 +69,10 @@ pub mod testing;
 mod time;
 mod upstream;
 
+/// The attribute that implements the async hook traits
+/// ([`Interceptor`](interceptor::Interceptor), [`Preprocessor`],
+/// [`TokenSource`](interceptor::TokenSource)) with `async fn`s.
+pub use async_trait::async_trait;
 pub use awaitable::{AwaitableClient, AwaitableDispatch, ResponseFuture};
 pub use builder::Builder;
 pub use call::{CallError, CallPolicy};

@@ -1,6 +1,39 @@
 //! Named secrets, resolved only when a request is sent.
+//!
+//! A [`Secret`] is a fixed value, a value computed on each use by a quick
+//! synchronous function ([`Secret::computed`]), or one computed by an async
+//! function ([`Secret::computed_async`]): a vault lookup or a token exchange
+//! awaits its I/O instead of blocking a runtime worker. Secrets are resolved
+//! on every attempt (and again when a response hook asks for a replay, see
+//! [`ResponseAction::Replay`](crate::interceptor::ResponseAction::Replay)),
+//! and the time they take counts against the attempt's timeout: a provider
+//! that hangs ends the attempt as a timeout, it never holds the task past
+//! its timeout or deadline.
+//!
+//! ```
+//! use patient_http::{Secret, Secrets};
+//!
+//! let mut secrets = Secrets::new();
+//! secrets.insert("api_key", "s3cr3t");
+//! secrets.insert("rotating", Secret::computed(|| Ok(format!("t-{}", 42))));
+//! secrets.insert(
+//!     "vault",
+//!     Secret::computed_async(|| async {
+//!         // e.g. an HTTP call to the vault, awaited
+//!         Ok::<_, String>("from-the-vault".to_owned())
+//!     }),
+//! );
+//!
+//! # tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
+//! assert_eq!(secrets.resolve("vault").await?, "from-the-vault");
+//! assert_eq!(secrets.resolve("rotating").await?, "t-42");
+//! assert!(secrets.resolve("missing").await.is_err());
+//! # Ok::<(), patient_http::SecretError>(())
+//! # })?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
-use std::{collections::HashMap, fmt, sync::Arc};
+use std::{collections::HashMap, fmt, future::Future, pin::Pin, sync::Arc};
 
 /// Why a secret could not be resolved.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,22 +56,65 @@ pub enum SecretError {
 
 type Provider = dyn Fn() -> Result<String, String> + Send + Sync;
 
+/// What an async secret provider returns: a boxed future of the value.
+type SecretFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+
+type AsyncProvider = dyn Fn() -> SecretFuture + Send + Sync;
+
 /// A secret value: fixed, or computed each time a request is sent (a token
-/// that rotates, a value read from a vault).
+/// that rotates, a value read from a vault), synchronously or by awaiting.
 ///
 /// Its `Debug` output never shows the value.
 #[derive(Clone)]
 pub enum Secret {
     /// A fixed value.
     Static(String),
-    /// Computed on each use; an `Err` names what went wrong.
+    /// Computed on each use by a synchronous function; an `Err` names what
+    /// went wrong. It runs on a runtime worker and should be quick.
     Computed(Arc<Provider>),
+    /// Computed on each use by awaiting a future; an `Err` names what went
+    /// wrong.
+    ComputedAsync(Arc<AsyncProvider>),
 }
 
 impl Secret {
-    /// A secret computed on each use.
+    /// A secret computed on each use by a quick synchronous function.
     pub fn computed(f: impl Fn() -> Result<String, String> + Send + Sync + 'static) -> Secret {
         Secret::Computed(Arc::new(f))
+    }
+
+    /// A secret computed on each use by an async function (a vault lookup,
+    /// a token exchange): the attempt awaits it without blocking a runtime
+    /// worker, within the attempt's timeout.
+    ///
+    /// ```
+    /// use patient_http::Secret;
+    ///
+    /// let token = Secret::computed_async(|| async {
+    ///     // e.g. `vault.read("billing/api-key").await`
+    ///     Ok::<_, String>("t0ken".to_owned())
+    /// });
+    /// ```
+    pub fn computed_async<F, Fut>(f: F) -> Secret
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, String>> + Send + 'static,
+    {
+        Secret::ComputedAsync(Arc::new(move || -> SecretFuture { Box::pin(f()) }))
+    }
+
+    /// The secret's value now; an `Err` is what the provider said.
+    pub async fn value(&self) -> Result<String, String> {
+        match self {
+            Secret::Static(v) => Ok(v.clone()),
+            Secret::Computed(f) => f(),
+            Secret::ComputedAsync(f) => f().await,
+        }
+    }
+
+    /// Whether resolving it needs an `await` ([`Secret::ComputedAsync`]).
+    pub fn is_async(&self) -> bool {
+        matches!(self, Secret::ComputedAsync(_))
     }
 }
 
@@ -47,6 +123,7 @@ impl fmt::Debug for Secret {
         match self {
             Secret::Static(_) => f.write_str("Secret::Static(<redacted>)"),
             Secret::Computed(_) => f.write_str("Secret::Computed(<fn>)"),
+            Secret::ComputedAsync(_) => f.write_str("Secret::ComputedAsync(<fn>)"),
         }
     }
 }
@@ -85,14 +162,14 @@ impl Secrets {
         self.map.contains_key(name)
     }
 
-    /// The secret's value now.
-    pub fn resolve(&self, name: &str) -> Result<String, SecretError> {
+    /// The secret's value now, awaiting it when it is computed
+    /// asynchronously.
+    pub async fn resolve(&self, name: &str) -> Result<String, SecretError> {
         match self.map.get(name) {
             None => Err(SecretError::NotFound {
                 name: name.to_owned(),
             }),
-            Some(Secret::Static(v)) => Ok(v.clone()),
-            Some(Secret::Computed(f)) => f().map_err(|reason| SecretError::Failed {
+            Some(secret) => secret.value().await.map_err(|reason| SecretError::Failed {
                 name: name.to_owned(),
                 reason,
             }),

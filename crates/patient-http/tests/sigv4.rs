@@ -970,11 +970,11 @@ fn get_vanilla_with_session_token() {
 }
 
 /// As a preprocessor, with a fixed time: the same signature as `sign`.
-#[test]
-fn preprocessor_signs_like_sign() {
+#[tokio::test]
+async fn preprocessor_signs_like_sign() {
     let signer = suite().fixed_time(suite_time());
     let mut req = request(Method::GET, "https://example.amazonaws.com/", &[], "");
-    signer.process(&mut req).unwrap();
+    signer.process(&mut req).await.unwrap();
     assert!(req.headers()["authorization"]
         .to_str()
         .unwrap()

@@ -1,16 +1,48 @@
 //! Preprocessors: named hooks that see the final outgoing request.
 //!
-//! A preprocessor runs after secrets are resolved, just before each send, and
-//! again on every redirect hop to the same origin; a cross-origin hop drops
-//! them. It may set headers and add query parameters, for example to sign the
-//! request ([`SigV4`] ships built in).
+//! A preprocessor runs after secrets are resolved and interceptors ran, just
+//! before each send, and again on every redirect hop to the same origin (a
+//! cross-origin hop drops them) and on a replay a response hook asked for
+//! (so a signature is computed again over what the replay sends). It may
+//! set headers and add query parameters, for example to sign the request
+//! ([`SigV4`] ships built in).
+//!
+//! [`Preprocessor::process`] is async: a preprocessor that needs I/O (a
+//! credential from a vault, a signing service) awaits it without blocking a
+//! runtime worker, and the time it takes counts against the attempt's
+//! timeout. A plain closure `Fn(&mut PreparedRequest) -> Result<(), String>`
+//! is a preprocessor as it is; an async one implements the trait with
+//! [`async_trait`](crate::async_trait):
+//!
+//! ```
+//! use patient_http::{async_trait, preprocess::{PreparedRequest, Preprocessor}, Builder};
+//!
+//! /// Adds a query parameter read from somewhere that must be awaited.
+//! struct Tenant;
+//!
+//! #[async_trait]
+//! impl Preprocessor for Tenant {
+//!     async fn process(&self, request: &mut PreparedRequest) -> Result<(), String> {
+//!         let tenant = async { "acme" }.await; // e.g. a lookup over the network
+//!         request.add_query_param("tenant", tenant);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let builder = Builder::new()
+//!     .preprocessor("tenant", Tenant)
+//!     .preprocessor("version", |request: &mut PreparedRequest| {
+//!         request.set_header("x-api-version", "2")
+//!     });
+//! ```
 
 mod sigv4;
 
 use std::{collections::HashMap, fmt, sync::Arc};
 
+use async_trait::async_trait;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method};
 pub use sigv4::{AwsCredentials, SigV4, SignatureParts};
 use url::Url;
 
@@ -31,6 +63,7 @@ pub struct PreparedRequest {
     pub(crate) url: Url,
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
+    pub(crate) extensions: Extensions,
 }
 
 impl PreparedRequest {
@@ -41,6 +74,7 @@ impl PreparedRequest {
             url,
             headers,
             body,
+            extensions: Extensions::new(),
         }
     }
 
@@ -67,6 +101,20 @@ impl PreparedRequest {
     /// The body (empty when there is none).
     pub fn body(&self) -> &Bytes {
         &self.body
+    }
+
+    /// Values the hooks keep with this request and never send: a request
+    /// hook stores one here and the response hooks find it in
+    /// [`SentRequest::extensions`](crate::interceptor::SentRequest::extensions)
+    /// (how [`BearerAuth`](crate::interceptor::BearerAuth) remembers which
+    /// token a request carried). Empty at first, on every send.
+    pub fn extensions(&self) -> &Extensions {
+        &self.extensions
+    }
+
+    /// The extensions, to change.
+    pub fn extensions_mut(&mut self) -> &mut Extensions {
+        &mut self.extensions
     }
 
     /// Sets a header, replacing any value it had; the name and value are checked.
@@ -101,23 +149,36 @@ impl PreparedRequest {
         }
     }
 
-    pub(crate) fn into_parts(self) -> (Method, Url, HeaderMap, Bytes) {
-        (self.method, self.url, self.headers, self.body)
+    pub(crate) fn into_parts(self) -> (Method, Url, HeaderMap, Bytes, Extensions) {
+        (
+            self.method,
+            self.url,
+            self.headers,
+            self.body,
+            self.extensions,
+        )
     }
 }
 
 /// A hook that sees and may change the outgoing request.
+///
+/// Implement it with [`async_trait`](crate::async_trait); a closure
+/// `Fn(&mut PreparedRequest) -> Result<(), String>` implements it already.
+#[async_trait]
 pub trait Preprocessor: Send + Sync + 'static {
-    /// Changes the request; an `Err` ends the task in a request error that
-    /// carries the reason.
-    fn process(&self, request: &mut PreparedRequest) -> Result<(), String>;
+    /// Changes the request, awaiting what it needs; an `Err` ends the task in
+    /// a request error that carries the reason (class `PreprocessError`). It
+    /// runs within the attempt's timeout: when that passes first, the
+    /// attempt ends as a timeout and the future is dropped.
+    async fn process(&self, request: &mut PreparedRequest) -> Result<(), String>;
 }
 
+#[async_trait]
 impl<F> Preprocessor for F
 where
     F: Fn(&mut PreparedRequest) -> Result<(), String> + Send + Sync + 'static,
 {
-    fn process(&self, request: &mut PreparedRequest) -> Result<(), String> {
+    async fn process(&self, request: &mut PreparedRequest) -> Result<(), String> {
         self(request)
     }
 }
@@ -150,8 +211,8 @@ impl Preprocessors {
         self.map.contains_key(name)
     }
 
-    /// Runs the named preprocessors in order.
-    pub(crate) fn run(
+    /// Runs the named preprocessors in order, awaiting each.
+    pub(crate) async fn run(
         &self,
         names: &[String],
         request: &mut PreparedRequest,
@@ -161,7 +222,7 @@ impl Preprocessors {
                 name: name.clone(),
                 reason: "not registered".into(),
             })?;
-            p.process(request).map_err(|reason| PreprocessError {
+            p.process(request).await.map_err(|reason| PreprocessError {
                 name: name.clone(),
                 reason,
             })?;

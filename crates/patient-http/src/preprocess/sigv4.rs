@@ -165,6 +165,10 @@ impl SigV4 {
 
     /// Signs a request at a given time: sets the headers listed on [`SigV4`]
     /// and returns what the signature was computed from.
+    ///
+    /// Computed secrets are resolved here; an async one
+    /// ([`Secret::ComputedAsync`]) cannot be, and is an error: sign through
+    /// [`Preprocessor::process`], which awaits it.
     pub fn sign(
         &self,
         request: &mut PreparedRequest,
@@ -172,8 +176,23 @@ impl SigV4 {
     ) -> Result<SignatureParts, String> {
         let secret = resolve(&self.credentials.secret_access_key)?;
         let token = match &self.credentials.session_token {
+            Some(token) => Some(resolve(token)?),
+            None => None,
+        };
+        self.sign_with(request, at, &secret, token.as_deref())
+    }
+
+    /// [`sign`](Self::sign) with the credentials' secrets resolved.
+    fn sign_with(
+        &self,
+        request: &mut PreparedRequest,
+        at: SystemTime,
+        secret: &str,
+        token: Option<&str>,
+    ) -> Result<SignatureParts, String> {
+        let token = match token {
             Some(token) => {
-                let mut value = header_value(&X_AMZ_SECURITY_TOKEN, &resolve(token)?)?;
+                let mut value = header_value(&X_AMZ_SECURITY_TOKEN, token)?;
                 value.set_sensitive(true);
                 Some(value)
             }
@@ -280,9 +299,18 @@ impl SigV4 {
     }
 }
 
+#[async_trait::async_trait]
 impl Preprocessor for SigV4 {
-    fn process(&self, request: &mut PreparedRequest) -> Result<(), String> {
-        self.sign(request, self.clock.unwrap_or_else(SystemTime::now))
+    /// Signs the request now (or at the [`fixed_time`](SigV4::fixed_time)),
+    /// awaiting secrets that are computed asynchronously.
+    async fn process(&self, request: &mut PreparedRequest) -> Result<(), String> {
+        let secret = self.credentials.secret_access_key.value().await?;
+        let token = match &self.credentials.session_token {
+            Some(token) => Some(token.value().await?),
+            None => None,
+        };
+        let at = self.clock.unwrap_or_else(SystemTime::now);
+        self.sign_with(request, at, &secret, token.as_deref())
             .map(|_| ())
     }
 }
@@ -291,6 +319,10 @@ fn resolve(secret: &Secret) -> Result<String, String> {
     match secret {
         Secret::Static(v) => Ok(v.clone()),
         Secret::Computed(f) => f(),
+        Secret::ComputedAsync(_) => Err(
+            "a secret computed asynchronously cannot be resolved here: sign through the preprocessor"
+                .to_owned(),
+        ),
     }
 }
 

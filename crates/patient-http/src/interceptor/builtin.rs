@@ -1,69 +1,13 @@
-//! Interceptors: an ordered chain of request and response hooks.
-//!
-//! An [`Interceptor`] sees every attempt of every task: [`on_request`] just
-//! before the attempt is sent (after secrets are resolved and before the
-//! request's preprocessors run, so a signing preprocessor such as SigV4 signs
-//! the headers interceptors added) and [`on_response`] when its response head
-//! arrives. Hooks of an
-//! [`Interceptors`] chain run in the order they were pushed for requests and
-//! in the reverse order for responses, like middleware unwinding: the first
-//! interceptor is the outermost.
-//!
-//! Built in: [`RequestIdInterceptor`] (`X-Request-ID` correlation),
-//! [`ServiceNameInterceptor`] (`X-Service-Name`), [`HeaderRewrite`] (set or
-//! remove headers) and [`LoggingInterceptor`] (structured `tracing` events);
-//! [`RequestFn`] turns a closure into a request hook, for auth injection and
-//! the like.
-//!
-//! Hooks are synchronous and should be quick: they run on the processor's
-//! runtime threads. A hook should not panic; if one does, the engine catches
-//! the panic and fails that task with a request error of class `Panic` (the
-//! panic's message kept, counted in `panics_total`); the task is not retried
-//! and the processor keeps running (the chain itself does not catch panics).
-//!
-//! ```
-//! use bytes::Bytes;
-//! use http::{HeaderMap, HeaderName, HeaderValue, Method};
-//! use patient_http::{
-//!     interceptor::{
-//!         HeaderRewrite, InterceptContext, Interceptors, LoggingInterceptor,
-//!         RequestFn, RequestIdInterceptor, ResponseParts, ServiceNameInterceptor,
-//!     },
-//!     preprocess::PreparedRequest,
-//! };
-//!
-//! let mut chain = Interceptors::new();
-//! chain.push(LoggingInterceptor::new());
-//! chain.push(RequestIdInterceptor::new());
-//! chain.push(ServiceNameInterceptor::new("billing"));
-//! chain.push(RequestFn::new("auth", |request: &mut PreparedRequest, _: &InterceptContext<'_>| {
-//!     request.set_header("authorization", "Bearer t0ken")
-//! }));
-//! chain.push(HeaderRewrite::new().remove_response_header(HeaderName::from_static("set-cookie")));
-//!
-//! let ctx = InterceptContext::new("task-1", 1, "api.example.com:443");
-//! let url = url::Url::parse("https://api.example.com/v1/items")?;
-//! let mut request = PreparedRequest::new(Method::GET, url, HeaderMap::new(), Bytes::new());
-//! chain.run_request(&mut request, &ctx)?;
-//! assert_eq!(request.headers()["x-request-id"], "task-1");
-//! assert_eq!(request.headers()["x-service-name"], "billing");
-//!
-//! let mut headers = HeaderMap::new();
-//! headers.insert("set-cookie", HeaderValue::from_static("a=b"));
-//! let mut response = ResponseParts::new(200, headers);
-//! chain.run_response(&mut response, &ctx);
-//! assert!(response.headers.get("set-cookie").is_none());
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
-//!
-//! [`on_request`]: Interceptor::on_request
-//! [`on_response`]: Interceptor::on_response
+//! The interceptors that ship with the engine, and [`RequestFn`] for
+//! closures. None of them awaits anything.
 
-use std::{fmt, sync::Arc};
+use std::fmt;
 
+use async_trait::async_trait;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use tracing::Level;
 
+use super::{InterceptContext, Interceptor, ResponseAction, ResponseParts};
 use crate::preprocess::PreparedRequest;
 
 /// `X-Request-ID`, set by [`RequestIdInterceptor`].
@@ -71,203 +15,6 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// `X-Service-Name`, set by [`ServiceNameInterceptor`].
 pub const X_SERVICE_NAME: HeaderName = HeaderName::from_static("x-service-name");
-
-/// What an interceptor knows about the attempt it sees.
-///
-/// Request hooks run again on every redirect hop. On a hop to another origin
-/// than the request's ([`cross_origin`](Self::cross_origin)), the engine
-/// removes `authorization`, `cookie`, `proxy-authorization` and every header
-/// marked sensitive *after* the hooks ran: an interceptor that injects a
-/// credential cannot leak it to the other origin, and should not try to
-/// re-add it there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct InterceptContext<'a> {
-    /// The task's id.
-    pub task_id: &'a str,
-    /// The attempt's number; the first attempt is 1.
-    pub attempt: u32,
-    /// The upstream key (scheme, host and port, or a configured key).
-    pub upstream: &'a str,
-    /// The redirect hop within the attempt; the first request is hop 1.
-    pub hop: u32,
-    /// Whether this hop goes to another origin (scheme, host or port) than
-    /// the request's URL, after a redirect.
-    pub cross_origin: bool,
-}
-
-impl<'a> InterceptContext<'a> {
-    /// The context of hop 1 of an attempt.
-    pub const fn new(task_id: &'a str, attempt: u32, upstream: &'a str) -> Self {
-        InterceptContext {
-            task_id,
-            attempt,
-            upstream,
-            hop: 1,
-            cross_origin: false,
-        }
-    }
-
-    /// The same context at redirect hop `hop`.
-    #[must_use]
-    pub const fn with_hop(mut self, hop: u32, cross_origin: bool) -> Self {
-        self.hop = hop;
-        self.cross_origin = cross_origin;
-        self
-    }
-}
-
-/// The head of a response, as a response hook sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResponseParts {
-    /// The status code.
-    pub status: u16,
-    /// The headers; changes are what the task's outcome carries.
-    pub headers: HeaderMap,
-}
-
-impl ResponseParts {
-    /// A response head.
-    pub fn new(status: u16, headers: HeaderMap) -> Self {
-        ResponseParts { status, headers }
-    }
-}
-
-/// A request and response hook; both methods default to doing nothing.
-pub trait Interceptor: Send + Sync + 'static {
-    /// A short name for errors and logs; defaults to the type's name
-    /// without its module path.
-    fn name(&self) -> String {
-        short_type_name(std::any::type_name::<Self>())
-    }
-
-    /// Runs before each attempt is sent, in chain order. May change the
-    /// request; an `Err` refuses it: nothing is sent, the hooks after this
-    /// one do not run, and the attempt ends in a request error that carries
-    /// the reason (error class `InterceptorError`).
-    fn on_request(
-        &self,
-        request: &mut PreparedRequest,
-        ctx: &InterceptContext<'_>,
-    ) -> Result<(), String> {
-        let _ = (request, ctx);
-        Ok(())
-    }
-
-    /// Runs when an attempt's response head has arrived, in reverse chain
-    /// order, before retry decisions are made. May change the headers.
-    /// Attempts that end without a response (timeouts, connection errors,
-    /// refusals) do not reach it.
-    fn on_response(&self, response: &mut ResponseParts, ctx: &InterceptContext<'_>) {
-        let _ = (response, ctx);
-    }
-}
-
-/// `a::b::C<d::E>` → `C<E>`.
-fn short_type_name(full: &str) -> String {
-    let mut out = String::with_capacity(full.len());
-    let mut segment_start = 0;
-    for (i, c) in full.char_indices() {
-        if matches!(c, '<' | '>' | ',' | ' ' | '(' | ')' | '[' | ']' | '&' | ';') {
-            out.push_str(last_path_segment(&full[segment_start..i]));
-            out.push(c);
-            segment_start = i + c.len_utf8();
-        }
-    }
-    out.push_str(last_path_segment(&full[segment_start..]));
-    out
-}
-
-fn last_path_segment(path: &str) -> &str {
-    path.rsplit("::").next().unwrap_or(path)
-}
-
-/// Why the request hooks refused a request.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("interceptor #{index} ({name}) refused the request: {reason}")]
-pub struct InterceptError {
-    /// The refusing interceptor's position in the chain, from 0.
-    pub index: usize,
-    /// Its [`name`](Interceptor::name).
-    pub name: String,
-    /// The reason it gave.
-    pub reason: String,
-}
-
-/// An ordered chain of interceptors. Cheap to clone (the interceptors are
-/// shared).
-#[derive(Clone, Default)]
-pub struct Interceptors {
-    chain: Vec<Arc<dyn Interceptor>>,
-}
-
-impl fmt::Debug for Interceptors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list()
-            .entries(self.chain.iter().map(|i| i.name()))
-            .finish()
-    }
-}
-
-impl Interceptors {
-    /// An empty chain.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Appends an interceptor: its request hook runs after those already in
-    /// the chain, its response hook before theirs.
-    pub fn push(&mut self, interceptor: impl Interceptor) {
-        self.chain.push(Arc::new(interceptor));
-    }
-
-    /// Appends an interceptor that is shared with other chains.
-    pub fn push_shared(&mut self, interceptor: Arc<dyn Interceptor>) {
-        self.chain.push(interceptor);
-    }
-
-    /// [`push`](Self::push), by value.
-    #[must_use]
-    pub fn with(mut self, interceptor: impl Interceptor) -> Self {
-        self.push(interceptor);
-        self
-    }
-
-    /// How many interceptors the chain holds.
-    pub fn len(&self) -> usize {
-        self.chain.len()
-    }
-
-    /// Whether the chain is empty.
-    pub fn is_empty(&self) -> bool {
-        self.chain.is_empty()
-    }
-
-    /// Runs the request hooks in order; stops at the first refusal.
-    pub fn run_request(
-        &self,
-        request: &mut PreparedRequest,
-        ctx: &InterceptContext<'_>,
-    ) -> Result<(), InterceptError> {
-        for (index, interceptor) in self.chain.iter().enumerate() {
-            interceptor
-                .on_request(request, ctx)
-                .map_err(|reason| InterceptError {
-                    index,
-                    name: interceptor.name(),
-                    reason,
-                })?;
-        }
-        Ok(())
-    }
-
-    /// Runs the response hooks in reverse order.
-    pub fn run_response(&self, response: &mut ResponseParts, ctx: &InterceptContext<'_>) {
-        for interceptor in self.chain.iter().rev() {
-            interceptor.on_response(response, ctx);
-        }
-    }
-}
 
 /// Sets `X-Request-ID` (or another header) to the task id, unless the
 /// request already has one: every attempt of a task carries the same id, so
@@ -301,8 +48,9 @@ impl RequestIdInterceptor {
     }
 }
 
+#[async_trait]
 impl Interceptor for RequestIdInterceptor {
-    fn on_request(
+    async fn on_request(
         &self,
         request: &mut PreparedRequest,
         ctx: &InterceptContext<'_>,
@@ -344,8 +92,9 @@ impl ServiceNameInterceptor {
     }
 }
 
+#[async_trait]
 impl Interceptor for ServiceNameInterceptor {
-    fn on_request(
+    async fn on_request(
         &self,
         request: &mut PreparedRequest,
         _ctx: &InterceptContext<'_>,
@@ -427,8 +176,9 @@ impl HeaderRewrite {
     }
 }
 
+#[async_trait]
 impl Interceptor for HeaderRewrite {
-    fn on_request(
+    async fn on_request(
         &self,
         request: &mut PreparedRequest,
         _ctx: &InterceptContext<'_>,
@@ -439,10 +189,15 @@ impl Interceptor for HeaderRewrite {
         Ok(())
     }
 
-    fn on_response(&self, response: &mut ResponseParts, _ctx: &InterceptContext<'_>) {
+    async fn on_response(
+        &self,
+        response: &mut ResponseParts,
+        _ctx: &InterceptContext<'_>,
+    ) -> ResponseAction {
         for op in &self.response {
             op.apply(&mut response.headers);
         }
+        ResponseAction::Continue
     }
 }
 
@@ -462,10 +217,17 @@ macro_rules! at_level {
     };
 }
 
-/// Emits a `tracing` event for each attempt sent and each response head
-/// received, with structured fields: `task_id`, `attempt`, `upstream`, and
-/// `method` and `url` (without user info, query or fragment) on requests,
-/// `status` on responses. Header values and bodies are never logged.
+/// Emits a `tracing` event for each request sent and each response
+/// received, with structured fields: `task_id`, `attempt`, `upstream`,
+/// `method` and `url` (without user info, query or fragment), and on
+/// responses `status`, `duration_ms` (the exchange, from sending the request
+/// to the last byte of the body, in milliseconds), `size` (the body's bytes,
+/// after decompression) and `replay` (whether it answers a replay). Header
+/// values and bodies are never logged.
+///
+/// Pushed first, it is the outermost hook: it logs a request before the
+/// other hooks change it, and a response after they did (its `size` is that
+/// of the body they left).
 #[derive(Debug, Clone)]
 pub struct LoggingInterceptor {
     level: Level,
@@ -504,8 +266,9 @@ fn loggable_url(url: &url::Url) -> String {
     url.into()
 }
 
+#[async_trait]
 impl Interceptor for LoggingInterceptor {
-    fn on_request(
+    async fn on_request(
         &self,
         request: &mut PreparedRequest,
         ctx: &InterceptContext<'_>,
@@ -520,6 +283,7 @@ impl Interceptor for LoggingInterceptor {
                     upstream = ctx.upstream,
                     method = request.method().as_str(),
                     url = url.as_str(),
+                    replay = ctx.replay,
                     "sending request"
                 )
             );
@@ -527,17 +291,34 @@ impl Interceptor for LoggingInterceptor {
         Ok(())
     }
 
-    fn on_response(&self, response: &mut ResponseParts, ctx: &InterceptContext<'_>) {
-        at_level!(
-            self.level,
-            event!(
-                task_id = ctx.task_id,
-                attempt = ctx.attempt,
-                upstream = ctx.upstream,
-                status = response.status,
-                "response received"
-            )
-        );
+    async fn on_response(
+        &self,
+        response: &mut ResponseParts,
+        ctx: &InterceptContext<'_>,
+    ) -> ResponseAction {
+        if at_level!(self.level, enabled!()) {
+            let (method, url) = match ctx.request {
+                Some(sent) => (sent.method.as_str(), loggable_url(&sent.url)),
+                None => ("", String::new()),
+            };
+            let duration_ms = response.duration.as_secs_f64() * 1000.0;
+            at_level!(
+                self.level,
+                event!(
+                    task_id = ctx.task_id,
+                    attempt = ctx.attempt,
+                    upstream = ctx.upstream,
+                    method,
+                    url = url.as_str(),
+                    status = response.status,
+                    duration_ms,
+                    size = response.body.len() as u64,
+                    replay = ctx.replay,
+                    "response received"
+                )
+            );
+        }
+        ResponseAction::Continue
     }
 }
 
@@ -579,6 +360,7 @@ where
     }
 }
 
+#[async_trait]
 impl<F> Interceptor for RequestFn<F>
 where
     F: Fn(&mut PreparedRequest, &InterceptContext<'_>) -> Result<(), String>
@@ -590,7 +372,7 @@ where
         self.name.clone()
     }
 
-    fn on_request(
+    async fn on_request(
         &self,
         request: &mut PreparedRequest,
         ctx: &InterceptContext<'_>,
@@ -614,6 +396,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::interceptor::Interceptors;
 
     const CTX: InterceptContext<'static> =
         InterceptContext::new("task-7", 2, "https://api.example.com:443");
@@ -627,159 +410,56 @@ mod tests {
         )
     }
 
-    /// Records which hook ran, in order.
-    struct Probe {
-        id: &'static str,
-        log: Arc<Mutex<Vec<String>>>,
-        refuse: bool,
-    }
-
-    impl Interceptor for Probe {
-        fn on_request(
-            &self,
-            request: &mut PreparedRequest,
-            _ctx: &InterceptContext<'_>,
-        ) -> Result<(), String> {
-            self.log.lock().unwrap().push(format!("req {}", self.id));
-            if self.refuse {
-                return Err("no".into());
-            }
-            request.set_header(&format!("x-{}", self.id), "1")
-        }
-
-        fn on_response(&self, response: &mut ResponseParts, _ctx: &InterceptContext<'_>) {
-            self.log.lock().unwrap().push(format!("resp {}", self.id));
-            response.headers.insert(
-                HeaderName::from_bytes(format!("x-{}", self.id).as_bytes()).unwrap(),
-                HeaderValue::from_static("1"),
-            );
-        }
-    }
-
-    fn probe(id: &'static str, log: &Arc<Mutex<Vec<String>>>, refuse: bool) -> Probe {
-        Probe {
-            id,
-            log: log.clone(),
-            refuse,
-        }
-    }
-
-    #[test]
-    fn requests_run_in_order_and_responses_in_reverse() {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let chain = Interceptors::new()
-            .with(probe("a", &log, false))
-            .with(probe("b", &log, false))
-            .with(probe("c", &log, false));
-        assert_eq!(chain.len(), 3);
-        let mut req = request("https://h/");
-        chain.run_request(&mut req, &CTX).unwrap();
-        assert!(req.headers().contains_key("x-a") && req.headers().contains_key("x-c"));
-        let mut resp = ResponseParts::new(200, HeaderMap::new());
-        chain.run_response(&mut resp, &CTX);
-        assert_eq!(resp.headers.len(), 3);
-        assert_eq!(
-            *log.lock().unwrap(),
-            ["req a", "req b", "req c", "resp c", "resp b", "resp a"]
-        );
-    }
-
-    #[test]
-    fn a_refusal_stops_the_chain_and_names_the_interceptor() {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let mut chain = Interceptors::new();
-        chain.push(probe("a", &log, false));
-        chain.push(probe("b", &log, true));
-        chain.push(probe("c", &log, false));
-        let mut req = request("https://h/");
-        let err = chain.run_request(&mut req, &CTX).unwrap_err();
-        assert_eq!(
-            err,
-            InterceptError {
-                index: 1,
-                name: "Probe".into(),
-                reason: "no".into()
-            }
-        );
-        assert_eq!(
-            err.to_string(),
-            "interceptor #1 (Probe) refused the request: no"
-        );
-        assert_eq!(*log.lock().unwrap(), ["req a", "req b"]);
-    }
-
-    #[test]
-    fn empty_chain_changes_nothing() {
-        let chain = Interceptors::new();
-        assert!(chain.is_empty());
-        let mut req = request("https://h/");
-        chain.run_request(&mut req, &CTX).unwrap();
-        assert!(req.headers().is_empty());
-    }
-
-    #[test]
-    fn short_type_names() {
-        assert_eq!(short_type_name("a::b::C"), "C");
-        assert_eq!(short_type_name("a::B<c::D, e::F>"), "B<D, F>");
-        assert_eq!(
-            RequestIdInterceptor::new().name(),
-            "RequestIdInterceptor".to_owned()
-        );
-        let f = RequestFn::new(
-            "auth",
-            |_: &mut PreparedRequest, _: &InterceptContext<'_>| Ok(()),
-        );
-        assert_eq!(f.name(), "auth");
-        let chain = Interceptors::new().with(f).with(LoggingInterceptor::new());
-        assert_eq!(format!("{chain:?}"), r#"["auth", "LoggingInterceptor"]"#);
-    }
-
-    #[test]
-    fn request_id_is_the_task_id_unless_set() {
+    #[tokio::test]
+    async fn request_id_is_the_task_id_unless_set() {
         let i = RequestIdInterceptor::new();
         let mut req = request("https://h/");
-        i.on_request(&mut req, &CTX).unwrap();
+        i.on_request(&mut req, &CTX).await.unwrap();
         assert_eq!(req.headers()[X_REQUEST_ID], "task-7");
 
         let mut req = request("https://h/");
         req.set_header("X-Request-ID", "from-caller").unwrap();
-        i.on_request(&mut req, &CTX).unwrap();
+        i.on_request(&mut req, &CTX).await.unwrap();
         assert_eq!(req.headers()[X_REQUEST_ID], "from-caller");
         assert_eq!(req.headers().get_all(X_REQUEST_ID).iter().count(), 1);
 
         let i = RequestIdInterceptor::new().header(HeaderName::from_static("x-correlation-id"));
         let mut req = request("https://h/");
-        i.on_request(&mut req, &CTX).unwrap();
+        i.on_request(&mut req, &CTX).await.unwrap();
         assert_eq!(req.headers()["x-correlation-id"], "task-7");
         assert!(!req.headers().contains_key(X_REQUEST_ID));
 
         let bad = InterceptContext::new("a\nb", CTX.attempt, CTX.upstream);
-        assert!(i.on_request(&mut request("https://h/"), &bad).is_err());
+        assert!(i
+            .on_request(&mut request("https://h/"), &bad)
+            .await
+            .is_err());
     }
 
-    #[test]
-    fn service_name_is_sent_unless_set() {
+    #[tokio::test]
+    async fn service_name_is_sent_unless_set() {
         let i = ServiceNameInterceptor::new("billing");
         let mut req = request("https://h/");
-        i.on_request(&mut req, &CTX).unwrap();
+        i.on_request(&mut req, &CTX).await.unwrap();
         assert_eq!(req.headers()[X_SERVICE_NAME], "billing");
 
         let mut req = request("https://h/");
         req.set_header("x-service-name", "other").unwrap();
-        i.on_request(&mut req, &CTX).unwrap();
+        i.on_request(&mut req, &CTX).await.unwrap();
         assert_eq!(req.headers()[X_SERVICE_NAME], "other");
 
         let bad = ServiceNameInterceptor::new("bad\nname");
         let err = bad
             .on_request(&mut request("https://h/"), &CTX)
+            .await
             .unwrap_err();
         assert!(err.contains("not a valid header value"), "{err}");
         assert!(ServiceNameInterceptor::try_new("bad\nname").is_err());
         assert!(ServiceNameInterceptor::try_new("billing").is_ok());
     }
 
-    #[test]
-    fn header_rewrite_sets_and_removes_in_order() {
+    #[tokio::test]
+    async fn header_rewrite_sets_and_removes_in_order() {
         let rw = HeaderRewrite::new()
             .remove_request_header(HeaderName::from_static("cookie"))
             .set_request_header(
@@ -804,7 +484,7 @@ mod tests {
             .append("cookie", HeaderValue::from_static("b=2"));
         req.headers_mut()
             .insert("x-api-version", HeaderValue::from_static("1"));
-        rw.on_request(&mut req, &CTX).unwrap();
+        rw.on_request(&mut req, &CTX).await.unwrap();
         assert!(!req.headers().contains_key("cookie"));
         assert!(!req.headers().contains_key("x-tmp"));
         assert_eq!(req.headers()["x-api-version"], "2");
@@ -815,15 +495,15 @@ mod tests {
         headers.append("cache-control", HeaderValue::from_static("max-age=60"));
         headers.append("etag", HeaderValue::from_static("\"x\""));
         let mut resp = ResponseParts::new(200, headers);
-        rw.on_response(&mut resp, &CTX);
+        rw.on_response(&mut resp, &CTX).await;
         assert!(!resp.headers.contains_key("set-cookie"));
         assert_eq!(resp.headers["cache-control"], "no-store");
         assert_eq!(resp.headers["etag"], "\"x\"");
         assert_eq!(resp.status, 200);
     }
 
-    #[test]
-    fn request_fn_runs_the_closure() {
+    #[tokio::test]
+    async fn request_fn_runs_the_closure() {
         let auth = RequestFn::new(
             "auth",
             |req: &mut PreparedRequest, ctx: &InterceptContext<'_>| {
@@ -834,12 +514,13 @@ mod tests {
             },
         );
         let mut req = request("https://h/");
-        auth.on_request(&mut req, &CTX).unwrap();
+        auth.on_request(&mut req, &CTX).await.unwrap();
         assert_eq!(req.headers()["authorization"], "Bearer t");
         let late = InterceptContext::new(CTX.task_id, 6, CTX.upstream);
         let err = Interceptors::new()
             .with(auth)
             .run_request(&mut request("https://h/"), &late)
+            .await
             .unwrap_err();
         assert_eq!((err.index, err.name.as_str()), (0, "auth"));
     }
@@ -883,17 +564,42 @@ mod tests {
         fn exit(&self, _: &span::Id) {}
     }
 
+    /// Runs `f` to completion on a current-thread runtime with `subscriber`
+    /// as the default.
+    fn with_subscriber<S, F>(subscriber: S, f: F)
+    where
+        S: Subscriber + Send + Sync + 'static,
+        F: std::future::Future<Output = ()>,
+    {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        tracing::subscriber::with_default(subscriber, || runtime.block_on(f));
+    }
+
     #[test]
     fn logging_emits_structured_fields_and_no_secrets() {
         let capture = Capture::default();
         let chain = Interceptors::new().with(LoggingInterceptor::new().level(Level::INFO));
-        tracing::subscriber::with_default(capture.clone(), || {
+        with_subscriber(capture.clone(), async {
             let mut req = request("https://user:hunter2@api.example.com/v1/items?token=abc#frag");
             req.set_header("authorization", "Bearer s3cr3t").unwrap();
-            chain.run_request(&mut req, &CTX).unwrap();
+            chain.run_request(&mut req, &CTX).await.unwrap();
+            let sent = crate::interceptor::SentRequest::redacted(
+                req.method(),
+                req.url(),
+                req.headers(),
+                http::Extensions::new(),
+                &["token"],
+            );
             let mut headers = HeaderMap::new();
             headers.insert("set-cookie", HeaderValue::from_static("session=s3cr3t"));
-            chain.run_response(&mut ResponseParts::new(503, headers), &CTX);
+            let mut response = ResponseParts::new(503, headers)
+                .with_body("x".repeat(1234))
+                .with_duration(std::time::Duration::from_micros(12_500));
+            chain
+                .run_response(&mut response, &CTX.with_request(&sent))
+                .await;
         });
 
         let events = capture.events.lock().unwrap();
@@ -906,11 +612,16 @@ mod tests {
         assert_eq!(sent["upstream"], "https://api.example.com:443");
         assert_eq!(sent["method"], "POST");
         assert_eq!(sent["url"], "https://api.example.com/v1/items");
+        assert_eq!(sent["replay"], "false");
         let received = &events[1];
         assert_eq!(received["message"], "response received");
         assert_eq!(received["status"], "503");
         assert_eq!(received["task_id"], "task-7");
         assert_eq!(received["attempt"], "2");
+        assert_eq!(received["method"], "POST");
+        assert_eq!(received["url"], "https://api.example.com/v1/items");
+        assert_eq!(received["duration_ms"], "12.5");
+        assert_eq!(received["size"], "1234");
 
         for event in events.iter() {
             for value in event.values() {
@@ -941,10 +652,15 @@ mod tests {
             fn exit(&self, _: &span::Id) {}
         }
         let capture = Capture::default();
-        tracing::subscriber::with_default(InfoOnly(capture.clone()), || {
+        with_subscriber(InfoOnly(capture.clone()), async {
             let chain = Interceptors::new().with(LoggingInterceptor::new());
-            chain.run_request(&mut request("https://h/"), &CTX).unwrap();
-            chain.run_response(&mut ResponseParts::new(200, HeaderMap::new()), &CTX);
+            chain
+                .run_request(&mut request("https://h/"), &CTX)
+                .await
+                .unwrap();
+            chain
+                .run_response(&mut ResponseParts::new(200, HeaderMap::new()), &CTX)
+                .await;
         });
         assert!(capture.events.lock().unwrap().is_empty());
     }
