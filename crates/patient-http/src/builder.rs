@@ -67,8 +67,8 @@ impl Builder {
     }
 
     /// The resilience settings: retries, hedging, deadlines, breakers, limits,
-    /// fallbacks, by upstream (default: [`ResilienceConfig::default`] —
-    /// idempotent methods retried up to 3 attempts, no breaker, no limits).
+    /// fallbacks, by upstream (default: [`ResilienceConfig::default`] — one
+    /// attempt per task, as the gem makes, no breaker, no limits).
     pub fn resilience(mut self, resilience: ResilienceConfig) -> Builder {
         self.resilience = resilience;
         self
