@@ -1067,3 +1067,81 @@ async fn stall_timeout_ends_a_trickling_body() {
     assert_eq!(response.status, 200);
     assert!(String::from_utf8_lossy(&response.body).contains("event 4"));
 }
+
+// ---------------------------------------------------------------- address filter
+
+/// Refuses every loopback address but 127.0.0.1 (where the upstream is).
+fn only_127_0_0_1() -> patient_http::client::AddressFilter {
+    patient_http::client::AddressFilter::new(|ip| {
+        if ip == std::net::IpAddr::from([127, 0, 0, 1]) {
+            Ok(())
+        } else {
+            Err("not on the list".into())
+        }
+    })
+}
+
+#[tokio::test]
+async fn the_address_filter_refuses_literals_and_resolved_names_before_connecting() {
+    let upstream = Upstream::start().await.unwrap();
+    let port = upstream.addr().port();
+    let refuse_all = client(ClientConfig::builder().address_filter(Some(
+        patient_http::client::AddressFilter::new(|ip| Err(format!("{ip} is loopback"))),
+    )));
+    let error = get(&refuse_all, &upstream.url("/fast")).await.unwrap_err();
+    assert_eq!(error.class_name(), "EgressDenied");
+    assert_eq!(
+        error.kind(),
+        ErrorType::Unknown,
+        "not a connection error: not retried"
+    );
+    assert!(
+        error.to_string().contains("127.0.0.1 is loopback"),
+        "{error}"
+    );
+    assert!(!error.request_sent());
+
+    // A name is resolved, then every address it resolves to is checked.
+    let error = get(&refuse_all, &format!("http://localhost:{port}/fast"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.class_name(), "EgressDenied");
+    assert!(
+        error.to_string().contains("localhost resolved to it"),
+        "{error}"
+    );
+    assert_eq!(upstream.connections(), 0, "nothing was connected");
+
+    // Allowed addresses pass.
+    let allowed = client(ClientConfig::builder().address_filter(Some(only_127_0_0_1())));
+    assert_eq!(
+        get(&allowed, &upstream.url("/fast")).await.unwrap().status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn the_address_filter_checks_every_redirect_hop() {
+    let upstream = Upstream::start().await.unwrap();
+    let port = upstream.addr().port();
+    let client = patient_http::AwaitableClient::builder()
+        .config(
+            patient_http::Config::builder()
+                .client_with(|c| c.address_filter(Some(only_127_0_0_1())))
+                .build()
+                .unwrap(),
+        )
+        .build_awaitable()
+        .unwrap();
+    let hop = format!("http://127.0.0.2:{port}/echo");
+    let request = patient_http::Request::get(upstream.url(&format!("/redirect-to?url={hop}")))
+        .build()
+        .unwrap();
+    let error = client.send(request).await.unwrap_err();
+    let patient_http::TaskError::Request(error) = error else {
+        panic!("{error:?}");
+    };
+    assert_eq!(error.class_name, "EgressDenied");
+    assert!(error.message.contains("127.0.0.2"), "{}", error.message);
+    assert_eq!(upstream.requests_to("/echo"), 0);
+}

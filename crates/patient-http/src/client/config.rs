@@ -18,6 +18,40 @@ pub enum HttpVersionPref {
     Http2Only,
 }
 
+/// Decides whether the transport may connect to an address: every address
+/// a host name resolves to (on every redirect hop, since every hop
+/// connects), and every IP literal, is passed to it before a connection is
+/// opened; a refusal's reason ends the attempt with an error of class
+/// `EgressDenied` naming the address. Addresses refused are never
+/// connected to, and the addresses checked are the ones connected to (no
+/// second lookup). Connections to a configured proxy are not checked (the
+/// proxy resolves the target's name; only a target given as an IP literal
+/// is checked then).
+#[derive(Clone)]
+pub struct AddressFilter(
+    std::sync::Arc<dyn Fn(std::net::IpAddr) -> Result<(), String> + Send + Sync>,
+);
+
+impl AddressFilter {
+    /// A filter: `Ok` lets the address through, `Err(reason)` refuses it.
+    pub fn new(
+        filter: impl Fn(std::net::IpAddr) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        AddressFilter(std::sync::Arc::new(filter))
+    }
+
+    /// Asks the filter about `addr`.
+    pub fn check(&self, addr: std::net::IpAddr) -> Result<(), String> {
+        (self.0)(addr)
+    }
+}
+
+impl fmt::Debug for AddressFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AddressFilter(..)")
+    }
+}
+
 /// Settings of an [`HttpClient`](super::HttpClient).
 ///
 /// Build one with [`ClientConfig::builder`]; every setting's default is
@@ -44,6 +78,7 @@ pub struct ClientConfig {
     request_timeout: Duration,
     connection_timeout: Option<Duration>,
     tcp_keepalive: Option<Duration>,
+    address_filter: Option<AddressFilter>,
     stall_timeout: Option<Duration>,
     max_response_size: usize,
     user_agent: String,
@@ -72,6 +107,7 @@ impl Default for ClientConfig {
             request_timeout: Duration::from_secs(60),
             connection_timeout: None,
             tcp_keepalive: Some(Duration::from_secs(15)),
+            address_filter: None,
             stall_timeout: None,
             max_response_size: 1024 * 1024,
             user_agent: "PatientHttp".to_owned(),
@@ -101,6 +137,7 @@ impl fmt::Debug for ClientConfig {
             .field("request_timeout", &self.request_timeout)
             .field("connection_timeout", &self.connection_timeout)
             .field("tcp_keepalive", &self.tcp_keepalive)
+            .field("address_filter", &self.address_filter.is_some())
             .field("stall_timeout", &self.stall_timeout)
             .field("max_response_size", &self.max_response_size)
             .field("user_agent", &self.user_agent)
@@ -164,6 +201,12 @@ impl ClientConfig {
     /// [`ClientConfigBuilder::tcp_keepalive`].
     pub fn tcp_keepalive(&self) -> Option<Duration> {
         self.tcp_keepalive
+    }
+
+    /// The filter of the addresses connected to, if any; see
+    /// [`ClientConfigBuilder::address_filter`].
+    pub fn address_filter(&self) -> Option<&AddressFilter> {
+        self.address_filter.as_ref()
     }
 
     /// The longest wait for the next piece of a body, if any; see
@@ -306,6 +349,13 @@ impl ClientConfigBuilder {
     /// the request timeout applies.
     pub fn connection_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.config.connection_timeout = timeout;
+        self
+    }
+
+    /// Checks every address before connecting to it (an egress guard); see
+    /// [`AddressFilter`]. Default `None`: every address may be connected to.
+    pub fn address_filter(mut self, filter: Option<AddressFilter>) -> Self {
+        self.config.address_filter = filter;
         self
     }
 

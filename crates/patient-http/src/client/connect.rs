@@ -44,7 +44,7 @@ impl Connector {
         open: Arc<AtomicUsize>,
     ) -> Result<Connector, ClientConfigError> {
         Ok(Connector {
-            tcp: TcpConnector::new(config.tcp_keepalive()),
+            tcp: TcpConnector::new(config.tcp_keepalive(), config.address_filter().cloned()),
             tls: tls::build(config)?,
             http_version: config.http_version(),
             open,
@@ -63,7 +63,9 @@ impl Connector {
         let stream = match proxy {
             None => Stream::Tcp(self.tcp.connect(&authority).await?),
             Some(proxy) => {
-                let mut stream = Stream::Tcp(self.tcp.connect(&proxy.authority).await?);
+                // The proxy resolves the target: only a literal can be checked.
+                self.tcp.check_literal(&authority)?;
+                let mut stream = Stream::Tcp(self.tcp.connect_unchecked(&proxy.authority).await?);
                 if proxy.https {
                     stream = tls::handshake(&self.tls.proxy, stream, &proxy.host, &proxy.authority)
                         .await?;

@@ -131,6 +131,10 @@ impl TransportError {
         let chain: &(dyn StdError + 'static) = &*err;
         if let Some(dns) = find::<DnsError>(chain) {
             let message = dns.to_string();
+            if dns.denied.is_some() {
+                return TransportError::new(ErrorType::Unknown, "EgressDenied", message)
+                    .with_source(err);
+            }
             return TransportError::new(ErrorType::Connection, "DnsError", message)
                 .with_source(err);
         }
@@ -301,6 +305,8 @@ fn find<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<
 pub(crate) struct DnsError {
     host: String,
     source: Option<io::Error>,
+    /// Every address was refused by the address filter: the first, and why.
+    denied: Option<(std::net::IpAddr, String)>,
 }
 
 impl DnsError {
@@ -308,15 +314,29 @@ impl DnsError {
         DnsError {
             host: host.to_owned(),
             source,
+            denied: None,
+        }
+    }
+
+    pub(crate) fn denied(host: &str, ip: std::net::IpAddr, reason: String) -> Self {
+        DnsError {
+            host: host.to_owned(),
+            source: None,
+            denied: Some((ip, reason)),
         }
     }
 }
 
 impl fmt::Display for DnsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Some(e) => write!(f, "failed to resolve {}: {e}", self.host),
-            None => write!(f, "{} resolved to no address", self.host),
+        match (&self.denied, &self.source) {
+            (Some((ip, reason)), _) => write!(
+                f,
+                "refused to connect to {ip} ({} resolved to it): {reason}",
+                self.host
+            ),
+            (None, Some(e)) => write!(f, "failed to resolve {}: {e}", self.host),
+            (None, None) => write!(f, "{} resolved to no address", self.host),
         }
     }
 }

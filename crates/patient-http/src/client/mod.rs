@@ -50,7 +50,7 @@ mod tunnel;
 /// signing preprocessors run).
 pub(crate) use self::decode::gzip;
 pub use self::{
-    config::{ClientConfig, ClientConfigBuilder, HttpVersionPref},
+    config::{AddressFilter, ClientConfig, ClientConfigBuilder, HttpVersionPref},
     error::{ClientConfigError, ErrorType, TransportError},
     http_client::HttpClient,
     pool::PoolStats,

@@ -5,7 +5,7 @@
 
 use std::{
     future::Future,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     task::{Context, Poll},
     time::Duration,
@@ -16,7 +16,10 @@ use hyper_util::client::legacy::connect::{dns::Name, HttpConnector};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use super::error::{DnsError, ErrorType, TransportError};
+use super::{
+    config::AddressFilter,
+    error::{DnsError, ErrorType, TransportError},
+};
 
 /// How long the first address family gets before the other one is tried.
 const HAPPY_EYEBALLS_DELAY: Duration = Duration::from_millis(300);
@@ -24,27 +27,77 @@ const HAPPY_EYEBALLS_DELAY: Duration = Duration::from_millis(300);
 /// Opens TCP connections.
 pub(crate) struct TcpConnector {
     http: HttpConnector<Resolver>,
+    /// Without the filter: for connections to a configured proxy.
+    unchecked: HttpConnector<Resolver>,
+    filter: Option<AddressFilter>,
 }
 
 impl TcpConnector {
     /// A connector with the system resolver; `keepalive` is the idle time
     /// before TCP keepalive probes (`None`: off).
-    pub(crate) fn new(keepalive: Option<Duration>) -> TcpConnector {
-        TcpConnector::with_resolver(Resolver::System, keepalive)
+    pub(crate) fn new(keepalive: Option<Duration>, filter: Option<AddressFilter>) -> TcpConnector {
+        TcpConnector::with_resolver(Resolver::System(filter.clone()), keepalive, filter)
     }
 
-    fn with_resolver(resolver: Resolver, keepalive: Option<Duration>) -> TcpConnector {
-        let mut http = HttpConnector::new_with_resolver(resolver);
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_keepalive(keepalive);
-        http.set_happy_eyeballs_timeout(Some(HAPPY_EYEBALLS_DELAY));
-        TcpConnector { http }
+    fn with_resolver(
+        resolver: Resolver,
+        keepalive: Option<Duration>,
+        filter: Option<AddressFilter>,
+    ) -> TcpConnector {
+        let build = |resolver| {
+            let mut http = HttpConnector::new_with_resolver(resolver);
+            http.enforce_http(false);
+            http.set_nodelay(true);
+            http.set_keepalive(keepalive);
+            http.set_happy_eyeballs_timeout(Some(HAPPY_EYEBALLS_DELAY));
+            http
+        };
+        let unchecked = build(resolver.without_filter());
+        TcpConnector {
+            http: build(resolver),
+            unchecked,
+            filter,
+        }
+    }
+
+    /// Refuses `authority` when its host is an IP literal the filter refuses.
+    pub(crate) fn check_literal(&self, authority: &str) -> Result<(), TransportError> {
+        let Some(filter) = &self.filter else {
+            return Ok(());
+        };
+        let host = match authority.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => authority,
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        match host.parse::<IpAddr>() {
+            Ok(ip) => filter
+                .check(ip)
+                .map_err(|reason| egress_denied(ip, &reason)),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Connects without the address filter (to a configured proxy).
+    pub(crate) async fn connect_unchecked(
+        &self,
+        authority: &str,
+    ) -> Result<TcpStream, TransportError> {
+        Self::connect_with(&self.unchecked, authority).await
     }
 
     /// Resolves `authority` (`host:port`, IPv6 in brackets) and connects to
     /// one of its addresses.
     pub(crate) async fn connect(&self, authority: &str) -> Result<TcpStream, TransportError> {
+        // IP literals skip the resolver, where names are checked.
+        self.check_literal(authority)?;
+        Self::connect_with(&self.http, authority).await
+    }
+
+    async fn connect_with(
+        http: &HttpConnector<Resolver>,
+        authority: &str,
+    ) -> Result<TcpStream, TransportError> {
         let uri = Uri::try_from(format!("http://{authority}")).map_err(|e| {
             TransportError::new(
                 ErrorType::Unknown,
@@ -52,7 +105,7 @@ impl TcpConnector {
                 format!("cannot connect to {authority}: {e}"),
             )
         })?;
-        let mut http = self.http.clone();
+        let mut http = http.clone();
         std::future::poll_fn(|cx| http.poll_ready(cx))
             .await
             .map_err(|e| TransportError::from_connect(Box::new(e), authority))?;
@@ -63,11 +116,21 @@ impl TcpConnector {
     }
 }
 
+/// The error of a connection the address filter refused.
+fn egress_denied(ip: IpAddr, reason: &str) -> TransportError {
+    TransportError::new(
+        ErrorType::Unknown,
+        "EgressDenied",
+        format!("refused to connect to {ip}: {reason}"),
+    )
+}
+
 /// Host name resolution for [`HttpConnector`] (IP literals never get here).
 #[derive(Clone)]
 enum Resolver {
-    /// The system resolver (`getaddrinfo` on a blocking thread).
-    System,
+    /// The system resolver (`getaddrinfo` on a blocking thread), keeping
+    /// only the addresses the filter allows.
+    System(Option<AddressFilter>),
     /// Fixed addresses for every name, in order.
     #[cfg(test)]
     Fixed(std::sync::Arc<[SocketAddr]>),
@@ -87,20 +150,22 @@ impl Service<Name> for Resolver {
 
     fn call(&mut self, name: Name) -> Resolving {
         match self {
-            Resolver::System => Box::pin(async move {
-                let host = name.as_str();
-                match tokio::net::lookup_host((host, 0)).await {
-                    Ok(addrs) => {
-                        let addrs: Vec<SocketAddr> = addrs.collect();
-                        if addrs.is_empty() {
-                            Err(DnsError::new(host, None))
-                        } else {
-                            Ok(addrs.into_iter())
+            Resolver::System(filter) => {
+                let filter = filter.clone();
+                Box::pin(async move {
+                    let host = name.as_str();
+                    match tokio::net::lookup_host((host, 0)).await {
+                        Ok(addrs) => {
+                            let addrs: Vec<SocketAddr> = addrs.collect();
+                            if addrs.is_empty() {
+                                return Err(DnsError::new(host, None));
+                            }
+                            filtered(host, addrs, filter.as_ref())
                         }
+                        Err(e) => Err(DnsError::new(host, Some(e))),
                     }
-                    Err(e) => Err(DnsError::new(host, Some(e))),
-                }
-            }),
+                })
+            }
             #[cfg(test)]
             Resolver::Fixed(addrs) => {
                 let result = if addrs.is_empty() {
@@ -111,6 +176,44 @@ impl Service<Name> for Resolver {
                 Box::pin(std::future::ready(result))
             }
         }
+    }
+}
+
+impl Resolver {
+    /// The same resolver without its address filter.
+    fn without_filter(&self) -> Resolver {
+        match self {
+            Resolver::System(_) => Resolver::System(None),
+            #[cfg(test)]
+            Resolver::Fixed(addrs) => Resolver::Fixed(Arc::clone(addrs)),
+        }
+    }
+}
+
+/// The addresses the filter allows; when it refuses them all, the error
+/// names the first and why.
+fn filtered(
+    host: &str,
+    addrs: Vec<SocketAddr>,
+    filter: Option<&AddressFilter>,
+) -> Result<std::vec::IntoIter<SocketAddr>, DnsError> {
+    let Some(filter) = filter else {
+        return Ok(addrs.into_iter());
+    };
+    let mut refused = None;
+    let allowed: Vec<SocketAddr> = addrs
+        .into_iter()
+        .filter(|addr| match filter.check(addr.ip()) {
+            Ok(()) => true,
+            Err(reason) => {
+                refused.get_or_insert((addr.ip(), reason));
+                false
+            }
+        })
+        .collect();
+    match (allowed.is_empty(), refused) {
+        (true, Some((ip, reason))) => Err(DnsError::denied(host, ip, reason)),
+        _ => Ok(allowed.into_iter()),
     }
 }
 
@@ -149,7 +252,7 @@ mod tests {
             SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
             SocketAddr::from(([127, 0, 0, 1], port)),
         ]));
-        let connector = TcpConnector::with_resolver(resolver, Some(Duration::from_secs(15)));
+        let connector = TcpConnector::with_resolver(resolver, Some(Duration::from_secs(15)), None);
         let started = std::time::Instant::now();
         let stream = tokio::time::timeout(
             Duration::from_secs(5),
@@ -170,7 +273,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         drop(listener);
-        let connector = TcpConnector::new(None);
+        let connector = TcpConnector::new(None, None);
         let err = connector
             .connect(&format!("127.0.0.1:{port}"))
             .await
@@ -179,7 +282,7 @@ mod tests {
         assert!(err.is_connect());
         assert!(!err.request_sent());
 
-        let nowhere = TcpConnector::with_resolver(Resolver::Fixed(Arc::from(vec![])), None);
+        let nowhere = TcpConnector::with_resolver(Resolver::Fixed(Arc::from(vec![])), None, None);
         let err = nowhere.connect("nowhere.test:80").await.unwrap_err();
         assert_eq!(err.class_name(), "DnsError", "{err:?}");
         assert!(err.is_connect());
