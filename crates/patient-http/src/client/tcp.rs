@@ -185,7 +185,7 @@ impl Resolver {
         match self {
             Resolver::System(_) => Resolver::System(None),
             #[cfg(test)]
-            Resolver::Fixed(addrs) => Resolver::Fixed(Arc::clone(addrs)),
+            Resolver::Fixed(addrs) => Resolver::Fixed(std::sync::Arc::clone(addrs)),
         }
     }
 }
