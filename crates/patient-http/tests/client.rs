@@ -1072,7 +1072,7 @@ async fn stall_timeout_ends_a_trickling_body() {
 
 /// Refuses every loopback address but 127.0.0.1 (where the upstream is).
 fn only_127_0_0_1() -> patient_http::client::AddressFilter {
-    patient_http::client::AddressFilter::new(|ip| {
+    patient_http::client::AddressFilter::new(|_, ip| {
         if ip == std::net::IpAddr::from([127, 0, 0, 1]) {
             Ok(())
         } else {
@@ -1086,7 +1086,7 @@ async fn the_address_filter_refuses_literals_and_resolved_names_before_connectin
     let upstream = Upstream::start().await.unwrap();
     let port = upstream.addr().port();
     let refuse_all = client(ClientConfig::builder().address_filter(Some(
-        patient_http::client::AddressFilter::new(|ip| Err(format!("{ip} is loopback"))),
+        patient_http::client::AddressFilter::new(|_, ip| Err(format!("{ip} is loopback"))),
     )));
     let error = get(&refuse_all, &upstream.url("/fast")).await.unwrap_err();
     assert_eq!(error.class_name(), "EgressDenied");

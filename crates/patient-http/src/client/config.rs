@@ -28,21 +28,23 @@ pub enum HttpVersionPref {
 /// proxy resolves the target's name; only a target given as an IP literal
 /// is checked then).
 #[derive(Clone)]
-pub struct AddressFilter(
-    std::sync::Arc<dyn Fn(std::net::IpAddr) -> Result<(), String> + Send + Sync>,
-);
+pub struct AddressFilter(std::sync::Arc<FilterFn>);
+
+type FilterFn = dyn Fn(&str, std::net::IpAddr) -> Result<(), String> + Send + Sync;
 
 impl AddressFilter {
-    /// A filter: `Ok` lets the address through, `Err(reason)` refuses it.
+    /// A filter called with the host as the URL names it (a name, or the
+    /// literal) and one address it resolved to: `Ok` lets the address
+    /// through, `Err(reason)` refuses it.
     pub fn new(
-        filter: impl Fn(std::net::IpAddr) -> Result<(), String> + Send + Sync + 'static,
+        filter: impl Fn(&str, std::net::IpAddr) -> Result<(), String> + Send + Sync + 'static,
     ) -> Self {
         AddressFilter(std::sync::Arc::new(filter))
     }
 
-    /// Asks the filter about `addr`.
-    pub fn check(&self, addr: std::net::IpAddr) -> Result<(), String> {
-        (self.0)(addr)
+    /// Asks the filter about `addr`, an address of `host`.
+    pub fn check(&self, host: &str, addr: std::net::IpAddr) -> Result<(), String> {
+        (self.0)(host, addr)
     }
 }
 

@@ -72,7 +72,7 @@ impl TcpConnector {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         match host.parse::<IpAddr>() {
             Ok(ip) => filter
-                .check(ip)
+                .check(host, ip)
                 .map_err(|reason| egress_denied(ip, &reason)),
             Err(_) => Ok(()),
         }
@@ -203,7 +203,7 @@ fn filtered(
     let mut refused = None;
     let allowed: Vec<SocketAddr> = addrs
         .into_iter()
-        .filter(|addr| match filter.check(addr.ip()) {
+        .filter(|addr| match filter.check(host, addr.ip()) {
             Ok(()) => true,
             Err(reason) => {
                 refused.get_or_insert((addr.ip(), reason));
