@@ -7,9 +7,19 @@
 //! (command line, settings, routes, JSON, error codes, delivery formats) is
 //! fixed in the daemon's API document; [`settings`] reads the settings.
 
+pub mod api;
 pub mod db;
+pub mod delivery;
+pub mod egress;
+pub mod metrics;
 pub mod model;
+pub mod runner;
+pub mod server;
 pub mod settings;
 pub mod webhook_secret;
 
+pub use server::{run, run_until, ServeError};
 pub use settings::{Flags, Settings, SettingsError};
+
+/// The OpenAPI 3 document of the API, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");

@@ -121,11 +121,11 @@ impl Default for RetrySettings {
     }
 }
 
-/// Webhook delivery.
+/// Outcome delivery, on every channel (webhook, Redis, Sidekiq).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct WebhookSettings {
-    /// Seconds a delivery may take before it counts as failed.
+pub struct DeliverySettings {
+    /// Seconds a webhook delivery may take before it counts as failed.
     pub timeout: f64,
     /// Deliveries tried per outcome before `delivery.state` is `failed`.
     pub max_attempts: u32,
@@ -135,9 +135,9 @@ pub struct WebhookSettings {
     pub max_delay: f64,
 }
 
-impl Default for WebhookSettings {
+impl Default for DeliverySettings {
     fn default() -> Self {
-        WebhookSettings {
+        DeliverySettings {
             timeout: 10.0,
             max_attempts: 12,
             base_delay: 5.0,
@@ -200,8 +200,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// The retry policy of submitted tasks.
     pub retry: RetrySettings,
-    /// Webhook delivery.
-    pub webhook: WebhookSettings,
+    /// Outcome delivery.
+    pub delivery: DeliverySettings,
     /// Named secrets requests refer to with `{"$secret": NAME}`.
     pub secrets: BTreeMap<String, SecretSource>,
 }
@@ -224,7 +224,7 @@ impl Default for Settings {
             max_in_flight: 1024,
             log_format: LogFormat::Text,
             retry: RetrySettings::default(),
-            webhook: WebhookSettings::default(),
+            delivery: DeliverySettings::default(),
             secrets: BTreeMap::new(),
         }
     }
@@ -457,11 +457,16 @@ impl Settings {
                 0.0,
                 30.0 * 86_400.0,
             ),
-            ("webhook.timeout", self.webhook.timeout, 0.001, 3600.0),
-            ("webhook.base_delay", self.webhook.base_delay, 0.0, 86_400.0),
+            ("delivery.timeout", self.delivery.timeout, 0.001, 3600.0),
             (
-                "webhook.max_delay",
-                self.webhook.max_delay,
+                "delivery.base_delay",
+                self.delivery.base_delay,
+                0.0,
+                86_400.0,
+            ),
+            (
+                "delivery.max_delay",
+                self.delivery.max_delay,
                 0.0,
                 30.0 * 86_400.0,
             ),
@@ -481,8 +486,8 @@ impl Settings {
                 1000,
             ),
             (
-                "webhook.max_attempts",
-                u64::from(self.webhook.max_attempts),
+                "delivery.max_attempts",
+                u64::from(self.delivery.max_attempts),
                 1,
                 1000,
             ),

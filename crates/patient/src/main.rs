@@ -1,6 +1,7 @@
 //! The `patient` command line: thin glue over the `patient-http` library.
 
 mod request;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Run one request inline with the full lifecycle and print the outcome as JSON.
     Request(request::RequestArgs),
+    /// Run the daemon: a durable request queue with an HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -27,6 +30,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Request(args) => request::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 

@@ -1,0 +1,719 @@
+//! The HTTP API (`/v1`), health, readiness, metrics and the OpenAPI
+//! document, with every error in the contract's shape:
+//! `{"error": {"code", "message", "field"}}`, the framework's own
+//! rejections (unknown route, wrong method, wrong content type, too large a
+//! body) included.
+
+use std::{sync::Arc, time::Instant};
+
+use axum::{
+    body::Body,
+    extract::{Path, Request, State},
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Router,
+};
+use bytes::Bytes;
+use patient_wire::{HeaderValue as WireHeaderValue, Priority, Request as WireRequest};
+use serde_json::{json, Map, Value};
+
+use crate::{
+    db::{DbError, ListQuery, NewTask},
+    egress::literal_denied,
+    model::{now_ms, parse_rfc3339, Deliver, TaskRecord, TaskState},
+    server::App,
+};
+
+/// The longest `delay` of a submit: 30 days, in seconds.
+const MAX_DELAY: f64 = 30.0 * 86_400.0;
+
+/// The longest idempotency key, bytes.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// An error answer of the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    /// `422 invalid_request` naming `field`.
+    fn invalid(field: impl Into<String>, message: impl AsRef<str>) -> Self {
+        let field = field.into();
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_request",
+            message: format!("{field}: {}", message.as_ref()),
+            field: Some(field),
+        }
+    }
+
+    fn not_found(what: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", what)
+    }
+
+    fn unavailable(e: &DbError) -> Self {
+        tracing::error!(error = %e, "the store failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the task store is unavailable; nothing was changed",
+        )
+    }
+
+    fn from_db(e: DbError) -> Self {
+        match e {
+            DbError::NotFound(id) => ApiError::not_found(format!("no task {id}")),
+            DbError::Conflict(message) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+            other => ApiError::unavailable(&other),
+        }
+    }
+
+    /// Prefixes the field (and message) with `prefix` (`tasks[3].`).
+    fn within(mut self, prefix: &str) -> Self {
+        if let Some(field) = &self.field {
+            let full = format!("{prefix}{field}");
+            self.message = self.message.replacen(field.as_str(), &full, 1);
+            self.field = Some(full);
+        }
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = Map::new();
+        error.insert("code".into(), self.code.into());
+        error.insert("message".into(), self.message.into());
+        if let Some(field) = self.field {
+            error.insert("field".into(), field.into());
+        }
+        json_response(self.status, &json!({ "error": Value::Object(error) }))
+    }
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response {
+    let mut response = Response::new(Body::from(value.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The router of the API, health, metrics and OpenAPI routes.
+pub fn router(app: Arc<App>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/tasks", post(submit).get(list))
+        .route("/v1/tasks/batch", post(submit_batch))
+        .route("/v1/tasks/{id}", get(show))
+        .route("/v1/tasks/{id}/cancel", post(cancel))
+        .route("/v1/tasks/{id}/redeliver", post(redeliver))
+        .route("/v1/tasks/{id}/retry", post(retry))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&app), auth));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi))
+        .merge(
+            Router::new()
+                .route("/metrics", get(metrics))
+                .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&app), auth)),
+        )
+        .merge(v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(app)
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::not_found(format!(
+        "no route {} {}",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+/// Compares without an early exit, so timing does not tell how much of a
+/// token matched.
+fn same_token(given: &[u8], expected: &[u8]) -> bool {
+    if given.len() != expected.len() {
+        return false;
+    }
+    given
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+async fn auth(
+    State(app): State<Arc<App>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(token) = app.settings.api_token.as_deref() {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !given.is_some_and(|g| same_token(g.as_bytes(), token.as_bytes())) {
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid bearer token is required: Authorization: Bearer TOKEN",
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+async fn healthz() -> Response {
+    json_response(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> ApiResult {
+    app.db.ping().await.map_err(|e| ApiError::unavailable(&e))?;
+    Ok(json_response(StatusCode::OK, &json!({"status": "ready"})))
+}
+
+async fn openapi() -> Response {
+    let mut response = Response::new(Body::from(crate::OPENAPI));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    if let Ok(counts) = app.db.counts().await {
+        app.metrics.set_tasks(&counts);
+    }
+    app.metrics.set_in_flight(app.runner.in_flight());
+    let mut response = Response::new(Body::from(app.metrics.render(app.client.metrics())));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(patient_http::metrics::CONTENT_TYPE),
+    );
+    response
+}
+
+/// Reads a JSON body within `max_body`: `413` past it, `415` for another
+/// content type, `400` when it does not parse.
+async fn json_body(app: &App, request: Request) -> Result<Value, ApiError> {
+    let max = usize::try_from(app.settings.max_body).unwrap_or(usize::MAX);
+    let headers = request.headers();
+    check_content_type(headers)?;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than max_body ({max} bytes)"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > app.settings.max_body) {
+        return Err(too_large());
+    }
+    let bytes: Bytes = axum::body::to_bytes(request.into_body(), max)
+        .await
+        .map_err(|_| too_large())?;
+    if bytes.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "the body is empty; send a JSON object",
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body is not JSON: {e}"),
+        )
+    })
+}
+
+fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = value
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json" || essence.ends_with("+json") {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("the body must be application/json, not {essence}"),
+        ))
+    }
+}
+
+async fn submit(State(app): State<Arc<App>>, request: Request) -> ApiResult {
+    let started = Instant::now();
+    let body = json_body(&app, request).await?;
+    let now = now_ms();
+    let task = parse_submit(&app, &body, now)?;
+    let mut stored = app.db.insert(vec![task]).await.map_err(ApiError::from_db)?;
+    let (record, created) = stored
+        .pop()
+        .ok_or_else(|| ApiError::unavailable(&DbError::Closed))?;
+    if created {
+        app.metrics.submitted(1, started.elapsed());
+        app.runner.wake();
+    }
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(json_response(status, &record.to_json(now)))
+}
+
+async fn submit_batch(State(app): State<Arc<App>>, request: Request) -> ApiResult {
+    let started = Instant::now();
+    let body = json_body(&app, request).await?;
+    let now = now_ms();
+    let Some(object) = body.as_object() else {
+        return Err(ApiError::invalid(
+            "tasks",
+            "the body must be {\"tasks\": [...]}",
+        ));
+    };
+    if let Some(key) = object.keys().find(|k| *k != "tasks") {
+        return Err(ApiError::invalid(key.clone(), "is not a field of a batch"));
+    }
+    let Some(items) = object.get("tasks").and_then(Value::as_array) else {
+        return Err(ApiError::invalid(
+            "tasks",
+            "is required: an array of submit bodies",
+        ));
+    };
+    if items.is_empty() {
+        return Err(ApiError::invalid("tasks", "is empty"));
+    }
+    let max = usize::try_from(app.settings.max_batch).unwrap_or(usize::MAX);
+    if items.len() > max {
+        return Err(ApiError::invalid(
+            "tasks",
+            format!("has {} tasks; at most {max} (max_batch)", items.len()),
+        ));
+    }
+    let mut tasks = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        tasks.push(parse_submit(&app, item, now).map_err(|e| e.within(&format!("tasks[{i}].")))?);
+    }
+    let stored = app.db.insert(tasks).await.map_err(ApiError::from_db)?;
+    let created = stored.iter().filter(|(_, c)| *c).count();
+    if created > 0 {
+        app.metrics.submitted(created, started.elapsed());
+        app.runner.wake();
+    }
+    let tasks: Vec<Value> = stored.iter().map(|(t, _)| t.to_json(now)).collect();
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({ "tasks": tasks }),
+    ))
+}
+
+/// The fields of a submit body.
+const SUBMIT_FIELDS: [&str; 8] = [
+    "request",
+    "callback",
+    "callback_args",
+    "raise_error_responses",
+    "deliver",
+    "idempotency_key",
+    "delay",
+    "not_before",
+];
+
+/// Checks a submit body and makes the task it asks for.
+fn parse_submit(app: &App, body: &Value, now: i64) -> Result<NewTask, ApiError> {
+    let Some(object) = body.as_object() else {
+        return Err(ApiError::invalid(
+            "request",
+            "the body must be a JSON object with a request",
+        ));
+    };
+    if let Some(key) = object.keys().find(|k| !SUBMIT_FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::invalid(key.clone(), "is not a field of a submit"));
+    }
+    let request_json = match object.get("request") {
+        None | Some(Value::Null) => return Err(ApiError::invalid("request", "is required")),
+        Some(value) => value,
+    };
+    let request = WireRequest::from_json_with_limits(request_json, &app.limits).map_err(|e| {
+        let field = if e.path().is_empty() {
+            "request".to_owned()
+        } else {
+            format!("request.{}", e.path())
+        };
+        ApiError::invalid(field, e.kind().to_string())
+    })?;
+    if let Some((ip, reason)) = literal_denied(&app.allow, request.url()) {
+        let mut e = ApiError::invalid(
+            "request.url",
+            format!("{ip} is {reason} address, refused by the egress guard"),
+        );
+        e.code = "egress_denied";
+        return Err(e);
+    }
+    if request.url_credentials().is_some() {
+        // They would have to be stored in clear: refuse rather than drop them.
+        return Err(ApiError::invalid(
+            "request.url",
+            "credentials in the URL are not accepted; send an authorization header with a {\"$secret\": NAME} configured on the daemon",
+        ));
+    }
+    check_secrets(app, &request)?;
+
+    let callback = match object.get("callback") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) if s.len() <= 256 => s.clone(),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "callback",
+                "must be a string of at most 256 bytes",
+            ))
+        }
+    };
+    let callback_args = match object.get("callback_args") {
+        None | Some(Value::Null) => json!({}),
+        Some(value) => {
+            patient_wire::CallbackArgs::from_json_with_limits(value, &app.limits).map_err(|e| {
+                let field = if e.path().is_empty() {
+                    "callback_args".to_owned()
+                } else {
+                    format!("callback_args.{}", e.path())
+                };
+                ApiError::invalid(field, e.kind().to_string())
+            })?;
+            value.clone()
+        }
+    };
+    let raise_error_responses = match object.get("raise_error_responses") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "raise_error_responses",
+                "must be true or false",
+            ))
+        }
+    };
+    let deliver = Deliver::from_json(object.get("deliver"))
+        .map_err(|(field, message)| ApiError::invalid(field, message))?;
+    if let Deliver::Webhook { url } = &deliver {
+        if let Some((ip, reason)) = url::Url::parse(url)
+            .ok()
+            .and_then(|u| literal_denied(&app.allow, &u))
+        {
+            let mut e = ApiError::invalid(
+                "deliver.webhook.url",
+                format!("{ip} is {reason} address, refused by the egress guard"),
+            );
+            e.code = "egress_denied";
+            return Err(e);
+        }
+    }
+    if matches!(
+        deliver,
+        Deliver::RedisList { .. } | Deliver::RedisStream { .. } | Deliver::Sidekiq { .. }
+    ) && app.settings.redis_url.is_none()
+    {
+        return Err(ApiError::invalid(
+            "deliver",
+            "Redis and Sidekiq delivery need the daemon's redis_url setting",
+        ));
+    }
+    let idempotency_key = match object.get("idempotency_key") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_IDEMPOTENCY_KEY => {
+            Some(s.clone())
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "idempotency_key",
+                format!("must be a non-empty string of at most {MAX_IDEMPOTENCY_KEY} bytes"),
+            ))
+        }
+    };
+    let not_before = match (object.get("delay"), object.get("not_before")) {
+        (Some(d), Some(n)) if !d.is_null() && !n.is_null() => {
+            return Err(ApiError::invalid(
+                "delay",
+                "give delay or not_before, not both",
+            ))
+        }
+        (Some(Value::Number(n)), _) => {
+            let seconds = n.as_f64().unwrap_or(-1.0);
+            if !(0.0..=MAX_DELAY).contains(&seconds) {
+                return Err(ApiError::invalid(
+                    "delay",
+                    format!("must be 0 to {MAX_DELAY} seconds"),
+                ));
+            }
+            now + (seconds * 1000.0).round() as i64
+        }
+        (Some(Value::Null) | None, Some(Value::String(text))) => {
+            let at = parse_rfc3339(text).ok_or_else(|| {
+                ApiError::invalid(
+                    "not_before",
+                    "must be an RFC 3339 time such as 2026-12-01T10:00:00Z",
+                )
+            })?;
+            if at > now + (MAX_DELAY * 1000.0) as i64 {
+                return Err(ApiError::invalid(
+                    "not_before",
+                    "is more than 30 days ahead",
+                ));
+            }
+            at.max(now)
+        }
+        (Some(Value::Null) | None, Some(Value::Null) | None) => now,
+        (Some(_), _) => return Err(ApiError::invalid("delay", "must be a number of seconds")),
+        (_, Some(_)) => {
+            return Err(ApiError::invalid(
+                "not_before",
+                "must be an RFC 3339 string",
+            ))
+        }
+    };
+    let options = request.request_options();
+    let priority = match options.priority {
+        Some(Priority::High) => 0,
+        Some(Priority::Low) => 2,
+        _ => 1,
+    };
+    let deadline = options
+        .deadline
+        .map(|d| now + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2));
+    Ok(NewTask {
+        record: TaskRecord {
+            id: crate::model::task_id(),
+            state: if not_before > now {
+                TaskState::Scheduled
+            } else {
+                TaskState::Queued
+            },
+            request: request.to_json(),
+            callback,
+            callback_args,
+            raise_error_responses,
+            deliver,
+            idempotency_key,
+            priority,
+            created_at: now,
+            not_before,
+            deadline,
+            finished_at: None,
+            next_attempt: 1,
+            request_sent: false,
+            attempts: Vec::new(),
+            outcome: None,
+            delivery: None,
+        },
+    })
+}
+
+/// Every `{"$secret": NAME}` must name a secret configured on the daemon.
+fn check_secrets(app: &App, request: &WireRequest) -> Result<(), ApiError> {
+    for (name, value) in request.headers().iter() {
+        if let WireHeaderValue::Secret(secret) = value {
+            if !app.secrets.contains(&secret.name) {
+                return Err(ApiError::invalid(
+                    format!("request.headers.{name}"),
+                    format!(
+                        "secret {:?} is not configured on the daemon ([secrets])",
+                        secret.name
+                    ),
+                ));
+            }
+        }
+    }
+    for (param, secret) in request.secret_params() {
+        if !app.secrets.contains(&secret.name) {
+            return Err(ApiError::invalid(
+                format!("request.params.{param}"),
+                format!(
+                    "secret {:?} is not configured on the daemon ([secrets])",
+                    secret.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn show(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
+    let task = app
+        .db
+        .get(&id)
+        .await
+        .map_err(|e| ApiError::unavailable(&e))?
+        .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
+    Ok(json_response(StatusCode::OK, &task.to_json(now_ms())))
+}
+
+async fn list(State(app): State<Arc<App>>, request: Request) -> ApiResult {
+    let mut query = ListQuery {
+        limit: 100,
+        ..ListQuery::default()
+    };
+    for (key, value) in url::form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+    {
+        match key.as_ref() {
+            "state" => {
+                query.state = Some(TaskState::from_name(&value).ok_or_else(|| {
+                    ApiError::invalid(
+                        "state",
+                        format!("{value:?} is not one of {}", TaskState::NAMES.join(", ")),
+                    )
+                })?)
+            }
+            "callback" => query.callback = Some(value.into_owned()),
+            "limit" => {
+                query.limit = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| ApiError::invalid("limit", "must be 1 to 1000"))?
+            }
+            "cursor" => {
+                query.cursor = Some(
+                    value
+                        .split_once('_')
+                        .and_then(|(at, id)| Some((at.parse::<i64>().ok()?, id.to_owned())))
+                        .ok_or_else(|| {
+                            ApiError::invalid("cursor", "is not a cursor this API returned")
+                        })?,
+                )
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    other.to_owned(),
+                    "is not a filter of the task list",
+                ))
+            }
+        }
+    }
+    let limit = query.limit as usize;
+    let mut tasks = app
+        .db
+        .list(&query)
+        .await
+        .map_err(|e| ApiError::unavailable(&e))?;
+    let next_cursor = if tasks.len() == limit {
+        tasks
+            .last()
+            .map(|t| Value::from(format!("{}_{}", t.created_at, t.id)))
+            .unwrap_or(Value::Null)
+    } else {
+        Value::Null
+    };
+    let now = now_ms();
+    let tasks: Vec<Value> = tasks.drain(..).map(|t| t.to_json(now)).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "tasks": tasks, "next_cursor": next_cursor }),
+    ))
+}
+
+async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
+    let task = app
+        .db
+        .cancel(&id, now_ms())
+        .await
+        .map_err(ApiError::from_db)?;
+    app.runner.abort(&id);
+    Ok(json_response(StatusCode::OK, &task.to_json(now_ms())))
+}
+
+async fn redeliver(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
+    let task = app
+        .db
+        .redeliver(&id, now_ms())
+        .await
+        .map_err(ApiError::from_db)?;
+    app.deliverer.wake();
+    Ok(json_response(StatusCode::OK, &task.to_json(now_ms())))
+}
+
+async fn retry(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
+    let task = app
+        .db
+        .retry(&id, now_ms())
+        .await
+        .map_err(ApiError::from_db)?;
+    app.runner.wake();
+    Ok(json_response(StatusCode::OK, &task.to_json(now_ms())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison_needs_every_byte() {
+        assert!(same_token(b"secret", b"secret"));
+        assert!(!same_token(b"secreT", b"secret"));
+        assert!(!same_token(b"secret1", b"secret"));
+        assert!(!same_token(b"", b"secret"));
+    }
+
+    #[test]
+    fn batch_errors_name_the_item() {
+        let e = ApiError::invalid("request.url", "bad").within("tasks[3].");
+        assert_eq!(e.field.as_deref(), Some("tasks[3].request.url"));
+        assert_eq!(e.message, "tasks[3].request.url: bad");
+    }
+}

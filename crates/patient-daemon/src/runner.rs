@@ -1,0 +1,431 @@
+//! The workers: claim due tasks, run one step of each with the engine's
+//! decision API, and store what comes next (an outcome with its delivery,
+//! or the time of the next step). No backoff lives in memory: a restart
+//! resumes every task where the database says.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, SystemTime},
+};
+
+use patient_http::{AwaitableClient, Decision, LimitWait, Task, TaskProgress};
+use patient_wire::{
+    Attempt, CallbackArgs, ErrorType, Request, RequestError, Response, TaskError, WireLimits,
+};
+use serde_json::{json, Value};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::{
+    db::{Db, DbError, Finish, Reschedule},
+    metrics::DaemonMetrics,
+    model::{message_id, now_ms, rfc3339, system_time, unix_ms, Deliver, TaskRecord, TaskState},
+};
+
+/// How long a step may wait for the upstream's limits before the task is
+/// parked until they free up.
+const LIMIT_WAIT: Duration = Duration::from_millis(100);
+
+/// The longest sleep of an idle worker loop between looks at the queue.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Claims per round trip to the database.
+const CLAIM_BATCH: usize = 64;
+
+/// The outcome event of a finished task.
+pub fn outcome_event(
+    record_id: &str,
+    callback: &str,
+    args: &Value,
+    result: &Result<Response, TaskError>,
+) -> Value {
+    let (kind, response, error) = match result {
+        Ok(response) => ("task.completed", response.to_json(), Value::Null),
+        Err(error) => ("task.failed", Value::Null, error.to_json()),
+    };
+    json!({
+        "task_id": record_id,
+        "type": kind,
+        "callback": callback,
+        "callback_args": args,
+        "response": response,
+        "error": error,
+    })
+}
+
+/// Runs tasks from the queue.
+pub struct Runner {
+    db: Db,
+    client: AwaitableClient,
+    owner: String,
+    lease: Duration,
+    slots: Arc<Semaphore>,
+    max_in_flight: usize,
+    wake: Arc<Notify>,
+    stopping: AtomicBool,
+    stopped: Notify,
+    running: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+    limits: WireLimits,
+    metrics: DaemonMetrics,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runner {
+    /// A runner for this node (`owner`), at most `max_in_flight` tasks at
+    /// once.
+    pub fn new(
+        db: Db,
+        client: AwaitableClient,
+        owner: String,
+        lease: Duration,
+        max_in_flight: usize,
+        limits: WireLimits,
+        metrics: DaemonMetrics,
+    ) -> Arc<Runner> {
+        Arc::new(Runner {
+            db,
+            client,
+            owner,
+            lease,
+            slots: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
+            wake: Arc::new(Notify::new()),
+            stopping: AtomicBool::new(false),
+            stopped: Notify::new(),
+            running: Mutex::new(HashMap::new()),
+            limits,
+            metrics,
+        })
+    }
+
+    /// Wakes the loop (after a submit).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Tasks running on this node now.
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight - self.slots.available_permits()
+    }
+
+    /// Cancels the task's attempt if it runs here.
+    pub fn abort(&self, id: &str) {
+        if let Some(handle) = lock(&self.running).remove(id) {
+            handle.abort();
+        }
+    }
+
+    /// Recovers the tasks a crash left `running`: back to the queue when
+    /// the request may be sent again (an idempotent method, an idempotency
+    /// key or `retry_unsafe`); otherwise finished as failed with a request
+    /// error `Interrupted`, so that a call that may or may not have reached
+    /// the upstream is never sent twice silently. Returns (requeued, failed).
+    pub async fn recover(&self) -> Result<(usize, usize), DbError> {
+        let mut counts = (0, 0);
+        for record in self.db.running().await? {
+            let request = Request::from_json_with_limits(&record.request, &self.limits).ok();
+            let may_resend = request.as_ref().is_some_and(|r| {
+                r.method().is_idempotent()
+                    || r.has_idempotency_key()
+                    || r.request_options()
+                        .retry
+                        .as_ref()
+                        .and_then(|o| o.retry_unsafe)
+                        .unwrap_or(false)
+            });
+            if may_resend {
+                if self.db.requeue(&record.id).await? {
+                    counts.0 += 1;
+                }
+                continue;
+            }
+            let error = TaskError::Request(RequestError {
+                class_name: "Interrupted".into(),
+                message: "the daemon stopped while this request was in flight; it may or may not have reached the upstream, and a request that is not idempotent is not sent twice".into(),
+                backtrace: Vec::new(),
+                request_id: record.id.clone(),
+                error_type: ErrorType::Unknown,
+                duration: Duration::ZERO,
+                url: request.as_ref().map(|r| r.url().to_string()).unwrap_or_default(),
+                method: request.as_ref().map_or(patient_wire::Method::Post, Request::method),
+                callback_args: CallbackArgs::from_json(&record.callback_args).unwrap_or_default(),
+                attempts: Vec::new(),
+            });
+            let event = outcome_event(
+                &record.id,
+                &record.callback,
+                &record.callback_args,
+                &Err(error),
+            );
+            let finished = self
+                .db
+                .finish(Finish {
+                    id: record.id.clone(),
+                    owner: None,
+                    state: TaskState::Failed,
+                    outcome: event,
+                    attempts: record.attempts.clone(),
+                    request_sent: true,
+                    finished_at: now_ms(),
+                    delivery: (record.deliver != Deliver::None).then(message_id),
+                })
+                .await?;
+            if finished {
+                counts.1 += 1;
+                self.metrics.outcome("failed");
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Claims and runs tasks until [`stop`](Self::stop).
+    pub async fn run(self: Arc<Self>) {
+        let heartbeat = tokio::spawn(Arc::clone(&self).heartbeat());
+        while !self.stopping.load(Ordering::Acquire) {
+            let free = self.slots.available_permits().min(CLAIM_BATCH);
+            let mut claimed = 0;
+            if free > 0 {
+                let now = now_ms();
+                match self
+                    .db
+                    .claim(&self.owner, now, now + millis(self.lease), free)
+                    .await
+                {
+                    Ok(tasks) => {
+                        claimed = tasks.len();
+                        for task in tasks {
+                            self.spawn(task);
+                        }
+                    }
+                    Err(error) => tracing::error!(%error, "cannot claim tasks"),
+                }
+            }
+            if claimed == free && free > 0 {
+                continue; // more may be due
+            }
+            let sleep = match self.db.next_due().await {
+                Ok(Some(at)) => Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0)),
+                _ => IDLE_POLL,
+            }
+            .min(IDLE_POLL);
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(sleep) => {}
+                () = self.stopped.notified() => {}
+            }
+        }
+        heartbeat.abort();
+    }
+
+    fn spawn(self: &Arc<Self>, record: TaskRecord) {
+        let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
+            // Cannot happen: claims never exceed the free slots. Release it.
+            let db = self.db.clone();
+            let id = record.id.clone();
+            tokio::spawn(async move {
+                let _ = db.requeue(&id).await;
+            });
+            return;
+        };
+        let runner = Arc::clone(self);
+        let id = record.id.clone();
+        let mut running = lock(&self.running);
+        let handle = tokio::spawn(async move {
+            let _permit = permit;
+            let id = record.id.clone();
+            if let Err(error) = runner.step(record).await {
+                tracing::error!(task = %id, %error, "cannot store a step's result; the task stays leased and resumes after a restart");
+            }
+            lock(&runner.running).remove(&id);
+            runner.wake.notify_one();
+        });
+        running.insert(id, handle.abort_handle());
+    }
+
+    /// Runs one step of a claimed task and stores what comes next.
+    async fn step(&self, record: TaskRecord) -> Result<(), DbError> {
+        let step_started = SystemTime::now();
+        let request = match Request::from_json_with_limits(&record.request, &self.limits) {
+            Ok(request) => request,
+            Err(e) => {
+                // Checked at submit; a stored request that no longer loads
+                // (limits lowered since) ends the task instead of looping.
+                let error = stored_request_error(&record, &e.to_string());
+                return self
+                    .finish(&record, Err(error), record.attempts.clone(), false)
+                    .await;
+            }
+        };
+        let task = Task {
+            id: record.id.clone(),
+            request,
+            callback: record.callback.clone(),
+            callback_args: CallbackArgs::from_json(&record.callback_args).unwrap_or_default(),
+            raise_error_responses: Some(record.raise_error_responses),
+        };
+        let mut progress = TaskProgress::new(record.deadline.map(system_time));
+        progress.next_attempt = record.next_attempt;
+        progress.request_sent = record.request_sent;
+        progress.attempts = record
+            .attempts
+            .iter()
+            .filter_map(|a| Attempt::from_json(a).ok())
+            .collect();
+        let before = progress.attempts.len();
+        let decision = self
+            .client
+            .step(&task, &mut progress, LimitWait::UpTo(LIMIT_WAIT))
+            .await;
+        let mut attempts = record.attempts.clone();
+        for attempt in progress.attempts.iter().skip(before) {
+            let mut json = attempt.to_json();
+            json["started_at"] = rfc3339(unix_ms(step_started)).into();
+            attempts.push(json);
+        }
+        match decision {
+            Decision::Done(result) => {
+                self.finish(&record, result, attempts, progress.request_sent)
+                    .await
+            }
+            Decision::Retry { not_before, .. } => {
+                self.metrics.retry();
+                self.reschedule(&record, &progress, attempts, not_before)
+                    .await
+            }
+            Decision::Refused { until, error, .. } => {
+                let past_deadline = record.deadline.is_some_and(|d| unix_ms(until) >= d);
+                if past_deadline {
+                    self.finish(&record, Err(error), attempts, progress.request_sent)
+                        .await
+                } else {
+                    self.reschedule(&record, &progress, attempts, until).await
+                }
+            }
+            _ => {
+                let error = stored_request_error(&record, "the engine gave an unknown decision");
+                self.finish(&record, Err(error), attempts, progress.request_sent)
+                    .await
+            }
+        }
+    }
+
+    async fn reschedule(
+        &self,
+        record: &TaskRecord,
+        progress: &TaskProgress,
+        attempts: Vec<Value>,
+        not_before: SystemTime,
+    ) -> Result<(), DbError> {
+        self.db
+            .reschedule(Reschedule {
+                id: record.id.clone(),
+                owner: self.owner.clone(),
+                not_before: unix_ms(not_before),
+                next_attempt: progress.next_attempt,
+                request_sent: progress.request_sent,
+                attempts,
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn finish(
+        &self,
+        record: &TaskRecord,
+        result: Result<Response, TaskError>,
+        attempts: Vec<Value>,
+        request_sent: bool,
+    ) -> Result<(), DbError> {
+        let state = if result.is_ok() {
+            TaskState::Completed
+        } else {
+            TaskState::Failed
+        };
+        let event = outcome_event(&record.id, &record.callback, &record.callback_args, &result);
+        let finished_at = now_ms();
+        let stored = self
+            .db
+            .finish(Finish {
+                id: record.id.clone(),
+                owner: Some(self.owner.clone()),
+                state,
+                outcome: event,
+                attempts,
+                request_sent,
+                finished_at,
+                delivery: (record.deliver != Deliver::None).then(message_id),
+            })
+            .await?;
+        if stored {
+            self.metrics.outcome(state.as_str());
+            self.metrics.end_to_end(Duration::from_millis(
+                u64::try_from(finished_at - record.created_at).unwrap_or(0),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn heartbeat(self: Arc<Self>) {
+        let every = self.lease / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let until = now_ms() + millis(self.lease);
+            if let Err(error) = self.db.renew(&self.owner, until).await {
+                tracing::error!(%error, "cannot renew leases");
+            }
+        }
+    }
+
+    /// Stops claiming, waits up to `timeout` for the attempts in flight,
+    /// then cancels the rest and releases them to the queue (they resume on
+    /// the next start). Returns how many were released.
+    pub async fn stop(&self, timeout: Duration) -> Result<u64, DbError> {
+        self.stopping.store(true, Ordering::Release);
+        self.stopped.notify_waiters();
+        let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
+        let drained = tokio::time::timeout(timeout, self.slots.acquire_many(all)).await;
+        if drained.is_err() {
+            let handles: Vec<_> = lock(&self.running).drain().map(|(_, h)| h).collect();
+            for handle in handles {
+                handle.abort();
+            }
+        }
+        self.db.release(&self.owner).await
+    }
+}
+
+fn stored_request_error(record: &TaskRecord, message: &str) -> TaskError {
+    TaskError::Request(RequestError {
+        class_name: "InvalidStoredRequest".into(),
+        message: message.to_owned(),
+        backtrace: Vec::new(),
+        request_id: record.id.clone(),
+        error_type: ErrorType::Unknown,
+        duration: Duration::ZERO,
+        url: record.request["url"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        method: patient_wire::Method::Get,
+        callback_args: CallbackArgs::from_json(&record.callback_args).unwrap_or_default(),
+        attempts: Vec::new(),
+    })
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

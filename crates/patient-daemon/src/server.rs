@@ -1,0 +1,297 @@
+//! Starting and stopping the daemon: open the store, recover what a crash
+//! left running, start the workers and the delivery loop, serve the API on
+//! the listener, and on shutdown stop claiming, let attempts in flight
+//! finish up to `shutdown_timeout`, then release the rest to the queue.
+
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+
+use patient_http::{
+    client::{ClientConfig, HttpClient},
+    metrics::Metrics,
+    resilience::ResilienceConfig,
+    retry::RetryPolicy,
+    AwaitableClient, Config, Secrets,
+};
+use patient_wire::WireLimits;
+use tokio::net::TcpListener;
+
+use crate::{
+    db::Db, delivery::Deliverer, egress::Allow, metrics::DaemonMetrics, runner::Runner,
+    settings::Settings, webhook_secret,
+};
+
+/// How often finished tasks past their retention are purged, and how many
+/// at a time.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+const PURGE_BATCH: usize = 500;
+
+/// Why the daemon could not start (or stopped with an error).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A setting that cannot work as given.
+    #[error("{0}")]
+    Settings(String),
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(String),
+    /// Serving failed.
+    #[error("serving failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// What the API handlers share.
+pub struct App {
+    /// The settings the daemon runs with.
+    pub settings: Settings,
+    /// The queue.
+    pub db: Db,
+    /// The workers.
+    pub runner: Arc<Runner>,
+    /// The delivery loop.
+    pub deliverer: Arc<Deliverer>,
+    /// The engine.
+    pub client: AwaitableClient,
+    /// The daemon's metrics.
+    pub metrics: DaemonMetrics,
+    /// The egress guard's exemptions.
+    pub allow: Allow,
+    /// The bounds of submitted requests.
+    pub limits: WireLimits,
+    /// The names of the configured secrets.
+    pub secrets: std::collections::BTreeSet<String>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").finish_non_exhaustive()
+    }
+}
+
+/// The retry policy of submitted tasks, from the settings.
+fn retry_policy(settings: &Settings) -> Result<RetryPolicy, ServeError> {
+    let r = &settings.retry;
+    RetryPolicy::builder()
+        .max_attempts(r.max_attempts)
+        .base_delay(Duration::from_secs_f64(r.base_delay))
+        .factor(r.factor)
+        .max_delay(Duration::from_secs_f64(r.max_delay))
+        .max_retry_after(Duration::from_secs_f64(r.max_retry_after))
+        .build()
+        .map_err(|e| ServeError::Settings(format!("setting `retry`: {e}")))
+}
+
+/// Reads each configured secret from its environment variable or file.
+fn read_secrets(settings: &Settings) -> Result<Secrets, ServeError> {
+    let mut secrets = Secrets::new();
+    for (name, source) in &settings.secrets {
+        let value = match (&source.env, &source.file) {
+            (Some(var), _) => std::env::var(var).map_err(|_| {
+                ServeError::Settings(format!(
+                    "setting `secrets.{name}`: the environment variable {var} is not set"
+                ))
+            })?,
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ServeError::Settings(format!(
+                        "setting `secrets.{name}`: cannot read {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                text.strip_suffix('\n').unwrap_or(&text).to_owned()
+            }
+            (None, None) => {
+                return Err(ServeError::Settings(format!(
+                    "setting `secrets.{name}`: give env or file"
+                )))
+            }
+        };
+        secrets.insert(name.clone(), value);
+    }
+    Ok(secrets)
+}
+
+/// Serves until SIGTERM or SIGINT, then stops as the module docs say.
+pub async fn run(settings: Settings, listener: TcpListener) -> Result<(), ServeError> {
+    run_until(settings, listener, shutdown_signal()).await
+}
+
+/// Serves until `shutdown` completes, then stops as the module docs say.
+pub async fn run_until(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let addr: SocketAddr = listener.local_addr()?;
+    if settings.api_token.is_none() && !addr.ip().is_loopback() {
+        return Err(ServeError::Settings(format!(
+            "refusing to listen on {addr} without an api_token (set PATIENT_API_TOKEN, or listen on a loopback address)"
+        )));
+    }
+    let url = settings.database_url();
+    if !url.starts_with("sqlite:") {
+        return Err(ServeError::Settings(
+            "setting `database_url`: only SQLite (sqlite://PATH) is supported by this build".into(),
+        ));
+    }
+    let db = Db::open(&url)
+        .await
+        .map_err(|e| ServeError::Store(e.to_string()))?;
+    let secret = match &settings.webhook_secret {
+        Some(secret) => secret.clone(),
+        None => {
+            let fresh = webhook_secret::generate().map_err(ServeError::Settings)?;
+            db.meta_or_insert("webhook_secret", fresh)
+                .await
+                .map_err(|e| ServeError::Store(e.to_string()))?
+        }
+    };
+    let key = webhook_secret::decode(&secret)
+        .map_err(|e| ServeError::Settings(format!("setting `webhook_secret`: {e}")))?;
+    let secrets = read_secrets(&settings)?;
+    let secret_names = settings.secrets.keys().cloned().collect();
+    let allow = Allow::new(&settings.egress.allow);
+
+    let engine_metrics = Metrics::with_prefix("patient");
+    let retry = retry_policy(&settings)?;
+    let resilience = ResilienceConfig::builder()
+        .defaults(|p| p.retry(Some(retry)))
+        .build()
+        .map_err(|e| ServeError::Settings(format!("setting `retry`: {e}")))?;
+    let filter = allow.clone().filter();
+    let config = Config::builder()
+        .max_connections(usize::try_from(settings.max_in_flight).unwrap_or(usize::MAX))
+        .client_with(|c| c.address_filter(Some(filter.clone())))
+        .build()
+        .map_err(|e| ServeError::Settings(e.to_string()))?;
+    let client = AwaitableClient::builder()
+        .config(config)
+        .resilience(resilience)
+        .secrets(secrets)
+        .metrics(engine_metrics)
+        .build_awaitable()
+        .map_err(|e| ServeError::Settings(e.to_string()))?;
+    let webhook_client = HttpClient::new(
+        ClientConfig::builder()
+            .address_filter(Some(filter))
+            .build()
+            .map_err(|e| ServeError::Settings(e.to_string()))?,
+    )
+    .map_err(|e| ServeError::Settings(e.to_string()))?;
+    let redis = match &settings.redis_url {
+        Some(url) => Some(
+            redis::Client::open(url.as_str())
+                .map_err(|e| ServeError::Settings(format!("setting `redis_url`: {e}")))?,
+        ),
+        None => None,
+    };
+
+    let metrics = DaemonMetrics::new();
+    let owner = format!("node_{}", uuid::Uuid::new_v4().simple());
+    let limits = WireLimits::default();
+    let runner = Runner::new(
+        db.clone(),
+        client.clone(),
+        owner.clone(),
+        settings.lease(),
+        usize::try_from(settings.max_in_flight).unwrap_or(usize::MAX),
+        limits.clone(),
+        metrics.clone(),
+    );
+    let (requeued, interrupted) = runner
+        .recover()
+        .await
+        .map_err(|e| ServeError::Store(e.to_string()))?;
+    if requeued + interrupted > 0 {
+        tracing::info!(
+            requeued,
+            interrupted,
+            "recovered the tasks a stop left running"
+        );
+    }
+    let deliverer = Deliverer::new(
+        db.clone(),
+        owner,
+        settings.lease(),
+        webhook_client,
+        key,
+        settings.delivery.clone(),
+        redis,
+        metrics.clone(),
+    );
+
+    let shutdown_timeout = settings.shutdown_timeout();
+    let retention = settings.retention();
+    let app = Arc::new(App {
+        settings,
+        db: db.clone(),
+        runner: Arc::clone(&runner),
+        deliverer: Arc::clone(&deliverer),
+        client,
+        metrics,
+        allow,
+        limits,
+        secrets: secret_names,
+    });
+
+    let workers = tokio::spawn(Arc::clone(&runner).run());
+    let delivering = tokio::spawn(Arc::clone(&deliverer).run());
+    let purging = tokio::spawn(purge_loop(db.clone(), retention));
+
+    eprintln!("patient: listening on http://{addr}");
+    let router = crate::api::router(app);
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await;
+
+    tracing::info!("stopping: no new claims; waiting for attempts in flight");
+    purging.abort();
+    let released = runner.stop(shutdown_timeout).await;
+    workers.abort();
+    delivering.abort();
+    match released {
+        Ok(n) if n > 0 => tracing::info!(released = n, "released unfinished tasks to the queue"),
+        Ok(_) => {}
+        Err(error) => tracing::error!(%error, "cannot release tasks; they resume after the lease"),
+    }
+    served.map_err(ServeError::from)
+}
+
+async fn purge_loop(db: Db, retention: Duration) {
+    loop {
+        tokio::time::sleep(PURGE_EVERY).await;
+        let before =
+            crate::model::now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 2);
+        loop {
+            match db.purge(before, PURGE_BATCH).await {
+                Ok(n) if n as usize == PURGE_BATCH => tokio::task::yield_now().await,
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::error!(%error, "cannot purge old tasks");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

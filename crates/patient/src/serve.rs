@@ -1,0 +1,116 @@
+//! `patient serve`: the daemon, on its embedded defaults unless told.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::Args;
+use patient_daemon::{settings::LogFormat, Flags, Settings};
+
+use crate::request::EXIT_USAGE;
+
+const AFTER_HELP: &str = "\
+Settings come from the defaults, then the TOML file (--config), then PATIENT_*
+environment variables (nested keys joined with __: PATIENT_EGRESS__ALLOW), then
+these flags. With none it runs on embedded defaults: SQLite in ./patient-data,
+the API on 127.0.0.1:8750. docs/patient.toml documents every setting:
+
+  listen            PATIENT_LISTEN            127.0.0.1:8750
+  data_dir          PATIENT_DATA_DIR          ./patient-data
+  database_url      PATIENT_DATABASE_URL      SQLite in data_dir
+  api_token         PATIENT_API_TOKEN         none (required off loopback)
+  webhook_secret    PATIENT_WEBHOOK_SECRET    generated once, kept in the database
+  redis_url         PATIENT_REDIS_URL         none (Redis and Sidekiq delivery)
+  egress.allow      PATIENT_EGRESS__ALLOW     none (CIDRs or host names)
+  shutdown_timeout  PATIENT_SHUTDOWN_TIMEOUT  30 (seconds)
+  max_body          PATIENT_MAX_BODY          16777216 (bytes)
+  max_batch         PATIENT_MAX_BATCH         1000
+  lease             PATIENT_LEASE             30 (seconds)
+  retention         PATIENT_RETENTION         604800 (seconds: 7 days)
+  max_in_flight     PATIENT_MAX_IN_FLIGHT     1024
+  log_format        PATIENT_LOG_FORMAT        text (or json)
+  retry.*           PATIENT_RETRY__*          max_attempts 5, base_delay 1, factor 2,
+                                              max_delay 600, max_retry_after 3600
+  delivery.*        PATIENT_DELIVERY__*       timeout 10, max_attempts 12,
+                                              base_delay 5, max_delay 3600
+  secrets.NAME      PATIENT_SECRETS__NAME__ENV / __FILE
+
+Once the listener is bound and the store is open it prints one line on stderr:
+  patient: listening on http://127.0.0.1:8750
+SIGTERM (or Ctrl-C) stops claiming tasks, lets attempts in flight finish up to
+shutdown_timeout, releases the rest to the queue and exits 0.
+
+Exit status:
+  0  stopped by a signal
+  1  the daemon could not start or failed while serving (one line on stderr)
+  2  a bad setting or argument (one line on stderr naming it)";
+
+/// Arguments of `patient serve`.
+#[derive(Debug, Args)]
+#[command(after_help = AFTER_HELP)]
+pub(crate) struct ServeArgs {
+    /// A TOML settings file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// The address to listen on (`127.0.0.1:0` picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+
+    /// The directory of the SQLite file and local state.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+pub(crate) fn run(args: ServeArgs) -> ExitCode {
+    let flags = Flags {
+        listen: args.listen,
+        data_dir: args.data_dir,
+    };
+    let settings = match Settings::load(args.config.as_deref(), std::env::vars(), &flags) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("patient: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    init_logging(settings.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("patient: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let addr = settings
+            .listen_addr()
+            .ok_or_else(|| format!("setting `listen`: {:?} is not an address", settings.listen))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        patient_daemon::run(settings, listener)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("patient: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PATIENT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
