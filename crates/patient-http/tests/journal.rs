@@ -238,13 +238,14 @@ fn enqueue_records_the_task_and_removes_it_after_the_handler_returned() {
     let journal = MemoryJournal::default();
 
     /// Reports, from inside `on_complete`, whether the task was still in the
-    /// journal.
+    /// journal (after a while: a removal sent too early would be written).
     struct Probe {
         journal: MemoryJournal,
         tx: Mutex<mpsc::Sender<(String, bool)>>,
     }
     impl TaskHandler for Probe {
         fn on_complete(&self, response: Response, _: &str) {
+            thread::sleep(Duration::from_millis(100));
             let present = self.journal.entry_of(&response.request_id).is_some();
             let _ = self.tx.lock().unwrap().send((response.request_id, present));
         }

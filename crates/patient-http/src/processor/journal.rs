@@ -15,7 +15,8 @@
 //! * **A request that is not safe to send twice is marked started before it
 //!   is sent.** For a POST or PATCH without an idempotency key and without
 //!   `retry_unsafe` in the request's own options, the processor writes a
-//!   started mark and waits until it is on disk before the first attempt.
+//!   started mark and waits until it is on disk before the first attempt
+//!   (when the mark cannot be written, the task goes to `retry`, unsent).
 //!   Other tasks are never marked: sending them again is harmless.
 //! * **The task leaves the journal after its outcome was delivered**: after
 //!   `on_complete`, `on_error` or `retry` returned (a task handed to `retry`
@@ -25,7 +26,8 @@
 //!   delivery is *at least once* (exactly once while the process lives).
 //!   Make handlers idempotent, keyed by the task id.
 //! * **On the next start the processor takes up what was left**
-//!   ([`TaskJournal::pending`]), before any new task, following its
+//!   ([`TaskJournal::pending`], read before `start` returns; a failure to
+//!   read fails the start), as soon as it runs, following its
 //!   [`JournalRecovery`]: by default it runs those tasks again (their
 //!   deadline counts from the restart; they count towards `max_connections`
 //!   but are never refused for it); with [`JournalRecovery::Retry`] it hands
@@ -34,7 +36,8 @@
 //!   request error of class [`INTERRUPTED_CLASS`] (`"Interrupted"`), as the
 //!   daemon does — it may or may not have reached the upstream. A POST that
 //!   was merely queued (never started) is safe, and is run again or handed
-//!   back like the others.
+//!   back like the others. An entry whose task does not load (edited by
+//!   hand, written by a newer version) is logged and left in the journal.
 //!
 //! Whether a task is safe to send again is decided when it is taken up: an
 //! idempotent method, an idempotency key (`options.idempotency_key` or an
@@ -112,9 +115,9 @@ const REMOVAL_LINGER: Duration = Duration::from_millis(20);
 /// batches whatever is waiting.
 pub trait TaskJournal: Send + 'static {
     /// A name for errors and logs, such as the file it writes to (default:
-    /// `"task journal"`).
+    /// the type's name).
     fn name(&self) -> String {
-        "task journal".to_owned()
+        std::any::type_name::<Self>().to_owned()
     }
 
     /// Records an accepted task; durable when it returns `Ok`.
