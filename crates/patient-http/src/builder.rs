@@ -9,10 +9,11 @@ use crate::{
     interceptor::{Interceptor, Interceptors},
     metrics::Metrics,
     preprocess::{Preprocessor, Preprocessors},
+    processor::journal::JournalSlot,
     resilience::ResilienceConfig,
     secret::{Secret, Secrets},
-    AwaitableClient, Config, ConfigError, InlineExecutor, Processor, ProcessorObserver,
-    TaskHandler,
+    AwaitableClient, Config, ConfigError, InlineExecutor, JournalRecovery, Processor,
+    ProcessorObserver, TaskHandler, TaskJournal,
 };
 
 /// Collects the configuration, secrets, preprocessors and observers, then
@@ -27,6 +28,8 @@ pub struct Builder {
     observers: Vec<Arc<dyn ProcessorObserver>>,
     resilience: ResilienceConfig,
     metrics: Option<Metrics>,
+    journal: Option<Box<dyn TaskJournal>>,
+    journal_recovery: JournalRecovery,
 }
 
 impl Builder {
@@ -93,6 +96,46 @@ impl Builder {
         self
     }
 
+    /// Keeps the processor's accepted tasks in `journal` until their outcome
+    /// was delivered, so that a processor started after a crash takes up
+    /// what was left (default: none — a crash loses the tasks in memory).
+    ///
+    /// With a journal, `enqueue` returns once the task is recorded and
+    /// refuses it when the journal fails; a POST or PATCH that is not safe to
+    /// send twice is marked started before it is sent; `start` takes up what
+    /// an earlier run left as [`journal_recovery`](Self::journal_recovery)
+    /// says; delivery becomes at least once across a crash. The
+    /// [`journal`](crate::journal) module has the details, and
+    /// `patient_store::journal::SqliteJournal` is a journal in a SQLite file.
+    /// `enqueue` then blocks its thread for the write (about one `fsync`,
+    /// shared with the threads enqueuing at the same moment); from async code
+    /// that cares, call it inside `spawn_blocking`.
+    /// Only the processor keeps a journal: `build_inline` and
+    /// `build_awaitable` refuse a builder that has one.
+    pub fn journal(mut self, journal: impl TaskJournal) -> Builder {
+        self.journal = Some(Box::new(journal));
+        self
+    }
+
+    /// What `start` does with the tasks the journal still holds (default
+    /// [`JournalRecovery::Rerun`]: run them again; a started request that is
+    /// not safe to send twice ends as interrupted either way).
+    pub fn journal_recovery(mut self, recovery: JournalRecovery) -> Builder {
+        self.journal_recovery = recovery;
+        self
+    }
+
+    /// Refuses a journal for the faces that keep none.
+    fn no_journal(&self, face: &str) -> Result<(), ConfigError> {
+        match self.journal {
+            Some(_) => Err(ConfigError::new(
+                "journal",
+                format!("only the processor keeps a task journal, not the {face}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn engine(self) -> Result<Arc<Engine>, ConfigError> {
         let client = HttpClient::new(self.config.client.clone())
             .map_err(|e| ConfigError::new(e.field(), e.reason().to_string()))?;
@@ -114,18 +157,28 @@ impl Builder {
 
     /// A processor that hands outcomes to `handler`. It is stopped: call
     /// [`Processor::start`].
-    pub fn build(self, handler: impl TaskHandler) -> Result<Processor, ConfigError> {
-        Ok(Processor::from_engine(self.engine()?, Arc::new(handler)))
+    pub fn build(mut self, handler: impl TaskHandler) -> Result<Processor, ConfigError> {
+        let journal = self
+            .journal
+            .take()
+            .map(|journal| JournalSlot::new(journal, self.journal_recovery));
+        Ok(Processor::from_engine(
+            self.engine()?,
+            Arc::new(handler),
+            journal,
+        ))
     }
 
     /// An inline executor that runs each task on the calling thread and hands
     /// outcomes to `handler`.
     pub fn build_inline(self, handler: impl TaskHandler) -> Result<InlineExecutor, ConfigError> {
+        self.no_journal("inline executor")?;
         InlineExecutor::from_engine(self.engine()?, Arc::new(handler))
     }
 
     /// An awaitable client for async code.
     pub fn build_awaitable(self) -> Result<AwaitableClient, ConfigError> {
+        self.no_journal("awaitable client")?;
         Ok(AwaitableClient::from_engine(self.engine()?))
     }
 }

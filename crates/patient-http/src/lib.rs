@@ -8,6 +8,10 @@
 //! `on_error` with a [`TaskError`], or `retry` with the task when it could not
 //! finish before a stop.
 //!
+//! With a [`TaskJournal`] ([`Builder::journal`]) the processor keeps its
+//! accepted tasks on disk too, and after a crash the next start takes up
+//! what was left ([`journal`]).
+//!
 //! The same request path runs inline on the calling thread
 //! ([`InlineExecutor`]) and as an `async fn` ([`AwaitableClient`]);
 //! application code can depend on the [`Dispatch`] trait instead of any of
@@ -91,7 +95,9 @@ pub use patient_wire::{
 };
 pub use preprocess::{Preprocessor, SigV4};
 pub use processor::{
-    EnqueueError, EnqueueErrorKind, Processor, ProcessorCounts, ProcessorError, ProcessorState,
+    journal, EnqueueError, EnqueueErrorKind, JournalChange, JournalEntry, JournalEntryError,
+    JournalError, JournalRecovery, Processor, ProcessorCounts, ProcessorError, ProcessorState,
+    TaskJournal,
 };
 pub use resilience::{Fallback, HedgeDelay, ResilienceConfig, UpstreamPolicy};
 pub use secret::{Secret, SecretError, Secrets};

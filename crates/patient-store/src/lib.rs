@@ -12,11 +12,15 @@
 //!   envelope of the wire format; [`Encryptor::active_support`] for the
 //!   PatientHttp gem's format ([`activesupport`]).
 //! * [`PayloadCodec`]: both in one call, for a job-queue integration.
+//! * [`journal::SqliteJournal`] (feature `sql`): the processor's task journal
+//!   in a SQLite file, for crash recovery in library mode.
 
 pub mod activesupport;
 pub mod codec;
 pub mod encryption;
 pub mod error;
+#[cfg(feature = "sql")]
+pub mod journal;
 pub mod registry;
 pub mod store;
 

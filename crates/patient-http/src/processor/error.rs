@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::ProcessorState;
+use super::{JournalError, ProcessorState};
 use crate::Task;
 
 /// Why `enqueue` refused a task. The task comes back inside, so nothing is lost.
@@ -11,6 +11,9 @@ use crate::Task;
 pub struct EnqueueError {
     kind: EnqueueErrorKind,
     task: Box<Task>,
+    /// Why the journal did not record the task.
+    #[source]
+    journal: Option<Box<JournalError>>,
 }
 
 /// The reason a task was refused.
@@ -29,6 +32,14 @@ pub enum EnqueueErrorKind {
         /// The configured `max_connections`.
         max: usize,
     },
+    /// The task journal did not record the task (disk full, database gone):
+    /// it was not accepted. The [`source`](std::error::Error::source) is the
+    /// [`JournalError`].
+    #[error("cannot enqueue request: the task journal {journal} did not record it")]
+    Journal {
+        /// The journal's name.
+        journal: String,
+    },
 }
 
 impl EnqueueError {
@@ -36,6 +47,17 @@ impl EnqueueError {
         EnqueueError {
             kind,
             task: Box::new(task),
+            journal: None,
+        }
+    }
+
+    pub(crate) fn journal(error: JournalError, task: Task) -> Self {
+        EnqueueError {
+            kind: EnqueueErrorKind::Journal {
+                journal: error.journal().to_owned(),
+            },
+            task: Box::new(task),
+            journal: Some(Box::new(error)),
         }
     }
 
@@ -52,6 +74,16 @@ impl EnqueueError {
     /// Whether the processor was at capacity.
     pub fn is_at_capacity(&self) -> bool {
         matches!(self.kind, EnqueueErrorKind::AtCapacity { .. })
+    }
+
+    /// Whether the task journal did not record the task.
+    pub fn is_journal(&self) -> bool {
+        matches!(self.kind, EnqueueErrorKind::Journal { .. })
+    }
+
+    /// The journal's error, when it did not record the task.
+    pub fn journal_error(&self) -> Option<&JournalError> {
+        self.journal.as_deref()
     }
 
     /// The refused task, to try again later.
@@ -90,4 +122,9 @@ pub enum ProcessorError {
     /// The runtime or its thread could not be created.
     #[error("processor runtime failed to start: {0}")]
     Runtime(#[source] std::io::Error),
+    /// The task journal could not be started or read at start (see
+    /// [`Builder::journal`](crate::Builder::journal)); the processor stays
+    /// stopped.
+    #[error("processor cannot start: its task journal failed")]
+    Journal(#[source] JournalError),
 }

@@ -3,7 +3,8 @@
 //!
 //! The processor owns a multi-threaded tokio runtime on threads of its own.
 //! `enqueue` checks the state and capacity with atomics and spawns the task on
-//! that runtime: it never blocks on I/O.
+//! that runtime: it never blocks on I/O (unless a task journal is on: see
+//! *Crash recovery*).
 //!
 //! # Exactly one outcome
 //!
@@ -16,6 +17,16 @@
 //! `stop` returns only once every guard has delivered, however long a handler
 //! takes.
 //!
+//! # Crash recovery
+//!
+//! With a [`TaskJournal`] ([`Builder::journal`]), accepted tasks are also
+//! kept on disk until their outcome was delivered, and a processor started
+//! after a crash takes up what its predecessor left: it runs those tasks
+//! again, or hands them to `retry`, and ends a request that had started and
+//! is not safe to send twice with an `Interrupted` error instead of sending
+//! it again. Delivery is then at least once across a crash. The
+//! [`journal`] module says exactly what is written when.
+//!
 //! # No lock around user code
 //!
 //! Handlers and observers are never called with a lock of the processor held:
@@ -25,6 +36,7 @@
 
 mod error;
 mod gate;
+pub mod journal;
 mod state;
 
 use std::{
@@ -38,10 +50,16 @@ use std::{
 };
 
 pub use error::{EnqueueError, EnqueueErrorKind, ProcessorError};
+pub use journal::{
+    JournalChange, JournalEntry, JournalEntryError, JournalError, JournalRecovery, TaskJournal,
+};
 pub use state::ProcessorState;
 use tokio::sync::{mpsc, oneshot};
 
-use self::gate::PriorityGate;
+use self::{
+    gate::PriorityGate,
+    journal::{error_chain, Fate, JournalLink, JournalSlot, JournalWriter},
+};
 use crate::{engine::Engine, propagation::Admission, Builder, Outcome, Task, TaskHandler};
 
 std::thread_local! {
@@ -97,6 +115,8 @@ struct Inner {
     idle_cv: Condvar,
     /// Orders tasks by priority when `max_in_flight` is set.
     gate: Option<Arc<PriorityGate>>,
+    /// The task journal, if the processor keeps one.
+    journal: Option<JournalSlot>,
 }
 
 /// One run of the processor: its runtime and the signals to stop it.
@@ -106,6 +126,8 @@ struct Run {
     queue: mpsc::UnboundedSender<TaskGuard>,
     shutdown: Mutex<Option<oneshot::Sender<()>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The journal thread of this run, if the processor keeps a journal.
+    journal: Option<Arc<JournalWriter>>,
 }
 
 /// Counts of a processor's tasks.
@@ -138,7 +160,11 @@ impl Processor {
         Builder::new()
     }
 
-    pub(crate) fn from_engine(engine: Arc<Engine>, handler: Arc<dyn TaskHandler>) -> Processor {
+    pub(crate) fn from_engine(
+        engine: Arc<Engine>,
+        handler: Arc<dyn TaskHandler>,
+        journal: Option<JournalSlot>,
+    ) -> Processor {
         Processor {
             inner: Arc::new(Inner {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -156,6 +182,7 @@ impl Processor {
                 idle_cv: Condvar::new(),
                 gate: engine.config.max_in_flight.map(PriorityGate::new),
                 engine,
+                journal,
             }),
         }
     }
@@ -236,9 +263,14 @@ impl Processor {
     /// running processor does nothing; starting one that is draining or
     /// stopping is an error (stop it first, or wait for the stop under way).
     /// A stopped processor starts again, whatever ended its last run.
+    ///
+    /// With a task journal, it first reads the tasks an earlier run left
+    /// there (an error if that fails: the processor stays stopped), and once
+    /// running takes them up as its
+    /// [`JournalRecovery`] says (see [`journal`]).
     pub fn start(&self) -> Result<(), ProcessorError> {
         let inner = &self.inner;
-        {
+        let (run, left) = {
             let _lock = lock(&inner.lifecycle);
             match self.state() {
                 ProcessorState::Running | ProcessorState::Starting => return Ok(()),
@@ -251,23 +283,112 @@ impl Processor {
                 ProcessorState::Stopped => {}
             }
             inner.set_state(ProcessorState::Starting);
-            // Runs no user code: it builds the runtime and waits for it.
-            let run = match self.spawn_runtime() {
-                Ok(run) => run,
+            // Runs no handler or observer: it starts the journal thread and
+            // reads what is left, then builds the runtime and waits for it.
+            let (writer, left) = match self.open_journal() {
+                Ok(opened) => opened,
                 Err(e) => {
+                    inner.set_state(ProcessorState::Stopped);
+                    return Err(ProcessorError::Journal(e));
+                }
+            };
+            let run = match self.spawn_runtime(writer.clone()) {
+                Ok(run) => Arc::new(run),
+                Err(e) => {
+                    if let Some(writer) = writer {
+                        writer.close();
+                    }
                     inner.set_state(ProcessorState::Stopped);
                     return Err(ProcessorError::Runtime(e));
                 }
             };
-            *write(&inner.run) = Some(Arc::new(run));
+            *write(&inner.run) = Some(Arc::clone(&run));
             inner.set_state(ProcessorState::Running);
-        }
+            (run, left)
+        };
         tracing::info!(processor = inner.id, "processor started");
         inner.engine.notify(|o| o.on_start());
+        if !left.is_empty() {
+            self.take_up(&run, left);
+        }
         Ok(())
     }
 
-    fn spawn_runtime(&self) -> std::io::Result<Run> {
+    /// Starts the journal thread of a run and reads the entries left by
+    /// earlier runs.
+    fn open_journal(
+        &self,
+    ) -> Result<(Option<Arc<JournalWriter>>, Vec<JournalEntry>), JournalError> {
+        let Some(slot) = &self.inner.journal else {
+            return Ok((None, Vec::new()));
+        };
+        let writer = Arc::new(slot.start()?);
+        match writer.pending() {
+            Ok(left) => Ok((Some(writer), left)),
+            Err(e) => {
+                writer.close();
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes up the tasks an earlier run left in the journal: runs them
+    /// again, hands them to `retry` or ends them as interrupted. Each counts
+    /// as pending (never refused for capacity) and leaves the journal once
+    /// its outcome was delivered, like any task.
+    fn take_up(&self, run: &Arc<Run>, left: Vec<JournalEntry>) {
+        let inner = &self.inner;
+        let (Some(slot), Some(writer)) = (&inner.journal, &run.journal) else {
+            return;
+        };
+        let decided = journal::recover(&inner.engine, slot.recovery, writer.name(), left);
+        // Held like `enqueue` holds it: once `stop` has taken the run out,
+        // nothing more reaches it.
+        let current = read(&inner.run);
+        if !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, run)) {
+            // Stopped before the tasks were taken up: they stay in the
+            // journal for the next start.
+            return;
+        }
+        tracing::info!(
+            processor = inner.id,
+            journal = %writer.name(),
+            tasks = decided.len(),
+            "taking up the tasks left in the task journal"
+        );
+        for (entry, task, fate) in decided {
+            inner.pending.fetch_add(1, Ordering::AcqRel);
+            let mut guard = TaskGuard {
+                inner: Arc::clone(inner),
+                task: Some(task),
+                admitted: Admission::now(),
+                journal: Some(JournalLink {
+                    writer: Arc::clone(writer),
+                    entry_id: entry.id,
+                }),
+            };
+            match fate {
+                Fate::Rerun => {
+                    run.handle.spawn(run_task(guard));
+                }
+                Fate::Retry => {
+                    run.handle
+                        .spawn(async move { guard.deliver(Outcome::Retry) });
+                }
+                Fate::Interrupted => {
+                    let engine = Arc::clone(&inner.engine);
+                    run.handle.spawn(async move {
+                        guard.deliver(|task| Outcome::Failed {
+                            error: journal::interrupted_error(&engine, &task),
+                            callback: task.callback,
+                        })
+                    });
+                }
+            }
+        }
+    }
+
+    fn spawn_runtime(&self, journal: Option<Arc<JournalWriter>>) -> std::io::Result<Run> {
         let id = self.inner.id;
         let workers = self.inner.engine.config.worker_threads;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -315,6 +436,7 @@ impl Processor {
             queue,
             shutdown: Mutex::new(Some(shutdown_tx)),
             thread: Mutex::new(Some(thread)),
+            journal,
         })
     }
 
@@ -327,6 +449,11 @@ impl Processor {
     /// [`PropagationLayer`](crate::propagation::PropagationLayer), the task
     /// inherits that request's deadline and priority (see
     /// [inherited deadlines](crate::propagation#inherited-deadlines)).
+    ///
+    /// With a task journal, it returns once the task is recorded there
+    /// (one durable write, shared with the other threads enqueuing at the
+    /// same moment), and refuses the task, giving it back, when the journal
+    /// fails to record it ([`EnqueueError::is_journal`]).
     pub fn enqueue(&self, task: Task) -> Result<(), EnqueueError> {
         let inner = &self.inner;
         let max = inner.engine.config.max_connections;
@@ -345,7 +472,17 @@ impl Processor {
                 }
             };
             if inner.pending.fetch_add(1, Ordering::AcqRel) < max {
-                return self.hand_over(run, task);
+                let link = match &run.journal {
+                    None => None,
+                    Some(writer) => match self.record(writer, &task) {
+                        Ok(link) => Some(link),
+                        Err(e) => {
+                            inner.finish_one();
+                            return Err(EnqueueError::journal(e, task));
+                        }
+                    },
+                };
+                return self.hand_over(run, task, link);
             }
             inner.finish_one();
         }
@@ -356,13 +493,126 @@ impl Processor {
         ))
     }
 
-    /// Hands an accepted task (already counted as pending) to the run.
+    /// Hands several tasks to the processor at once. Each is accepted or
+    /// refused as [`enqueue`](Self::enqueue) would, in order; with a task
+    /// journal, the records of all the accepted ones share one write, so a
+    /// single thread enqueuing many tasks waits for one commit instead of
+    /// one per task. Returns the refusals (none when every task was
+    /// accepted), each with its task, in the order of the tasks.
+    #[must_use = "refused tasks come back in the errors"]
+    pub fn enqueue_batch(&self, tasks: impl IntoIterator<Item = Task>) -> Vec<EnqueueError> {
+        let inner = &self.inner;
+        let max = inner.engine.config.max_connections;
+        let mut results: Vec<Result<(), EnqueueError>> = Vec::new();
+        let mut at_capacity = Vec::new();
+        {
+            // Held from the state check to the hand-over, as in `enqueue`.
+            let run = read(&inner.run);
+            let state = self.state();
+            let run = match (&*run, state) {
+                (Some(run), ProcessorState::Running) => run,
+                _ => {
+                    return tasks
+                        .into_iter()
+                        .map(|task| EnqueueError::new(EnqueueErrorKind::NotRunning { state }, task))
+                        .collect()
+                }
+            };
+            let mut accepted = Vec::new();
+            for task in tasks {
+                let at = results.len();
+                results.push(Ok(()));
+                if inner.pending.fetch_add(1, Ordering::AcqRel) < max {
+                    accepted.push((at, task));
+                } else {
+                    inner.finish_one();
+                    at_capacity.push((at, task));
+                }
+            }
+            let links = match &run.journal {
+                None => accepted.iter().map(|_| Ok(None)).collect(),
+                Some(writer) => self
+                    .record_all(writer, accepted.iter().map(|(_, task)| task))
+                    .into_iter()
+                    .map(|link| link.map(Some))
+                    .collect::<Vec<_>>(),
+            };
+            for ((at, task), link) in accepted.into_iter().zip(links) {
+                results[at] = match link {
+                    Ok(link) => self.hand_over(run, task, link),
+                    Err(e) => {
+                        inner.finish_one();
+                        Err(EnqueueError::journal(e, task))
+                    }
+                };
+            }
+        }
+        let max_error = |task| EnqueueError::new(EnqueueErrorKind::AtCapacity { max }, task);
+        for (at, task) in at_capacity {
+            inner.engine.notify(|o| o.on_capacity_exceeded(&task));
+            results[at] = Err(max_error(task));
+        }
+        results.into_iter().filter_map(Result::err).collect()
+    }
+
+    /// Records a task in the journal; returns once it is durable.
+    fn record(
+        &self,
+        writer: &Arc<JournalWriter>,
+        task: &Task,
+    ) -> Result<JournalLink, JournalError> {
+        self.record_all(writer, std::iter::once(task))
+            .pop()
+            .unwrap_or_else(|| Err(writer.gone("record a task")))
+    }
+
+    /// Records tasks in the journal in one write; returns once each is
+    /// durable, with each one's link or error.
+    fn record_all<'t>(
+        &self,
+        writer: &Arc<JournalWriter>,
+        tasks: impl Iterator<Item = &'t Task>,
+    ) -> Vec<Result<JournalLink, JournalError>> {
+        let entries: Vec<JournalEntry> = tasks.map(JournalEntry::for_task).collect();
+        let ids: Vec<(String, String)> = entries
+            .iter()
+            .map(|e| (e.id.clone(), e.task_id.clone()))
+            .collect();
+        writer
+            .record_all(entries)
+            .into_iter()
+            .zip(ids)
+            .map(|(result, (entry_id, task_id))| match result {
+                Ok(()) => Ok(JournalLink {
+                    writer: Arc::clone(writer),
+                    entry_id,
+                }),
+                Err(e) => {
+                    tracing::error!(
+                        processor = self.inner.id,
+                        task_id = %task_id,
+                        error = %error_chain(&e),
+                        "the task journal did not record a task; enqueue refused it"
+                    );
+                    Err(e)
+                }
+            })
+            .collect()
+    }
+
+    /// Hands an accepted task (already counted as pending, and recorded in
+    /// the journal when there is one) to the run.
     ///
     /// The caller holds the run's read guard, so `stop` has not taken the run
     /// and its runtime is not shutting down: spawning there or sending to its
     /// dispatcher cannot drop the task's guard (which would call `retry`
     /// under the guard).
-    fn hand_over(&self, run: &Run, task: Task) -> Result<(), EnqueueError> {
+    fn hand_over(
+        &self,
+        run: &Run,
+        task: Task,
+        journal: Option<JournalLink>,
+    ) -> Result<(), EnqueueError> {
         let inner = &self.inner;
         let guard = TaskGuard {
             inner: Arc::clone(inner),
@@ -370,6 +620,7 @@ impl Processor {
             // On the submitting thread: the context of the request it
             // serves, if any, is a task-local there.
             admitted: Admission::now(),
+            journal,
         };
         if self.on_own_thread() {
             // On one of our own threads (a handler enqueueing the next task):
@@ -385,6 +636,9 @@ impl Processor {
             Err(mpsc::error::SendError(mut guard)) => {
                 // The runtime is gone: give the task back, nothing delivered.
                 let task = guard.task.take();
+                if let Some(link) = guard.journal.take() {
+                    link.writer.remove(link.entry_id);
+                }
                 drop(guard);
                 inner.finish_one();
                 match task {
@@ -538,6 +792,11 @@ impl Processor {
             // them to `retry`; a handler still running is waited for, with no
             // limit: the contract is one outcome per task before returning.
             inner.wait_idle(None);
+            // Every outcome is delivered, so every removal is sent: write
+            // them, and give the journal back for the next start.
+            if let Some(writer) = &run.journal {
+                writer.close();
+            }
             if let Some(thread) = lock(&run.thread).take() {
                 // The thread only shuts the runtime down in the background.
                 let _ = thread.join();
@@ -623,8 +882,9 @@ impl Inner {
         true
     }
 
-    /// Hands an outcome to the handler, containing a panic.
-    fn deliver(&self, outcome: Outcome) {
+    /// Hands an outcome to the handler, containing a panic, then removes the
+    /// task from the journal.
+    fn deliver(&self, outcome: Outcome, journal: Option<JournalLink>) {
         let counter = match &outcome {
             Outcome::Completed { .. } => &self.completed,
             Outcome::Failed { .. } => &self.failed,
@@ -634,6 +894,12 @@ impl Inner {
         if catch_unwind(AssertUnwindSafe(|| outcome.deliver(self.handler.as_ref()))).is_err() {
             self.engine.panics.fetch_add(1, Ordering::Relaxed);
             tracing::error!(task_id = %id, "the task handler panicked; the panic was contained");
+        }
+        // After the handler returned (a crash before this runs the task
+        // again: at least once), before the task stops counting as pending
+        // (so `stop` finds every removal sent).
+        if let Some(link) = journal {
+            link.writer.remove(link.entry_id);
         }
         counter.fetch_add(1, Ordering::AcqRel);
         self.finish_one();
@@ -646,12 +912,14 @@ struct TaskGuard {
     task: Option<Task>,
     /// When it was accepted, in which context.
     admitted: Admission,
+    /// The task's journal entry, removed after delivery.
+    journal: Option<JournalLink>,
 }
 
 impl TaskGuard {
     fn deliver(&mut self, outcome: impl FnOnce(Task) -> Outcome) {
         if let Some(task) = self.task.take() {
-            self.inner.deliver(outcome(task));
+            self.inner.deliver(outcome(task), self.journal.take());
         }
     }
 }
@@ -680,6 +948,7 @@ async fn run_task(mut guard: TaskGuard) {
     let engine = Arc::clone(&guard.inner.engine);
     let gate = guard.inner.gate.clone();
     let admitted = guard.admitted;
+    let entry = guard.journal.as_ref();
     let work = async {
         // Saturated: wait for a slot, high priority first.
         let _slot = match &gate {
@@ -693,22 +962,39 @@ async fn run_task(mut guard: TaskGuard) {
             }
             None => None,
         };
+        // A request that must not be sent twice is marked started, durably,
+        // before it is sent: after a crash it ends as interrupted instead of
+        // being sent again.
+        if let Some(link) = entry {
+            if !journal::resendable_by_itself(&task.request) {
+                if let Err(e) = link.writer.started(link.entry_id.clone()).await {
+                    tracing::error!(
+                        task_id = %task.id,
+                        error = %error_chain(&e),
+                        "the task journal did not mark a task started; it is handed to retry unsent"
+                    );
+                    return None;
+                }
+            }
+        }
         let _in_flight = InFlight::enter(&guard.inner.in_flight);
         let _gauge = engine.metrics.track_in_flight();
         // Boxed: a spawned task's future is copied into and out of the
         // runtime's task cell; keeping the large request state behind a
         // pointer makes those copies small.
-        Box::pin(engine.execute(task, admitted)).await
+        Some(Box::pin(engine.execute(task, admitted)).await)
     };
     match work.await {
-        Ok(response) => guard.deliver(|task| Outcome::Completed {
+        Some(Ok(response)) => guard.deliver(|task| Outcome::Completed {
             response,
             callback: task.callback,
         }),
-        Err(error) => guard.deliver(|task| Outcome::Failed {
+        Some(Err(error)) => guard.deliver(|task| Outcome::Failed {
             error,
             callback: task.callback,
         }),
+        // Not sent: the task goes back to the application.
+        None => guard.deliver(Outcome::Retry),
     }
 }
 
