@@ -292,7 +292,9 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
         Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
-            format!("the body must be application/json, not {essence}"),
+            format!(
+                "the body must be application/json, not {essence} (send the header Content-Type: application/json)"
+            ),
         ))
     }
 }
