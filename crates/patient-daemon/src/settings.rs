@@ -826,6 +826,25 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_documents_every_setting_at_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/patient.toml");
+        let loaded = Settings::load(Some(&path), Vec::new(), &Flags::default()).unwrap();
+        assert_eq!(loaded, Settings::default(), "the example states the defaults");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let defaults = serde_json::to_value(Settings::default()).unwrap();
+        let mut paths = Vec::new();
+        leaf_paths(&defaults, &mut Vec::new(), &mut paths);
+        paths.extend(["database_url", "api_token", "webhook_secret", "redis_url"].map(String::from));
+        for path in paths {
+            let key = path.rsplit('.').next().unwrap();
+            assert!(
+                text.contains(&format!("{key} =")) || text.contains(&format!("# {key} =")),
+                "docs/patient.toml does not document {path}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_environment_names_are_ignored_not_fatal() {
         let s = Settings::load(None, env(&[("PATIENT_LISTN", "x")]), &Flags::default()).unwrap();
         assert_eq!(s, Settings::default());
