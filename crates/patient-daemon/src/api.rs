@@ -317,7 +317,7 @@ async fn submit(State(app): State<Arc<App>>, request: Request) -> ApiResult {
     } else {
         StatusCode::OK
     };
-    Ok(json_response(status, &record.to_json(now)))
+    Ok(json_response(status, &record.to_json(now, false)))
 }
 
 async fn submit_batch(State(app): State<Arc<App>>, request: Request) -> ApiResult {
@@ -359,7 +359,7 @@ async fn submit_batch(State(app): State<Arc<App>>, request: Request) -> ApiResul
         app.metrics.submitted(created, started.elapsed());
         app.runner.wake();
     }
-    let tasks: Vec<Value> = stored.iter().map(|(t, _)| t.to_json(now)).collect();
+    let tasks: Vec<Value> = stored.iter().map(|(t, _)| t.to_json(now, false)).collect();
     Ok(json_response(
         StatusCode::CREATED,
         &json!({ "tasks": tasks }),
@@ -603,7 +603,7 @@ async fn show(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult 
         .await
         .map_err(|e| ApiError::unavailable(&e))?
         .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
-    Ok(json_response(StatusCode::OK, &task.to_json(now_ms())))
+    Ok(json_response(StatusCode::OK, &task.to_json(now_ms(), true)))
 }
 
 async fn list(State(app): State<Arc<App>>, request: Request) -> ApiResult {
@@ -663,7 +663,7 @@ async fn list(State(app): State<Arc<App>>, request: Request) -> ApiResult {
         Value::Null
     };
     let now = now_ms();
-    let tasks: Vec<Value> = tasks.drain(..).map(|t| t.to_json(now)).collect();
+    let tasks: Vec<Value> = tasks.drain(..).map(|t| t.to_json(now, false)).collect();
     Ok(json_response(
         StatusCode::OK,
         &json!({ "tasks": tasks, "next_cursor": next_cursor }),
@@ -677,7 +677,10 @@ async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResul
         .await
         .map_err(ApiError::from_db)?;
     app.runner.abort(&id);
-    Ok(json_response(StatusCode::OK, &task.to_json(now_ms())))
+    Ok(json_response(
+        StatusCode::OK,
+        &task.to_json(now_ms(), false),
+    ))
 }
 
 async fn redeliver(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
@@ -687,7 +690,10 @@ async fn redeliver(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiRe
         .await
         .map_err(ApiError::from_db)?;
     app.deliverer.wake();
-    Ok(json_response(StatusCode::OK, &task.to_json(now_ms())))
+    Ok(json_response(
+        StatusCode::OK,
+        &task.to_json(now_ms(), false),
+    ))
 }
 
 async fn retry(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
@@ -697,7 +703,10 @@ async fn retry(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult
         .await
         .map_err(ApiError::from_db)?;
     app.runner.wake();
-    Ok(json_response(StatusCode::OK, &task.to_json(now_ms())))
+    Ok(json_response(
+        StatusCode::OK,
+        &task.to_json(now_ms(), false),
+    ))
 }
 
 #[cfg(test)]

@@ -35,6 +35,9 @@ macro_rules! select_task {
     };
 }
 
+/// Rows per multi-row insert (12 parameters each, well under SQLite's limit).
+const INSERT_CHUNK: usize = 64;
+
 /// The most jobs one transaction commits.
 pub const GROUP: usize = 512;
 
@@ -824,7 +827,8 @@ async fn insert_tasks(
     conn: &mut SqliteConnection,
     tasks: Vec<NewTask>,
 ) -> Result<Vec<(TaskRecord, bool)>, DbError> {
-    let mut out = Vec::with_capacity(tasks.len());
+    let mut out: Vec<Option<(TaskRecord, bool)>> = Vec::with_capacity(tasks.len());
+    let mut fresh: Vec<(usize, TaskRecord)> = Vec::with_capacity(tasks.len());
     for NewTask { record: t } in tasks {
         if let Some(key) = &t.idempotency_key {
             let existing = sqlx::query("SELECT id FROM patient_tasks WHERE idempotency_key = $1")
@@ -833,32 +837,47 @@ async fn insert_tasks(
                 .await?;
             if let Some(row) = existing {
                 let id: String = row.try_get("id")?;
-                out.push((fetch(conn, &id).await?, false));
+                out.push(Some((fetch(conn, &id).await?, false)));
+                continue;
+            }
+            // The same key twice in one batch: the first one wins.
+            if let Some((_, first)) = fresh
+                .iter()
+                .find(|(_, f)| f.idempotency_key.as_deref() == Some(key.as_str()))
+            {
+                out.push(Some((first.clone(), false)));
                 continue;
             }
         }
-        sqlx::query(
-            "INSERT INTO patient_tasks (id, state, request, callback, callback_args, raise_error_responses, \
-             deliver, idempotency_key, priority, created_at, not_before, deadline) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
-        .bind(&t.id)
-        .bind(t.state.as_str())
-        .bind(t.request.to_string())
-        .bind(&t.callback)
-        .bind(t.callback_args.to_string())
-        .bind(t.raise_error_responses)
-        .bind(t.deliver.to_json().to_string())
-        .bind(&t.idempotency_key)
-        .bind(t.priority)
-        .bind(t.created_at)
-        .bind(t.not_before)
-        .bind(t.deadline)
-        .execute(&mut *conn)
-        .await?;
-        out.push((t, true));
+        fresh.push((out.len(), t));
+        out.push(None);
     }
-    Ok(out)
+    // Many rows per statement: one round trip to SQLite's thread per chunk.
+    for chunk in fresh.chunks(INSERT_CHUNK) {
+        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO patient_tasks (id, state, request, callback, callback_args, raise_error_responses, \
+             deliver, idempotency_key, priority, created_at, not_before, deadline) ",
+        );
+        insert.push_values(chunk, |mut row, (_, t)| {
+            row.push_bind(t.id.clone())
+                .push_bind(t.state.as_str())
+                .push_bind(t.request.to_string())
+                .push_bind(t.callback.clone())
+                .push_bind(t.callback_args.to_string())
+                .push_bind(t.raise_error_responses)
+                .push_bind(t.deliver.to_json().to_string())
+                .push_bind(t.idempotency_key.clone())
+                .push_bind(t.priority)
+                .push_bind(t.created_at)
+                .push_bind(t.not_before)
+                .push_bind(t.deadline);
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    for (index, record) in fresh {
+        out[index] = Some((record, true));
+    }
+    Ok(out.into_iter().flatten().collect())
 }
 
 async fn finish_task(conn: &mut SqliteConnection, f: Finish) -> Result<bool, DbError> {

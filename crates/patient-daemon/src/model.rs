@@ -300,8 +300,9 @@ pub struct DeliveryRecord {
 }
 
 impl TaskRecord {
-    /// The task JSON of the API.
-    pub fn to_json(&self, now_ms: i64) -> Value {
+    /// The task JSON of the API; with `request`, the stored request too
+    /// (what `GET /v1/tasks/{id}` shows; lists and submits leave it out).
+    pub fn to_json(&self, now_ms: i64, request: bool) -> Value {
         // A scheduled task whose time has come is queued, whatever the row says.
         let state = match self.state {
             TaskState::Scheduled if self.not_before <= now_ms => TaskState::Queued,
@@ -347,7 +348,9 @@ impl TaskRecord {
                 .clone()
                 .map_or(Value::Null, Value::from),
         );
-        map.insert("request".into(), self.request.clone());
+        if request {
+            map.insert("request".into(), self.request.clone());
+        }
         Value::Object(map)
     }
 }

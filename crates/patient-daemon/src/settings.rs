@@ -829,12 +829,17 @@ mod tests {
     fn the_example_config_documents_every_setting_at_its_default() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/patient.toml");
         let loaded = Settings::load(Some(&path), Vec::new(), &Flags::default()).unwrap();
-        assert_eq!(loaded, Settings::default(), "the example states the defaults");
+        assert_eq!(
+            loaded,
+            Settings::default(),
+            "the example states the defaults"
+        );
         let text = std::fs::read_to_string(&path).unwrap();
         let defaults = serde_json::to_value(Settings::default()).unwrap();
         let mut paths = Vec::new();
         leaf_paths(&defaults, &mut Vec::new(), &mut paths);
-        paths.extend(["database_url", "api_token", "webhook_secret", "redis_url"].map(String::from));
+        paths
+            .extend(["database_url", "api_token", "webhook_secret", "redis_url"].map(String::from));
         for path in paths {
             let key = path.rsplit('.').next().unwrap();
             assert!(
