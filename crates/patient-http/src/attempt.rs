@@ -474,7 +474,7 @@ impl Engine {
                 .map_err(|e| ("PreprocessError", e.to_string()))?;
         }
         let (method, url, headers, body, extensions) = prepared.into_parts();
-        let sent = (!self.interceptors.is_empty()).then(|| {
+        let sent = self.interceptors.wants_request().then(|| {
             let secret_params: Vec<&str> = if hop.secret_params {
                 task.request
                     .secret_params()

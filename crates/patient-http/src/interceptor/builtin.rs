@@ -50,6 +50,10 @@ impl RequestIdInterceptor {
 
 #[async_trait]
 impl Interceptor for RequestIdInterceptor {
+    fn wants_request(&self) -> bool {
+        false
+    }
+
     async fn on_request(
         &self,
         request: &mut PreparedRequest,
@@ -94,6 +98,10 @@ impl ServiceNameInterceptor {
 
 #[async_trait]
 impl Interceptor for ServiceNameInterceptor {
+    fn wants_request(&self) -> bool {
+        false
+    }
+
     async fn on_request(
         &self,
         request: &mut PreparedRequest,
@@ -178,6 +186,10 @@ impl HeaderRewrite {
 
 #[async_trait]
 impl Interceptor for HeaderRewrite {
+    fn wants_request(&self) -> bool {
+        false
+    }
+
     async fn on_request(
         &self,
         request: &mut PreparedRequest,
@@ -368,6 +380,10 @@ where
         + Sync
         + 'static,
 {
+    fn wants_request(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> String {
         self.name.clone()
     }

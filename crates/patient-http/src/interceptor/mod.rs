@@ -404,6 +404,16 @@ pub trait Interceptor: Send + Sync + 'static {
         short_type_name(std::any::type_name::<Self>())
     }
 
+    /// Whether this interceptor's response hook reads
+    /// [`InterceptContext::request`] (the request as sent, redacted, with
+    /// its extensions). Building that copy costs a URL and header clone per
+    /// send, so a chain builds it only when one of its interceptors says
+    /// yes. Default `true`; hooks that only change requests, or read only
+    /// the response, return `false`.
+    fn wants_request(&self) -> bool {
+        true
+    }
+
     /// Runs before each send of an attempt (each redirect hop, and a
     /// replay), in chain order, after secrets are resolved and before
     /// preprocessors run. May change the request; an `Err` refuses it:
@@ -441,6 +451,10 @@ pub trait Interceptor: Send + Sync + 'static {
 impl<T: Interceptor + ?Sized> Interceptor for Arc<T> {
     fn name(&self) -> String {
         (**self).name()
+    }
+
+    fn wants_request(&self) -> bool {
+        (**self).wants_request()
     }
 
     async fn on_request(
@@ -538,6 +552,12 @@ impl Interceptors {
     /// Whether the chain is empty.
     pub fn is_empty(&self) -> bool {
         self.chain.is_empty()
+    }
+
+    /// Whether any interceptor of the chain reads the request as sent in
+    /// its response hook (see [`Interceptor::wants_request`]).
+    pub fn wants_request(&self) -> bool {
+        self.chain.iter().any(|i| i.wants_request())
     }
 
     /// Runs the request hooks in order, awaiting each; stops at the first

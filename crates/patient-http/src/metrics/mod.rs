@@ -99,6 +99,9 @@ pub const DEFAULT_MAX_ENDPOINT_LABELS: usize = 512;
 /// The `endpoint` label of every endpoint past the label limit.
 pub const OTHER_ENDPOINT: &str = "other";
 
+/// Paths remembered per upstream with their endpoint's handles.
+const RAW_PATHS: usize = 256;
+
 pub use endpoint::InvalidEndpointTemplate;
 use endpoint::{endpoint_label, PathTemplate};
 
@@ -299,6 +302,9 @@ pub struct UpstreamMetrics {
     rate_limit_waits: OnceLock<(Counter, Histogram)>,
     endpoint_limits: Arc<EndpointLimits>,
     endpoints: RwLock<FxHashMap<String, Arc<EndpointMetrics>>>,
+    /// The handles of paths seen as sent (by method), so a repeated path
+    /// is not templated again; bounded by [`RAW_PATHS`].
+    raw: RwLock<FxHashMap<&'static str, FxHashMap<Box<str>, Arc<EndpointMetrics>>>>,
 }
 
 /// A status code or an error type, as a `status` label.
@@ -329,6 +335,7 @@ impl UpstreamMetrics {
             families: families.clone(),
             endpoint_limits: Arc::clone(endpoint_limits),
             endpoints: RwLock::new(FxHashMap::default()),
+            raw: RwLock::new(FxHashMap::default()),
         }
     }
 
@@ -336,9 +343,23 @@ impl UpstreamMetrics {
     /// the first time): `path` is reduced to its template (see
     /// [`endpoint`](self::endpoint)); past the endpoint label limit a new
     /// endpoint gets the handles of [`OTHER_ENDPOINT`].
-    pub fn endpoint(&self, method: &str, path: &str) -> Arc<EndpointMetrics> {
+    pub fn endpoint(&self, method: &'static str, path: &str) -> Arc<EndpointMetrics> {
+        // A hash lookup of the borrowed pair: no label is built for a path
+        // seen before.
+        if let Some(found) = read(&self.raw)
+            .get(method)
+            .and_then(|paths| paths.get(path))
+        {
+            return Arc::clone(found);
+        }
         let templates = Arc::clone(&read(&self.endpoint_limits.templates));
-        self.endpoint_labelled(endpoint_label(method, path, &templates))
+        let handles = self.endpoint_labelled(endpoint_label(method, path, &templates));
+        let mut raw = write(&self.raw);
+        let paths = raw.entry(method).or_default();
+        if paths.len() < RAW_PATHS {
+            paths.insert(path.into(), Arc::clone(&handles));
+        }
+        handles
     }
 
     fn endpoint_labelled(&self, label: String) -> Arc<EndpointMetrics> {
