@@ -578,11 +578,12 @@ async fn the_state_filter_matches_the_state_each_task_shows() {
     let ids = |list: patient_client::TaskList| -> Vec<String> {
         list.tasks.into_iter().map(|t| t.id).collect()
     };
+    let only_delayed = vec![delayed.id.clone()];
     let scheduled = client
         .list(&ListFilter::new().state(TaskState::Scheduled))
         .await
         .unwrap();
-    assert_eq!(ids(scheduled), [delayed.id.clone()]);
+    assert_eq!(ids(scheduled), only_delayed);
 
     eventually("the delayed task to come due", || async {
         (client.get(&delayed.id).await.unwrap().state == TaskState::Queued).then_some(())
@@ -592,11 +593,7 @@ async fn the_state_filter_matches_the_state_each_task_shows() {
         .list(&ListFilter::new().state(TaskState::Queued))
         .await
         .unwrap();
-    assert_eq!(
-        ids(queued),
-        [delayed.id.clone()],
-        "shown queued, listed queued"
-    );
+    assert_eq!(ids(queued), only_delayed, "shown queued, listed queued");
     let scheduled = client
         .list(&ListFilter::new().state(TaskState::Scheduled))
         .await

@@ -18,8 +18,10 @@ use crate::{
 const AFTER_HELP: &str = client_help!(
     "Submits the request to the daemon (patient serve) and prints the task. The
 daemon runs it with its retry settings (by default 5 attempts, backoff 1 s x 2
-up to 10 min, POST and PATCH only with an idempotency key) and delivers the
-outcome as --deliver says, or keeps it for polling (patient tasks show ID).
+up to 10 min; POST and PATCH are retried only with an Idempotency-Key header)
+and delivers the outcome as --deliver says, or keeps it for polling (patient
+tasks show ID). --idempotency-key is the daemon's own: it makes the submit, not
+the request, safe to send twice.
 
 With --wait it polls until the task finishes and exits with its outcome's
 status, as `patient request` does.
