@@ -283,7 +283,11 @@ impl Db {
     pub async fn list(&self, query: &ListQuery) -> Result<Vec<TaskRecord>, DbError> {
         let sql = concat!(
             select_task!(),
-            " WHERE ($1 IS NULL OR t.state = $1) AND ($2 IS NULL OR t.callback = $2) \
+            // The state as the task's JSON shows it: a waiting task is
+            // scheduled until its time, then queued, whatever its row says.
+            " WHERE ($1 IS NULL OR (CASE WHEN t.state IN ('scheduled', 'queued') THEN \
+             (CASE WHEN t.not_before > $6 THEN 'scheduled' ELSE 'queued' END) ELSE t.state END) = $1) \
+             AND ($2 IS NULL OR t.callback = $2) \
              AND ($3 IS NULL OR t.created_at < $3 OR (t.created_at = $3 AND t.id < $4)) \
              ORDER BY t.created_at DESC, t.id DESC LIMIT $5"
         );
@@ -297,6 +301,7 @@ impl Db {
             .bind(cursor_at)
             .bind(cursor_id)
             .bind(i64::from(query.limit))
+            .bind(crate::model::now_ms())
             .fetch_all(&self.reader)
             .await?;
         rows.iter().map(task_of).collect()

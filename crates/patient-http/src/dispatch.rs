@@ -25,6 +25,11 @@ pub enum DispatchError {
     /// is inside.
     #[error(transparent)]
     Refused(#[from] EnqueueError),
+    /// A remote queue (such as the daemon's API) did not take the task: it
+    /// refused it or could not be reached. The error is that client's own
+    /// (for the daemon's client, a `patient_client::ClientError`).
+    #[error(transparent)]
+    Remote(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A request body for [`Dispatch`]'s shortcuts.

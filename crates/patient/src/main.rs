@@ -1,7 +1,10 @@
 //! The `patient` command line: thin glue over the `patient-http` library.
 
+mod client_args;
 mod request;
 mod serve;
+mod submit;
+mod tasks;
 
 use std::process::ExitCode;
 
@@ -21,6 +24,10 @@ enum Command {
     Request(request::RequestArgs),
     /// Run the daemon: a durable request queue with an HTTP API.
     Serve(serve::ServeArgs),
+    /// Submit a request to a running daemon as a durable task.
+    Submit(submit::SubmitArgs),
+    /// List, show, cancel, redeliver or retry the tasks of a running daemon.
+    Tasks(tasks::TasksArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +38,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Request(args) => request::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Submit(args) => submit::run(args),
+        Command::Tasks(args) => tasks::run(args),
     }
 }
 
@@ -50,8 +59,17 @@ fn usage_error(e: clap::Error) -> ExitCode {
         }
         _ => {
             let text = e.to_string();
-            let line = text.lines().next().unwrap_or("invalid arguments");
-            let line = line.strip_prefix("error: ").unwrap_or(line);
+            let mut lines = text.lines();
+            let first = lines.next().unwrap_or("invalid arguments");
+            let mut line = first.strip_prefix("error: ").unwrap_or(first).to_owned();
+            // "...were not provided:" lists the arguments on the lines after it.
+            if line.ends_with(':') {
+                let listed: Vec<&str> = lines
+                    .take_while(|l| l.starts_with("  "))
+                    .map(str::trim)
+                    .collect();
+                line = format!("{line} {}", listed.join(", "));
+            }
             eprintln!("patient: {line}");
             ExitCode::from(request::EXIT_USAGE)
         }

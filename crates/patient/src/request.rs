@@ -39,10 +39,10 @@ Examples:
   patient request https://api.example.com/v1/items --timeout 10 --retries 2 --deadline 30
   echo '{\"http_method\":\"get\",\"url\":\"http://127.0.0.1:8080/\",\"headers\":{},\"body\":null,\"timeout\":null,\"max_redirects\":null}' | patient request --from -";
 
-/// Arguments of `patient request`.
+/// The flags that make a request, shared by `patient request` and
+/// `patient submit`.
 #[derive(Debug, Args)]
-#[command(after_help = AFTER_HELP)]
-pub(crate) struct RequestArgs {
+pub(crate) struct RequestSpec {
     /// The method and the URL: `[METHOD] URL` (GET when only a URL is given).
     #[arg(value_name = "METHOD URL", num_args = 0..=2)]
     target: Vec<String>,
@@ -69,6 +69,51 @@ pub(crate) struct RequestArgs {
     #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     timeout: Option<f64>,
 
+    /// Redirects followed (default 5; 0 disables).
+    #[arg(long, value_name = "N")]
+    max_redirects: Option<u32>,
+
+    /// A JSON object returned with the outcome as `callback_args`.
+    #[arg(long, value_name = "JSON")]
+    callback_args: Option<String>,
+
+    /// Turn non-2xx responses into an HTTP error outcome (exit status 1).
+    #[arg(long)]
+    pub(crate) raise_error_responses: bool,
+
+    /// Take the request from FILE, a serialized Request (wire-format JSON),
+    /// or `-` for stdin.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["target", "body", "json", "params"])]
+    from: Option<PathBuf>,
+}
+
+impl RequestSpec {
+    /// The request: read from `--from`, or built from the flags.
+    pub(crate) fn request(&self) -> Result<Request, UsageError> {
+        match &self.from {
+            Some(path) => read_request(path),
+            None => build_request(self),
+        }
+    }
+
+    /// The `--callback-args` object (none when not given).
+    pub(crate) fn callback_args(&self) -> Result<CallbackArgs, UsageError> {
+        let Some(json) = &self.callback_args else {
+            return Ok(CallbackArgs::new());
+        };
+        let value: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| UsageError(format!("--callback-args is not valid JSON: {e}")))?;
+        CallbackArgs::from_value(value).map_err(|e| UsageError(format!("--callback-args: {e}")))
+    }
+}
+
+/// Arguments of `patient request`.
+#[derive(Debug, Args)]
+#[command(after_help = AFTER_HELP)]
+pub(crate) struct RequestArgs {
+    #[command(flatten)]
+    spec: RequestSpec,
+
     /// Retries after the first attempt, so up to N + 1 attempts in all, on
     /// timeouts, connection errors and statuses 408, 429, 500, 502, 503 and
     /// 504, with exponential backoff (default 0: one attempt). POST and PATCH
@@ -86,22 +131,6 @@ pub(crate) struct RequestArgs {
     /// none).
     #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     deadline: Option<f64>,
-
-    /// Redirects followed (default 5; 0 disables).
-    #[arg(long, value_name = "N")]
-    max_redirects: Option<u32>,
-
-    /// A JSON object returned with the outcome as `callback_args`.
-    #[arg(long, value_name = "JSON")]
-    callback_args: Option<String>,
-
-    /// Turn non-2xx responses into an HTTP error outcome (exit status 1).
-    #[arg(long)]
-    raise_error_responses: bool,
-
-    /// Run a serialized Request (wire-format JSON) from FILE, or `-` for stdin.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["target", "body", "json", "params"])]
-    from: Option<PathBuf>,
 
     /// A secret for `{"$secret": NAME}` references, read from an environment
     /// variable: `NAME=VAR` (repeatable).
@@ -142,7 +171,7 @@ pub(crate) struct RequestArgs {
 }
 
 /// A one-line argument error.
-struct UsageError(String);
+pub(crate) struct UsageError(pub(crate) String);
 
 impl<E: std::fmt::Display> From<E> for UsageError {
     fn from(e: E) -> Self {
@@ -177,7 +206,7 @@ pub(crate) fn run(args: RequestArgs) -> ExitCode {
     }
 }
 
-fn seconds(name: &str, value: f64) -> Result<Duration, UsageError> {
+pub(crate) fn seconds(name: &str, value: f64) -> Result<Duration, UsageError> {
     Duration::try_from_secs_f64(value)
         .ok()
         .filter(|d| !d.is_zero())
@@ -189,10 +218,7 @@ fn seconds(name: &str, value: f64) -> Result<Duration, UsageError> {
 }
 
 fn prepare(args: &RequestArgs) -> Result<(InlineExecutor, Task), UsageError> {
-    let request = match &args.from {
-        Some(path) => read_request(path)?,
-        None => build_request(args)?,
-    };
+    let request = args.spec.request()?;
     let mut config = Config::builder();
     if let Some(t) = args.connect_timeout {
         config = config.connection_timeout(Some(seconds("--connect-timeout", t)?));
@@ -238,14 +264,9 @@ fn prepare(args: &RequestArgs) -> Result<(InlineExecutor, Task), UsageError> {
     let (tx, _rx) = mpsc::channel::<Outcome>();
     let executor = builder.build_inline(tx)?;
 
-    let mut task = Task::new(request, "patient request");
-    if let Some(json) = &args.callback_args {
-        let value: serde_json::Value = serde_json::from_str(json)
-            .map_err(|e| UsageError(format!("--callback-args is not valid JSON: {e}")))?;
-        task.callback_args = CallbackArgs::from_value(value)
-            .map_err(|e| UsageError(format!("--callback-args: {e}")))?;
-    }
-    if args.raise_error_responses {
+    let mut task =
+        Task::new(request, "patient request").with_callback_args(args.spec.callback_args()?);
+    if args.spec.raise_error_responses {
         task.raise_error_responses = Some(true);
     }
     Ok((executor, task))
@@ -293,7 +314,7 @@ fn read_request(path: &PathBuf) -> Result<Request, UsageError> {
     Request::from_json(&value).map_err(|e| UsageError(format!("--from {source}: {e}")))
 }
 
-fn build_request(args: &RequestArgs) -> Result<Request, UsageError> {
+fn build_request(args: &RequestSpec) -> Result<Request, UsageError> {
     let (method, url) = match args.target.as_slice() {
         [url] => (Method::Get, url.as_str()),
         [method, url] => (
