@@ -437,6 +437,24 @@ impl Db {
         rows.iter().map(task_of).collect()
     }
 
+    /// Frees the deliveries a stopped node left claimed, so that they are
+    /// sent at this start rather than once their lease runs out (SQLite has
+    /// one node: any lease found at start is a stopped node's). How many.
+    pub async fn recover_deliveries(&self) -> Result<u64, DbError> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE patient_deliveries SET lease_owner = NULL, lease_until = NULL \
+                     WHERE lease_owner IS NOT NULL",
+                )
+                .execute(&mut *conn)
+                .await?;
+                Ok(done.rows_affected())
+            })
+        })
+        .await
+    }
+
     /// Puts a task left running by a crash back in the queue.
     pub async fn requeue(&self, id: &str) -> Result<bool, DbError> {
         let id = id.to_owned();
@@ -1053,6 +1071,46 @@ mod tests {
             0,
             "its delivery is pending"
         );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn deliveries_a_stopped_node_left_claimed_are_taken_back_at_start() {
+        let (db, dir) = db("recover").await;
+        let t = task(None, 1, 1);
+        let id = t.record.id.clone();
+        db.insert(vec![t]).await.unwrap();
+        db.claim("gone", 10, 100_000, 10).await.unwrap();
+        db.finish(Finish {
+            id: id.clone(),
+            owner: Some("gone".into()),
+            state: TaskState::Completed,
+            outcome: json!({}),
+            attempts: vec![],
+            request_sent: true,
+            finished_at: 20,
+            delivery: Some(message_id()),
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            db.claim_deliveries("gone", 20, 100_000, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        // The node is killed; the next start's node cannot claim it...
+        assert!(db
+            .claim_deliveries("next", 30, 100_000, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        // ... until the recovery at start frees it.
+        assert_eq!(db.recover_deliveries().await.unwrap(), 1);
+        let due = db.claim_deliveries("next", 30, 100_000, 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].task.id, id);
         let _ = std::fs::remove_dir_all(dir);
     }
 
