@@ -626,8 +626,11 @@ async fn show(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult {
 }
 
 async fn list(State(app): State<Arc<App>>, request: Request) -> ApiResult {
+    let now = now_ms();
     let mut query = ListQuery {
         limit: 100,
+        // Filter by the state each task shows (see `TaskRecord::to_json`).
+        at: Some(now),
         ..ListQuery::default()
     };
     for (key, value) in url::form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
@@ -681,7 +684,6 @@ async fn list(State(app): State<Arc<App>>, request: Request) -> ApiResult {
     } else {
         Value::Null
     };
-    let now = now_ms();
     let tasks: Vec<Value> = tasks.drain(..).map(|t| t.to_json(now)).collect();
     Ok(json_response(
         StatusCode::OK,

@@ -172,6 +172,10 @@ pub struct ListQuery {
     pub limit: u32,
     /// After this `(created_at, id)`, newest first.
     pub cursor: Option<(i64, String)>,
+    /// Judge `state` as the task JSON shows it at this time (ms): a waiting
+    /// task whose `not_before` has come is `queued`, one still waiting for
+    /// it `scheduled`, whatever the row says. `None`: as stored.
+    pub at: Option<i64>,
 }
 
 impl Db {
@@ -280,7 +284,11 @@ impl Db {
     pub async fn list(&self, query: &ListQuery) -> Result<Vec<TaskRecord>, DbError> {
         let sql = concat!(
             select_task!(),
-            " WHERE ($1 IS NULL OR t.state = $1) AND ($2 IS NULL OR t.callback = $2) \
+            " WHERE ($1 IS NULL OR $1 = CASE \
+             WHEN $6 IS NOT NULL AND t.state IN ('scheduled', 'queued') \
+             THEN CASE WHEN t.not_before <= $6 THEN 'queued' ELSE 'scheduled' END \
+             ELSE t.state END) \
+             AND ($2 IS NULL OR t.callback = $2) \
              AND ($3 IS NULL OR t.created_at < $3 OR (t.created_at = $3 AND t.id < $4)) \
              ORDER BY t.created_at DESC, t.id DESC LIMIT $5"
         );
@@ -294,6 +302,7 @@ impl Db {
             .bind(cursor_at)
             .bind(cursor_id)
             .bind(i64::from(query.limit))
+            .bind(query.at)
             .fetch_all(&self.reader)
             .await?;
         rows.iter().map(task_of).collect()

@@ -380,3 +380,173 @@ async fn delay_and_not_before_hold_a_task_until_its_time() {
     }
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_bounds_the_task_from_submission_on() {
+    let upstream = Upstream::start().await.unwrap();
+    let daemon = Daemon::start(&[]).await;
+    // The upstream asks for a 3 s pause; the deadline is 0.5 s away.
+    let url = upstream.url("/sequence?key=deadline&steps=503&retry_after=3");
+    let task = daemon
+        .submit(
+            &json!({"request": {"http_method": "get", "url": url, "options": {"deadline": 0.5}}}),
+        )
+        .await;
+    let started = std::time::Instant::now();
+    let done = daemon.wait_finished(&id(&task)).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "ended at the deadline, not after the pause: {:?} {done:#}",
+        started.elapsed()
+    );
+    assert_eq!(upstream.sequence_count("deadline"), 1);
+    // A pause past the deadline is not waited: the last answer stands.
+    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_eq!(done["outcome"]["response"]["status"], 503);
+    assert_eq!(done["attempts"].as_array().unwrap().len(), 1);
+
+    // A delay past the deadline: the task ends without sending anything.
+    let late = daemon
+        .submit(
+            &json!({"request": {"http_method": "get", "url": upstream.url("/fast"),
+                                    "options": {"deadline": 0.2}}, "delay": 0.5}),
+        )
+        .await;
+    let late = daemon.wait_finished(&id(&late)).await;
+    assert_eq!(late["state"], "failed", "{late:#}");
+    assert!(late["outcome"]["error"].is_object(), "{late:#}");
+    assert_eq!(
+        upstream.requests_to("/fast"),
+        0,
+        "nothing sent past the deadline"
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_bounds_each_attempt() {
+    let upstream = Upstream::start().await.unwrap();
+    let daemon = Daemon::start(&[("PATIENT_RETRY__MAX_ATTEMPTS", "2")]).await;
+    let task = daemon
+        .submit(
+            &json!({"request": {"http_method": "get", "url": upstream.url("/delay?ms=3000"),
+                                    "timeout": 0.3}}),
+        )
+        .await;
+    let started = std::time::Instant::now();
+    let done = daemon.wait_finished(&id(&task)).await;
+    assert!(started.elapsed() < Duration::from_millis(2500), "{done:#}");
+    assert_eq!(done["state"], "failed", "{done:#}");
+    assert_eq!(done["outcome"]["error"]["error_type"], "timeout");
+    let attempts = done["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "a timeout is retried: {done:#}");
+    for a in attempts {
+        assert_eq!(a["error_type"], "timeout", "{a}");
+        assert_eq!(a["status"], Value::Null);
+    }
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_queue_is_served_high_priority_first_and_listed_by_its_shown_state() {
+    let upstream = Upstream::start().await.unwrap();
+    let daemon = Daemon::start(&[("PATIENT_MAX_IN_FLIGHT", "1")]).await;
+    // One slot, taken for 800 ms: the rest wait in the queue.
+    let busy = daemon
+        .submit(&get_request(&upstream.url("/delay?ms=800")))
+        .await;
+    daemon
+        .wait_task(&id(&busy), "running", |t| t["state"] == "running")
+        .await;
+    let mut waiting = Vec::new();
+    for priority in ["low", "normal", "high"] {
+        let task = daemon
+            .submit(&json!({"request": {"http_method": "get",
+                "url": upstream.url(&format!("/sequence?key={priority}")),
+                "options": {"priority": priority}}, "callback": priority}))
+            .await;
+        waiting.push(id(&task));
+    }
+    // A delayed one whose time comes while the slot is still taken.
+    let delayed = daemon
+        .submit(
+            &json!({"request": {"http_method": "get", "url": upstream.url("/sequence?key=delayed")},
+                        "delay": 0.2, "callback": "delayed"}),
+        )
+        .await;
+    assert_eq!(delayed["state"], "scheduled");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+
+    // Due but not claimed: shown `queued`, and listed as such.
+    let shown = daemon.task(&id(&delayed)).await;
+    assert_eq!(shown["state"], "queued", "{shown:#}");
+    let queued = daemon.get("/v1/tasks?state=queued").await.json();
+    let queued: BTreeSet<String> = queued["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            assert_eq!(
+                t["state"], "queued",
+                "the list shows what the filter says: {t}"
+            );
+            id(t)
+        })
+        .collect();
+    let mut expected: BTreeSet<String> = waiting.iter().cloned().collect();
+    expected.insert(id(&delayed));
+    assert_eq!(queued, expected);
+    let scheduled = daemon.get("/v1/tasks?state=scheduled").await.json();
+    assert_eq!(scheduled["tasks"], json!([]), "{scheduled:#}");
+
+    let mut starts = Vec::new();
+    for task in waiting.iter().chain([&id(&delayed)]) {
+        let done = daemon.wait_finished(task).await;
+        starts.push((
+            ms(&done["attempts"][0]["started_at"]),
+            done["callback"].clone(),
+        ));
+    }
+    starts.sort_by_key(|(at, _)| *at);
+    let order: Vec<&Value> = starts.iter().map(|(_, c)| c).collect();
+    assert_eq!(order[0], "high", "{starts:?}");
+    assert_eq!(order[3], "low", "{starts:?}");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cursor_pages_tasks_created_in_the_same_millisecond() {
+    let daemon = Daemon::start(&[]).await;
+    let body = json!({"request": {"http_method": "get", "url": "http://127.0.0.1:9/"},
+                      "callback": "SameMs", "delay": 3600});
+    let reply = daemon
+        .post(
+            "/v1/tasks/batch",
+            &json!({"tasks": [body, body, body, body, body]}),
+        )
+        .await;
+    assert_eq!(reply.status, 201);
+    let batch: BTreeSet<String> = reply.json()["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(id)
+        .collect();
+    assert_eq!(batch.len(), 5);
+    let mut seen = Vec::new();
+    let mut path = "/v1/tasks?callback=SameMs&limit=2".to_owned();
+    for _ in 0..3 {
+        let page = daemon.get(&path).await.json();
+        seen.extend(page["tasks"].as_array().unwrap().iter().map(id));
+        match page["next_cursor"].as_str() {
+            Some(c) => {
+                let c: String = url::form_urlencoded::byte_serialize(c.as_bytes()).collect();
+                path = format!("/v1/tasks?callback=SameMs&limit=2&cursor={c}");
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert_eq!(seen.iter().cloned().collect::<BTreeSet<_>>(), batch);
+    daemon.stop().await.unwrap();
+}
