@@ -668,19 +668,17 @@ async fn routes_methods_ids_and_states_answer_in_the_error_shape() {
     let done = daemon.submit(&get_request(&upstream.url("/fast"))).await;
     let id = done["id"].as_str().unwrap();
     daemon.wait_finished(id).await;
-    for (action, why) in [
-        ("cancel", "a finished task cannot be cancelled"),
-        ("retry", "only a failed task can be retried"),
-        (
-            "redeliver",
-            "a task without a channel has nothing to deliver",
-        ),
-    ] {
+    // A finished task cannot be cancelled, only a failed one retried, and
+    // one without a channel has nothing to deliver again.
+    for action in ["cancel", "retry", "redeliver"] {
         let reply = daemon
             .post(&format!("/v1/tasks/{id}/{action}"), &json!({}))
             .await;
-        reply.assert_error(409, "conflict");
-        let _ = why;
+        let error = reply.assert_error(409, "conflict");
+        assert!(
+            error["message"].as_str().unwrap().contains(id),
+            "{action}: the message names the task: {error}"
+        );
     }
     // A task that has not finished has no outcome to deliver again.
     let waiting = daemon
