@@ -596,7 +596,26 @@ fn check_secrets(app: &App, request: &WireRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn show(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
+/// The `{id}` of a task route. An id that does not decode (its
+/// percent-escapes are not UTF-8) names no task: `404`, in the API's error
+/// shape rather than the framework's plain-text rejection.
+struct TaskId(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for TaskId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| TaskId(id))
+            .map_err(|e| ApiError::not_found(format!("no such task: {e}")))
+    }
+}
+
+async fn show(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult {
     let task = app
         .db
         .get(&id)
@@ -607,8 +626,11 @@ async fn show(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult 
 }
 
 async fn list(State(app): State<Arc<App>>, request: Request) -> ApiResult {
+    let now = now_ms();
     let mut query = ListQuery {
         limit: 100,
+        // Filter by the state each task shows (see `TaskRecord::to_json`).
+        at: Some(now),
         ..ListQuery::default()
     };
     for (key, value) in url::form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
@@ -662,7 +684,6 @@ async fn list(State(app): State<Arc<App>>, request: Request) -> ApiResult {
     } else {
         Value::Null
     };
-    let now = now_ms();
     let tasks: Vec<Value> = tasks.drain(..).map(|t| t.to_json(now, false)).collect();
     Ok(json_response(
         StatusCode::OK,
@@ -670,7 +691,7 @@ async fn list(State(app): State<Arc<App>>, request: Request) -> ApiResult {
     ))
 }
 
-async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
+async fn cancel(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult {
     let task = app
         .db
         .cancel(&id, now_ms())
@@ -683,7 +704,7 @@ async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResul
     ))
 }
 
-async fn redeliver(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
+async fn redeliver(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult {
     let task = app
         .db
         .redeliver(&id, now_ms())
@@ -696,7 +717,7 @@ async fn redeliver(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiRe
     ))
 }
 
-async fn retry(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult {
+async fn retry(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult {
     let task = app
         .db
         .retry(&id, now_ms())

@@ -175,6 +175,10 @@ pub struct ListQuery {
     pub limit: u32,
     /// After this `(created_at, id)`, newest first.
     pub cursor: Option<(i64, String)>,
+    /// Judge `state` as the task JSON shows it at this time (ms): a waiting
+    /// task whose `not_before` has come is `queued`, one still waiting for
+    /// it `scheduled`, whatever the row says. `None`: as stored.
+    pub at: Option<i64>,
 }
 
 impl Db {
@@ -283,10 +287,10 @@ impl Db {
     pub async fn list(&self, query: &ListQuery) -> Result<Vec<TaskRecord>, DbError> {
         let sql = concat!(
             select_task!(),
-            // The state as the task's JSON shows it: a waiting task is
-            // scheduled until its time, then queued, whatever its row says.
-            " WHERE ($1 IS NULL OR (CASE WHEN t.state IN ('scheduled', 'queued') THEN \
-             (CASE WHEN t.not_before > $6 THEN 'scheduled' ELSE 'queued' END) ELSE t.state END) = $1) \
+            " WHERE ($1 IS NULL OR $1 = CASE \
+             WHEN $6 IS NOT NULL AND t.state IN ('scheduled', 'queued') \
+             THEN CASE WHEN t.not_before <= $6 THEN 'queued' ELSE 'scheduled' END \
+             ELSE t.state END) \
              AND ($2 IS NULL OR t.callback = $2) \
              AND ($3 IS NULL OR t.created_at < $3 OR (t.created_at = $3 AND t.id < $4)) \
              ORDER BY t.created_at DESC, t.id DESC LIMIT $5"
@@ -301,7 +305,7 @@ impl Db {
             .bind(cursor_at)
             .bind(cursor_id)
             .bind(i64::from(query.limit))
-            .bind(crate::model::now_ms())
+            .bind(query.at)
             .fetch_all(&self.reader)
             .await?;
         rows.iter().map(task_of).collect()
@@ -443,6 +447,24 @@ impl Db {
             .fetch_all(&self.reader)
             .await?;
         rows.iter().map(task_of).collect()
+    }
+
+    /// Frees the deliveries a stopped node left claimed, so that they are
+    /// sent at this start rather than once their lease runs out (SQLite has
+    /// one node: any lease found at start is a stopped node's). How many.
+    pub async fn recover_deliveries(&self) -> Result<u64, DbError> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE patient_deliveries SET lease_owner = NULL, lease_until = NULL \
+                     WHERE lease_owner IS NOT NULL",
+                )
+                .execute(&mut *conn)
+                .await?;
+                Ok(done.rows_affected())
+            })
+        })
+        .await
     }
 
     /// Puts a task left running by a crash back in the queue.
@@ -1077,6 +1099,46 @@ mod tests {
             0,
             "its delivery is pending"
         );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn deliveries_a_stopped_node_left_claimed_are_taken_back_at_start() {
+        let (db, dir) = db("recover").await;
+        let t = task(None, 1, 1);
+        let id = t.record.id.clone();
+        db.insert(vec![t]).await.unwrap();
+        db.claim("gone", 10, 100_000, 10).await.unwrap();
+        db.finish(Finish {
+            id: id.clone(),
+            owner: Some("gone".into()),
+            state: TaskState::Completed,
+            outcome: json!({}),
+            attempts: vec![],
+            request_sent: true,
+            finished_at: 20,
+            delivery: Some(message_id()),
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            db.claim_deliveries("gone", 20, 100_000, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        // The node is killed; the next start's node cannot claim it...
+        assert!(db
+            .claim_deliveries("next", 30, 100_000, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        // ... until the recovery at start frees it.
+        assert_eq!(db.recover_deliveries().await.unwrap(), 1);
+        let due = db.claim_deliveries("next", 30, 100_000, 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].task.id, id);
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -208,6 +208,13 @@ pub async fn run_until(
             "recovered the tasks a stop left running"
         );
     }
+    let deliveries = db
+        .recover_deliveries()
+        .await
+        .map_err(|e| ServeError::Store(e.to_string()))?;
+    if deliveries > 0 {
+        tracing::info!(deliveries, "took back the deliveries a stop left claimed");
+    }
     let deliverer = Deliverer::new(
         db.clone(),
         owner,

@@ -1,0 +1,253 @@
+//! Webhook delivery end to end: submit, run against the test upstream, and
+//! receive the outcome at a real receiver that checks the Standard Webhooks
+//! signature itself (with `ring`, not the daemon's signing code).
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{verify_webhook, Daemon, Received, Receiver, SECRET};
+use patient_testkit::Upstream;
+use serde_json::{json, Value};
+
+fn keys(value: &Value) -> BTreeSet<&str> {
+    value
+        .as_object()
+        .unwrap_or_else(|| panic!("an object: {value}"))
+        .keys()
+        .map(String::as_str)
+        .collect()
+}
+
+/// Checks a delivered message against the contract: signed, the body
+/// `{"type","timestamp","data"}` with `data` the task's outcome event.
+fn check_message(message: &Received, task: &Value) {
+    verify_webhook(SECRET, message).unwrap_or_else(|e| panic!("signature: {e}"));
+    assert!(
+        message
+            .header("content-type")
+            .starts_with("application/json"),
+        "{:?}",
+        message.headers
+    );
+    let body = message.json();
+    assert_eq!(keys(&body), BTreeSet::from(["type", "timestamp", "data"]));
+    let timestamp = body["timestamp"].as_str().unwrap();
+    time::OffsetDateTime::parse(timestamp, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("timestamp {timestamp:?} is not RFC 3339: {e}"));
+    let event = &body["data"];
+    assert_eq!(
+        keys(event),
+        BTreeSet::from([
+            "task_id",
+            "type",
+            "callback",
+            "callback_args",
+            "response",
+            "error"
+        ])
+    );
+    assert_eq!(body["type"], event["type"]);
+    assert_eq!(event["task_id"], task["id"]);
+    assert_eq!(
+        event, &task["outcome"],
+        "the webhook carries the stored outcome"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_task_reaches_the_webhook_signed_and_is_retried_then_redelivered() {
+    let upstream = Upstream::start().await.unwrap();
+    // The receiver fails the first delivery: the daemon stores a retry.
+    let receiver = Receiver::start(&[500]).await;
+    let daemon = Daemon::start(&[]).await;
+
+    let task = daemon
+        .submit(&json!({
+            "request": {"http_method": "get", "url": upstream.url("/json")},
+            "callback": "SummarizeCallback",
+            "callback_args": {"document_id": 7},
+            "deliver": {"webhook": {"url": receiver.url}},
+        }))
+        .await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("tsk_"), "{id}");
+    assert_eq!(task["delivery"]["channel"], "webhook");
+
+    let task = daemon.wait_delivery(&id, "delivered").await;
+    assert_eq!(task["state"], "completed");
+    assert_eq!(
+        task["delivery"]["attempts"], 2,
+        "one failed try, one stored retry: {task}"
+    );
+    assert!(
+        task["delivery"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("500")),
+        "the failed try is recorded: {task}"
+    );
+
+    let event = &task["outcome"];
+    assert_eq!(event["type"], "task.completed");
+    assert_eq!(event["callback"], "SummarizeCallback");
+    assert_eq!(event["callback_args"], json!({"document_id": 7}));
+    assert_eq!(event["error"], Value::Null);
+    let response = &event["response"];
+    assert_eq!(response["status"], 200);
+    assert_eq!(response["http_method"], "get");
+    assert_eq!(response["url"], upstream.url("/json"));
+    assert_eq!(response["body"]["encoding"], "text");
+    assert_eq!(
+        response["body"]["value"],
+        r#"{"ok":true,"name":"patient","items":[1,2,3]}"#
+    );
+    assert_eq!(upstream.requests_to("/json"), 1);
+
+    let got = receiver.received();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!((got[0].answered, got[1].answered), (500, 200));
+    for message in &got {
+        check_message(message, &task);
+    }
+    let webhook_id = got[0].header("webhook-id").to_owned();
+    assert!(!webhook_id.is_empty());
+    assert_eq!(
+        got[1].header("webhook-id"),
+        webhook_id,
+        "a retry carries the same webhook-id"
+    );
+
+    // A redelivery on request carries the same id again.
+    let reply = daemon
+        .post(&format!("/v1/tasks/{id}/redeliver"), &json!({}))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let got = receiver.wait(3).await;
+    check_message(&got[2], &task);
+    assert_eq!(got[2].header("webhook-id"), webhook_id);
+    let task = daemon.wait_delivery(&id, "delivered").await;
+    assert_eq!(task["delivery"]["attempts"], 1, "a fresh count of tries");
+
+    // The verifier is not a formality: a changed body, id or secret fails.
+    let mut tampered = got[2].clone();
+    let mut body = tampered.body.to_vec();
+    let at = body.iter().position(|&b| b == b'7').unwrap();
+    body[at] = b'8';
+    tampered.body = body.into();
+    assert!(verify_webhook(SECRET, &tampered).is_err());
+    let mut renamed = got[2].clone();
+    renamed
+        .headers
+        .insert("webhook-id", "msg_other".parse().unwrap());
+    assert!(verify_webhook(SECRET, &renamed).is_err());
+    assert!(verify_webhook(
+        "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+        &got[2]
+    )
+    .is_err());
+
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_task_is_delivered_as_task_failed_and_a_failed_delivery_waits_for_redeliver() {
+    let upstream = Upstream::start().await.unwrap();
+    // Two tries in all, both refused: the delivery ends `failed`.
+    let receiver = Receiver::start(&[503, 500]).await;
+    let daemon = Daemon::start(&[("PATIENT_DELIVERY__MAX_ATTEMPTS", "2")]).await;
+
+    let task = daemon
+        .submit(&json!({
+            "request": {"http_method": "get", "url": upstream.url("/status/404?body=gone")},
+            "callback": "Cb",
+            "raise_error_responses": true,
+            "deliver": {"webhook": {"url": receiver.url}},
+        }))
+        .await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let task = daemon.wait_delivery(&id, "failed").await;
+    assert_eq!(task["state"], "failed");
+    assert_eq!(task["delivery"]["attempts"], 2, "{task}");
+    assert!(
+        task["delivery"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("500")),
+        "{task}"
+    );
+    let event = &task["outcome"];
+    assert_eq!(event["type"], "task.failed");
+    assert_eq!(event["response"], Value::Null);
+    assert_eq!(event["error"]["response"]["status"], 404, "an HTTP error");
+    assert_eq!(event["error"]["response"]["body"]["value"], "gone");
+    assert_eq!(event["callback_args"], json!({}));
+
+    // Kept: nothing more is sent until a redeliver.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(receiver.received().len(), 2);
+    let reply = daemon
+        .post(&format!("/v1/tasks/{id}/redeliver"), &json!({}))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["delivery"]["state"], "pending");
+    let task = daemon.wait_delivery(&id, "delivered").await;
+    let got = receiver.received();
+    assert_eq!(got.len(), 3);
+    for message in &got {
+        check_message(message, &task);
+        assert_eq!(message.json()["type"], "task.failed");
+    }
+    let ids: BTreeSet<&str> = got.iter().map(|m| m.header("webhook-id")).collect();
+    assert_eq!(ids.len(), 1, "one outcome, one webhook-id: {ids:?}");
+
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_secret_is_kept_in_the_store_across_restarts() {
+    let upstream = Upstream::start().await.unwrap();
+    let receiver = Receiver::start(&[]).await;
+    let no_secret = [("PATIENT_WEBHOOK_SECRET", "")];
+    let daemon = Daemon::start(&no_secret).await;
+    assert_eq!(daemon.settings.webhook_secret, None);
+    let body = json!({
+        "request": {"http_method": "get", "url": upstream.url("/fast")},
+        "deliver": {"webhook": {"url": receiver.url}},
+    });
+    let first = daemon.submit(&body).await;
+    daemon
+        .wait_delivery(first["id"].as_str().unwrap(), "delivered")
+        .await;
+    let dir = daemon.dir();
+    daemon.stop().await.unwrap();
+
+    let daemon = Daemon::start_in(dir, &no_secret).await;
+    let second = daemon.submit(&body).await;
+    daemon
+        .wait_delivery(second["id"].as_str().unwrap(), "delivered")
+        .await;
+    let dir = daemon.dir();
+    daemon.stop().await.unwrap();
+
+    let got = receiver.received();
+    assert_eq!(got.len(), 2);
+    assert!(
+        verify_webhook(SECRET, &got[0]).is_err(),
+        "not the test secret"
+    );
+    // The secret generated at the first start, as stored: both runs signed
+    // with it.
+    let db = patient_daemon::db::Db::open(&format!(
+        "sqlite://{}",
+        dir.path().join("patient.db").display()
+    ))
+    .await
+    .unwrap();
+    let stored = db
+        .meta_or_insert("webhook_secret", "whsec_unused".into())
+        .await
+        .unwrap();
+    assert!(stored.starts_with("whsec_"), "{stored}");
+    for message in &got {
+        verify_webhook(&stored, message).unwrap();
+    }
+}

@@ -1,0 +1,705 @@
+//! `patient serve` as a process: `kill -9` while 1,000 tasks are being
+//! submitted and run, then a restart on the same data directory; the
+//! `Interrupted` rule for a request caught in flight; and SIGTERM.
+//!
+//! The daemon is the real binary on `127.0.0.1:0` over a temporary data
+//! directory; the upstream and the webhook receiver run in the test.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{body::Bytes, extract::State, http::HeaderMap};
+use base64::{engine::general_purpose::STANDARD, Engine as _};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use patient_testkit::Upstream;
+use serde_json::{json, Value};
+
+/// The daemon's webhook secret: the bytes 1 to 32.
+const SECRET: &str = "whsec_AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A directory under the system's temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let path = std::env::temp_dir().join(format!(
+            "patient-serve-test-{label}-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `patient serve`.
+struct Serve {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Serve {
+    /// Starts `patient serve --listen 127.0.0.1:0 --data-dir DIR` with the
+    /// test settings and `env` on top, and waits for its listening line.
+    fn start(dir: &Path, env: &[(&str, &str)]) -> Serve {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_patient"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (name, _) in std::env::vars() {
+            if name.starts_with("PATIENT_") {
+                command.env_remove(name);
+            }
+        }
+        for (name, value) in [
+            ("PATIENT_LOG", "warn"),
+            ("PATIENT_EGRESS__ALLOW", "127.0.0.1"),
+            ("PATIENT_WEBHOOK_SECRET", SECRET),
+            ("PATIENT_RETRY__BASE_DELAY", "0.05"),
+            ("PATIENT_RETRY__MAX_DELAY", "0.2"),
+            ("PATIENT_DELIVERY__BASE_DELAY", "0.1"),
+            ("PATIENT_DELIVERY__MAX_DELAY", "0.5"),
+        ]
+        .iter()
+        .chain(env)
+        {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let lines = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix("patient: listening on http://") {
+                    let _ = tx.send(url.to_owned());
+                }
+                let mut log = lines.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => addr.parse().unwrap(),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "no listening line from patient serve: {}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        Serve { child, addr, log }
+    }
+
+    /// `kill -9`, and waits for the process to be gone.
+    fn kill_9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// `kill -TERM`, then waits (at most 30 s) for the exit.
+    fn terminate(&mut self) -> (ExitStatus, Duration) {
+        let started = Instant::now();
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "patient serve did not exit after SIGTERM: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One HTTP/1.1 exchange with the daemon on a new connection: the status
+/// and the JSON body.
+async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(u16, Value), String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            body.map(Value::to_string).unwrap_or_default(),
+        )))
+        .map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(30), sender.send_request(request))
+        .await
+        .map_err(|_| "no answer in 30 s".to_owned())?
+        .map_err(|e| format!("send: {e}"))?;
+    let status = response.status().as_u16();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)))?;
+    Ok((status, value))
+}
+
+async fn task(addr: SocketAddr, id: &str) -> Value {
+    let (status, task) = call(addr, "GET", &format!("/v1/tasks/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{task}");
+    task
+}
+
+/// Polls the task until `done` holds; panics with its last state after 20 s.
+async fn wait_task(addr: SocketAddr, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let t = task(addr, id).await;
+        if done(&t) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting on {t:#}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn is_finished(task: &Value) -> bool {
+    matches!(task["state"].as_str(), Some("completed" | "failed"))
+}
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A webhook delivery: its `webhook-id` and body.
+#[derive(Clone)]
+struct Delivery {
+    id: String,
+    body: Value,
+}
+
+/// A webhook receiver on `127.0.0.1:0` that checks each Standard Webhooks
+/// signature (with `ring` directly) and records the deliveries.
+async fn receiver() -> Hook {
+    #[derive(Clone)]
+    struct Shared {
+        got: Arc<Mutex<Vec<Delivery>>>,
+        bad: Arc<AtomicUsize>,
+        arrived: Arc<Mutex<Vec<Delivery>>>,
+    }
+    async fn receive(
+        State(shared): State<Shared>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        let header = |n: &str| {
+            headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
+        let (id, timestamp, signature) = (
+            header("webhook-id"),
+            header("webhook-timestamp"),
+            header("webhook-signature"),
+        );
+        let key = STANDARD.decode(&SECRET["whsec_".len()..]).unwrap();
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+        let signed = [id.as_bytes(), b".", timestamp.as_bytes(), b".", &body].concat();
+        let valid = signature.split(' ').any(|s| {
+            s.strip_prefix("v1,")
+                .and_then(|b| STANDARD.decode(b).ok())
+                .is_some_and(|tag| ring::hmac::verify(&key, &signed, &tag).is_ok())
+        });
+        if !valid {
+            shared.bad.fetch_add(1, Ordering::SeqCst);
+            return StatusCode::BAD_REQUEST;
+        }
+        let Ok(body) = serde_json::from_slice(&body) else {
+            shared.bad.fetch_add(1, Ordering::SeqCst);
+            return StatusCode::BAD_REQUEST;
+        };
+        let delivery = Delivery { id, body };
+        shared.arrived.lock().unwrap().push(delivery.clone());
+        // A slow receiver: some deliveries are in flight when the daemon
+        // is killed.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shared.got.lock().unwrap().push(delivery);
+        StatusCode::OK
+    }
+    let shared = Shared {
+        got: Arc::new(Mutex::new(Vec::new())),
+        bad: Arc::new(AtomicUsize::new(0)),
+        arrived: Arc::new(Mutex::new(Vec::new())),
+    };
+    let app = axum::Router::new()
+        .fallback(receive)
+        .with_state(shared.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Hook {
+        url,
+        got: shared.got,
+        bad: shared.bad,
+        arrived: shared.arrived,
+    }
+}
+
+/// The webhook receiver of a test.
+struct Hook {
+    /// Its URL.
+    url: String,
+    /// The deliveries it answered 200, in order.
+    got: Arc<Mutex<Vec<Delivery>>>,
+    /// Deliveries whose signature did not verify.
+    bad: Arc<AtomicUsize>,
+    /// The deliveries that arrived with a valid signature, answered or not
+    /// (a delivery cut off by a crash arrives but is not answered).
+    arrived: Arc<Mutex<Vec<Delivery>>>,
+}
+
+const TASKS: usize = 1000;
+const CLIENTS: usize = 16;
+
+fn submit_body(i: usize, upstream: &Upstream, hook: &str) -> Value {
+    json!({
+        "request": {"http_method": "get", "url": upstream.url(&format!("/delay?ms=200&i={i}"))},
+        "callback": "CrashCallback",
+        "callback_args": {"i": i},
+        "idempotency_key": format!("crash-{i}"),
+        "deliver": {"webhook": {"url": hook}},
+    })
+}
+
+#[test]
+fn kill_9_mid_run_then_a_restart_gives_every_acknowledged_task_one_outcome_and_its_delivery() {
+    let rt = runtime();
+    let dir = TempDir::new("crash");
+    let upstream = rt.block_on(Upstream::start()).unwrap();
+    let upstream = Arc::new(upstream);
+    let Hook {
+        url: hook,
+        got: deliveries,
+        bad: bad_signatures,
+        arrived,
+    } = rt.block_on(receiver());
+    let serve = Arc::new(Mutex::new(Serve::start(dir.path(), &[])));
+    let addr = serve.lock().unwrap().addr;
+
+    // Phase 1: 16 clients submit 1,000 tasks; the daemon is killed once 400
+    // have been acknowledged and deliveries have begun: tasks are being
+    // submitted, run and delivered.
+    let acked: Arc<Mutex<BTreeMap<usize, String>>> = Arc::default();
+    let next = Arc::new(AtomicUsize::new(0));
+    let killed_after = rt.block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..CLIENTS {
+            let (acked, next, upstream, hook) = (
+                Arc::clone(&acked),
+                Arc::clone(&next),
+                Arc::clone(&upstream),
+                hook.clone(),
+            );
+            clients.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= TASKS {
+                        break;
+                    }
+                    let body = submit_body(i, &upstream, &hook);
+                    if let Ok((status, task)) = call(addr, "POST", "/v1/tasks", Some(&body)).await {
+                        assert!(status == 201 || status == 200, "{status} {task}");
+                        acked
+                            .lock()
+                            .unwrap()
+                            .insert(i, task["id"].as_str().unwrap().to_owned());
+                    }
+                }
+            }));
+        }
+        let killer = {
+            let (acked, serve, arrived) =
+                (Arc::clone(&acked), Arc::clone(&serve), Arc::clone(&arrived));
+            tokio::spawn(async move {
+                wait_until("400 acknowledged submits and deliveries", || {
+                    acked.lock().unwrap().len() >= 400 && arrived.lock().unwrap().len() >= 20
+                })
+                .await;
+                serve.lock().unwrap().kill_9();
+                acked.lock().unwrap().len()
+            })
+        };
+        for client in clients {
+            client.await.unwrap();
+        }
+        killer.await.unwrap()
+    });
+    let acknowledged = acked.lock().unwrap().clone();
+    assert!(
+        (400..TASKS).contains(&acknowledged.len()),
+        "killed mid-way: {} acknowledged ({killed_after} when killed)",
+        acknowledged.len()
+    );
+    let delivered_before = deliveries.lock().unwrap().len();
+    let arrived_before = arrived.lock().unwrap().len();
+    let restarted = Instant::now();
+    let sent_before = upstream.requests_to("/delay");
+
+    // Phase 2: restart on the same data directory; the clients submit what
+    // was not acknowledged again, under the same idempotency keys.
+    let serve = Serve::start(dir.path(), &[]);
+    let addr = serve.addr;
+    let mut ids = acknowledged.clone();
+    rt.block_on(async {
+        for i in 0..TASKS {
+            if ids.contains_key(&i) {
+                continue;
+            }
+            let (status, task) = call(
+                addr,
+                "POST",
+                "/v1/tasks",
+                Some(&submit_body(i, &upstream, &hook)),
+            )
+            .await
+            .unwrap();
+            // 200: the first submit was committed, its answer lost in the kill.
+            assert!(status == 201 || status == 200, "{status} {task}");
+            ids.insert(i, task["id"].as_str().unwrap().to_owned());
+        }
+    });
+
+    // Every task finishes and is delivered.
+    let tasks: Vec<Value> = rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let (status, page) = call(addr, "GET", "/v1/tasks?limit=1000", None)
+                .await
+                .unwrap();
+            assert_eq!(status, 200);
+            let tasks = page["tasks"].as_array().unwrap().clone();
+            let settled = tasks.len() == TASKS
+                && tasks
+                    .iter()
+                    .all(|t| is_finished(t) && t["delivery"]["state"] == "delivered");
+            if settled {
+                return tasks;
+            }
+            if Instant::now() > deadline {
+                let stuck: Vec<String> = tasks
+                    .iter()
+                    .filter(|t| !(is_finished(t) && t["delivery"]["state"] == "delivered"))
+                    .take(5)
+                    .map(|t| format!("{} {} {}", t["id"], t["state"], t["delivery"]))
+                    .collect();
+                panic!(
+                    "{} tasks listed, not all finished and delivered: {stuck:#?}\n{}",
+                    tasks.len(),
+                    serve.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+
+    let settled_after = restarted.elapsed();
+    // The work a crash left is taken up at the next start (SQLite), not
+    // after its lease (30 s) runs out.
+    assert!(
+        settled_after < Duration::from_secs(20),
+        "settled {settled_after:?} after the restart"
+    );
+
+    // One task per submit: no duplicate from a resubmit, none lost.
+    let by_id: HashMap<&str, &Value> = tasks
+        .iter()
+        .map(|t| (t["id"].as_str().unwrap(), t))
+        .collect();
+    assert_eq!(by_id.len(), TASKS);
+    let distinct: BTreeSet<&String> = ids.values().collect();
+    assert_eq!(distinct.len(), TASKS, "one task per idempotency key");
+    for (i, id) in &ids {
+        let t = by_id
+            .get(id.as_str())
+            .unwrap_or_else(|| panic!("task {id} of submit {i} is not stored"));
+        assert_eq!(t["state"], "completed", "{t:#}");
+        assert_eq!(t["callback_args"], json!({"i": i}));
+        let outcome = &t["outcome"];
+        assert_eq!(outcome["type"], "task.completed");
+        assert_eq!(outcome["task_id"], id.as_str());
+        assert_eq!(outcome["response"]["status"], 200);
+    }
+
+    // Exactly one outcome each: every delivery of a task carries the same
+    // webhook-id and the stored outcome.
+    let got = deliveries.lock().unwrap().clone();
+    assert_eq!(
+        bad_signatures.load(Ordering::SeqCst),
+        0,
+        "every signature verifies"
+    );
+    for d in &got {
+        let event = &d.body["data"];
+        let task_id = event["task_id"].as_str().unwrap();
+        let t = by_id
+            .get(task_id)
+            .unwrap_or_else(|| panic!("a delivery for an unknown task {task_id}"));
+        assert_eq!(
+            event, &t["outcome"],
+            "the delivery carries the stored outcome"
+        );
+    }
+    let answered: BTreeSet<&str> = got
+        .iter()
+        .map(|d| d.body["data"]["task_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(answered.len(), TASKS, "every task's outcome was delivered");
+    // Those cut off by the kill included, whatever arrived for a task
+    // carries one webhook-id.
+    let mut webhook_ids: HashMap<String, BTreeSet<String>> = HashMap::new();
+    for d in arrived.lock().unwrap().iter() {
+        let task_id = d.body["data"]["task_id"].as_str().unwrap().to_owned();
+        webhook_ids.entry(task_id).or_default().insert(d.id.clone());
+    }
+    for (task_id, ids) in &webhook_ids {
+        assert_eq!(ids.len(), 1, "task {task_id} has one outcome: {ids:?}");
+    }
+    let resent = arrived.lock().unwrap().len() - got.len();
+    assert!(
+        upstream.requests_to("/delay") >= TASKS as u64,
+        "every task ran: {} requests",
+        upstream.requests_to("/delay")
+    );
+    eprintln!(
+        "kill -9 after {killed_after} acknowledged submits ({} by the end of phase 1, {arrived_before} deliveries arrived, {delivered_before} answered, {sent_before} requests sent); {} deliveries answered in all, {resent} cut off and sent again; settled {:?} after the restart",
+        acknowledged.len(),
+        got.len(),
+        settled_after
+    );
+}
+
+#[test]
+fn a_request_caught_in_flight_by_kill_9_is_interrupted_unless_it_may_be_sent_again() {
+    let rt = runtime();
+    let dir = TempDir::new("interrupted");
+    let upstream = rt.block_on(Upstream::start()).unwrap();
+    let mut serve = Serve::start(dir.path(), &[]);
+    let addr = serve.addr;
+    // The upstream holds the first request of each key for a minute and
+    // answers the next at once.
+    let held = |key: &str| upstream.url(&format!("/sequence?key={key}&delays=60000,0"));
+    let ids: Vec<String> = rt.block_on(async {
+        let mut ids = Vec::new();
+        for request in [
+            json!({"http_method": "post", "url": held("post"), "body": {"encoding": "text", "value": "charge", "charset": "UTF-8"}}),
+            json!({"http_method": "get", "url": held("get")}),
+            json!({"http_method": "post", "url": held("keyed"), "options": {"idempotency_key": "charge-7"}}),
+            json!({"http_method": "post", "url": held("unsafe"), "options": {"retry": {"retry_unsafe": true}}}),
+        ] {
+            let (status, task) = call(addr, "POST", "/v1/tasks", Some(&json!({"request": request})))
+                .await
+                .unwrap();
+            assert_eq!(status, 201, "{task}");
+            ids.push(task["id"].as_str().unwrap().to_owned());
+        }
+        for key in ["post", "get", "keyed", "unsafe"] {
+            wait_until("the upstream to hold every request", || upstream.sequence_count(key) == 1).await;
+        }
+        ids
+    });
+    serve.kill_9();
+
+    let serve = Serve::start(dir.path(), &[]);
+    let addr = serve.addr;
+    rt.block_on(async {
+        let post = wait_task(addr, &ids[0], is_finished).await;
+        assert_eq!(post["state"], "failed", "{post:#}");
+        let error = &post["outcome"]["error"];
+        assert_eq!(error["class_name"], "Interrupted", "{error}");
+        assert_eq!(error["http_method"], "post");
+        assert_eq!(error["url"], held("post"));
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(post["outcome"]["type"], "task.failed");
+
+        for id in &ids[1..] {
+            let t = wait_task(addr, id, is_finished).await;
+            assert_eq!(t["state"], "completed", "run again: {t:#}");
+            assert_eq!(t["outcome"]["response"]["status"], 200);
+        }
+        // Give a wrongly re-sent POST the time to arrive.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    });
+    assert_eq!(
+        upstream.sequence_count("post"),
+        1,
+        "the POST was never sent twice"
+    );
+    for key in ["get", "keyed", "unsafe"] {
+        assert_eq!(upstream.sequence_count(key), 2, "{key} was sent again");
+    }
+    let post = rt.block_on(task(addr, &ids[0]));
+    assert_eq!(post["state"], "failed", "still interrupted: {post:#}");
+}
+
+#[test]
+fn sigterm_lets_attempts_finish_up_to_the_timeout_releases_the_rest_and_exits_0() {
+    let rt = runtime();
+    let dir = TempDir::new("sigterm");
+    let upstream = rt.block_on(Upstream::start()).unwrap();
+    let mut serve = Serve::start(dir.path(), &[("PATIENT_SHUTDOWN_TIMEOUT", "2")]);
+    let addr = serve.addr;
+    let (short, long, later) = rt.block_on(async {
+        let submit = |body: Value| async move {
+            let (status, task) = call(addr, "POST", "/v1/tasks", Some(&body)).await.unwrap();
+            assert_eq!(status, 201, "{task}");
+            task["id"].as_str().unwrap().to_owned()
+        };
+        // Answers after 1 s: within the shutdown timeout.
+        let short = submit(json!({"request": {"http_method": "get",
+            "url": upstream.url("/sequence?key=short&delays=1000")}}))
+        .await;
+        // Held for 30 s the first time: past it.
+        let long = submit(json!({"request": {"http_method": "get",
+            "url": upstream.url("/sequence?key=long&delays=30000,0")}}))
+        .await;
+        // Not due yet.
+        let later = submit(json!({"request": {"http_method": "get",
+            "url": upstream.url("/sequence?key=later")}, "delay": 5}))
+        .await;
+        wait_until("both requests in flight", || {
+            upstream.sequence_count("short") == 1 && upstream.sequence_count("long") == 1
+        })
+        .await;
+        (short, long, later)
+    });
+    let (status, took) = serve.terminate();
+    assert_eq!(status.code(), Some(0), "exit 0 on SIGTERM: {}", serve.log());
+    assert!(
+        took < Duration::from_millis(4000),
+        "stopped within the shutdown timeout (2 s): {took:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(300),
+        "waited for the attempt in flight: {took:?}"
+    );
+    assert_eq!(upstream.sequence_count("later"), 0);
+
+    // As the store has them: the short one finished during the stop, the
+    // long one released to the queue, the delayed one untouched.
+    rt.block_on(async {
+        let db = patient_daemon::db::Db::open(&format!(
+            "sqlite://{}",
+            dir.path().join("patient.db").display()
+        ))
+        .await
+        .unwrap();
+        let state = |id: String| {
+            let db = db.clone();
+            async move { db.get(&id).await.unwrap().unwrap().state.as_str() }
+        };
+        assert_eq!(state(short.clone()).await, "completed");
+        assert_eq!(state(long.clone()).await, "queued", "released");
+        assert_eq!(state(later.clone()).await, "scheduled");
+    });
+
+    let serve = Serve::start(dir.path(), &[]);
+    let addr = serve.addr;
+    rt.block_on(async {
+        let s = task(addr, &short).await;
+        assert_eq!(s["state"], "completed");
+        assert_eq!(s["attempts"].as_array().unwrap().len(), 1);
+        let l = wait_task(addr, &long, is_finished).await;
+        assert_eq!(l["state"], "completed", "resumed on the next start: {l:#}");
+        let d = wait_task(addr, &later, is_finished).await;
+        assert_eq!(d["state"], "completed");
+    });
+    assert_eq!(
+        upstream.sequence_count("short"),
+        1,
+        "finished, not run again"
+    );
+    assert_eq!(
+        upstream.sequence_count("long"),
+        2,
+        "cut off, then run again"
+    );
+    assert_eq!(upstream.sequence_count("later"), 1);
+}
