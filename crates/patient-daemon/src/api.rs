@@ -317,7 +317,7 @@ async fn submit(State(app): State<Arc<App>>, request: Request) -> ApiResult {
     } else {
         StatusCode::OK
     };
-    Ok(json_response(status, &record.to_json(now, false)))
+    Ok(json_response(status, &record.to_json(now, true)))
 }
 
 async fn submit_batch(State(app): State<Arc<App>>, request: Request) -> ApiResult {
@@ -698,10 +698,7 @@ async fn cancel(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult {
         .await
         .map_err(ApiError::from_db)?;
     app.runner.abort(&id);
-    Ok(json_response(
-        StatusCode::OK,
-        &task.to_json(now_ms(), false),
-    ))
+    Ok(json_response(StatusCode::OK, &task.to_json(now_ms(), true)))
 }
 
 async fn redeliver(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult {
@@ -711,10 +708,7 @@ async fn redeliver(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult
         .await
         .map_err(ApiError::from_db)?;
     app.deliverer.wake();
-    Ok(json_response(
-        StatusCode::OK,
-        &task.to_json(now_ms(), false),
-    ))
+    Ok(json_response(StatusCode::OK, &task.to_json(now_ms(), true)))
 }
 
 async fn retry(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult {
@@ -724,10 +718,7 @@ async fn retry(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult {
         .await
         .map_err(ApiError::from_db)?;
     app.runner.wake();
-    Ok(json_response(
-        StatusCode::OK,
-        &task.to_json(now_ms(), false),
-    ))
+    Ok(json_response(StatusCode::OK, &task.to_json(now_ms(), true)))
 }
 
 #[cfg(test)]

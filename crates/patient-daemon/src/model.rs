@@ -301,7 +301,8 @@ pub struct DeliveryRecord {
 
 impl TaskRecord {
     /// The task JSON of the API; with `request`, the stored request too
-    /// (what `GET /v1/tasks/{id}` shows; lists and submits leave it out).
+    /// (every answer about one task has it; lists and batches leave it
+    /// out, to stay small).
     pub fn to_json(&self, now_ms: i64, request: bool) -> Value {
         // A scheduled task whose time has come is queued, whatever the row says.
         let state = match self.state {
