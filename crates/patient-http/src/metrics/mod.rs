@@ -99,6 +99,9 @@ pub const DEFAULT_MAX_ENDPOINT_LABELS: usize = 512;
 /// The `endpoint` label of every endpoint past the label limit.
 pub const OTHER_ENDPOINT: &str = "other";
 
+/// The endpoint handles of paths as sent, by path.
+type PathHandles = FxHashMap<Box<str>, Arc<EndpointMetrics>>;
+
 /// Paths remembered per upstream with their endpoint's handles.
 const RAW_PATHS: usize = 256;
 
@@ -304,7 +307,7 @@ pub struct UpstreamMetrics {
     endpoints: RwLock<FxHashMap<String, Arc<EndpointMetrics>>>,
     /// The handles of paths seen as sent (by method), so a repeated path
     /// is not templated again; bounded by [`RAW_PATHS`].
-    raw: RwLock<FxHashMap<&'static str, FxHashMap<Box<str>, Arc<EndpointMetrics>>>>,
+    raw: RwLock<FxHashMap<&'static str, PathHandles>>,
 }
 
 /// A status code or an error type, as a `status` label.
