@@ -12,7 +12,7 @@ use patient_http::{
     retry::RetryPolicy,
     AwaitableClient, Config, Secrets,
 };
-use patient_wire::WireLimits;
+use patient_wire::{DeadlineMode, WireLimits};
 use tokio::net::TcpListener;
 
 use crate::{
@@ -154,7 +154,13 @@ pub async fn run_until(
     let engine_metrics = Metrics::with_prefix("patient");
     let retry = retry_policy(&settings)?;
     let resilience = ResilienceConfig::builder()
-        .defaults(|p| p.retry(Some(retry)))
+        // An attempt may use what is left of the deadline (its timeout
+        // still bounds it): split across five stored attempts, a deadline
+        // would cut a slow answer short on every one of them.
+        .defaults(|p| {
+            p.retry(Some(retry))
+                .deadline_mode(DeadlineMode::PassThrough)
+        })
         .build()
         .map_err(|e| ServeError::Settings(format!("setting `retry`: {e}")))?;
     let filter = allow.clone().filter();

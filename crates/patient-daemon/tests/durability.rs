@@ -550,3 +550,23 @@ async fn the_cursor_pages_tasks_created_in_the_same_millisecond() {
     assert_eq!(seen.iter().cloned().collect::<BTreeSet<_>>(), batch);
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_does_not_cut_an_attempt_short_of_its_timeout() {
+    // With 5 attempts a split deadline would give each 0.8 s of the 4 s:
+    // the daemon passes the whole remainder to an attempt (its timeout
+    // still bounds it), so a 1.5 s answer arrives.
+    let upstream = Upstream::start().await.unwrap();
+    let daemon = Daemon::start(&[]).await;
+    let task = daemon
+        .submit(
+            &json!({"request": {"http_method": "get", "url": upstream.url("/delay?ms=1500"),
+                                    "timeout": 5, "options": {"deadline": 4}}}),
+        )
+        .await;
+    let done = daemon.wait_finished(&id(&task)).await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_eq!(done["outcome"]["response"]["status"], 200, "{done:#}");
+    assert_eq!(done["attempts"].as_array().unwrap().len(), 1, "{done:#}");
+    daemon.stop().await.unwrap();
+}
