@@ -223,7 +223,7 @@ async fn openapi() -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    if let Ok(counts) = app.db.counts().await {
+    if let Ok(counts) = app.db.counts(now_ms()).await {
         app.metrics.set_tasks(&counts);
     }
     app.metrics.set_in_flight(app.runner.in_flight());

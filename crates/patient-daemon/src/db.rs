@@ -704,11 +704,17 @@ impl Db {
         .await
     }
 
-    /// Tasks by state, for metrics.
-    pub async fn counts(&self) -> Result<Vec<(String, i64)>, DbError> {
-        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM patient_tasks GROUP BY state")
-            .fetch_all(&self.reader)
-            .await?;
+    /// Tasks by state as the API shows it at `now` (a waiting task is
+    /// `scheduled` until its time, then `queued`).
+    pub async fn counts(&self, now: i64) -> Result<Vec<(String, i64)>, DbError> {
+        let rows = sqlx::query(
+            "SELECT CASE WHEN state IN ('scheduled', 'queued') THEN \
+             (CASE WHEN not_before > $1 THEN 'scheduled' ELSE 'queued' END) ELSE state END AS state, \
+             COUNT(*) AS n FROM patient_tasks GROUP BY 1",
+        )
+        .bind(now)
+        .fetch_all(&self.reader)
+        .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("state")?, r.try_get("n")?)))
             .collect()
@@ -1207,6 +1213,28 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(rest.len(), 50);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn counts_show_a_due_scheduled_task_as_queued() {
+        let (db, dir) = db("counts").await;
+        let mut waiting = task(None, 5000, 1);
+        waiting.record.state = TaskState::Scheduled;
+        db.insert(vec![waiting, task(None, 100, 1)]).await.unwrap();
+        let at = |counts: Vec<(String, i64)>, state: &str| {
+            counts
+                .iter()
+                .find(|(s, _)| s == state)
+                .map_or(0, |(_, n)| *n)
+        };
+        let early = db.counts(1000).await.unwrap();
+        assert_eq!(
+            (at(early.clone(), "scheduled"), at(early, "queued")),
+            (1, 1)
+        );
+        let late = db.counts(6000).await.unwrap();
+        assert_eq!((at(late.clone(), "scheduled"), at(late, "queued")), (0, 2));
         let _ = std::fs::remove_dir_all(dir);
     }
 

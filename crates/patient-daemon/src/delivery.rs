@@ -26,6 +26,10 @@ use crate::{
 /// Deliveries claimed per round trip.
 const CLAIM_BATCH: usize = 32;
 
+/// Deliveries in flight at once; a slow receiver holds one slot, not the
+/// loop.
+const IN_FLIGHT: usize = 256;
+
 /// The longest sleep of an idle delivery loop between looks at the outbox.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
@@ -126,12 +130,21 @@ impl Deliverer {
 
     /// Delivers until the task is aborted.
     pub async fn run(self: Arc<Self>) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
         loop {
+            let free = slots.available_permits().min(CLAIM_BATCH);
+            if free == 0 {
+                // Every slot busy: wait for one to come free.
+                if let Ok(permit) = Arc::clone(&slots).acquire_owned().await {
+                    drop(permit);
+                }
+                continue;
+            }
             let now = now_ms();
             let lease_until = now + i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX);
             let due = match self
                 .db
-                .claim_deliveries(&self.owner, now, lease_until, CLAIM_BATCH)
+                .claim_deliveries(&self.owner, now, lease_until, free)
                 .await
             {
                 Ok(due) => due,
@@ -140,12 +153,18 @@ impl Deliverer {
                     Vec::new()
                 }
             };
-            let full = due.len() == CLAIM_BATCH;
-            let sends = due.into_iter().map(|d| {
+            let full = due.len() == free;
+            for d in due {
+                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                    break; // cannot happen: no more were claimed than slots were free
+                };
                 let this = Arc::clone(&self);
-                tokio::spawn(async move { this.deliver(d).await })
-            });
-            futures_util::future::join_all(sends).await;
+                tokio::spawn(async move {
+                    this.deliver(d).await;
+                    drop(permit);
+                    this.wake.notify_one();
+                });
+            }
             if full {
                 continue;
             }
