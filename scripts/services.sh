@@ -2,8 +2,9 @@
 # Starts the servers the payload-store conformance suite runs against, each on
 # a free loopback port: Redis (Debian's redis-server), a private PostgreSQL
 # cluster in a temporary directory, and the moto S3-compatible server (PyPI);
-# and Ruby's Active Support (Debian's ruby-activesupport, no server), which the
-# tests of the PatientHttp gem's encryption format run.
+# Ruby's Active Support (Debian's ruby-activesupport, no server), which the
+# tests of the PatientHttp gem's encryption format run; and a Python venv with
+# standardwebhooks (PyPI), which the Python example's test runs.
 # Missing software is installed first; install output goes to log files.
 #
 #   eval "$(scripts/services.sh start)"   # start (or reuse) them; prints `export` lines
@@ -326,6 +327,32 @@ ensure_activesupport() {
   say "ruby-activesupport installed"
 }
 
+# --- Python packages the examples' tests use --------------------------------
+# A venv with `standardwebhooks` (the reference webhook verifier of the
+# Python example); no server.
+TOOLS_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/patient-services/tools-venv"
+
+tools_installed() {
+  [ -x "$TOOLS_VENV/bin/python" ] && "$TOOLS_VENV/bin/python" -c 'import standardwebhooks' >/dev/null 2>&1
+}
+
+ensure_python_tools() {
+  if tools_installed; then
+    say "python tools already installed"
+    return
+  fi
+  local log="$STATE/install.log"
+  command -v python3 >/dev/null 2>&1 || apt_install python3
+  if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    apt_install python3-venv python3-pip
+  fi
+  say "installing standardwebhooks into $TOOLS_VENV (log: $log)"
+  mkdir -p "$(dirname "$TOOLS_VENV")"
+  python3 -m venv "$TOOLS_VENV" >>"$log" 2>&1 || die "python3 -m venv failed (see $log)"
+  "$TOOLS_VENV/bin/pip" install --quiet standardwebhooks >>"$log" 2>&1 || die "pip install standardwebhooks failed (see $log)"
+  tools_installed || die "standardwebhooks does not import after installing it (see $log)"
+}
+
 # --- Commands --------------------------------------------------------------
 
 print_env() {
@@ -337,6 +364,9 @@ print_env() {
   fi
   if moto_running; then
     echo "export PATIENT_TEST_S3_ENDPOINT=http://127.0.0.1:$(cat "$STATE/moto.port")"
+  fi
+  if tools_installed; then
+    echo "export PATIENT_TEST_PYTHON=$TOOLS_VENV/bin/python"
   fi
 }
 
@@ -356,6 +386,9 @@ cmd_start() {
   t=$(now_ms)
   ensure_activesupport
   say "active support ready in $(($(now_ms) - t)) ms"
+  t=$(now_ms)
+  ensure_python_tools
+  say "python tools ready in $(($(now_ms) - t)) ms"
   say "all services ready in $(($(now_ms) - t0)) ms"
   print_env
 }
@@ -380,6 +413,7 @@ cmd_status() {
   pg_running && say "postgresql: running on port $(cat "$STATE/postgres.port")" || say "postgresql: stopped"
   moto_running && say "moto: running on port $(cat "$STATE/moto.port")" || say "moto: stopped"
   activesupport_installed && say "active support: installed" || say "active support: not installed"
+  tools_installed && say "python tools: installed" || say "python tools: not installed"
 }
 
 case "${1:-}" in
