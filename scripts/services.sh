@@ -4,7 +4,9 @@
 # cluster in a temporary directory, and the moto S3-compatible server (PyPI);
 # Ruby's Active Support (Debian's ruby-activesupport, no server), which the
 # tests of the PatientHttp gem's encryption format run; and a Python venv with
-# standardwebhooks (PyPI), which the Python example's test runs.
+# standardwebhooks (PyPI), which the Python example's test runs; and Sidekiq
+# (Debian's ruby-sidekiq, no server of its own), which the Ruby example's
+# test runs against the Redis above.
 # Missing software is installed first; install output goes to log files.
 #
 #   eval "$(scripts/services.sh start)"   # start (or reuse) them; prints `export` lines
@@ -353,6 +355,20 @@ ensure_python_tools() {
   tools_installed || die "standardwebhooks does not import after installing it (see $log)"
 }
 
+# --- Sidekiq (Debian's ruby-sidekiq) for the Ruby example's test ------------
+sidekiq_installed() {
+  command -v sidekiq >/dev/null 2>&1 && ruby -e 'require "sidekiq"' >/dev/null 2>&1
+}
+
+ensure_sidekiq() {
+  if sidekiq_installed; then
+    say "ruby-sidekiq already installed"
+    return
+  fi
+  apt_install ruby-sidekiq
+  sidekiq_installed || die "Sidekiq does not load after installing ruby-sidekiq (see $STATE/install.log)"
+}
+
 # --- Commands --------------------------------------------------------------
 
 print_env() {
@@ -367,6 +383,9 @@ print_env() {
   fi
   if tools_installed; then
     echo "export PATIENT_TEST_PYTHON=$TOOLS_VENV/bin/python"
+  fi
+  if sidekiq_installed; then
+    echo "export PATIENT_TEST_SIDEKIQ=$(command -v sidekiq)"
   fi
 }
 
@@ -389,6 +408,9 @@ cmd_start() {
   t=$(now_ms)
   ensure_python_tools
   say "python tools ready in $(($(now_ms) - t)) ms"
+  t=$(now_ms)
+  ensure_sidekiq
+  say "sidekiq ready in $(($(now_ms) - t)) ms"
   say "all services ready in $(($(now_ms) - t0)) ms"
   print_env
 }
@@ -414,6 +436,7 @@ cmd_status() {
   moto_running && say "moto: running on port $(cat "$STATE/moto.port")" || say "moto: stopped"
   activesupport_installed && say "active support: installed" || say "active support: not installed"
   tools_installed && say "python tools: installed" || say "python tools: not installed"
+  sidekiq_installed && say "sidekiq: installed" || say "sidekiq: not installed"
 }
 
 case "${1:-}" in
