@@ -401,6 +401,7 @@ fn parse_submit(app: &App, body: &Value, now: i64) -> Result<NewTask, ApiError> 
         };
         ApiError::invalid(field, e.kind().to_string())
     })?;
+    check_known_keys(request_json, &request.to_json())?;
     if let Some((ip, reason)) = literal_denied(&app.allow, request.url()) {
         let mut e = ApiError::invalid(
             "request.url",
@@ -565,6 +566,44 @@ fn parse_submit(app: &App, body: &Value, now: i64) -> Result<NewTask, ApiError> 
             delivery: None,
         },
     })
+}
+
+/// Refuses keys the wire format does not know in `request`,
+/// `request.options` and `request.options.retry`: the wire loader skips
+/// them (the gem's JSON may grow), but in a submit a misspelt option
+/// (`optoins`, `retyr`) would silently do nothing. A key is known when the
+/// loaded request writes it back; keys given as `null` are left alone.
+fn check_known_keys(given: &Value, loaded: &Value) -> Result<(), ApiError> {
+    fn walk(given: &Value, loaded: &Value, path: &str, depth: usize) -> Result<(), ApiError> {
+        let (Some(given), Some(loaded)) = (given.as_object(), loaded.as_object()) else {
+            return Ok(());
+        };
+        for (key, value) in given {
+            if value.is_null() {
+                continue;
+            }
+            let nested = depth < 2 && matches!(key.as_str(), "options" | "retry");
+            match loaded.get(key) {
+                // A table written back empty is left out: look inside anyway.
+                None if nested && value.is_object() => walk(
+                    value,
+                    &Value::Object(Map::new()),
+                    &format!("{path}.{key}"),
+                    depth + 1,
+                )?,
+                None => {
+                    return Err(ApiError::invalid(
+                        format!("{path}.{key}"),
+                        "is not a field of the wire format here",
+                    ))
+                }
+                Some(inner) if nested => walk(value, inner, &format!("{path}.{key}"), depth + 1)?,
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+    walk(given, loaded, "request", 0)
 }
 
 /// Every `{"$secret": NAME}` must name a secret configured on the daemon.

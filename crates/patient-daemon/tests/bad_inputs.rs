@@ -274,6 +274,23 @@ async fn each_bad_submit_has_its_status_code_and_field_and_nothing_is_stored() {
             "request.options.deadline",
         ),
         submit(
+            "a misspelt request field",
+            request(json!({"http_method": "get", "url": url, "optoins": {"deadline": 5}})),
+            "request.optoins",
+        ),
+        submit(
+            "a misspelt option",
+            request(json!({"http_method": "get", "url": url, "options": {"dedline": 5}})),
+            "request.options.dedline",
+        ),
+        submit(
+            "a misspelt retry option",
+            request(
+                json!({"http_method": "get", "url": url, "options": {"retry": {"max_attempt": 2}}}),
+            ),
+            "request.options.retry.max_attempt",
+        ),
+        submit(
             "credentials in the URL",
             request(json!({"http_method": "get", "url": "http://u:p@127.0.0.1:9/"})),
             "request.url",
