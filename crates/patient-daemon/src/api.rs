@@ -401,7 +401,9 @@ fn parse_submit(app: &App, body: &Value, now: i64) -> Result<NewTask, ApiError> 
         };
         ApiError::invalid(field, e.kind().to_string())
     })?;
-    check_known_keys(request_json, &request.to_json())?;
+    // Written once: checked against the submitted keys, then stored.
+    let stored_request = request.to_json();
+    check_known_keys(request_json, &stored_request)?;
     if let Some((ip, reason)) = literal_denied(&app.allow, request.url()) {
         let mut e = ApiError::invalid(
             "request.url",
@@ -548,7 +550,7 @@ fn parse_submit(app: &App, body: &Value, now: i64) -> Result<NewTask, ApiError> 
             } else {
                 TaskState::Queued
             },
-            request: request.to_json(),
+            request: stored_request,
             callback,
             callback_args,
             raise_error_responses,

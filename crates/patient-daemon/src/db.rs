@@ -326,7 +326,12 @@ impl Db {
                 let rows = sqlx::query(
                     "UPDATE patient_tasks SET state = 'running', lease_owner = $1, lease_until = $2 \
                      WHERE id IN (SELECT id FROM patient_tasks WHERE state IN ('scheduled', 'queued') \
-                     AND not_before <= $3 ORDER BY priority, not_before LIMIT $4) RETURNING id",
+                     AND not_before <= $3 ORDER BY priority, not_before LIMIT $4) \
+                     RETURNING id, state, request, callback, callback_args, raise_error_responses, \
+                     deliver, idempotency_key, priority, created_at, not_before, deadline, finished_at, \
+                     next_attempt, request_sent, attempts, outcome, \
+                     NULL AS d_state, NULL AS d_attempts, NULL AS d_last_error, \
+                     NULL AS d_message_id, NULL AS d_next_at",
                 )
                 .bind(&owner)
                 .bind(lease_until)
@@ -334,15 +339,9 @@ impl Db {
                 .bind(i64::try_from(limit).unwrap_or(i64::MAX))
                 .fetch_all(&mut *conn)
                 .await?;
-                let mut tasks = Vec::with_capacity(rows.len());
-                for row in rows {
-                    let id: String = row.try_get("id")?;
-                    let row = sqlx::query(concat!(select_task!(), " WHERE t.id = $1"))
-                        .bind(&id)
-                        .fetch_one(&mut *conn)
-                        .await?;
-                    tasks.push(task_of(&row)?);
-                }
+                // The whole row comes back with the claim (an unfinished task
+                // has no delivery yet): no second read per task.
+                let mut tasks = rows.iter().map(task_of).collect::<Result<Vec<_>, _>>()?;
                 tasks.sort_by_key(|t| (t.priority, t.not_before));
                 Ok(tasks)
             })
