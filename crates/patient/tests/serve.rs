@@ -337,6 +337,8 @@ struct Hook {
 }
 
 const TASKS: usize = 1000;
+/// Submits from this index on wait until the killer is about to kill.
+const GATED_FROM: usize = 600;
 const CLIENTS: usize = 16;
 
 fn submit_body(i: usize, upstream: &Upstream, hook: &str) -> Value {
@@ -366,9 +368,12 @@ fn kill_9_mid_run_then_a_restart_gives_every_acknowledged_task_one_outcome_and_i
 
     // Phase 1: 16 clients submit 1,000 tasks; the daemon is killed once 400
     // have been acknowledged and deliveries have begun: tasks are being
-    // submitted, run and delivered.
+    // submitted, run and delivered. Submits past the 600th wait for the
+    // killer's gate, which opens a moment before the kill, so the kill
+    // always lands while submits are in flight, however fast the daemon.
     let acked: Arc<Mutex<BTreeMap<usize, String>>> = Arc::default();
     let next = Arc::new(AtomicUsize::new(0));
+    let (open_gate, gate) = tokio::sync::watch::channel(false);
     let killed_after = rt.block_on(async {
         let mut clients = Vec::new();
         for _ in 0..CLIENTS {
@@ -378,11 +383,15 @@ fn kill_9_mid_run_then_a_restart_gives_every_acknowledged_task_one_outcome_and_i
                 Arc::clone(&upstream),
                 hook.clone(),
             );
+            let mut gate = gate.clone();
             clients.push(tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     if i >= TASKS {
                         break;
+                    }
+                    if i >= GATED_FROM {
+                        gate.wait_for(|open| *open).await.unwrap();
                     }
                     let body = submit_body(i, &upstream, &hook);
                     if let Ok((status, task)) = call(addr, "POST", "/v1/tasks", Some(&body)).await {
@@ -403,6 +412,8 @@ fn kill_9_mid_run_then_a_restart_gives_every_acknowledged_task_one_outcome_and_i
                     acked.lock().unwrap().len() >= 400 && arrived.lock().unwrap().len() >= 20
                 })
                 .await;
+                open_gate.send_replace(true);
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 serve.lock().unwrap().kill_9();
                 acked.lock().unwrap().len()
             })
