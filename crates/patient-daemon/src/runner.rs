@@ -35,6 +35,9 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Claims per round trip to the database.
 const CLAIM_BATCH: usize = 64;
 
+/// Stale tasks recovered per query.
+const RECOVER_BATCH: usize = 256;
+
 /// The outcome event of a finished task.
 pub fn outcome_event(
     record_id: &str,
@@ -130,9 +133,29 @@ impl Runner {
     /// key or `retry_unsafe`); otherwise finished as failed with a request
     /// error `Interrupted`, so that a call that may or may not have reached
     /// the upstream is never sent twice silently. Returns (requeued, failed).
+    ///
+    /// On SQLite this runs at the start, on every task left running; on
+    /// PostgreSQL also every third of the lease, on the tasks whose lease
+    /// ran out (a node that crashed), whichever node notices first.
     pub async fn recover(&self) -> Result<(usize, usize), DbError> {
         let mut counts = (0, 0);
-        for record in self.db.running().await? {
+        loop {
+            let batch = self.db.stale(now_ms(), RECOVER_BATCH).await?;
+            let before = counts;
+            let full = batch.len() == RECOVER_BATCH;
+            self.recover_batch(batch, &mut counts).await?;
+            if !full || counts == before {
+                return Ok(counts);
+            }
+        }
+    }
+
+    async fn recover_batch(
+        &self,
+        batch: Vec<TaskRecord>,
+        counts: &mut (usize, usize),
+    ) -> Result<(), DbError> {
+        for record in batch {
             let request = Request::from_json_with_limits(&record.request, &self.limits).ok();
             let may_resend = request.as_ref().is_some_and(|r| {
                 r.method().is_idempotent()
@@ -144,7 +167,7 @@ impl Runner {
                         .unwrap_or(false)
             });
             if may_resend {
-                if self.db.requeue(&record.id).await? {
+                if self.db.requeue(&record.id, now_ms()).await? {
                     counts.0 += 1;
                 }
                 continue;
@@ -185,7 +208,7 @@ impl Runner {
                 self.metrics.outcome("failed");
             }
         }
-        Ok(counts)
+        Ok(())
     }
 
     /// Claims and runs tasks until [`stop`](Self::stop).
@@ -233,7 +256,7 @@ impl Runner {
             let db = self.db.clone();
             let id = record.id.clone();
             tokio::spawn(async move {
-                let _ = db.requeue(&id).await;
+                let _ = db.requeue(&id, now_ms()).await;
             });
             return;
         };
@@ -382,6 +405,17 @@ impl Runner {
             let until = now_ms() + millis(self.lease);
             if let Err(error) = self.db.renew(&self.owner, until).await {
                 tracing::error!(%error, "cannot renew leases");
+            }
+            if self.db.is_shared() {
+                match self.recover().await {
+                    Ok((0, 0)) => {}
+                    Ok((requeued, failed)) => tracing::warn!(
+                        requeued,
+                        interrupted = failed,
+                        "took up the tasks of a node whose lease ran out"
+                    ),
+                    Err(error) => tracing::error!(%error, "cannot recover stale tasks"),
+                }
             }
         }
     }

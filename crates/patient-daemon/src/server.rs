@@ -128,11 +128,6 @@ pub async fn run_until(
         )));
     }
     let url = settings.database_url();
-    if !url.starts_with("sqlite:") {
-        return Err(ServeError::Settings(
-            "setting `database_url`: only SQLite (sqlite://PATH) is supported by this build".into(),
-        ));
-    }
     let db = Db::open(&url)
         .await
         .map_err(|e| ServeError::Store(e.to_string()))?;

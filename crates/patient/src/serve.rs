@@ -15,7 +15,7 @@ the API on 127.0.0.1:8750. docs/patient.toml documents every setting:
 
   listen            PATIENT_LISTEN            127.0.0.1:8750
   data_dir          PATIENT_DATA_DIR          ./patient-data
-  database_url      PATIENT_DATABASE_URL      SQLite in data_dir
+  database_url      PATIENT_DATABASE_URL      SQLite in data_dir (or postgres://… for several nodes)
   api_token         PATIENT_API_TOKEN         none (required off loopback)
   webhook_secret    PATIENT_WEBHOOK_SECRET    generated once, kept in the database
   redis_url         PATIENT_REDIS_URL         none (Redis and Sidekiq delivery)

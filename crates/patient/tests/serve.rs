@@ -714,3 +714,196 @@ fn sigterm_lets_attempts_finish_up_to_the_timeout_releases_the_rest_and_exits_0(
     );
     assert_eq!(upstream.sequence_count("later"), 1);
 }
+
+/// A fresh schema in the test PostgreSQL (`PATIENT_TEST_POSTGRES_URL`, from
+/// `scripts/services.sh`) and the `database_url` that puts the queue in it;
+/// `None` without one (a failure with `PATIENT_REQUIRE_SERVICES=1`).
+async fn postgres_queue(label: &str) -> Option<String> {
+    let Ok(url) = std::env::var("PATIENT_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var("PATIENT_REQUIRE_SERVICES").as_deref() != Ok("1"),
+            "PATIENT_TEST_POSTGRES_URL is required (PATIENT_REQUIRE_SERVICES=1); start it with `eval \"$(scripts/services.sh start)\"`"
+        );
+        return None;
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let schema = format!("serve_{label}_{}_{nanos}", std::process::id());
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    Some(format!("{url}{separator}options[search_path]={schema}"))
+}
+
+/// A counter of a daemon's `/metrics` text, summed over its labels.
+async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::builder()
+        .uri("/metrics")
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let text = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn nodes_on_one_postgres_queue_share_the_work_and_take_up_a_killed_nodes_tasks_once_its_lease_runs_out(
+) {
+    let rt = runtime();
+    let Some(queue) = rt.block_on(postgres_queue("nodes")) else {
+        return;
+    };
+    let upstream = Arc::new(rt.block_on(Upstream::start()).unwrap());
+    let Hook {
+        url: hook,
+        got: deliveries,
+        bad: bad_signatures,
+        ..
+    } = rt.block_on(receiver());
+    let env = [
+        ("PATIENT_DATABASE_URL", queue.as_str()),
+        ("PATIENT_LEASE", "2"),
+    ];
+    let (dir_a, dir_b, dir_c) = (
+        TempDir::new("node-a"),
+        TempDir::new("node-b"),
+        TempDir::new("node-c"),
+    );
+    let mut a = Serve::start(dir_a.path(), &env);
+    let mut b = Serve::start(dir_b.path(), &env);
+
+    // Phase 1: 300 tasks submitted to either node; both run them, each runs
+    // once, and each outcome is delivered.
+    const SHARED: usize = 300;
+    let ids: Vec<String> = rt.block_on(async {
+        let mut ids = Vec::new();
+        for i in 0..SHARED {
+            let node = if i % 2 == 0 { a.addr } else { b.addr };
+            let body = json!({
+                "request": {"http_method": "get", "url": upstream.url(&format!("/delay?ms=20&i={i}"))},
+                "callback": "NodeCallback",
+                "callback_args": {"i": i},
+                "deliver": {"webhook": {"url": hook}},
+            });
+            let (status, task) = call(node, "POST", "/v1/tasks", Some(&body)).await.unwrap();
+            assert_eq!(status, 201, "{task}");
+            ids.push(task["id"].as_str().unwrap().to_owned());
+        }
+        for id in &ids {
+            wait_task(a.addr, id, |t| {
+                is_finished(t) && t["delivery"]["state"] == "delivered"
+            })
+            .await;
+        }
+        ids
+    });
+    assert_eq!(
+        upstream.requests_to("/delay"),
+        SHARED as u64,
+        "each task ran once"
+    );
+    let (ran_a, ran_b) = rt.block_on(async {
+        (
+            metric(a.addr, "patient_outcomes_total").await,
+            metric(b.addr, "patient_outcomes_total").await,
+        )
+    });
+    assert_eq!(ran_a + ran_b, SHARED as f64);
+    assert!(
+        ran_a > 0.0 && ran_b > 0.0,
+        "both nodes ran tasks: {ran_a} and {ran_b}"
+    );
+    let delivered: BTreeSet<String> = deliveries
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|d| d.body["data"]["task_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(delivered, ids.iter().cloned().collect::<BTreeSet<_>>());
+    assert_eq!(bad_signatures.load(Ordering::SeqCst), 0);
+
+    // Phase 2: node B stops (SIGTERM, nothing held); node A takes ten GETs
+    // and a POST that the upstream holds, and is killed with them in flight.
+    let (status, _) = b.terminate();
+    assert_eq!(status.code(), Some(0));
+    let held = |key: &str| upstream.url(&format!("/sequence?key={key}&delays=60000,0"));
+    let (gets, post) = rt.block_on(async {
+        let mut gets = Vec::new();
+        for i in 0..10 {
+            let body = json!({
+                "request": {"http_method": "get", "url": held(&format!("get-{i}"))},
+                "callback": "NodeCallback",
+            });
+            let (status, task) = call(a.addr, "POST", "/v1/tasks", Some(&body))
+                .await
+                .unwrap();
+            assert_eq!(status, 201, "{task}");
+            gets.push(task["id"].as_str().unwrap().to_owned());
+        }
+        let body = json!({
+            "request": {"http_method": "post", "url": held("post")},
+            "callback": "NodeCallback",
+        });
+        let (status, task) = call(a.addr, "POST", "/v1/tasks", Some(&body))
+            .await
+            .unwrap();
+        assert_eq!(status, 201, "{task}");
+        let post = task["id"].as_str().unwrap().to_owned();
+        wait_until("node A to hold all eleven requests", || {
+            (0..10).all(|i| upstream.sequence_count(&format!("get-{i}")) == 1)
+                && upstream.sequence_count("post") == 1
+        })
+        .await;
+        (gets, post)
+    });
+    a.kill_9();
+
+    // Node C starts at once: the tasks stay with the killed node until its
+    // lease runs out (it may only be slow), then C takes them up: the GETs
+    // run again, the POST, which may have reached the upstream, is finished
+    // as Interrupted and not sent twice.
+    let c = Serve::start(dir_c.path(), &env);
+    rt.block_on(async {
+        let t = task(c.addr, &gets[0]).await;
+        assert_eq!(t["state"], "running", "held by node A's lease: {t:#}");
+        for id in &gets {
+            let t = wait_task(c.addr, id, is_finished).await;
+            assert_eq!(t["state"], "completed", "{t:#}");
+        }
+        let p = wait_task(c.addr, &post, is_finished).await;
+        assert_eq!(p["state"], "failed", "{p:#}");
+        assert_eq!(p["outcome"]["error"]["class_name"], "Interrupted", "{p:#}");
+    });
+    for i in 0..10 {
+        assert_eq!(
+            upstream.sequence_count(&format!("get-{i}")),
+            2,
+            "get-{i} ran again"
+        );
+    }
+    assert_eq!(
+        upstream.sequence_count("post"),
+        1,
+        "the POST was not sent twice"
+    );
+    assert!(
+        c.log().contains("lease ran out"),
+        "node C says it took up the tasks: {}",
+        c.log()
+    );
+}

@@ -1,5 +1,5 @@
-//! The queue's storage: SQLite in WAL mode, every write through one
-//! connection that commits in groups.
+//! The SQLite backend: WAL mode, every write through one connection that
+//! commits in groups.
 //!
 //! A write is a job sent to the writer task. The writer takes every job
 //! waiting (up to [`GROUP`]), runs them in one `BEGIN IMMEDIATE`
@@ -20,51 +20,21 @@ use sqlx::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::model::{Deliver, DeliveryRecord, DeliveryState, TaskRecord, TaskState};
+use super::{
+    select_task, task_of, Batch, DbError, DeliveryResult, DueDelivery, Finish, ListQuery, NewTask,
+    Reschedule,
+};
+use crate::model::{Deliver, DeliveryState, TaskRecord, TaskState};
 
-/// The columns of a task with its delivery; a macro so that queries built
-/// from it stay literals.
-macro_rules! select_task {
-    () => {
-        "SELECT t.id, t.state, t.request, t.callback, t.callback_args, \
-    t.raise_error_responses, t.deliver, t.idempotency_key, t.priority, t.created_at, t.not_before, \
-    t.deadline, t.finished_at, t.next_attempt, t.request_sent, t.attempts, t.outcome, \
-    d.state AS d_state, d.attempts AS d_attempts, d.last_error AS d_last_error, \
-    d.message_id AS d_message_id, d.next_at AS d_next_at \
-    FROM patient_tasks t LEFT JOIN patient_deliveries d ON d.task_id = t.id"
-    };
-}
+super::columns_for!(SqliteRow);
 
 /// Rows per multi-row insert (12 parameters each, well under SQLite's limit).
 const INSERT_CHUNK: usize = 64;
 
 /// The most jobs one transaction commits.
-pub const GROUP: usize = 512;
+pub(super) const GROUP: usize = 512;
 
-const MIGRATION: &str = include_str!("../migrations/sqlite/0001_tasks.sql");
-
-/// A storage failure or a refused change.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DbError {
-    /// The database failed.
-    #[error("database: {0}")]
-    Backend(String),
-    /// No task with this id.
-    #[error("no task {0}")]
-    NotFound(String),
-    /// The change does not apply to the task as it is.
-    #[error("{0}")]
-    Conflict(String),
-    /// The writer has stopped.
-    #[error("the database writer has stopped")]
-    Closed,
-}
-
-impl From<sqlx::Error> for DbError {
-    fn from(e: sqlx::Error) -> Self {
-        DbError::Backend(e.to_string())
-    }
-}
+const MIGRATION: &str = include_str!("../../migrations/sqlite/0001_tasks.sql");
 
 type Run = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, bool> + Send>;
 
@@ -76,116 +46,25 @@ struct Job {
     done: Box<dyn FnOnce(Result<(), DbError>) + Send>,
 }
 
-/// The queue's database. Cheap to clone.
+/// The SQLite queue. Cheap to clone.
 #[derive(Clone)]
-pub struct Db {
+pub struct SqliteDb {
     jobs: mpsc::Sender<Job>,
     reader: SqlitePool,
     writes: Arc<std::sync::atomic::AtomicU64>,
 }
 
-impl std::fmt::Debug for Db {
+impl std::fmt::Debug for SqliteDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Db").finish_non_exhaustive()
+        f.debug_struct("SqliteDb").finish_non_exhaustive()
     }
 }
 
-/// A task to insert.
-#[derive(Debug, Clone)]
-pub struct NewTask {
-    /// The record as it starts (state `scheduled` or `queued`).
-    pub record: TaskRecord,
-}
-
-/// What a reschedule writes after a step that did not finish the task.
-#[derive(Debug, Clone)]
-pub struct Reschedule {
-    /// The task.
-    pub id: String,
-    /// Only while this node holds it.
-    pub owner: String,
-    /// When it may run again (ms).
-    pub not_before: i64,
-    /// The next attempt's number.
-    pub next_attempt: u32,
-    /// Whether a request may have reached the upstream.
-    pub request_sent: bool,
-    /// The attempt records so far.
-    pub attempts: Vec<Value>,
-}
-
-/// What finishing a task writes: its outcome and its delivery, together.
-#[derive(Debug, Clone)]
-pub struct Finish {
-    /// The task.
-    pub id: String,
-    /// Only while this node holds it; `None` for recovery at start.
-    pub owner: Option<String>,
-    /// `completed` or `failed`.
-    pub state: TaskState,
-    /// The outcome event.
-    pub outcome: Value,
-    /// The attempt records.
-    pub attempts: Vec<Value>,
-    /// Whether a request may have reached the upstream.
-    pub request_sent: bool,
-    /// When (ms).
-    pub finished_at: i64,
-    /// The delivery to queue, with its message id, unless the task has no
-    /// channel.
-    pub delivery: Option<String>,
-}
-
-/// A delivery claimed for sending.
-#[derive(Debug, Clone)]
-pub struct DueDelivery {
-    /// The task (its outcome and channel).
-    pub task: TaskRecord,
-    /// The delivery.
-    pub delivery: DeliveryRecord,
-}
-
-/// A finished delivery try.
-#[derive(Debug, Clone)]
-pub enum DeliveryResult {
-    /// Delivered.
-    Delivered,
-    /// Not delivered; try again at `next_at` (ms).
-    Retry {
-        /// Why.
-        error: String,
-        /// When.
-        next_at: i64,
-    },
-    /// Not delivered and no tries left.
-    Failed {
-        /// Why.
-        error: String,
-    },
-}
-
-/// A page of the task list.
-#[derive(Debug, Clone, Default)]
-pub struct ListQuery {
-    /// Only tasks in this state.
-    pub state: Option<TaskState>,
-    /// Only tasks with this callback.
-    pub callback: Option<String>,
-    /// At most this many.
-    pub limit: u32,
-    /// After this `(created_at, id)`, newest first.
-    pub cursor: Option<(i64, String)>,
-    /// Judge `state` as the task JSON shows it at this time (ms): a waiting
-    /// task whose `not_before` has come is `queued`, one still waiting for
-    /// it `scheduled`, whatever the row says. `None`: as stored.
-    pub at: Option<i64>,
-}
-
-impl Db {
+impl SqliteDb {
     /// Opens (creating it and its directory if missing) the SQLite database
     /// at `url` (`sqlite://PATH`, `sqlite:PATH` or `sqlite::memory:`) and
     /// runs the migration.
-    pub async fn open(url: &str) -> Result<Db, DbError> {
+    pub async fn open(url: &str) -> Result<SqliteDb, DbError> {
         let path_part = url
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
@@ -215,7 +94,7 @@ impl Db {
         let (jobs, rx) = mpsc::channel::<Job>(4 * GROUP);
         let writes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         tokio::spawn(write_loop(writer, rx, Arc::clone(&writes)));
-        Ok(Db {
+        Ok(SqliteDb {
             jobs,
             reader,
             writes,
@@ -439,12 +318,16 @@ impl Db {
         .await
     }
 
-    /// Every task left `running` (by a node that stopped without releasing
-    /// it: a crash).
-    pub async fn running(&self) -> Result<Vec<TaskRecord>, DbError> {
-        let rows = sqlx::query(concat!(select_task!(), " WHERE t.state = 'running'"))
-            .fetch_all(&self.reader)
-            .await?;
+    /// Every task left `running` (at the start: by a node that stopped
+    /// without releasing it, a crash), up to `limit`.
+    pub async fn stale(&self, _now: i64, limit: usize) -> Result<Vec<TaskRecord>, DbError> {
+        let rows = sqlx::query(concat!(
+            select_task!(),
+            " WHERE t.state = 'running' LIMIT $1"
+        ))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.reader)
+        .await?;
         rows.iter().map(task_of).collect()
     }
 
@@ -467,7 +350,7 @@ impl Db {
     }
 
     /// Puts a task left running by a crash back in the queue.
-    pub async fn requeue(&self, id: &str) -> Result<bool, DbError> {
+    pub async fn requeue(&self, id: &str, _now: i64) -> Result<bool, DbError> {
         let id = id.to_owned();
         self.write(move |conn| {
             Box::pin(async move {
@@ -800,68 +683,18 @@ async fn fetch(conn: &mut SqliteConnection, id: &str) -> Result<TaskRecord, DbEr
     task_of(&row)
 }
 
-fn json_column(row: &SqliteRow, column: &str) -> Result<Value, DbError> {
-    let text: String = row.try_get(column)?;
-    serde_json::from_str(&text)
-        .map_err(|e| DbError::Backend(format!("column {column} holds invalid JSON: {e}")))
-}
-
-fn task_of(row: &SqliteRow) -> Result<TaskRecord, DbError> {
-    let state: String = row.try_get("state")?;
-    let state = TaskState::from_name(&state)
-        .ok_or_else(|| DbError::Backend(format!("unknown task state {state:?}")))?;
-    let deliver = json_column(row, "deliver")?;
-    let deliver = Deliver::from_json(Some(&deliver))
-        .map_err(|(field, message)| DbError::Backend(format!("stored {field}: {message}")))?;
-    let attempts = match json_column(row, "attempts")? {
-        Value::Array(items) => items,
-        _ => Vec::new(),
-    };
-    let outcome: Option<String> = row.try_get("outcome")?;
-    let outcome = outcome
-        .map(|text| serde_json::from_str(&text))
-        .transpose()
-        .map_err(|e| DbError::Backend(format!("column outcome holds invalid JSON: {e}")))?;
-    let delivery = match row.try_get::<Option<String>, _>("d_state")? {
-        None => None,
-        Some(name) => Some(DeliveryRecord {
-            state: DeliveryState::from_name(&name)
-                .ok_or_else(|| DbError::Backend(format!("unknown delivery state {name:?}")))?,
-            attempts: u32::try_from(row.try_get::<i64, _>("d_attempts")?).unwrap_or(0),
-            last_error: row.try_get("d_last_error")?,
-            message_id: row.try_get("d_message_id")?,
-            next_at: row.try_get("d_next_at")?,
-        }),
-    };
-    Ok(TaskRecord {
-        id: row.try_get("id")?,
-        state,
-        request: json_column(row, "request")?,
-        callback: row.try_get("callback")?,
-        callback_args: json_column(row, "callback_args")?,
-        raise_error_responses: row.try_get("raise_error_responses")?,
-        deliver,
-        idempotency_key: row.try_get("idempotency_key")?,
-        priority: row.try_get("priority")?,
-        created_at: row.try_get("created_at")?,
-        not_before: row.try_get("not_before")?,
-        deadline: row.try_get("deadline")?,
-        finished_at: row.try_get("finished_at")?,
-        next_attempt: u32::try_from(row.try_get::<i64, _>("next_attempt")?).unwrap_or(1),
-        request_sent: row.try_get("request_sent")?,
-        attempts,
-        outcome,
-        delivery,
-    })
-}
-
 async fn insert_tasks(
     conn: &mut SqliteConnection,
     tasks: Vec<NewTask>,
 ) -> Result<Vec<(TaskRecord, bool)>, DbError> {
-    let mut out: Vec<Option<(TaskRecord, bool)>> = Vec::with_capacity(tasks.len());
-    let mut fresh: Vec<(usize, TaskRecord)> = Vec::with_capacity(tasks.len());
-    for NewTask { record: t } in tasks {
+    let Batch {
+        len,
+        fresh,
+        repeats,
+    } = Batch::new(tasks);
+    let mut answers = Vec::with_capacity(fresh.len());
+    let mut insert = Vec::with_capacity(fresh.len());
+    for (place, t) in fresh {
         if let Some(key) = &t.idempotency_key {
             let existing = sqlx::query("SELECT id FROM patient_tasks WHERE idempotency_key = $1")
                 .bind(key)
@@ -869,23 +702,14 @@ async fn insert_tasks(
                 .await?;
             if let Some(row) = existing {
                 let id: String = row.try_get("id")?;
-                out.push(Some((fetch(conn, &id).await?, false)));
-                continue;
-            }
-            // The same key twice in one batch: the first one wins.
-            if let Some((_, first)) = fresh
-                .iter()
-                .find(|(_, f)| f.idempotency_key.as_deref() == Some(key.as_str()))
-            {
-                out.push(Some((first.clone(), false)));
+                answers.push((place, (fetch(conn, &id).await?, false)));
                 continue;
             }
         }
-        fresh.push((out.len(), t));
-        out.push(None);
+        insert.push((place, t));
     }
     // Many rows per statement: one round trip to SQLite's thread per chunk.
-    for chunk in fresh.chunks(INSERT_CHUNK) {
+    for chunk in insert.chunks(INSERT_CHUNK) {
         let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO patient_tasks (id, state, request, callback, callback_args, raise_error_responses, \
              deliver, idempotency_key, priority, created_at, not_before, deadline) ",
@@ -906,10 +730,8 @@ async fn insert_tasks(
         });
         insert.build().execute(&mut *conn).await?;
     }
-    for (index, record) in fresh {
-        out[index] = Some((record, true));
-    }
-    Ok(out.into_iter().flatten().collect())
+    answers.extend(insert.into_iter().map(|(place, t)| (place, (t, true))));
+    Batch::answer(len, &repeats, answers)
 }
 
 async fn finish_task(conn: &mut SqliteConnection, f: Finish) -> Result<bool, DbError> {
@@ -942,351 +764,4 @@ async fn finish_task(conn: &mut SqliteConnection, f: Finish) -> Result<bool, DbE
         .await?;
     }
     Ok(true)
-}
-
-#[cfg(test)]
-mod tests {
-    use serde_json::json;
-
-    use super::*;
-    use crate::model::{message_id, task_id};
-
-    async fn db(label: &str) -> (Db, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!(
-            "patient-db-{label}-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        let url = format!("sqlite://{}", dir.join("q.db").display());
-        (Db::open(&url).await.unwrap(), dir)
-    }
-
-    fn task(key: Option<&str>, not_before: i64, priority: i64) -> NewTask {
-        NewTask {
-            record: TaskRecord {
-                id: task_id(),
-                state: TaskState::Queued,
-                request: json!({"http_method": "get", "url": "http://127.0.0.1:1/"}),
-                callback: "Cb".into(),
-                callback_args: json!({"n": 1}),
-                raise_error_responses: false,
-                deliver: Deliver::Webhook {
-                    url: "http://127.0.0.1:1/hook".into(),
-                },
-                idempotency_key: key.map(str::to_owned),
-                priority,
-                created_at: not_before,
-                not_before,
-                deadline: None,
-                finished_at: None,
-                next_attempt: 1,
-                request_sent: false,
-                attempts: Vec::new(),
-                outcome: None,
-                delivery: None,
-            },
-        }
-    }
-
-    #[tokio::test]
-    async fn a_task_goes_from_submit_to_delivered() {
-        let (db, dir) = db("life").await;
-        let inserted = db.insert(vec![task(Some("k1"), 1000, 1)]).await.unwrap();
-        assert!(inserted[0].1);
-        let id = inserted[0].0.id.clone();
-        // The same key gives the first task back.
-        let again = db.insert(vec![task(Some("k1"), 2000, 1)]).await.unwrap();
-        assert_eq!((again[0].0.id.as_str(), again[0].1), (id.as_str(), false));
-
-        assert!(
-            db.claim("n1", 999, 5000, 10).await.unwrap().is_empty(),
-            "not due yet"
-        );
-        let claimed = db.claim("n1", 1000, 5000, 10).await.unwrap();
-        assert_eq!(claimed.len(), 1);
-        assert_eq!(claimed[0].state, TaskState::Running);
-        assert!(
-            db.claim("n2", 1000, 5000, 10).await.unwrap().is_empty(),
-            "held"
-        );
-
-        assert!(db
-            .reschedule(Reschedule {
-                id: id.clone(),
-                owner: "n1".into(),
-                not_before: 3000,
-                next_attempt: 2,
-                request_sent: true,
-                attempts: vec![json!({"attempt": 1, "status": 503})],
-            })
-            .await
-            .unwrap());
-        let t = db.get(&id).await.unwrap().unwrap();
-        assert_eq!(
-            (t.state, t.next_attempt, t.not_before),
-            (TaskState::Scheduled, 2, 3000)
-        );
-        assert_eq!(db.next_due().await.unwrap(), Some(3000));
-
-        db.claim("n1", 3000, 9000, 10).await.unwrap();
-        let message = message_id();
-        assert!(db
-            .finish(Finish {
-                id: id.clone(),
-                owner: Some("n1".into()),
-                state: TaskState::Completed,
-                outcome: json!({"task_id": id, "type": "task.completed"}),
-                attempts: vec![],
-                request_sent: true,
-                finished_at: 4000,
-                delivery: Some(message.clone()),
-            })
-            .await
-            .unwrap());
-        let t = db.get(&id).await.unwrap().unwrap();
-        assert_eq!(t.state, TaskState::Completed);
-        let d = t.delivery.unwrap();
-        assert_eq!(
-            (d.state, d.message_id.as_str()),
-            (DeliveryState::Pending, message.as_str())
-        );
-
-        let due = db.claim_deliveries("n1", 4000, 9000, 10).await.unwrap();
-        assert_eq!(due.len(), 1);
-        db.delivered(
-            &id,
-            "n1",
-            DeliveryResult::Retry {
-                error: "503".into(),
-                next_at: 5000,
-            },
-        )
-        .await
-        .unwrap();
-        assert!(db
-            .claim_deliveries("n1", 4500, 9000, 10)
-            .await
-            .unwrap()
-            .is_empty());
-        db.claim_deliveries("n1", 5000, 9000, 10).await.unwrap();
-        db.delivered(
-            &id,
-            "n1",
-            DeliveryResult::Failed {
-                error: "gone".into(),
-            },
-        )
-        .await
-        .unwrap();
-        let t = db.get(&id).await.unwrap().unwrap();
-        let d = t.delivery.unwrap();
-        assert_eq!(
-            (d.state, d.attempts, d.last_error.as_deref()),
-            (DeliveryState::Failed, 2, Some("gone"))
-        );
-
-        let t = db.redeliver(&id, 6000).await.unwrap();
-        assert_eq!(t.delivery.unwrap().state, DeliveryState::Pending);
-        assert!(matches!(
-            db.redeliver(&id, 6000).await,
-            Err(DbError::Conflict(_))
-        ));
-
-        assert!(matches!(
-            db.cancel(&id, 7000).await,
-            Err(DbError::Conflict(_))
-        ));
-        assert!(matches!(
-            db.retry(&id, 7000).await,
-            Err(DbError::Conflict(_))
-        ));
-        assert_eq!(
-            db.purge(10_000, 100).await.unwrap(),
-            0,
-            "its delivery is pending"
-        );
-        let _ = std::fs::remove_dir_all(dir);
-    }
-
-    #[tokio::test]
-    async fn deliveries_a_stopped_node_left_claimed_are_taken_back_at_start() {
-        let (db, dir) = db("recover").await;
-        let t = task(None, 1, 1);
-        let id = t.record.id.clone();
-        db.insert(vec![t]).await.unwrap();
-        db.claim("gone", 10, 100_000, 10).await.unwrap();
-        db.finish(Finish {
-            id: id.clone(),
-            owner: Some("gone".into()),
-            state: TaskState::Completed,
-            outcome: json!({}),
-            attempts: vec![],
-            request_sent: true,
-            finished_at: 20,
-            delivery: Some(message_id()),
-        })
-        .await
-        .unwrap();
-        assert_eq!(
-            db.claim_deliveries("gone", 20, 100_000, 10)
-                .await
-                .unwrap()
-                .len(),
-            1
-        );
-        // The node is killed; the next start's node cannot claim it...
-        assert!(db
-            .claim_deliveries("next", 30, 100_000, 10)
-            .await
-            .unwrap()
-            .is_empty());
-        // ... until the recovery at start frees it.
-        assert_eq!(db.recover_deliveries().await.unwrap(), 1);
-        let due = db.claim_deliveries("next", 30, 100_000, 10).await.unwrap();
-        assert_eq!(due.len(), 1);
-        assert_eq!(due[0].task.id, id);
-        let _ = std::fs::remove_dir_all(dir);
-    }
-
-    #[tokio::test]
-    async fn claims_follow_priority_then_due_time_and_release_requeues() {
-        let (db, dir) = db("order").await;
-        let low = task(None, 100, 2);
-        let normal_late = task(None, 200, 1);
-        let high = task(None, 300, 0);
-        let ids = [
-            high.record.id.clone(),
-            normal_late.record.id.clone(),
-            low.record.id.clone(),
-        ];
-        db.insert(vec![low, normal_late, high]).await.unwrap();
-        let claimed = db.claim("n", 1000, 2000, 10).await.unwrap();
-        let order: Vec<&str> = claimed.iter().map(|t| t.id.as_str()).collect();
-        assert_eq!(order, ids.iter().map(String::as_str).collect::<Vec<_>>());
-        assert_eq!(db.release("n").await.unwrap(), 3);
-        assert_eq!(db.claim("m", 1000, 2000, 2).await.unwrap().len(), 2);
-        assert_eq!(db.running().await.unwrap().len(), 2);
-        let _ = std::fs::remove_dir_all(dir);
-    }
-
-    #[tokio::test]
-    async fn a_batch_is_all_or_nothing_and_submits_share_commits() {
-        let (db, dir) = db("batch").await;
-        let good = task(None, 1, 1);
-        let mut bad = task(None, 1, 1);
-        bad.record.id = good.record.id.clone(); // a duplicate primary key
-        assert!(db.insert(vec![good, bad]).await.is_err());
-        assert!(db
-            .list(&ListQuery {
-                limit: 10,
-                ..ListQuery::default()
-            })
-            .await
-            .unwrap()
-            .is_empty());
-
-        let before = db.commits();
-        let inserts = (0..200).map(|_| {
-            let db = db.clone();
-            tokio::spawn(async move { db.insert(vec![task(None, 1, 1)]).await.map(|_| ()) })
-        });
-        for result in futures_util::future::join_all(inserts).await {
-            result.unwrap().unwrap();
-        }
-        let commits = db.commits() - before;
-        assert!(commits < 200, "200 submits in {commits} commits");
-        let page = db
-            .list(&ListQuery {
-                limit: 150,
-                ..ListQuery::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(page.len(), 150);
-        let last = page.last().unwrap();
-        let rest = db
-            .list(&ListQuery {
-                limit: 150,
-                cursor: Some((last.created_at, last.id.clone())),
-                ..ListQuery::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(rest.len(), 50);
-        let _ = std::fs::remove_dir_all(dir);
-    }
-
-    #[tokio::test]
-    async fn counts_show_a_due_scheduled_task_as_queued() {
-        let (db, dir) = db("counts").await;
-        let mut waiting = task(None, 5000, 1);
-        waiting.record.state = TaskState::Scheduled;
-        db.insert(vec![waiting, task(None, 100, 1)]).await.unwrap();
-        let at = |counts: Vec<(String, i64)>, state: &str| {
-            counts
-                .iter()
-                .find(|(s, _)| s == state)
-                .map_or(0, |(_, n)| *n)
-        };
-        let early = db.counts(1000).await.unwrap();
-        assert_eq!(
-            (at(early.clone(), "scheduled"), at(early, "queued")),
-            (1, 1)
-        );
-        let late = db.counts(6000).await.unwrap();
-        assert_eq!((at(late.clone(), "scheduled"), at(late, "queued")), (0, 2));
-        let _ = std::fs::remove_dir_all(dir);
-    }
-
-    #[tokio::test]
-    async fn cancel_retry_and_purge() {
-        let (db, dir) = db("cancel").await;
-        let t = task(None, 1, 1);
-        let id = t.record.id.clone();
-        db.insert(vec![t]).await.unwrap();
-        let cancelled = db.cancel(&id, 5).await.unwrap();
-        assert_eq!(cancelled.state, TaskState::Cancelled);
-        assert!(matches!(
-            db.cancel("tsk_nope", 5).await,
-            Err(DbError::NotFound(_))
-        ));
-
-        let t = task(None, 1, 1);
-        let failed = t.record.id.clone();
-        db.insert(vec![t]).await.unwrap();
-        db.claim("n", 10, 100, 10).await.unwrap();
-        db.finish(Finish {
-            id: failed.clone(),
-            owner: Some("n".into()),
-            state: TaskState::Failed,
-            outcome: json!({}),
-            attempts: vec![],
-            request_sent: false,
-            finished_at: 20,
-            delivery: None,
-        })
-        .await
-        .unwrap();
-        let again = db.retry(&failed, 30).await.unwrap();
-        assert_eq!(
-            (again.state, again.next_attempt, again.outcome.clone()),
-            (TaskState::Queued, 1, None)
-        );
-
-        assert_eq!(db.purge(6, 100).await.unwrap(), 1, "the cancelled one");
-        assert!(db.get(&id).await.unwrap().is_none());
-        assert_eq!(
-            db.meta_or_insert("webhook_secret", "a".into())
-                .await
-                .unwrap(),
-            "a"
-        );
-        assert_eq!(
-            db.meta_or_insert("webhook_secret", "b".into())
-                .await
-                .unwrap(),
-            "a",
-            "the first value stays"
-        );
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }
