@@ -46,7 +46,7 @@ pub struct Deliverer {
     delivery: DeliverySettings,
     redis: Option<redis::Client>,
     redis_conn: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
-    wake: Notify,
+    wake: Arc<Notify>,
     metrics: DaemonMetrics,
 }
 
@@ -118,7 +118,7 @@ impl Deliverer {
             delivery,
             redis,
             redis_conn: tokio::sync::Mutex::new(None),
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
             metrics,
         })
     }
@@ -126,6 +126,12 @@ impl Deliverer {
     /// Wakes the loop (after an outcome or a redeliver).
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// What wakes the loop, for the runner to wake it after each outcome
+    /// it stores with a delivery.
+    pub fn waker(&self) -> Arc<Notify> {
+        Arc::clone(&self.wake)
     }
 
     /// Delivers until the task is aborted.
@@ -168,7 +174,7 @@ impl Deliverer {
             if full {
                 continue;
             }
-            let sleep = match self.db.next_delivery().await {
+            let sleep = match self.db.next_delivery(now_ms()).await {
                 Ok(Some(at)) => Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0)),
                 _ => IDLE_POLL,
             }

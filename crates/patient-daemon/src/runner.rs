@@ -68,6 +68,8 @@ pub struct Runner {
     slots: Arc<Semaphore>,
     max_in_flight: usize,
     wake: Arc<Notify>,
+    /// Woken after each outcome stored with a delivery (the deliverer).
+    on_outcome: std::sync::OnceLock<Arc<Notify>>,
     stopping: AtomicBool,
     stopped: Notify,
     running: Mutex<HashMap<String, tokio::task::AbortHandle>>,
@@ -103,12 +105,18 @@ impl Runner {
             slots: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
             wake: Arc::new(Notify::new()),
+            on_outcome: std::sync::OnceLock::new(),
             stopping: AtomicBool::new(false),
             stopped: Notify::new(),
             running: Mutex::new(HashMap::new()),
             limits,
             metrics,
         })
+    }
+
+    /// Wakes `notify` after each outcome stored with a delivery (set once).
+    pub fn on_outcome(&self, notify: Arc<Notify>) {
+        let _ = self.on_outcome.set(notify);
     }
 
     /// Wakes the loop (after a submit).
@@ -390,6 +398,11 @@ impl Runner {
             })
             .await?;
         if stored {
+            if record.deliver != Deliver::None {
+                if let Some(deliverer) = self.on_outcome.get() {
+                    deliverer.notify_one();
+                }
+            }
             self.metrics.outcome(state.as_str());
             self.metrics.end_to_end(Duration::from_millis(
                 u64::try_from(finished_at - record.created_at).unwrap_or(0),

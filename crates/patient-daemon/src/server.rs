@@ -226,6 +226,7 @@ pub async fn run_until(
         redis,
         metrics.clone(),
     );
+    runner.on_outcome(deliverer.waker());
 
     let shutdown_timeout = settings.shutdown_timeout();
     let retention = settings.retention();

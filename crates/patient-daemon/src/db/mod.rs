@@ -218,9 +218,10 @@ impl Db {
         dispatch!(self.claim_deliveries(owner, now, lease_until, limit))
     }
 
-    /// The earliest `next_at` of a pending delivery, if any.
-    pub async fn next_delivery(&self) -> Result<Option<i64>, DbError> {
-        dispatch!(self.next_delivery())
+    /// When the next pending delivery may be claimed, if any: its
+    /// `next_at`, or for one claimed now (in flight) the end of its lease.
+    pub async fn next_delivery(&self, now: i64) -> Result<Option<i64>, DbError> {
+        dispatch!(self.next_delivery(now))
     }
 
     /// Records a delivery try.

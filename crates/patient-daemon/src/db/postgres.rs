@@ -453,11 +453,14 @@ impl PgDb {
         Ok(due)
     }
 
-    /// The earliest `next_at` of a pending delivery, if any.
-    pub async fn next_delivery(&self) -> Result<Option<i64>, DbError> {
+    /// See [`Db::next_delivery`](super::Db::next_delivery).
+    pub async fn next_delivery(&self, now: i64) -> Result<Option<i64>, DbError> {
         let row = sqlx::query(
-            "SELECT MIN(next_at) AS at FROM patient_deliveries WHERE state = 'pending'",
+            "SELECT MIN(CASE WHEN lease_until IS NOT NULL AND lease_until >= $1 \
+             THEN lease_until ELSE next_at END) AS at \
+             FROM patient_deliveries WHERE state = 'pending'",
         )
+        .bind(now)
         .fetch_one(&self.pool)
         .await?;
         Ok(row.try_get::<Option<i64>, _>("at")?)

@@ -38,12 +38,29 @@ const MIGRATION: &str = include_str!("../../migrations/sqlite/0001_tasks.sql");
 
 type Run = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, bool> + Send>;
 
-/// A write: `run` does it inside the writer's transaction (false: roll it
-/// back), `done` answers the caller once the transaction has ended (or
-/// without running, when it could not start).
-struct Job {
-    run: Run,
-    done: Box<dyn FnOnce(Result<(), DbError>) + Send>,
+/// A write for the writer's next transaction.
+enum Job {
+    /// Any write: `run` does it inside the transaction (false: roll it
+    /// back), `done` answers the caller once the transaction has ended (or
+    /// without running, when it could not start).
+    Run {
+        run: Run,
+        done: Box<dyn FnOnce(Result<(), DbError>) + Send>,
+    },
+    /// A task's outcome: the finishes of one transaction are written
+    /// together, a few statements for all of them rather than four round
+    /// trips to SQLite's thread each.
+    Finish {
+        finish: Finish,
+        done: oneshot::Sender<Result<bool, DbError>>,
+    },
+    /// A delivery try's result, written together like finishes.
+    Delivered {
+        task_id: String,
+        owner: String,
+        result: DeliveryResult,
+        done: oneshot::Sender<Result<(), DbError>>,
+    },
 }
 
 /// The SQLite queue. Cheap to clone.
@@ -118,7 +135,7 @@ impl SqliteDb {
         let (tx, rx) = oneshot::channel();
         let slot = Arc::new(std::sync::Mutex::new(None::<Result<T, DbError>>));
         let filled = Arc::clone(&slot);
-        let job = Job {
+        let job = Job::Run {
             run: Box::new(move |conn| {
                 Box::pin(async move {
                     let result = f(conn).await;
@@ -290,7 +307,12 @@ impl SqliteDb {
     /// Finishes a task and queues its delivery in the same transaction;
     /// false when the task was no longer this node's (or already finished).
     pub async fn finish(&self, f: Finish) -> Result<bool, DbError> {
-        self.write(move |conn| Box::pin(finish_task(conn, f))).await
+        let (done, answer) = oneshot::channel();
+        self.jobs
+            .send(Job::Finish { finish: f, done })
+            .await
+            .map_err(|_| DbError::Closed)?;
+        answer.await.map_err(|_| DbError::Closed)?
     }
 
     /// Releases every task `owner` holds back to the queue (a stop), with
@@ -488,10 +510,24 @@ impl SqliteDb {
                 .bind(i64::try_from(limit).unwrap_or(i64::MAX))
                 .fetch_all(&mut *conn)
                 .await?;
-                let mut due = Vec::with_capacity(rows.len());
-                for row in rows {
-                    let id: String = row.try_get("task_id")?;
-                    let task = fetch(conn, &id).await?;
+                if rows.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let ids = rows
+                    .iter()
+                    .map(|row| row.try_get::<String, _>("task_id"))
+                    .collect::<Result<Vec<_>, _>>()?;
+                // Every claimed task in one read.
+                let tasks = sqlx::query(concat!(
+                    select_task!(),
+                    " WHERE t.id IN (SELECT value FROM json_each($1)) ORDER BY d.next_at"
+                ))
+                .bind(Value::from(ids).to_string())
+                .fetch_all(&mut *conn)
+                .await?;
+                let mut due = Vec::with_capacity(tasks.len());
+                for row in &tasks {
+                    let task = task_of(row)?;
                     if let Some(delivery) = task.delivery.clone() {
                         due.push(DueDelivery { task, delivery });
                     }
@@ -502,11 +538,14 @@ impl SqliteDb {
         .await
     }
 
-    /// The earliest `next_at` of a pending delivery, if any.
-    pub async fn next_delivery(&self) -> Result<Option<i64>, DbError> {
+    /// See [`Db::next_delivery`](super::Db::next_delivery).
+    pub async fn next_delivery(&self, now: i64) -> Result<Option<i64>, DbError> {
         let row = sqlx::query(
-            "SELECT MIN(next_at) AS at FROM patient_deliveries WHERE state = 'pending'",
+            "SELECT MIN(CASE WHEN lease_until IS NOT NULL AND lease_until >= $1 \
+             THEN lease_until ELSE next_at END) AS at \
+             FROM patient_deliveries WHERE state = 'pending'",
         )
+        .bind(now)
         .fetch_one(&self.reader)
         .await?;
         Ok(row.try_get::<Option<i64>, _>("at")?)
@@ -519,30 +558,17 @@ impl SqliteDb {
         owner: &str,
         result: DeliveryResult,
     ) -> Result<(), DbError> {
-        let (task_id, owner) = (task_id.to_owned(), owner.to_owned());
-        self.write(move |conn| {
-            Box::pin(async move {
-                let (state, next_at, error) = match result {
-                    DeliveryResult::Delivered => ("delivered", None, None),
-                    DeliveryResult::Retry { error, next_at } => ("pending", Some(next_at), Some(error)),
-                    DeliveryResult::Failed { error } => ("failed", None, Some(error)),
-                };
-                sqlx::query(
-                    "UPDATE patient_deliveries SET state = $1, attempts = attempts + 1, next_at = $2, \
-                     last_error = COALESCE($3, last_error), lease_owner = NULL, lease_until = NULL \
-                     WHERE task_id = $4 AND lease_owner = $5 AND state = 'pending'",
-                )
-                .bind(state)
-                .bind(next_at)
-                .bind(error)
-                .bind(&task_id)
-                .bind(&owner)
-                .execute(&mut *conn)
-                .await?;
-                Ok(())
+        let (done, answer) = oneshot::channel();
+        self.jobs
+            .send(Job::Delivered {
+                task_id: task_id.to_owned(),
+                owner: owner.to_owned(),
+                result,
+                done,
             })
-        })
-        .await
+            .await
+            .map_err(|_| DbError::Closed)?;
+        answer.await.map_err(|_| DbError::Closed)?
     }
 
     /// Deletes up to `limit` tasks finished before `before` whose delivery
@@ -616,38 +642,64 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
+        let mut runs = Vec::new();
+        let mut finishes = Vec::new();
+        let mut delivered = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Run { run, done } => runs.push((run, done)),
+                Job::Finish { finish, done } => finishes.push((finish, done)),
+                Job::Delivered {
+                    task_id,
+                    owner,
+                    result,
+                    done,
+                } => delivered.push(((task_id, owner, result), done)),
+            }
+        }
         if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut conn).await {
             let error = DbError::from(e);
             tracing::error!(%error, "cannot begin a transaction");
             // The jobs never ran: answer each with the error.
-            for job in jobs {
-                (job.done)(Err(error.clone()));
+            for (_, done) in runs {
+                done(Err(error.clone()));
+            }
+            for (_, done) in finishes {
+                let _ = done.send(Err(error.clone()));
+            }
+            for (_, done) in delivered {
+                let _ = done.send(Err(error.clone()));
             }
             continue;
         }
-        let mut dones = Vec::with_capacity(jobs.len());
+        // The jobs of one transaction come from callers that are not
+        // waiting for each other (each answer comes after the commit), so
+        // any order is a valid one: the writes of any kind first, each in
+        // its own savepoint, then the finishes and the delivery results in
+        // bulk.
+        let mut dones = Vec::with_capacity(runs.len());
         let mut broken = None;
-        for job in jobs {
-            if broken.is_some() {
-                dones.push(job.done);
-                continue;
-            }
-            if let Err(e) = sqlx::query("SAVEPOINT job").execute(&mut conn).await {
-                broken = Some(DbError::from(e));
-                dones.push(job.done);
-                continue;
-            }
-            let ok = (job.run)(&mut conn).await;
-            let done = job.done;
-            let end = if ok {
-                "RELEASE SAVEPOINT job"
-            } else {
-                "ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job"
-            };
-            if let Err(e) = sqlx::raw_sql(end).execute(&mut conn).await {
-                broken = Some(DbError::from(e));
+        for (run, done) in runs {
+            if broken.is_none() {
+                if let Err(e) = in_savepoint(&mut conn, run).await {
+                    broken = Some(e);
+                }
             }
             dones.push(done);
+        }
+        let mut finished = Vec::new();
+        if broken.is_none() && !finishes.is_empty() {
+            let items: Vec<Finish> = finishes.iter().map(|(f, _)| f.clone()).collect();
+            match finish_all(&mut conn, items).await {
+                Ok(answers) => finished = answers,
+                Err(e) => broken = Some(e),
+            }
+        }
+        if broken.is_none() && !delivered.is_empty() {
+            let items: Vec<_> = delivered.iter().map(|(d, _)| d.clone()).collect();
+            if let Err(e) = deliveries_done(&mut conn, items).await {
+                broken = Some(e);
+            }
         }
         let committed = match broken {
             Some(e) => {
@@ -671,7 +723,154 @@ async fn write_loop(
         for done in dones {
             done(committed.clone());
         }
+        for (i, (_, done)) in finishes.into_iter().enumerate() {
+            let answer = match &committed {
+                Ok(()) => finished.get(i).cloned().unwrap_or(Err(DbError::Closed)),
+                Err(e) => Err(e.clone()),
+            };
+            let _ = done.send(answer);
+        }
+        for (_, done) in delivered {
+            let _ = done.send(committed.clone());
+        }
     }
+}
+
+/// Runs one job inside a savepoint of the open transaction: a job that
+/// fails rolls back alone. An error here is the transaction's own (it
+/// cannot go on).
+async fn in_savepoint(conn: &mut SqliteConnection, run: Run) -> Result<(), DbError> {
+    sqlx::query("SAVEPOINT job").execute(&mut *conn).await?;
+    let ok = run(conn).await;
+    let end = if ok {
+        "RELEASE SAVEPOINT job"
+    } else {
+        "ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job"
+    };
+    sqlx::raw_sql(end).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Finishes in bulk: one `UPDATE … FROM` per chunk marks the tasks still
+/// held as finished and names them, one insert queues their deliveries.
+/// Should the bulk write fail (it should not: a repeated task, a
+/// constraint), it is rolled back and each finish is written alone, so a
+/// bad one fails only itself. Each finish's answer, in order.
+async fn finish_all(
+    conn: &mut SqliteConnection,
+    items: Vec<Finish>,
+) -> Result<Vec<Result<bool, DbError>>, DbError> {
+    sqlx::query("SAVEPOINT bulk").execute(&mut *conn).await?;
+    match finish_bulk(conn, &items).await {
+        Ok(answers) => {
+            sqlx::query("RELEASE SAVEPOINT bulk")
+                .execute(&mut *conn)
+                .await?;
+            Ok(answers.into_iter().map(Ok).collect())
+        }
+        Err(error) => {
+            tracing::warn!(%error, "a bulk finish failed; writing each alone");
+            sqlx::raw_sql("ROLLBACK TO SAVEPOINT bulk; RELEASE SAVEPOINT bulk")
+                .execute(&mut *conn)
+                .await?;
+            let mut answers = Vec::with_capacity(items.len());
+            for f in items {
+                sqlx::query("SAVEPOINT job").execute(&mut *conn).await?;
+                let answer = finish_task(conn, f).await;
+                let end = if answer.is_ok() {
+                    "RELEASE SAVEPOINT job"
+                } else {
+                    "ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job"
+                };
+                sqlx::raw_sql(end).execute(&mut *conn).await?;
+                answers.push(answer);
+            }
+            Ok(answers)
+        }
+    }
+}
+
+/// Rows per bulk statement (seven parameters each).
+const BULK_CHUNK: usize = 256;
+
+async fn finish_bulk(conn: &mut SqliteConnection, items: &[Finish]) -> Result<Vec<bool>, DbError> {
+    let mut done = std::collections::HashSet::new();
+    for chunk in items.chunks(BULK_CHUNK) {
+        let mut update = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "WITH v (v_id, v_state, v_outcome, v_attempts, v_sent, v_at, v_owner) AS (",
+        );
+        update.push_values(chunk, |mut row, f| {
+            row.push_bind(f.id.clone())
+                .push_bind(f.state.as_str())
+                .push_bind(f.outcome.to_string())
+                .push_bind(Value::Array(f.attempts.clone()).to_string())
+                .push_bind(f.request_sent)
+                .push_bind(f.finished_at)
+                .push_bind(f.owner.clone());
+        });
+        update.push(
+            ") UPDATE patient_tasks SET state = v.v_state, outcome = v.v_outcome, \
+             attempts = v.v_attempts, request_sent = v.v_sent, finished_at = v.v_at, \
+             lease_owner = NULL, lease_until = NULL FROM v WHERE patient_tasks.id = v.v_id \
+             AND patient_tasks.state = 'running' \
+             AND (v.v_owner IS NULL OR patient_tasks.lease_owner = v.v_owner) RETURNING id",
+        );
+        for row in update.build().fetch_all(&mut *conn).await? {
+            done.insert(row.try_get::<String, _>("id")?);
+        }
+    }
+    let deliveries: Vec<&Finish> = items
+        .iter()
+        .filter(|f| f.delivery.is_some() && done.contains(&f.id))
+        .collect();
+    for chunk in deliveries.chunks(BULK_CHUNK) {
+        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO patient_deliveries (task_id, state, attempts, next_at, message_id) ",
+        );
+        insert.push_values(chunk, |mut row, f| {
+            row.push_bind(f.id.clone())
+                .push_bind("pending")
+                .push_bind(0_i64)
+                .push_bind(f.finished_at)
+                .push_bind(f.delivery.clone());
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    Ok(items.iter().map(|f| done.contains(&f.id)).collect())
+}
+
+/// Delivery results in bulk, one `UPDATE … FROM` per chunk.
+async fn deliveries_done(
+    conn: &mut SqliteConnection,
+    items: Vec<(String, String, DeliveryResult)>,
+) -> Result<(), DbError> {
+    for chunk in items.chunks(BULK_CHUNK) {
+        let mut update = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "WITH v (v_id, v_owner, v_state, v_next, v_error) AS (",
+        );
+        update.push_values(chunk, |mut row, (task_id, owner, result)| {
+            let (state, next_at, error) = match result {
+                DeliveryResult::Delivered => ("delivered", None, None),
+                DeliveryResult::Retry { error, next_at } => {
+                    ("pending", Some(*next_at), Some(error.clone()))
+                }
+                DeliveryResult::Failed { error } => ("failed", None, Some(error.clone())),
+            };
+            row.push_bind(task_id.clone())
+                .push_bind(owner.clone())
+                .push_bind(state)
+                .push_bind(next_at)
+                .push_bind(error);
+        });
+        update.push(
+            ") UPDATE patient_deliveries SET state = v.v_state, attempts = attempts + 1, \
+             next_at = v.v_next, last_error = COALESCE(v.v_error, last_error), \
+             lease_owner = NULL, lease_until = NULL FROM v WHERE task_id = v.v_id \
+             AND lease_owner = v.v_owner AND state = 'pending'",
+        );
+        update.build().execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 async fn fetch(conn: &mut SqliteConnection, id: &str) -> Result<TaskRecord, DbError> {
