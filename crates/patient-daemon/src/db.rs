@@ -663,20 +663,32 @@ impl Db {
     }
 
     /// Deletes up to `limit` tasks finished before `before` whose delivery
-    /// is not pending; how many went.
-    pub async fn purge(&self, before: i64, limit: usize) -> Result<u64, DbError> {
+    /// is not pending; the request and outcome JSON of each one deleted (so
+    /// that the caller can delete what they refer to).
+    pub async fn purge(
+        &self,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<(Value, Option<Value>)>, DbError> {
         self.write(move |conn| {
             Box::pin(async move {
-                let done = sqlx::query(
+                let rows = sqlx::query(
                     "DELETE FROM patient_tasks WHERE id IN (SELECT t.id FROM patient_tasks t \
                      LEFT JOIN patient_deliveries d ON d.task_id = t.id WHERE t.finished_at IS NOT NULL \
-                     AND t.finished_at < $1 AND (d.state IS NULL OR d.state <> 'pending') LIMIT $2)",
+                     AND t.finished_at < $1 AND (d.state IS NULL OR d.state <> 'pending') LIMIT $2) \
+                     RETURNING request, outcome",
                 )
                 .bind(before)
                 .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                .execute(&mut *conn)
+                .fetch_all(&mut *conn)
                 .await?;
-                Ok(done.rows_affected())
+                let text = |row: &SqliteRow, column: &str| -> Result<Option<Value>, DbError> {
+                    let json: Option<String> = row.try_get(column)?;
+                    Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+                };
+                rows.iter()
+                    .map(|row| Ok((text(row, "request")?.unwrap_or(Value::Null), text(row, "outcome")?)))
+                    .collect()
             })
         })
         .await
@@ -1100,7 +1112,7 @@ mod tests {
             Err(DbError::Conflict(_))
         ));
         assert_eq!(
-            db.purge(10_000, 100).await.unwrap(),
+            db.purge(10_000, 100).await.unwrap().len(),
             0,
             "its delivery is pending"
         );
@@ -1272,7 +1284,11 @@ mod tests {
             (TaskState::Queued, 1, None)
         );
 
-        assert_eq!(db.purge(6, 100).await.unwrap(), 1, "the cancelled one");
+        assert_eq!(
+            db.purge(6, 100).await.unwrap().len(),
+            1,
+            "the cancelled one"
+        );
         assert!(db.get(&id).await.unwrap().is_none());
         assert_eq!(
             db.meta_or_insert("webhook_secret", "a".into())
