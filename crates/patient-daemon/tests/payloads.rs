@@ -22,7 +22,11 @@ use patient_daemon::{
     server::{purge, ServeError},
     Flags, Settings,
 };
-use patient_store::{activesupport::Serializer, store::FileStore, Encryptor, PayloadStores};
+use patient_store::{
+    activesupport::Serializer,
+    store::{FileStore, S3Config, S3Store, SqlStore},
+    Encryptor, PayloadStore, PayloadStores,
+};
 use patient_testkit::Upstream;
 use serde_json::{json, Value};
 use sqlx::{Connection, Row, SqliteConnection};
@@ -246,7 +250,7 @@ async fn encrypted_tasks_leave_nothing_in_clear_and_rotation_keeps_old_ones_read
 
     let submitted = daemon
         .submit(&json!({
-            "request": {"http_method": "post", "url": upstream.url("/mirror"),
+            "request": {"http_method": "post", "url": upstream.url("/echo"),
                         "headers": {"authorization": format!("Bearer {token}"), "x-account-note": note,
                                     "content-type": "text/plain"},
                         "body": {"encoding": "text", "value": body, "charset": "UTF-8"}},
@@ -258,8 +262,9 @@ async fn encrypted_tasks_leave_nothing_in_clear_and_rotation_keeps_old_ones_read
     let done = daemon.wait_delivery(&id, "delivered").await;
     assert_eq!(done["state"], "completed", "{done}");
 
-    // The API shows the request and outcome decrypted; a credential header
-    // never in clear.
+    // The API shows the request and outcome decrypted, a credential header
+    // never in clear; the upstream got the request decrypted, header and
+    // body included.
     let show = |task: &Value| {
         assert_eq!(task["request"]["headers"]["x-account-note"], note, "{task}");
         assert_eq!(
@@ -267,15 +272,23 @@ async fn encrypted_tasks_leave_nothing_in_clear_and_rotation_keeps_old_ones_read
             "{task}"
         );
         assert_eq!(task["request"]["body"]["value"], body, "{task}");
-        assert_eq!(task["outcome"]["response"]["body"]["value"], body, "{task}");
         assert_eq!(task["outcome"]["response"]["status"], 200, "{task}");
+        let echo: Value = serde_json::from_str(
+            task["outcome"]["response"]["body"]["value"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(echo["headers"]["authorization"], format!("Bearer {token}"));
+        assert_eq!(echo["headers"]["x-account-note"], note);
+        assert_eq!(echo["body"], body);
     };
     show(&done);
     show(&daemon.task(&id).await);
     let listed = daemon.get("/v1/tasks?limit=5").await.json();
     assert_eq!(
-        listed["tasks"][0]["outcome"]["response"]["body"]["value"], body,
-        "{listed}"
+        listed["tasks"][0]["outcome"], done["outcome"],
+        "lists show outcomes decrypted too"
     );
 
     // The database holds envelopes only: none of the values in clear, in
@@ -687,4 +700,191 @@ async fn bad_payload_settings_are_refused_at_start_naming_the_setting() {
     ])
     .await;
     assert!(message.contains("payload store"), "{message}");
+}
+
+/// The value of `var`, or `None` (with a notice) when the service is not
+/// running; with `PATIENT_REQUIRE_SERVICES=1` a missing service fails.
+fn service(var: &str, what: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(value) if !value.is_empty() => Some(value),
+        _ => {
+            let hint = "start it with `eval \"$(scripts/services.sh start)\"`";
+            assert!(
+                std::env::var("PATIENT_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                "{what} is required (PATIENT_REQUIRE_SERVICES=1) but {var} is not set; {hint}"
+            );
+            let _ = writeln!(
+                std::io::stderr(),
+                "notice: skipping the {what} payload store case: {var} is not set; {hint}"
+            );
+            None
+        }
+    }
+}
+
+/// Runs one large task on a daemon with the store of `env` (named
+/// `name`), checks the row holds a reference to what `store` holds, then
+/// purges the task and checks the store no longer holds it.
+async fn large_outcome_in(name: &str, env: &[(&str, &str)], store: Arc<dyn PayloadStore>) {
+    let upstream = Upstream::start().await.unwrap();
+    let mut env = env.to_vec();
+    env.extend([
+        ("PATIENT_PAYLOAD_STORE__NAME", name),
+        ("PATIENT_PAYLOAD_STORE__THRESHOLD", "4096"),
+    ]);
+    let daemon = Daemon::start(&env).await;
+    let task = daemon
+        .submit(&json!({"request": {"http_method": "get", "url": upstream.url("/bytes?n=20000")}}))
+        .await;
+    let id = task["id"].as_str().unwrap();
+    let done = daemon.wait_finished(id).await;
+    assert_eq!(done["state"], "completed", "{name}: {}", done["state"]);
+    let response = &done["outcome"]["response"];
+    assert_eq!(body_bytes(&response["body"]).len(), 20_000, "{name}");
+
+    let (_, outcome) = stored_row(daemon.dir().path(), id).await;
+    let reference = outcome.unwrap()["response"].clone();
+    assert_eq!(reference["$ref"]["store"], name, "{reference}");
+    let key = reference["$ref"]["key"].as_str().unwrap().to_owned();
+    let held: Value =
+        serde_json::from_str(&store.fetch(&key).await.unwrap().expect("stored")).unwrap();
+    assert!(
+        &held == response,
+        "{name}: the store holds what the API shows"
+    );
+    let dir = daemon.dir();
+    daemon.stop().await.unwrap();
+
+    let db = Db::open(&format!(
+        "sqlite://{}",
+        dir.path().join("patient.db").display()
+    ))
+    .await
+    .unwrap();
+    let payloads = Payloads::new(
+        Some(Arc::new(
+            PayloadStores::new().with_store(name, store.clone()),
+        )),
+        None,
+    );
+    purge(&db, Duration::ZERO, &payloads).await;
+    assert_eq!(store.fetch(&key).await.unwrap(), None, "{name}: purged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_and_sql_stores_hold_large_outcomes_until_the_purge() {
+    // SQLite, in a file of its own.
+    let files = TempDir::new("sql-store");
+    let sqlite = format!("sqlite:{}", files.path().join("payloads.db").display());
+    let table = format!("payloads_{}", uuid::Uuid::new_v4().simple());
+    let store = SqlStore::connect(&sqlite, table.clone()).await.unwrap();
+    large_outcome_in(
+        "sqlite",
+        &[
+            ("PATIENT_PAYLOAD_STORE__KIND", "sql"),
+            ("PATIENT_PAYLOAD_STORE__URL", &sqlite),
+            ("PATIENT_PAYLOAD_STORE__TABLE", &table),
+        ],
+        Arc::new(store),
+    )
+    .await;
+
+    if let Some(url) = service("PATIENT_TEST_POSTGRES_URL", "PostgreSQL") {
+        let store = SqlStore::connect(&url, table.clone()).await.unwrap();
+        large_outcome_in(
+            "postgres",
+            &[
+                ("PATIENT_PAYLOAD_STORE__KIND", "sql"),
+                ("PATIENT_PAYLOAD_STORE__URL", &url),
+                ("PATIENT_PAYLOAD_STORE__TABLE", &table),
+            ],
+            Arc::new(store),
+        )
+        .await;
+    }
+
+    if let Some(endpoint) = service("PATIENT_TEST_S3_ENDPOINT", "S3 (moto)") {
+        let prefix = format!("patient-daemon-test/{}/", uuid::Uuid::new_v4().simple());
+        let store = S3Store::new(S3Config {
+            endpoint: endpoint.clone(),
+            bucket: "patient-daemon-test".into(),
+            prefix: prefix.clone(),
+            access_key_id: "test".into(),
+            secret_access_key: "test".into(),
+            path_style: true,
+            ..S3Config::default()
+        })
+        .unwrap();
+        store.create_bucket().await.unwrap();
+        let secrets = TempDir::new("s3-secrets");
+        let key_id = secret_file(&secrets, "key_id", "test");
+        let secret = secret_file(&secrets, "secret", "test");
+        large_outcome_in(
+            "s3",
+            &[
+                ("PATIENT_SECRETS__S3_KEY_ID__FILE", &key_id),
+                ("PATIENT_SECRETS__S3_SECRET__FILE", &secret),
+                ("PATIENT_PAYLOAD_STORE__KIND", "s3"),
+                ("PATIENT_PAYLOAD_STORE__ENDPOINT", &endpoint),
+                ("PATIENT_PAYLOAD_STORE__BUCKET", "patient-daemon-test"),
+                ("PATIENT_PAYLOAD_STORE__PREFIX", &prefix),
+                ("PATIENT_PAYLOAD_STORE__ACCESS_KEY_ID", "s3_key_id"),
+                ("PATIENT_PAYLOAD_STORE__SECRET_ACCESS_KEY", "s3_secret"),
+            ],
+            Arc::new(store),
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_deletes_the_stored_outcome_it_replaces() {
+    let upstream = Upstream::start().await.unwrap();
+    let daemon = Daemon::start(&[
+        ("PATIENT_PAYLOAD_STORE__KIND", "file"),
+        ("PATIENT_PAYLOAD_STORE__THRESHOLD", "2048"),
+    ])
+    .await;
+    let store_dir = daemon.dir().path().join("payloads");
+    let text = "x".repeat(3000);
+    let task = daemon
+        .submit(&json!({
+            "request": {"http_method": "get", "url": upstream.url(&format!("/status/404?body={text}"))},
+            "raise_error_responses": true,
+        }))
+        .await;
+    let id = task["id"].as_str().unwrap();
+    let failed = daemon.wait_finished(id).await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert_eq!(
+        failed["outcome"]["error"]["response"]["body"]["value"],
+        text
+    );
+    // The request (its URL is long) and the error are stored.
+    let first = store_files(&store_dir);
+    let (request, outcome) = stored_row(daemon.dir().path(), id).await;
+    let request_file = format!("{}.json", request["$ref"]["key"].as_str().unwrap());
+    let error_file = format!(
+        "{}.json",
+        outcome.unwrap()["error"]["$ref"]["key"].as_str().unwrap()
+    );
+    let mut both = vec![request_file.clone(), error_file.clone()];
+    both.sort();
+    assert_eq!(first, both);
+
+    let retried = daemon
+        .post(&format!("/v1/tasks/{id}/retry"), &json!({}))
+        .await;
+    assert_eq!(retried.status, 200, "{}", retried.text());
+    assert_eq!(retried.json()["outcome"], Value::Null);
+    let again = daemon
+        .wait_task(id, "failed again", |t| t["state"] == "failed")
+        .await;
+    assert_eq!(again["outcome"]["error"]["response"]["body"]["value"], text);
+    // The request stays; the first error is gone, the new one stored.
+    let second = store_files(&store_dir);
+    assert_eq!(second.len(), 2, "{second:?}");
+    assert!(second.contains(&request_file), "{second:?}");
+    assert!(!second.contains(&error_file), "{second:?}");
+    daemon.stop().await.unwrap();
 }
