@@ -175,6 +175,23 @@ impl Payloads {
         Ok(delivered)
     }
 
+    /// The references among the `response` and `error` of an encoded
+    /// outcome event (an object with only those; empty when both are
+    /// inline), to [delete](Self::delete_outcome) them later without
+    /// keeping the whole event.
+    pub fn references(event: &Value) -> Value {
+        let mut refs = serde_json::Map::new();
+        for field in OUTCOME_FIELDS {
+            if let Some(payload) = event
+                .get(field)
+                .filter(|v| PayloadStores::is_storage_ref(v))
+            {
+                refs.insert(field.to_owned(), payload.clone());
+            }
+        }
+        Value::Object(refs)
+    }
+
     /// Deletes what the `response` or `error` of an outcome event refers
     /// to in the store (nothing when it is inline); a failure is logged.
     pub async fn delete_outcome(&self, event: &Value) {

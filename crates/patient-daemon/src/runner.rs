@@ -190,6 +190,7 @@ impl Runner {
                 .encode_outcome(&event)
                 .await
                 .map_err(|e| DbError::Backend(format!("cannot encode the outcome: {e}")))?;
+            let refs = Payloads::references(&event);
             let finished = self
                 .db
                 .finish(Finish {
@@ -206,6 +207,8 @@ impl Runner {
             if finished {
                 counts.1 += 1;
                 self.metrics.outcome("failed");
+            } else {
+                self.payloads.delete_outcome(&refs).await;
             }
         }
         Ok(counts)
@@ -410,6 +413,7 @@ impl Runner {
             .encode_outcome(&event)
             .await
             .map_err(|e| DbError::Backend(format!("cannot encode the outcome: {e}")))?;
+        let refs = Payloads::references(&event);
         let finished_at = now_ms();
         let stored = self
             .db
@@ -429,6 +433,10 @@ impl Runner {
             self.metrics.end_to_end(Duration::from_millis(
                 u64::try_from(finished_at - record.created_at).unwrap_or(0),
             ));
+        } else {
+            // Finished elsewhere (cancelled, or the lease was lost): what
+            // this outcome stored is nobody's.
+            self.payloads.delete_outcome(&refs).await;
         }
         Ok(())
     }
