@@ -339,3 +339,104 @@ fn encryptor(
         .map(Some)
         .map_err(|error| settings_error("encryption.secrets", error))
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::settings::Flags;
+
+    const SECRET: &str = "a payload secret of 32 bytes or more";
+
+    fn temp_dir(label: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!(
+            "patient-payloads-{label}-{}",
+            uuid::Uuid::new_v4().simple()
+        ))
+    }
+
+    #[tokio::test]
+    async fn the_settings_build_one_codec_whose_debug_output_has_no_secret() {
+        let dir = temp_dir("settings");
+        let settings = Settings::load(
+            None,
+            [
+                ("PATIENT_PAYLOAD_STORE__KIND", "file"),
+                ("PATIENT_PAYLOAD_STORE__THRESHOLD", "100"),
+                ("PATIENT_SECRETS__KEY__ENV", "UNUSED_HERE"),
+                ("PATIENT_ENCRYPTION__SECRETS", "key"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+            &Flags {
+                listen: None,
+                data_dir: Some(dir.clone()),
+            },
+        )
+        .unwrap();
+        let secrets = BTreeMap::from([("key".to_owned(), SECRET.to_owned())]);
+        let config = patient_http::Config::builder()
+            .payload_store_threshold(100)
+            .build()
+            .unwrap();
+        let payloads = Payloads::from_settings(&settings, &secrets, &config)
+            .await
+            .unwrap();
+        assert!(payloads.encrypts());
+        let stores = payloads.codec().stores().unwrap();
+        assert_eq!(stores.threshold(), 100);
+        assert_eq!(stores.names().collect::<Vec<_>>(), ["file"]);
+        let debug = format!("{payloads:?}");
+        assert!(!debug.contains(SECRET), "{debug}");
+
+        let event = json!({"task_id": "tsk_1", "type": "task.completed", "callback": "",
+            "callback_args": {}, "response": {"status": 200, "body": "x".repeat(500)}, "error": null});
+        let stored = payloads.encode_outcome(&event).await.unwrap();
+        assert!(
+            PayloadStores::is_storage_ref(&stored["response"]),
+            "{stored}"
+        );
+        assert_eq!(stored["error"], Value::Null);
+        assert_eq!(payloads.decode_outcome(&stored).await.unwrap(), event);
+        let file = dir.join("payloads").join(format!(
+            "{}.json",
+            stored["response"]["$ref"]["key"].as_str().unwrap()
+        ));
+        let held = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            !held.contains("xxxx"),
+            "the store holds the envelope: {held}"
+        );
+        payloads
+            .delete_outcome(&Payloads::references(&stored))
+            .await;
+        assert!(!file.exists());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn an_outcome_stays_inline_and_encrypted_when_the_store_fails() {
+        let dir = temp_dir("broken");
+        let store = FileStore::new(&dir).unwrap();
+        // The directory becomes a file: every write fails.
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::write(&dir, b"not a directory").unwrap();
+        let payloads = Payloads::new(
+            Some(Arc::new(
+                PayloadStores::new()
+                    .with_threshold(10)
+                    .with_store("file", Arc::new(store)),
+            )),
+            Some(Arc::new(Encryptor::aes_gcm(&[SECRET]).unwrap())),
+        );
+        let event = json!({"task_id": "tsk_2", "type": "task.failed", "callback": "",
+            "callback_args": {}, "response": null, "error": {"class_name": "X", "message": "kept"}});
+        // A request is refused (the API answers 503) ...
+        assert!(payloads.encode(&event["error"]).await.is_err());
+        // ... an outcome is kept in the row, encrypted.
+        let stored = payloads.encode_outcome(&event).await.unwrap();
+        assert!(Encryptor::is_encrypted(&stored["error"]), "{stored}");
+        assert_eq!(payloads.decode_outcome(&stored).await.unwrap(), event);
+        let _ = std::fs::remove_file(dir);
+    }
+}
