@@ -7,7 +7,11 @@
 #    "args": [<Response or Error JSON>, "response" | "error", "<callback>"], "jid": ..., ...}
 #
 # An app that uses that integration needs no code for it: its CallbackWorker
-# loads the payload and calls the callback. This file stands in for the
+# loads the payload and calls the callback. With the daemon's
+# `[encryption] format = "active_support"` (and a `[payload_store]` the app
+# registers under the same name) args[0] is the encrypted envelope or a
+# `$ref`, which that CallbackWorker fetches and decrypts with the same
+# `encryption_key`; this stand-in reads plain payloads only. This file stands in for the
 # integration where it is not installed (it needs Sidekiq 7; this runs on the
 # Sidekiq 6.4 Debian ships), with the same job shape, so the callback classes
 # below are what an app writes either way:

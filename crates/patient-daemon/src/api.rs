@@ -15,6 +15,8 @@ use axum::{
     Router,
 };
 use bytes::Bytes;
+use futures_util::{stream, StreamExt};
+use patient_store::{PayloadStores, StoreError};
 use patient_wire::{HeaderValue as WireHeaderValue, Priority, Request as WireRequest};
 use serde_json::{json, Map, Value};
 
@@ -71,6 +73,17 @@ impl ApiError {
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "the task store is unavailable; nothing was changed",
+        )
+    }
+
+    /// `503 unavailable`: a stored payload cannot be stored, fetched or
+    /// decrypted.
+    fn payload(e: &StoreError) -> Self {
+        tracing::error!(error = %e, "the payload store failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("a payload of the task cannot be stored or loaded: {e}"),
         )
     }
 
@@ -304,20 +317,130 @@ async fn submit(State(app): State<Arc<App>>, request: Request) -> ApiResult {
     let body = json_body(&app, request).await?;
     let now = now_ms();
     let task = parse_submit(&app, &body, now)?;
-    let mut stored = app.db.insert(vec![task]).await.map_err(ApiError::from_db)?;
-    let (record, created) = stored
+    let plain = task.record.request.clone();
+    let mut stored = insert(&app, vec![task]).await?;
+    let (mut record, created) = stored
         .pop()
         .ok_or_else(|| ApiError::unavailable(&DbError::Closed))?;
     if created {
         app.metrics.submitted(1, started.elapsed());
         app.runner.wake();
+        // As submitted: no need to load it back.
+        record.request = plain;
     }
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok(json_response(status, &record.to_json(now, true)))
+    Ok(json_response(
+        status,
+        &present(&app, record, now, true).await?,
+    ))
+}
+
+/// Inserts `tasks` with their requests encoded for storage (encrypted,
+/// large ones moved to the payload store). What a task that was not
+/// inserted (an idempotency key already used, or a failed insert) had put
+/// in the store is deleted again.
+async fn insert(app: &App, mut tasks: Vec<NewTask>) -> Result<Vec<(TaskRecord, bool)>, ApiError> {
+    let mut refs = Vec::with_capacity(tasks.len());
+    for task in &mut tasks {
+        match app.payloads.encode(&task.record.request).await {
+            Ok(encoded) => {
+                refs.push(PayloadStores::is_storage_ref(&encoded).then(|| encoded.clone()));
+                task.record.request = encoded;
+            }
+            Err(e) => {
+                for stored in refs.iter().flatten() {
+                    app.payloads.delete(stored).await;
+                }
+                return Err(ApiError::payload(&e));
+            }
+        }
+    }
+    match app.db.insert(tasks).await {
+        Ok(stored) => {
+            for ((_, created), fresh) in stored.iter().zip(&refs) {
+                if let (false, Some(fresh)) = (created, fresh) {
+                    app.payloads.delete(fresh).await;
+                }
+            }
+            Ok(stored)
+        }
+        Err(e) => {
+            for stored in refs.iter().flatten() {
+                app.payloads.delete(stored).await;
+            }
+            Err(ApiError::from_db(e))
+        }
+    }
+}
+
+/// Header names whose values are credentials: never shown in a task's
+/// request (a `{"$secret": NAME}` shows, as it holds only the name).
+const CREDENTIAL_HEADERS: [&str; 7] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+    "api-key",
+    "x-auth-token",
+    "x-amz-security-token",
+];
+
+/// The task JSON of the API, with its stored request (when `request`) and
+/// outcome loaded back from the payload store and decrypted; credential
+/// headers of the request are `<redacted>`. A payload that cannot be
+/// loaded is a `503 unavailable`.
+async fn present(
+    app: &App,
+    mut record: TaskRecord,
+    now: i64,
+    request: bool,
+) -> Result<Value, ApiError> {
+    if request {
+        let mut loaded = app
+            .payloads
+            .decode(&record.request)
+            .await
+            .map_err(|e| ApiError::payload(&e))?;
+        if let Some(headers) = loaded.get_mut("headers").and_then(Value::as_object_mut) {
+            for (name, value) in headers.iter_mut() {
+                if value.is_string()
+                    && CREDENTIAL_HEADERS.contains(&name.to_ascii_lowercase().as_str())
+                {
+                    *value = Value::from(patient_http::interceptor::REDACTED);
+                }
+            }
+        }
+        record.request = loaded;
+    }
+    if let Some(outcome) = &record.outcome {
+        record.outcome = Some(
+            app.payloads
+                .decode_outcome(outcome)
+                .await
+                .map_err(|e| ApiError::payload(&e))?,
+        );
+    }
+    Ok(record.to_json(now, request))
+}
+
+/// The task JSON of each record without its request (lists and batches),
+/// outcomes loaded back a few at a time.
+async fn present_all(
+    app: &App,
+    records: Vec<TaskRecord>,
+    now: i64,
+) -> Result<Vec<Value>, ApiError> {
+    stream::iter(records)
+        .map(|record| present(app, record, now, false))
+        .buffered(8)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
 }
 
 async fn submit_batch(State(app): State<Arc<App>>, request: Request) -> ApiResult {
@@ -353,13 +476,13 @@ async fn submit_batch(State(app): State<Arc<App>>, request: Request) -> ApiResul
     for (i, item) in items.iter().enumerate() {
         tasks.push(parse_submit(&app, item, now).map_err(|e| e.within(&format!("tasks[{i}].")))?);
     }
-    let stored = app.db.insert(tasks).await.map_err(ApiError::from_db)?;
+    let stored = insert(&app, tasks).await?;
     let created = stored.iter().filter(|(_, c)| *c).count();
     if created > 0 {
         app.metrics.submitted(created, started.elapsed());
         app.runner.wake();
     }
-    let tasks: Vec<Value> = stored.iter().map(|(t, _)| t.to_json(now, false)).collect();
+    let tasks = present_all(&app, stored.into_iter().map(|(t, _)| t).collect(), now).await?;
     Ok(json_response(
         StatusCode::CREATED,
         &json!({ "tasks": tasks }),
@@ -663,7 +786,10 @@ async fn show(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult {
         .await
         .map_err(|e| ApiError::unavailable(&e))?
         .ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
-    Ok(json_response(StatusCode::OK, &task.to_json(now_ms(), true)))
+    Ok(json_response(
+        StatusCode::OK,
+        &present(&app, task, now_ms(), true).await?,
+    ))
 }
 
 async fn list(State(app): State<Arc<App>>, request: Request) -> ApiResult {
@@ -712,7 +838,7 @@ async fn list(State(app): State<Arc<App>>, request: Request) -> ApiResult {
         }
     }
     let limit = query.limit as usize;
-    let mut tasks = app
+    let tasks = app
         .db
         .list(&query)
         .await
@@ -725,7 +851,7 @@ async fn list(State(app): State<Arc<App>>, request: Request) -> ApiResult {
     } else {
         Value::Null
     };
-    let tasks: Vec<Value> = tasks.drain(..).map(|t| t.to_json(now, false)).collect();
+    let tasks = present_all(&app, tasks, now).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "tasks": tasks, "next_cursor": next_cursor }),
@@ -739,7 +865,10 @@ async fn cancel(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult {
         .await
         .map_err(ApiError::from_db)?;
     app.runner.abort(&id);
-    Ok(json_response(StatusCode::OK, &task.to_json(now_ms(), true)))
+    Ok(json_response(
+        StatusCode::OK,
+        &present(&app, task, now_ms(), true).await?,
+    ))
 }
 
 async fn redeliver(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult {
@@ -749,17 +878,34 @@ async fn redeliver(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult
         .await
         .map_err(ApiError::from_db)?;
     app.deliverer.wake();
-    Ok(json_response(StatusCode::OK, &task.to_json(now_ms(), true)))
+    Ok(json_response(
+        StatusCode::OK,
+        &present(&app, task, now_ms(), true).await?,
+    ))
 }
 
 async fn retry(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult {
+    // A failed task's outcome does not change until it runs again: what it
+    // stored is deleted once the retry has cleared it.
+    let previous = app
+        .db
+        .get(&id)
+        .await
+        .map_err(|e| ApiError::unavailable(&e))?
+        .and_then(|t| t.outcome);
     let task = app
         .db
         .retry(&id, now_ms())
         .await
         .map_err(ApiError::from_db)?;
+    if let Some(previous) = previous {
+        app.payloads.delete_outcome(&previous).await;
+    }
     app.runner.wake();
-    Ok(json_response(StatusCode::OK, &task.to_json(now_ms(), true)))
+    Ok(json_response(
+        StatusCode::OK,
+        &present(&app, task, now_ms(), true).await?,
+    ))
 }
 
 #[cfg(test)]

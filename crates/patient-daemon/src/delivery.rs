@@ -19,6 +19,7 @@ use crate::{
     db::{Db, DeliveryResult, DueDelivery},
     metrics::DaemonMetrics,
     model::{now_ms, rfc3339, Deliver},
+    payloads::{Delivered, Payloads},
     settings::DeliverySettings,
     webhook_secret,
 };
@@ -48,6 +49,7 @@ pub struct Deliverer {
     redis_conn: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
     wake: Arc<Notify>,
     metrics: DaemonMetrics,
+    payloads: Payloads,
 }
 
 impl std::fmt::Debug for Deliverer {
@@ -97,7 +99,8 @@ pub fn webhook_body(event: &Value, now_ms: i64) -> Value {
 }
 
 impl Deliverer {
-    /// A deliverer for this node.
+    /// A deliverer for this node; outcomes are loaded and encoded for their
+    /// channel through `payloads`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         db: Db,
@@ -108,6 +111,7 @@ impl Deliverer {
         delivery: DeliverySettings,
         redis: Option<redis::Client>,
         metrics: DaemonMetrics,
+        payloads: Payloads,
     ) -> Arc<Deliverer> {
         Arc::new(Deliverer {
             db,
@@ -120,6 +124,7 @@ impl Deliverer {
             redis_conn: tokio::sync::Mutex::new(None),
             wake: Arc::new(Notify::new()),
             metrics,
+            payloads,
         })
     }
 
@@ -187,13 +192,41 @@ impl Deliverer {
     }
 
     async fn deliver(&self, due: DueDelivery) {
-        let Some(event) = due.task.outcome.clone() else {
+        let Some(stored) = due.task.outcome.as_ref() else {
             return;
         };
         let channel = due.task.deliver.channel();
-        let sent = match &due.task.deliver {
+        // The payload as this channel carries it: inline for a webhook; a
+        // fresh reference when large for Redis and Sidekiq, owned by the
+        // receiver (the gem's CallbackWorker deletes it once consumed).
+        let how = match &due.task.deliver {
+            Deliver::Webhook { .. } => Delivered::Inline,
+            _ => Delivered::Stored,
+        };
+        let loaded = self
+            .payloads
+            .outcome_for_delivery(stored, how)
+            .await
+            .map_err(|e| format!("payload store: {e}"));
+        let sent = match loaded {
+            Ok(event) => {
+                let sent = self.send(&due, &event).await;
+                if sent.is_err() && how == Delivered::Stored {
+                    // Not delivered: the receiver's copy is nobody's.
+                    self.payloads.delete_outcome(&event).await;
+                }
+                sent
+            }
+            Err(error) => Err(error),
+        };
+        self.record(&due, channel, sent).await;
+    }
+
+    /// Sends `event` on the task's channel.
+    async fn send(&self, due: &DueDelivery, event: &Value) -> Result<(), String> {
+        match &due.task.deliver {
             Deliver::None => Ok(()),
-            Deliver::Webhook { url } => self.webhook(url, &due.delivery.message_id, &event).await,
+            Deliver::Webhook { url } => self.webhook(url, &due.delivery.message_id, event).await,
             Deliver::RedisList { key } => {
                 let body = event.to_string();
                 self.redis(|c| {
@@ -227,7 +260,7 @@ impl Deliverer {
             Deliver::Sidekiq { queue, worker } => {
                 let now = now_ms() as f64 / 1000.0;
                 let job =
-                    sidekiq_job(&event, queue, worker, &due.delivery.message_id, now).to_string();
+                    sidekiq_job(event, queue, worker, &due.delivery.message_id, now).to_string();
                 self.redis(|c| {
                     let queue = queue.clone();
                     Box::pin(async move {
@@ -247,7 +280,11 @@ impl Deliverer {
                 })
                 .await
             }
-        };
+        }
+    }
+
+    /// Records a delivery try: delivered, retried later, or failed for good.
+    async fn record(&self, due: &DueDelivery, channel: &'static str, sent: Result<(), String>) {
         let tries = due.delivery.attempts + 1;
         let result = match sent {
             Ok(()) => {

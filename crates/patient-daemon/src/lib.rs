@@ -13,6 +13,7 @@ pub mod delivery;
 pub mod egress;
 pub mod metrics;
 pub mod model;
+pub mod payloads;
 pub mod runner;
 pub mod server;
 pub mod settings;

@@ -13,6 +13,7 @@ use std::{
 };
 
 use patient_http::{AwaitableClient, Decision, LimitWait, Task, TaskProgress};
+use patient_store::StoreError;
 use patient_wire::{
     Attempt, CallbackArgs, ErrorType, Request, RequestError, Response, TaskError, WireLimits,
 };
@@ -23,6 +24,7 @@ use crate::{
     db::{Db, DbError, Finish, Reschedule},
     metrics::DaemonMetrics,
     model::{message_id, now_ms, rfc3339, system_time, unix_ms, Deliver, TaskRecord, TaskState},
+    payloads::Payloads,
 };
 
 /// How long a step may wait for the upstream's limits before the task is
@@ -37,6 +39,10 @@ const CLAIM_BATCH: usize = 64;
 
 /// Stale tasks recovered per query.
 const RECOVER_BATCH: usize = 256;
+
+/// How long a task whose stored request cannot be fetched from the payload
+/// store (the store is unreachable) waits before it is tried again.
+const STORE_RETRY: Duration = Duration::from_secs(5);
 
 /// The outcome event of a finished task.
 pub fn outcome_event(
@@ -75,6 +81,7 @@ pub struct Runner {
     running: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     limits: WireLimits,
     metrics: DaemonMetrics,
+    payloads: Payloads,
 }
 
 impl std::fmt::Debug for Runner {
@@ -87,7 +94,8 @@ impl std::fmt::Debug for Runner {
 
 impl Runner {
     /// A runner for this node (`owner`), at most `max_in_flight` tasks at
-    /// once.
+    /// once; stored requests and outcomes go through `payloads`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         db: Db,
         client: AwaitableClient,
@@ -96,6 +104,7 @@ impl Runner {
         max_in_flight: usize,
         limits: WireLimits,
         metrics: DaemonMetrics,
+        payloads: Payloads,
     ) -> Arc<Runner> {
         Arc::new(Runner {
             db,
@@ -111,6 +120,7 @@ impl Runner {
             running: Mutex::new(HashMap::new()),
             limits,
             metrics,
+            payloads,
         })
     }
 
@@ -164,7 +174,15 @@ impl Runner {
         counts: &mut (usize, usize),
     ) -> Result<(), DbError> {
         for record in batch {
-            let request = Request::from_json_with_limits(&record.request, &self.limits).ok();
+            // A request that cannot be loaded back is not known to be safe
+            // to send again.
+            let request = match self.payloads.decode(&record.request).await {
+                Ok(json) => Request::from_json_with_limits(&json, &self.limits).ok(),
+                Err(error) => {
+                    tracing::error!(task = %record.id, %error, "cannot load a stored request");
+                    None
+                }
+            };
             let may_resend = request.as_ref().is_some_and(|r| {
                 r.method().is_idempotent()
                     || r.has_idempotency_key()
@@ -198,6 +216,12 @@ impl Runner {
                 &record.callback_args,
                 &Err(error),
             );
+            let event = self
+                .payloads
+                .encode_outcome(&event)
+                .await
+                .map_err(|e| DbError::Backend(format!("cannot encode the outcome: {e}")))?;
+            let refs = Payloads::references(&event);
             let finished = self
                 .db
                 .finish(Finish {
@@ -214,6 +238,8 @@ impl Runner {
             if finished {
                 counts.1 += 1;
                 self.metrics.outcome("failed");
+            } else {
+                self.payloads.delete_outcome(&refs).await;
             }
         }
         Ok(())
@@ -286,12 +312,38 @@ impl Runner {
     /// Runs one step of a claimed task and stores what comes next.
     async fn step(&self, record: TaskRecord) -> Result<(), DbError> {
         let step_started = SystemTime::now();
-        let request = match Request::from_json_with_limits(&record.request, &self.limits) {
+        let request_json = match self.payloads.decode(&record.request).await {
+            Ok(json) => json,
+            Err(e @ StoreError::Backend { .. }) => {
+                // The store is unreachable: try again shortly, nothing sent.
+                tracing::warn!(task = %record.id, error = %e, "cannot fetch a stored request; the task waits");
+                let mut progress = TaskProgress::new(record.deadline.map(system_time));
+                progress.next_attempt = record.next_attempt;
+                progress.request_sent = record.request_sent;
+                return self
+                    .reschedule(
+                        &record,
+                        &progress,
+                        record.attempts.clone(),
+                        SystemTime::now() + STORE_RETRY,
+                    )
+                    .await;
+            }
+            Err(e) => {
+                // Missing from the store, or not decryptable with the
+                // configured secrets: it never will be.
+                let error = stored_request_error(&record, &Value::Null, &e.to_string());
+                return self
+                    .finish(&record, Err(error), record.attempts.clone(), false)
+                    .await;
+            }
+        };
+        let request = match Request::from_json_with_limits(&request_json, &self.limits) {
             Ok(request) => request,
             Err(e) => {
                 // Checked at submit; a stored request that no longer loads
                 // (limits lowered since) ends the task instead of looping.
-                let error = stored_request_error(&record, &e.to_string());
+                let error = stored_request_error(&record, &request_json, &e.to_string());
                 return self
                     .finish(&record, Err(error), record.attempts.clone(), false)
                     .await;
@@ -343,7 +395,11 @@ impl Runner {
                 }
             }
             _ => {
-                let error = stored_request_error(&record, "the engine gave an unknown decision");
+                let error = stored_request_error(
+                    &record,
+                    &request_json,
+                    "the engine gave an unknown decision",
+                );
                 self.finish(&record, Err(error), attempts, progress.request_sent)
                     .await
             }
@@ -383,6 +439,12 @@ impl Runner {
             TaskState::Failed
         };
         let event = outcome_event(&record.id, &record.callback, &record.callback_args, &result);
+        let event = self
+            .payloads
+            .encode_outcome(&event)
+            .await
+            .map_err(|e| DbError::Backend(format!("cannot encode the outcome: {e}")))?;
+        let refs = Payloads::references(&event);
         let finished_at = now_ms();
         let stored = self
             .db
@@ -407,6 +469,10 @@ impl Runner {
             self.metrics.end_to_end(Duration::from_millis(
                 u64::try_from(finished_at - record.created_at).unwrap_or(0),
             ));
+        } else {
+            // Finished elsewhere (cancelled, or the lease was lost): what
+            // this outcome stored is nobody's.
+            self.payloads.delete_outcome(&refs).await;
         }
         Ok(())
     }
@@ -451,7 +517,9 @@ impl Runner {
     }
 }
 
-fn stored_request_error(record: &TaskRecord, message: &str) -> TaskError {
+/// The error of a task whose stored request (`request`, as loaded back, or
+/// null) cannot run.
+fn stored_request_error(record: &TaskRecord, request: &Value, message: &str) -> TaskError {
     TaskError::Request(RequestError {
         class_name: "InvalidStoredRequest".into(),
         message: message.to_owned(),
@@ -459,10 +527,7 @@ fn stored_request_error(record: &TaskRecord, message: &str) -> TaskError {
         request_id: record.id.clone(),
         error_type: ErrorType::Unknown,
         duration: Duration::ZERO,
-        url: record.request["url"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
+        url: request["url"].as_str().unwrap_or_default().to_owned(),
         method: patient_wire::Method::Get,
         callback_args: CallbackArgs::from_json(&record.callback_args).unwrap_or_default(),
         attempts: Vec::new(),

@@ -3,7 +3,7 @@
 //! the listener, and on shutdown stop claiming, let attempts in flight
 //! finish up to `shutdown_timeout`, then release the rest to the queue.
 
-use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use patient_http::{
     client::{ClientConfig, HttpClient},
@@ -16,8 +16,8 @@ use patient_wire::{DeadlineMode, WireLimits};
 use tokio::net::TcpListener;
 
 use crate::{
-    db::Db, delivery::Deliverer, egress::Allow, metrics::DaemonMetrics, runner::Runner,
-    settings::Settings, webhook_secret,
+    db::Db, delivery::Deliverer, egress::Allow, metrics::DaemonMetrics, payloads::Payloads,
+    runner::Runner, settings::Settings, webhook_secret,
 };
 
 /// How often finished tasks past their retention are purged, and how many
@@ -59,6 +59,8 @@ pub struct App {
     pub limits: WireLimits,
     /// The names of the configured secrets.
     pub secrets: std::collections::BTreeSet<String>,
+    /// Payload stores and encryption of stored and delivered payloads.
+    pub payloads: Payloads,
 }
 
 impl std::fmt::Debug for App {
@@ -80,9 +82,11 @@ fn retry_policy(settings: &Settings) -> Result<RetryPolicy, ServeError> {
         .map_err(|e| ServeError::Settings(format!("setting `retry`: {e}")))
 }
 
-/// Reads each configured secret from its environment variable or file.
-fn read_secrets(settings: &Settings) -> Result<Secrets, ServeError> {
-    let mut secrets = Secrets::new();
+/// Reads each configured secret from its environment variable or file: the
+/// values by name, for the engine and for the daemon's own use at start
+/// (encryption keys, store credentials). Never logged.
+fn read_secrets(settings: &Settings) -> Result<BTreeMap<String, String>, ServeError> {
+    let mut secrets = BTreeMap::new();
     for (name, source) in &settings.secrets {
         let value = match (&source.env, &source.file) {
             (Some(var), _) => std::env::var(var).map_err(|_| {
@@ -142,7 +146,11 @@ pub async fn run_until(
     };
     let key = webhook_secret::decode(&secret)
         .map_err(|e| ServeError::Settings(format!("setting `webhook_secret`: {e}")))?;
-    let secrets = read_secrets(&settings)?;
+    let secret_values = read_secrets(&settings)?;
+    let mut secrets = Secrets::new();
+    for (name, value) in &secret_values {
+        secrets.insert(name.clone(), value.clone());
+    }
     let secret_names = settings.secrets.keys().cloned().collect();
     let allow = Allow::new(&settings.egress.allow);
 
@@ -162,8 +170,13 @@ pub async fn run_until(
     let config = Config::builder()
         .max_connections(usize::try_from(settings.max_in_flight).unwrap_or(usize::MAX))
         .client_with(|c| c.address_filter(Some(filter.clone())))
+        .payload_store_threshold(
+            usize::try_from(settings.payload_store.threshold).unwrap_or(usize::MAX),
+        )
         .build()
         .map_err(|e| ServeError::Settings(e.to_string()))?;
+    let payloads = Payloads::from_settings(&settings, &secret_values, &config).await?;
+    drop(secret_values);
     let client = AwaitableClient::builder()
         .config(config)
         .resilience(resilience)
@@ -197,6 +210,7 @@ pub async fn run_until(
         usize::try_from(settings.max_in_flight).unwrap_or(usize::MAX),
         limits.clone(),
         metrics.clone(),
+        payloads.clone(),
     );
     let (requeued, interrupted) = runner
         .recover()
@@ -225,6 +239,7 @@ pub async fn run_until(
         settings.delivery.clone(),
         redis,
         metrics.clone(),
+        payloads.clone(),
     );
     runner.on_outcome(deliverer.waker());
 
@@ -240,11 +255,12 @@ pub async fn run_until(
         allow,
         limits,
         secrets: secret_names,
+        payloads: payloads.clone(),
     });
 
     let workers = tokio::spawn(Arc::clone(&runner).run());
     let delivering = tokio::spawn(Arc::clone(&deliverer).run());
-    let purging = tokio::spawn(purge_loop(db.clone(), retention));
+    let purging = tokio::spawn(purge_loop(db.clone(), retention, payloads));
 
     eprintln!("patient: listening on http://{addr}");
     let router = crate::api::router(app);
@@ -265,19 +281,35 @@ pub async fn run_until(
     served.map_err(ServeError::from)
 }
 
-async fn purge_loop(db: Db, retention: Duration) {
+async fn purge_loop(db: Db, retention: Duration, payloads: Payloads) {
     loop {
         tokio::time::sleep(PURGE_EVERY).await;
-        let before =
-            crate::model::now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 2);
-        loop {
-            match db.purge(before, PURGE_BATCH).await {
-                Ok(n) if n as usize == PURGE_BATCH => tokio::task::yield_now().await,
-                Ok(_) => break,
-                Err(error) => {
-                    tracing::error!(%error, "cannot purge old tasks");
+        purge(&db, retention, &payloads).await;
+    }
+}
+
+/// Purges the tasks finished more than `retention` ago, and their stored
+/// payloads.
+pub async fn purge(db: &Db, retention: Duration, payloads: &Payloads) {
+    let before =
+        crate::model::now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX / 2);
+    loop {
+        match db.purge(before, PURGE_BATCH).await {
+            Ok(purged) => {
+                for (request, outcome) in &purged {
+                    payloads.delete(request).await;
+                    if let Some(outcome) = outcome {
+                        payloads.delete_outcome(outcome).await;
+                    }
+                }
+                if purged.len() < PURGE_BATCH {
                     break;
                 }
+                tokio::task::yield_now().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot purge old tasks");
+                break;
             }
         }
     }

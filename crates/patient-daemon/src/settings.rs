@@ -158,9 +158,157 @@ pub struct SecretSource {
     pub file: Option<PathBuf>,
 }
 
+/// Where payloads larger than `threshold` go (`[payload_store]`): stored
+/// requests, outcomes and the payloads of Redis and Sidekiq deliveries are
+/// replaced by `{"$ref": {"store": name, "key": …}}`. No store unless `kind`
+/// is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PayloadStoreSettings {
+    /// `file`, `redis`, `s3` or `sql`; unset: no payload store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The store's name in references (default: the kind).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// JSON larger than this many bytes goes to the store.
+    pub threshold: u64,
+    /// file: the directory (default `<data_dir>/payloads`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// redis: the server (default `redis_url`); sql: `sqlite:…` or
+    /// `postgres://…` (required).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// redis: the key prefix; s3: the object key prefix (both default to the
+    /// gem's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// redis: seconds a payload is kept (default: until deleted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<f64>,
+    /// s3: the bucket (required).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    /// s3: the service's URL (default AWS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// s3: the signing region (default `us-east-1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// s3: path-style URLs (default: with an `endpoint`, yes; on AWS, no).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_style: Option<bool>,
+    /// s3: the name of the `[secrets]` entry holding the access key id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    /// s3: the name of the `[secrets]` entry holding the secret access key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_access_key: Option<String>,
+    /// sql: the table (default `patient_http_payloads`, the gem's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+}
+
+impl Default for PayloadStoreSettings {
+    fn default() -> Self {
+        PayloadStoreSettings {
+            kind: None,
+            name: None,
+            threshold: 64 * 1024,
+            dir: None,
+            url: None,
+            prefix: None,
+            ttl: None,
+            bucket: None,
+            endpoint: None,
+            region: None,
+            path_style: None,
+            access_key_id: None,
+            secret_access_key: None,
+            table: None,
+        }
+    }
+}
+
+/// The payload store kinds and the keys of `[payload_store]` each one
+/// takes besides `kind`, `name` and `threshold`.
+const STORE_KEYS: [(&str, &[&str]); 4] = [
+    ("file", &["dir"]),
+    ("redis", &["url", "prefix", "ttl"]),
+    (
+        "s3",
+        &[
+            "bucket",
+            "prefix",
+            "endpoint",
+            "region",
+            "path_style",
+            "access_key_id",
+            "secret_access_key",
+        ],
+    ),
+    ("sql", &["url", "table"]),
+];
+
+impl PayloadStoreSettings {
+    /// The keys set besides `kind`, `name` and `threshold`, in the order of
+    /// the table.
+    fn set_keys(&self) -> Vec<&'static str> {
+        [
+            ("dir", self.dir.is_some()),
+            ("url", self.url.is_some()),
+            ("prefix", self.prefix.is_some()),
+            ("ttl", self.ttl.is_some()),
+            ("bucket", self.bucket.is_some()),
+            ("endpoint", self.endpoint.is_some()),
+            ("region", self.region.is_some()),
+            ("path_style", self.path_style.is_some()),
+            ("access_key_id", self.access_key_id.is_some()),
+            ("secret_access_key", self.secret_access_key.is_some()),
+            ("table", self.table.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
+
+    /// The store's name in references: `name`, or the kind.
+    pub fn store_name(&self) -> Option<&str> {
+        self.name.as_deref().or(self.kind.as_deref())
+    }
+}
+
+/// Encryption of stored requests, outcomes and delivered payloads
+/// (`[encryption]`); off while `secrets` is empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EncryptionSettings {
+    /// Names of `[secrets]` entries: the first encrypts, every one decrypts.
+    pub secrets: Vec<String>,
+    /// `aes-gcm` or `active_support` (the PatientHttp gem's format).
+    pub format: String,
+    /// active_support: `marshal` (the gem's, the default) or `json`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serializer: Option<String>,
+}
+
+impl Default for EncryptionSettings {
+    fn default() -> Self {
+        EncryptionSettings {
+            secrets: Vec::new(),
+            format: "aes-gcm".to_owned(),
+            serializer: None,
+        }
+    }
+}
+
 /// Every setting of `patient serve`; see the module docs for how they are
 /// layered and `docs/patient.toml` for each one's meaning and default.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Its `Debug` output leaves out the values that may be secret
+/// (`api_token`, `webhook_secret`, passwords in URLs).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// API, dashboard, metrics and proxy routes (`127.0.0.1:8750`).
@@ -204,6 +352,54 @@ pub struct Settings {
     pub delivery: DeliverySettings,
     /// Named secrets requests refer to with `{"$secret": NAME}`.
     pub secrets: BTreeMap<String, SecretSource>,
+    /// Where large payloads go.
+    pub payload_store: PayloadStoreSettings,
+    /// Encryption of stored and delivered payloads.
+    pub encryption: EncryptionSettings,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hidden = |set: bool| if set { Some("<redacted>") } else { None };
+        let mut payload_store = self.payload_store.clone();
+        payload_store.url = payload_store.url.as_deref().map(redact_url);
+        f.debug_struct("Settings")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
+            .field("api_token", &hidden(self.api_token.is_some()))
+            .field("webhook_secret", &hidden(self.webhook_secret.is_some()))
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("egress", &self.egress)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("max_body", &self.max_body)
+            .field("max_batch", &self.max_batch)
+            .field("lease", &self.lease)
+            .field("retention", &self.retention)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("log_format", &self.log_format)
+            .field("retry", &self.retry)
+            .field("delivery", &self.delivery)
+            .field("secrets", &self.secrets)
+            .field("payload_store", &payload_store)
+            .field("encryption", &self.encryption)
+            .finish()
+    }
+}
+
+/// `url` with its password replaced, for `Debug` output.
+fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("<redacted>"));
+            parsed.to_string()
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) => "<unparsable URL>".to_owned(),
+    }
 }
 
 impl Default for Settings {
@@ -226,6 +422,8 @@ impl Default for Settings {
             retry: RetrySettings::default(),
             delivery: DeliverySettings::default(),
             secrets: BTreeMap::new(),
+            payload_store: PayloadStoreSettings::default(),
+            encryption: EncryptionSettings::default(),
         }
     }
 }
@@ -250,7 +448,42 @@ enum Kind {
     Text,
 }
 
+/// The settings that have no default value (so are absent from the
+/// defaults' JSON), with the type an environment value of each takes.
+const OPTIONAL: [(&str, Kind); 18] = [
+    ("database_url", Kind::Text),
+    ("api_token", Kind::Text),
+    ("webhook_secret", Kind::Text),
+    ("redis_url", Kind::Text),
+    ("payload_store.kind", Kind::Text),
+    ("payload_store.name", Kind::Text),
+    ("payload_store.dir", Kind::Text),
+    ("payload_store.url", Kind::Text),
+    ("payload_store.prefix", Kind::Text),
+    ("payload_store.ttl", Kind::Float),
+    ("payload_store.bucket", Kind::Text),
+    ("payload_store.endpoint", Kind::Text),
+    ("payload_store.region", Kind::Text),
+    ("payload_store.path_style", Kind::Bool),
+    ("payload_store.access_key_id", Kind::Text),
+    ("payload_store.secret_access_key", Kind::Text),
+    ("payload_store.table", Kind::Text),
+    ("encryption.serializer", Kind::Text),
+];
+
+/// The optional setting at `path`, if it is one.
+fn optional_kind(path: &[String]) -> Option<Kind> {
+    let dotted = path.join(".");
+    OPTIONAL
+        .iter()
+        .find(|(name, _)| *name == dotted)
+        .map(|(_, kind)| *kind)
+}
+
 fn kind_at(defaults: &Value, path: &[String]) -> Kind {
+    if let Some(kind) = optional_kind(path) {
+        return kind;
+    }
     let mut node = defaults;
     for key in path {
         match node.get(key) {
@@ -278,9 +511,11 @@ fn is_setting(defaults: &Value, path: &[String]) -> bool {
     let Some(Value::Object(top)) = Some(defaults) else {
         return false;
     };
-    let optional = ["database_url", "api_token", "webhook_secret", "redis_url"];
+    if optional_kind(path).is_some() {
+        return true;
+    }
     if path.len() == 1 {
-        return top.contains_key(first) || optional.contains(&first.as_str());
+        return top.contains_key(first);
     }
     matches!(top.get(first), Some(Value::Object(inner)) if path.len() == 2 && inner.contains_key(&path[1]))
 }
@@ -370,14 +605,10 @@ impl Settings {
                 })
                 .unwrap_or(Origin::Default)
         };
-        let settings: Settings = serde_json::from_value(merged).map_err(|e| {
+        let settings: Settings = serde_json::from_value(merged.clone()).map_err(|e| {
             let message = e.to_string();
-            let setting = message
-                .split('`')
-                .nth(1)
-                .filter(|_| message.starts_with("unknown field"))
-                .map(str::to_owned)
-                .unwrap_or_else(|| "config".to_owned());
+            let setting =
+                failing_setting(&defaults, &merged).unwrap_or_else(|| "config".to_owned());
             SettingsError::new(setting.clone(), origin_of(&setting), message)
         })?;
         settings.check(&origin_of)?;
@@ -518,6 +749,217 @@ impl Settings {
                 }
             }
         }
+        self.check_payload_store(&fail)?;
+        self.check_encryption(&fail)
+    }
+
+    /// Checks `[payload_store]`: a known kind, only its own keys, the
+    /// values each needs.
+    fn check_payload_store(
+        &self,
+        fail: &dyn Fn(&str, String) -> Result<(), SettingsError>,
+    ) -> Result<(), SettingsError> {
+        let store = &self.payload_store;
+        let set = store.set_keys();
+        let Some(kind) = store.kind.as_deref() else {
+            if let Some(key) = set.first() {
+                return fail(
+                    &format!("payload_store.{key}"),
+                    "needs payload_store.kind (file, redis, s3 or sql)".into(),
+                );
+            }
+            if store.name.is_some() {
+                return fail(
+                    "payload_store.name",
+                    "needs payload_store.kind (file, redis, s3 or sql)".into(),
+                );
+            }
+            return Ok(());
+        };
+        let Some((_, keys)) = STORE_KEYS.iter().find(|(k, _)| *k == kind) else {
+            return fail(
+                "payload_store.kind",
+                format!("{kind:?} is not one of file, redis, s3 or sql"),
+            );
+        };
+        if let Some(key) = set.iter().find(|key| !keys.contains(key)) {
+            return fail(
+                &format!("payload_store.{key}"),
+                format!(
+                    "does not apply to kind = {kind:?} (its keys: {})",
+                    keys.join(", ")
+                ),
+            );
+        }
+        if !(1..=1 << 30).contains(&store.threshold) {
+            return fail(
+                "payload_store.threshold",
+                format!("{} is outside 1 to {}", store.threshold, 1u64 << 30),
+            );
+        }
+        if let Some(name) = &store.name {
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+            {
+                return fail(
+                    "payload_store.name",
+                    "is 1 to 64 letters, digits, '_', '-' and '.'".into(),
+                );
+            }
+        }
+        let no_password = "(the value is not repeated here: it may hold a password)";
+        match kind {
+            "file" => {
+                if store.dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+                    return fail("payload_store.dir", "must not be empty".into());
+                }
+            }
+            "redis" => {
+                match (&store.url, &self.redis_url) {
+                    (Some(url), _) => {
+                        if !(url.starts_with("redis://")
+                            || url.starts_with("rediss://")
+                            || url.starts_with("unix://"))
+                        {
+                            return fail(
+                                "payload_store.url",
+                                format!(
+                                    "must start with redis://, rediss:// or unix:// {no_password}"
+                                ),
+                            );
+                        }
+                    }
+                    (None, Some(_)) => {}
+                    (None, None) => {
+                        return fail(
+                            "payload_store.url",
+                            "is required for kind = \"redis\" unless redis_url is set".into(),
+                        )
+                    }
+                }
+                if let Some(ttl) = store.ttl {
+                    if !(ttl.is_finite() && (0.001..=10.0 * 365.0 * 86_400.0).contains(&ttl)) {
+                        return fail(
+                            "payload_store.ttl",
+                            format!(
+                                "{ttl} is outside 0.001 to {} seconds",
+                                10.0 * 365.0 * 86_400.0
+                            ),
+                        );
+                    }
+                }
+            }
+            "s3" => {
+                if store.bucket.as_deref().is_none_or(str::is_empty) {
+                    return fail(
+                        "payload_store.bucket",
+                        "is required for kind = \"s3\"".into(),
+                    );
+                }
+                if let Some(endpoint) = &store.endpoint {
+                    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                        return fail(
+                            "payload_store.endpoint",
+                            "must be an http:// or https:// URL".into(),
+                        );
+                    }
+                }
+                if store.region.as_deref().is_some_and(str::is_empty) {
+                    return fail("payload_store.region", "must not be empty".into());
+                }
+                for (key, name) in [
+                    ("access_key_id", &store.access_key_id),
+                    ("secret_access_key", &store.secret_access_key),
+                ] {
+                    let setting = format!("payload_store.{key}");
+                    match name {
+                        None => {
+                            return fail(
+                                &setting,
+                                "is required for kind = \"s3\": the name of a [secrets] entry"
+                                    .into(),
+                            )
+                        }
+                        Some(name) if !self.secrets.contains_key(name) => {
+                            return fail(&setting, format!("{name:?} is not a secret in [secrets]"))
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+            _ => {
+                let Some(url) = &store.url else {
+                    return fail(
+                        "payload_store.url",
+                        "is required for kind = \"sql\": sqlite:PATH or postgres://…".into(),
+                    );
+                };
+                if !(url.starts_with("sqlite:")
+                    || url.starts_with("postgres://")
+                    || url.starts_with("postgresql://"))
+                {
+                    return fail(
+                        "payload_store.url",
+                        format!("must start with sqlite: or postgres:// {no_password}"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks `[encryption]`: a known format, and secret names of
+    /// `[secrets]`.
+    fn check_encryption(
+        &self,
+        fail: &dyn Fn(&str, String) -> Result<(), SettingsError>,
+    ) -> Result<(), SettingsError> {
+        let encryption = &self.encryption;
+        if !matches!(encryption.format.as_str(), "aes-gcm" | "active_support") {
+            return fail(
+                "encryption.format",
+                format!(
+                    "{:?} is not \"aes-gcm\" or \"active_support\"",
+                    encryption.format
+                ),
+            );
+        }
+        if let Some(serializer) = &encryption.serializer {
+            if encryption.format != "active_support" {
+                return fail(
+                    "encryption.serializer",
+                    "applies only to format = \"active_support\"".into(),
+                );
+            }
+            if !matches!(serializer.as_str(), "marshal" | "json") {
+                return fail(
+                    "encryption.serializer",
+                    format!("{serializer:?} is not \"marshal\" or \"json\""),
+                );
+            }
+        }
+        if encryption.secrets.is_empty()
+            && (encryption.format != "aes-gcm" || encryption.serializer.is_some())
+        {
+            return fail(
+                "encryption.secrets",
+                "is empty: name the [secrets] entries that encrypt (the first) and decrypt".into(),
+            );
+        }
+        for (i, name) in encryption.secrets.iter().enumerate() {
+            if !self.secrets.contains_key(name) {
+                return fail(
+                    "encryption.secrets",
+                    format!("{name:?} is not a secret in [secrets]"),
+                );
+            }
+            if encryption.secrets[..i].contains(name) {
+                return fail("encryption.secrets", format!("{name:?} is listed twice"));
+            }
+        }
         Ok(())
     }
 
@@ -646,6 +1088,24 @@ fn set_path(root: &mut Value, path: &[String], value: Value) {
         node = &mut node[key.as_str()];
     }
     node[path[path.len() - 1].as_str()] = value;
+}
+
+/// The first setting of `merged` that does not load on its own over the
+/// defaults: the one a deserialization error is about (an unknown key, a
+/// value of the wrong type), with its whole path (`payload_store.threshold`).
+fn failing_setting(defaults: &Value, merged: &Value) -> Option<String> {
+    let mut paths = Vec::new();
+    leaf_paths(merged, &mut Vec::new(), &mut paths);
+    paths.into_iter().find(|path| {
+        let segments: Vec<String> = path.split('.').map(str::to_owned).collect();
+        let mut value = merged;
+        for key in &segments {
+            value = &value[key.as_str()];
+        }
+        let mut trial = defaults.clone();
+        set_path(&mut trial, &segments, value.clone());
+        serde_json::from_value::<Settings>(trial).is_err()
+    })
 }
 
 fn leaf_paths(value: &Value, prefix: &mut Vec<String>, out: &mut Vec<String>) {
@@ -838,8 +1298,7 @@ mod tests {
         let defaults = serde_json::to_value(Settings::default()).unwrap();
         let mut paths = Vec::new();
         leaf_paths(&defaults, &mut Vec::new(), &mut paths);
-        paths
-            .extend(["database_url", "api_token", "webhook_secret", "redis_url"].map(String::from));
+        paths.extend(OPTIONAL.iter().map(|(name, _)| (*name).to_owned()));
         for path in paths {
             let key = path.rsplit('.').next().unwrap();
             assert!(
@@ -847,6 +1306,179 @@ mod tests {
                 "docs/patient.toml does not document {path}"
             );
         }
+    }
+
+    #[test]
+    fn payload_store_and_encryption_settings_load_from_file_and_env() {
+        let path = file(
+            "[secrets.payload_key]\nenv = \"PAYLOAD_KEY\"\n[secrets.old_key]\nfile = \"/run/old\"\n\
+             [payload_store]\nkind = \"redis\"\nurl = \"redis://:hunter2@127.0.0.1:6379/1\"\nttl = 60\n\
+             [encryption]\nsecrets = [\"payload_key\"]\n",
+        );
+        let s = Settings::load(
+            Some(&path),
+            env(&[
+                ("PATIENT_PAYLOAD_STORE__THRESHOLD", "1024"),
+                ("PATIENT_PAYLOAD_STORE__TTL", "0.5"),
+                ("PATIENT_PAYLOAD_STORE__NAME", "shared"),
+                ("PATIENT_ENCRYPTION__SECRETS", "payload_key, old_key"),
+                ("PATIENT_ENCRYPTION__FORMAT", "active_support"),
+                ("PATIENT_ENCRYPTION__SERIALIZER", "json"),
+            ]),
+            &Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(s.payload_store.kind.as_deref(), Some("redis"));
+        assert_eq!(s.payload_store.threshold, 1024);
+        assert_eq!(s.payload_store.ttl, Some(0.5));
+        assert_eq!(s.payload_store.store_name(), Some("shared"));
+        assert_eq!(s.encryption.secrets, ["payload_key", "old_key"]);
+        assert_eq!(s.encryption.format, "active_support");
+        assert_eq!(s.encryption.serializer.as_deref(), Some("json"));
+        // No password in the Debug output.
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("payload_store"), "{debug}");
+        let _ = std::fs::remove_file(path);
+
+        let s = Settings::load(
+            None,
+            env(&[("PATIENT_PAYLOAD_STORE__KIND", "file")]),
+            &Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(s.payload_store.store_name(), Some("file"));
+        assert_eq!(s.payload_store.threshold, 65536);
+    }
+
+    #[test]
+    fn bad_payload_store_and_encryption_settings_name_the_setting() {
+        for (pairs, setting, words) in [
+            (
+                &[("PATIENT_PAYLOAD_STORE__KIND", "floppy")][..],
+                "payload_store.kind",
+                "\"floppy\" is not one of file, redis, s3 or sql",
+            ),
+            (
+                &[
+                    ("PATIENT_PAYLOAD_STORE__KIND", "file"),
+                    ("PATIENT_PAYLOAD_STORE__THRESHOLD", "0"),
+                ],
+                "payload_store.threshold",
+                "0 is outside 1 to",
+            ),
+            (
+                &[
+                    ("PATIENT_PAYLOAD_STORE__KIND", "file"),
+                    ("PATIENT_PAYLOAD_STORE__THRESHOLD", "big"),
+                ],
+                "payload_store.threshold",
+                "not a whole number",
+            ),
+            (
+                &[("PATIENT_PAYLOAD_STORE__DIR", "/tmp/x")],
+                "payload_store.dir",
+                "needs payload_store.kind",
+            ),
+            (
+                &[
+                    ("PATIENT_PAYLOAD_STORE__KIND", "file"),
+                    ("PATIENT_PAYLOAD_STORE__BUCKET", "b"),
+                ],
+                "payload_store.bucket",
+                "does not apply to kind = \"file\"",
+            ),
+            (
+                &[("PATIENT_PAYLOAD_STORE__KIND", "redis")],
+                "payload_store.url",
+                "unless redis_url is set",
+            ),
+            (
+                &[
+                    ("PATIENT_PAYLOAD_STORE__KIND", "sql"),
+                    ("PATIENT_PAYLOAD_STORE__URL", "mysql://u:hunter2@db/x"),
+                ],
+                "payload_store.url",
+                "must start with sqlite: or postgres://",
+            ),
+            (
+                &[
+                    ("PATIENT_PAYLOAD_STORE__KIND", "s3"),
+                    ("PATIENT_PAYLOAD_STORE__BUCKET", "b"),
+                    ("PATIENT_PAYLOAD_STORE__ACCESS_KEY_ID", "nope"),
+                    ("PATIENT_PAYLOAD_STORE__SECRET_ACCESS_KEY", "nope"),
+                ],
+                "payload_store.access_key_id",
+                "\"nope\" is not a secret in [secrets]",
+            ),
+            (
+                &[
+                    ("PATIENT_PAYLOAD_STORE__KIND", "redis"),
+                    ("PATIENT_REDIS_URL", "redis://127.0.0.1/"),
+                    ("PATIENT_PAYLOAD_STORE__TTL", "0"),
+                ],
+                "payload_store.ttl",
+                "outside",
+            ),
+            (
+                &[("PATIENT_ENCRYPTION__SECRETS", "missing")],
+                "encryption.secrets",
+                "\"missing\" is not a secret in [secrets]",
+            ),
+            (
+                &[("PATIENT_ENCRYPTION__FORMAT", "rot13")],
+                "encryption.format",
+                "\"rot13\" is not",
+            ),
+            (
+                &[("PATIENT_ENCRYPTION__SERIALIZER", "json")],
+                "encryption.serializer",
+                "applies only to format = \"active_support\"",
+            ),
+            (
+                &[("PATIENT_ENCRYPTION__FORMAT", "active_support")],
+                "encryption.secrets",
+                "is empty",
+            ),
+        ] {
+            let e = Settings::load(None, env(pairs), &Flags::default()).unwrap_err();
+            assert_eq!(e.setting, setting, "{pairs:?}: {e}");
+            assert!(e.message.contains(words), "{pairs:?}: {e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+
+        // A file's unknown key or wrong type names the key with its table.
+        let path = file("[payload_store]\nkind = \"file\"\nbuckt = \"x\"\n");
+        let e = Settings::load(Some(&path), Vec::new(), &Flags::default()).unwrap_err();
+        assert_eq!(e.setting, "payload_store.buckt", "{e}");
+        assert_eq!(e.origin, Origin::File(path.clone()));
+        let _ = std::fs::remove_file(path);
+        let path = file("[payload_store]\nkind = \"file\"\nthreshold = \"big\"\n");
+        let e = Settings::load(Some(&path), Vec::new(), &Flags::default()).unwrap_err();
+        assert_eq!(e.setting, "payload_store.threshold", "{e}");
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn debug_output_hides_tokens_and_passwords() {
+        let s = Settings::load(
+            None,
+            env(&[
+                ("PATIENT_API_TOKEN", "tok-very-secret"),
+                (
+                    "PATIENT_WEBHOOK_SECRET",
+                    "whsec_AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=",
+                ),
+                ("PATIENT_REDIS_URL", "redis://:hunter2@127.0.0.1:6379/0"),
+            ]),
+            &Flags::default(),
+        )
+        .unwrap();
+        let debug = format!("{s:?}");
+        for secret in ["tok-very-secret", "AQIDBAUGBwgJ", "hunter2"] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
+        assert!(debug.contains("127.0.0.1:6379"), "{debug}");
     }
 
     #[test]

@@ -32,6 +32,12 @@ the API on 127.0.0.1:8750. docs/patient.toml documents every setting:
   delivery.*        PATIENT_DELIVERY__*       timeout 10, max_attempts 12,
                                               base_delay 5, max_delay 3600
   secrets.NAME      PATIENT_SECRETS__NAME__ENV / __FILE
+  payload_store.*   PATIENT_PAYLOAD_STORE__*  none: kind file|redis|s3|sql, threshold 65536,
+                                              name, dir, url, prefix, ttl, bucket, endpoint,
+                                              region, path_style, access_key_id,
+                                              secret_access_key (secret names), table
+  encryption.*      PATIENT_ENCRYPTION__*     off: secrets (names, first encrypts),
+                                              format aes-gcm|active_support, serializer
 
 Once the listener is bound and the store is open it prints one line on stderr:
   patient: listening on http://127.0.0.1:8750

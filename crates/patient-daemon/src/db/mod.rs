@@ -235,8 +235,13 @@ impl Db {
     }
 
     /// Deletes up to `limit` tasks finished before `before` whose delivery
-    /// is not pending; how many went.
-    pub async fn purge(&self, before: i64, limit: usize) -> Result<u64, DbError> {
+    /// is not pending; the request and outcome JSON of each one deleted (so
+    /// that the caller can delete what they refer to).
+    pub async fn purge(
+        &self,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<(Value, Option<Value>)>, DbError> {
         dispatch!(self.purge(before, limit))
     }
 
@@ -381,6 +386,16 @@ macro_rules! columns_for {
     };
 }
 pub(crate) use columns_for;
+
+/// The request and outcome JSON of a purged row (`RETURNING request,
+/// outcome`).
+pub(crate) fn purged(row: &impl Columns) -> Result<(Value, Option<Value>), DbError> {
+    let parse = |text: Option<String>| text.and_then(|j| serde_json::from_str(&j).ok());
+    Ok((
+        parse(row.opt_text("request")?).unwrap_or(Value::Null),
+        parse(row.opt_text("outcome")?),
+    ))
+}
 
 fn json_column(row: &impl Columns, column: &str) -> Result<Value, DbError> {
     let text = row.text(column)?;
@@ -720,7 +735,7 @@ mod tests {
             Err(DbError::Conflict(_))
         ));
         assert_eq!(
-            db.purge(10_000, 100).await.unwrap(),
+            db.purge(10_000, 100).await.unwrap().len(),
             0,
             "its delivery is pending"
         );
@@ -892,7 +907,11 @@ mod tests {
             (TaskState::Queued, 1, None)
         );
 
-        assert_eq!(db.purge(6, 100).await.unwrap(), 1, "the cancelled one");
+        assert_eq!(
+            db.purge(6, 100).await.unwrap().len(),
+            1,
+            "the cancelled one"
+        );
         assert!(db.get(&id).await.unwrap().is_none());
         assert_eq!(
             db.meta_or_insert("webhook_secret", "a".into())

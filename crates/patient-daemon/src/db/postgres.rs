@@ -495,19 +495,23 @@ impl PgDb {
     }
 
     /// See [`Db::purge`](super::Db::purge).
-    pub async fn purge(&self, before: i64, limit: usize) -> Result<u64, DbError> {
-        let done = sqlx::query(
+    pub async fn purge(
+        &self,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<(Value, Option<Value>)>, DbError> {
+        let rows = sqlx::query(
             "DELETE FROM patient_tasks WHERE id IN (SELECT t.id FROM patient_tasks t \
              LEFT JOIN patient_deliveries d ON d.task_id = t.id WHERE t.finished_at IS NOT NULL \
              AND t.finished_at < $1 AND (d.state IS NULL OR d.state <> 'pending') LIMIT $2 \
-             FOR UPDATE OF t SKIP LOCKED)",
+             FOR UPDATE OF t SKIP LOCKED) RETURNING request, outcome",
         )
         .bind(before)
         .bind(limit_of(limit))
-        .execute(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
         self.committed();
-        Ok(done.rows_affected())
+        rows.iter().map(super::purged).collect()
     }
 
     /// The value stored under `key`, storing `value` first when there is

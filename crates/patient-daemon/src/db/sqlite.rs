@@ -572,20 +572,26 @@ impl SqliteDb {
     }
 
     /// Deletes up to `limit` tasks finished before `before` whose delivery
-    /// is not pending; how many went.
-    pub async fn purge(&self, before: i64, limit: usize) -> Result<u64, DbError> {
+    /// is not pending; the request and outcome JSON of each one deleted (so
+    /// that the caller can delete what they refer to).
+    pub async fn purge(
+        &self,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<(Value, Option<Value>)>, DbError> {
         self.write(move |conn| {
             Box::pin(async move {
-                let done = sqlx::query(
+                let rows = sqlx::query(
                     "DELETE FROM patient_tasks WHERE id IN (SELECT t.id FROM patient_tasks t \
                      LEFT JOIN patient_deliveries d ON d.task_id = t.id WHERE t.finished_at IS NOT NULL \
-                     AND t.finished_at < $1 AND (d.state IS NULL OR d.state <> 'pending') LIMIT $2)",
+                     AND t.finished_at < $1 AND (d.state IS NULL OR d.state <> 'pending') LIMIT $2) \
+                     RETURNING request, outcome",
                 )
                 .bind(before)
                 .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                .execute(&mut *conn)
+                .fetch_all(&mut *conn)
                 .await?;
-                Ok(done.rows_affected())
+                rows.iter().map(super::purged).collect()
             })
         })
         .await
