@@ -25,11 +25,11 @@ use crate::{
 };
 
 /// Deliveries claimed per round trip.
-const CLAIM_BATCH: usize = 32;
+const CLAIM_BATCH: usize = 256;
 
 /// Deliveries in flight at once; a slow receiver holds one slot, not the
 /// loop.
-const IN_FLIGHT: usize = 256;
+const IN_FLIGHT: usize = 512;
 
 /// The longest sleep of an idle delivery loop between looks at the outbox.
 const IDLE_POLL: Duration = Duration::from_secs(1);

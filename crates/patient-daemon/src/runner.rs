@@ -35,7 +35,7 @@ const LIMIT_WAIT: Duration = Duration::from_millis(100);
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// Claims per round trip to the database.
-const CLAIM_BATCH: usize = 64;
+const CLAIM_BATCH: usize = 256;
 
 /// Stale tasks recovered per query.
 const RECOVER_BATCH: usize = 256;
