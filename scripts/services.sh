@@ -7,7 +7,8 @@
 # standardwebhooks (PyPI), which the Python example's test runs, and
 # schemathesis (PyPI), which the daemon's OpenAPI fuzz test runs; Sidekiq
 # (Debian's ruby-sidekiq, no server of its own), which the Ruby example's
-# test runs against the Redis above.
+# test runs against the Redis above; and Chromium (Debian's chromium), the
+# real browser the dashboard's test drives headless (with chromium-driver).
 # Missing software is installed first; install output goes to log files.
 #
 #   eval "$(scripts/services.sh start)"   # start (or reuse) them; prints `export` lines
@@ -361,6 +362,24 @@ ensure_python_tools() {
   tools_installed || die "standardwebhooks or schemathesis missing after installing them (see $log)"
 }
 
+# --- Chromium (Debian's chromium, chromium-driver) for the dashboard's test -
+# The test drives headless Chromium through chromedriver (WebDriver).
+CHROMIUM=/usr/bin/chromium
+CHROMEDRIVER=/usr/bin/chromedriver
+
+chromium_installed() {
+  [ -x "$CHROMIUM" ] && [ -x "$CHROMEDRIVER" ]
+}
+
+ensure_chromium() {
+  if chromium_installed; then
+    say "chromium already installed"
+    return
+  fi
+  apt_install chromium chromium-driver
+  chromium_installed || die "$CHROMIUM or $CHROMEDRIVER missing after installing chromium (see $STATE/install.log)"
+}
+
 # --- Sidekiq (Debian's ruby-sidekiq) for the Ruby example's test ------------
 sidekiq_installed() {
   command -v sidekiq >/dev/null 2>&1 && ruby -e 'require "sidekiq"' >/dev/null 2>&1
@@ -391,6 +410,10 @@ print_env() {
     echo "export PATIENT_TEST_PYTHON=$TOOLS_VENV/bin/python"
     echo "export PATIENT_TEST_SCHEMATHESIS=$TOOLS_VENV/bin/schemathesis"
   fi
+  if chromium_installed; then
+    echo "export PATIENT_TEST_CHROMIUM=$CHROMIUM"
+    echo "export PATIENT_TEST_CHROMEDRIVER=$CHROMEDRIVER"
+  fi
   if sidekiq_installed; then
     echo "export PATIENT_TEST_SIDEKIQ=$(command -v sidekiq)"
   fi
@@ -418,6 +441,9 @@ cmd_start() {
   t=$(now_ms)
   ensure_sidekiq
   say "sidekiq ready in $(($(now_ms) - t)) ms"
+  t=$(now_ms)
+  ensure_chromium
+  say "chromium ready in $(($(now_ms) - t)) ms"
   say "all services ready in $(($(now_ms) - t0)) ms"
   print_env
 }
@@ -444,6 +470,7 @@ cmd_status() {
   activesupport_installed && say "active support: installed" || say "active support: not installed"
   tools_installed && say "python tools: installed" || say "python tools: not installed"
   sidekiq_installed && say "sidekiq: installed" || say "sidekiq: not installed"
+  chromium_installed && say "chromium: installed" || say "chromium: not installed"
 }
 
 case "${1:-}" in

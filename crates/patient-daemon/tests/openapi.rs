@@ -12,7 +12,7 @@ use patient_testkit::Upstream;
 use serde_json::{json, Value};
 
 /// The routes of the server, as `api::router` declares them.
-const SERVED: [(&str, &str); 11] = [
+const SERVED: [(&str, &str); 13] = [
     ("POST", "/v1/tasks"),
     ("GET", "/v1/tasks"),
     ("POST", "/v1/tasks/batch"),
@@ -24,6 +24,8 @@ const SERVED: [(&str, &str); 11] = [
     ("GET", "/readyz"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
+    ("GET", "/v1/dashboard"),
+    ("GET", "/"),
 ];
 
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
