@@ -209,6 +209,7 @@ const text = (sel) => { const e = document.querySelector(sel); return e ? e.text
 return {
   loaded: Number(document.body.dataset.loaded || "0"),
   status: text("#status"),
+  notice: text("#notice"),
   completed: text("#tasks-completed"),
   failed: text("#tasks-failed"),
   queued: text("#tasks-queued"),
@@ -395,6 +396,12 @@ async fn the_dashboard_shows_the_figures_and_its_buttons_retry_and_redeliver_in_
     )
     .await;
     assert!(page["loaded"].as_u64().unwrap() >= 2, "{page:#}");
+    assert!(
+        page["notice"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("Redeliver") && n.ends_with(": done")),
+        "{page:#}"
+    );
     assert_eq!(page["failed"], "1", "{page:#}");
 
     // Nothing the page did was blocked or failed: no error in the console
