@@ -4,9 +4,11 @@
 # cluster in a temporary directory, and the moto S3-compatible server (PyPI);
 # Ruby's Active Support (Debian's ruby-activesupport, no server), which the
 # tests of the PatientHttp gem's encryption format run; and a Python venv with
-# standardwebhooks (PyPI), which the Python example's test runs; and Sidekiq
+# standardwebhooks (PyPI), which the Python example's test runs, and
+# schemathesis (PyPI), which the daemon's OpenAPI fuzz test runs; Sidekiq
 # (Debian's ruby-sidekiq, no server of its own), which the Ruby example's
-# test runs against the Redis above.
+# test runs against the Redis above; and Chromium (Debian's chromium), the
+# real browser the dashboard's test drives headless (with chromium-driver).
 # Missing software is installed first; install output goes to log files.
 #
 #   eval "$(scripts/services.sh start)"   # start (or reuse) them; prints `export` lines
@@ -329,13 +331,17 @@ ensure_activesupport() {
   say "ruby-activesupport installed"
 }
 
-# --- Python packages the examples' tests use --------------------------------
+# --- Python packages the tests use ------------------------------------------
 # A venv with `standardwebhooks` (the reference webhook verifier of the
-# Python example); no server.
+# Python example) and `schemathesis` (drives the daemon's OpenAPI document);
+# no server.
 TOOLS_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/patient-services/tools-venv"
+SCHEMATHESIS_VERSION="4.32.5"
 
 tools_installed() {
-  [ -x "$TOOLS_VENV/bin/python" ] && "$TOOLS_VENV/bin/python" -c 'import standardwebhooks' >/dev/null 2>&1
+  [ -x "$TOOLS_VENV/bin/python" ] && "$TOOLS_VENV/bin/python" -c 'import standardwebhooks' >/dev/null 2>&1 &&
+    [ -x "$TOOLS_VENV/bin/schemathesis" ] &&
+    [ "$("$TOOLS_VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("schemathesis"))' 2>/dev/null)" = "$SCHEMATHESIS_VERSION" ]
 }
 
 ensure_python_tools() {
@@ -348,11 +354,30 @@ ensure_python_tools() {
   if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     apt_install python3-venv python3-pip
   fi
-  say "installing standardwebhooks into $TOOLS_VENV (log: $log)"
+  say "installing standardwebhooks and schemathesis $SCHEMATHESIS_VERSION into $TOOLS_VENV (log: $log)"
   mkdir -p "$(dirname "$TOOLS_VENV")"
-  python3 -m venv "$TOOLS_VENV" >>"$log" 2>&1 || die "python3 -m venv failed (see $log)"
-  "$TOOLS_VENV/bin/pip" install --quiet standardwebhooks >>"$log" 2>&1 || die "pip install standardwebhooks failed (see $log)"
-  tools_installed || die "standardwebhooks does not import after installing it (see $log)"
+  [ -x "$TOOLS_VENV/bin/pip" ] || python3 -m venv "$TOOLS_VENV" >>"$log" 2>&1 || die "python3 -m venv failed (see $log)"
+  "$TOOLS_VENV/bin/pip" install --quiet standardwebhooks "schemathesis==$SCHEMATHESIS_VERSION" >>"$log" 2>&1 ||
+    die "pip install standardwebhooks schemathesis failed (see $log)"
+  tools_installed || die "standardwebhooks or schemathesis missing after installing them (see $log)"
+}
+
+# --- Chromium (Debian's chromium, chromium-driver) for the dashboard's test -
+# The test drives headless Chromium through chromedriver (WebDriver).
+CHROMIUM=/usr/bin/chromium
+CHROMEDRIVER=/usr/bin/chromedriver
+
+chromium_installed() {
+  [ -x "$CHROMIUM" ] && [ -x "$CHROMEDRIVER" ]
+}
+
+ensure_chromium() {
+  if chromium_installed; then
+    say "chromium already installed"
+    return
+  fi
+  apt_install chromium chromium-driver
+  chromium_installed || die "$CHROMIUM or $CHROMEDRIVER missing after installing chromium (see $STATE/install.log)"
 }
 
 # --- Sidekiq (Debian's ruby-sidekiq) for the Ruby example's test ------------
@@ -383,6 +408,11 @@ print_env() {
   fi
   if tools_installed; then
     echo "export PATIENT_TEST_PYTHON=$TOOLS_VENV/bin/python"
+    echo "export PATIENT_TEST_SCHEMATHESIS=$TOOLS_VENV/bin/schemathesis"
+  fi
+  if chromium_installed; then
+    echo "export PATIENT_TEST_CHROMIUM=$CHROMIUM"
+    echo "export PATIENT_TEST_CHROMEDRIVER=$CHROMEDRIVER"
   fi
   if sidekiq_installed; then
     echo "export PATIENT_TEST_SIDEKIQ=$(command -v sidekiq)"
@@ -411,6 +441,9 @@ cmd_start() {
   t=$(now_ms)
   ensure_sidekiq
   say "sidekiq ready in $(($(now_ms) - t)) ms"
+  t=$(now_ms)
+  ensure_chromium
+  say "chromium ready in $(($(now_ms) - t)) ms"
   say "all services ready in $(($(now_ms) - t0)) ms"
   print_env
 }
@@ -437,6 +470,7 @@ cmd_status() {
   activesupport_installed && say "active support: installed" || say "active support: not installed"
   tools_installed && say "python tools: installed" || say "python tools: not installed"
   sidekiq_installed && say "sidekiq: installed" || say "sidekiq: not installed"
+  chromium_installed && say "chromium: installed" || say "chromium: not installed"
 }
 
 case "${1:-}" in

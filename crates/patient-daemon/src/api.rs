@@ -1,5 +1,5 @@
-//! The HTTP API (`/v1`), health, readiness, metrics and the OpenAPI
-//! document, with every error in the contract's shape:
+//! The HTTP API (`/v1`), the dashboard, health, readiness, metrics and the
+//! OpenAPI document, with every error in the contract's shape:
 //! `{"error": {"code", "message", "field"}}`, the framework's own
 //! rejections (unknown route, wrong method, wrong content type, too large a
 //! body) included.
@@ -139,8 +139,16 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/tasks/{id}/cancel", post(cancel))
         .route("/v1/tasks/{id}/redeliver", post(redeliver))
         .route("/v1/tasks/{id}/retry", post(retry))
+        .route("/v1/dashboard", get(dashboard_figures))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&app), auth));
     Router::new()
+        .route(
+            "/",
+            get(dashboard_page).route_layer(axum::middleware::from_fn_with_state(
+                Arc::clone(&app),
+                page_auth,
+            )),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
@@ -188,33 +196,113 @@ fn same_token(given: &[u8], expected: &[u8]) -> bool {
         == 0
 }
 
+/// The bearer token of `request`'s `Authorization` header.
+fn bearer(request: &Request) -> Option<String> {
+    request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned())
+}
+
+/// The `token` query parameter of `request`.
+fn query_token(request: &Request) -> Option<String> {
+    url::form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
+}
+
+/// `401 unauthorized` unless `given` is the daemon's token (or it has none).
+fn check_token(app: &App, given: Option<&str>, hint: &str) -> Result<(), Response> {
+    let Some(token) = app.settings.api_token.as_deref() else {
+        return Ok(());
+    };
+    if given.is_some_and(|g| same_token(g.as_bytes(), token.as_bytes())) {
+        return Ok(());
+    }
+    let mut response =
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", hint).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    Err(response)
+}
+
 async fn auth(
     State(app): State<Arc<App>>,
     request: Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if let Some(token) = app.settings.api_token.as_deref() {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        if !given.is_some_and(|g| same_token(g.as_bytes(), token.as_bytes())) {
-            let mut response = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "a valid bearer token is required: Authorization: Bearer TOKEN",
-            )
-            .into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-            return response;
-        }
+    let given = bearer(&request);
+    if let Err(refused) = check_token(
+        &app,
+        given.as_deref(),
+        "a valid bearer token is required: Authorization: Bearer TOKEN",
+    ) {
+        return refused;
     }
     next.run(request).await
+}
+
+/// The dashboard's page takes the token as a bearer header or as
+/// `?token=` (a browser opening the page sends no header).
+async fn page_auth(
+    State(app): State<Arc<App>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let given = bearer(&request).or_else(|| query_token(&request));
+    if let Err(refused) = check_token(
+        &app,
+        given.as_deref(),
+        "a valid token is required: open the dashboard as /?token=TOKEN",
+    ) {
+        return refused;
+    }
+    next.run(request).await
+}
+
+async fn dashboard_page() -> Response {
+    let mut response = Response::new(Body::from(crate::dashboard::PAGE));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    if let Ok(csp) = header::HeaderValue::from_str(&crate::dashboard::CSP) {
+        headers.insert(header::CONTENT_SECURITY_POLICY, csp);
+    }
+    headers.insert(
+        header::REFERRER_POLICY,
+        header::HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::X_FRAME_OPTIONS,
+        header::HeaderValue::from_static("DENY"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+async fn dashboard_figures(State(app): State<Arc<App>>) -> ApiResult {
+    let figures = crate::dashboard::figures(&app)
+        .await
+        .map_err(|e| ApiError::unavailable(&e))?;
+    let mut response = json_response(StatusCode::OK, &figures);
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    Ok(response)
 }
 
 async fn healthz() -> Response {

@@ -8,6 +8,7 @@
 //! fixed in the daemon's API document; [`settings`] reads the settings.
 
 pub mod api;
+pub mod dashboard;
 pub mod db;
 pub mod delivery;
 pub mod egress;

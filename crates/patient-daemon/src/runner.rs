@@ -65,6 +65,17 @@ pub fn outcome_event(
     })
 }
 
+/// The error type a failed task is counted under on the dashboard and in
+/// `patient_task_errors_total`: the request error's type, `http_error` for
+/// an error response, `redirect` for too many redirects or a loop.
+pub fn error_kind(error: &TaskError) -> &'static str {
+    match error {
+        TaskError::Http(_) => "http_error",
+        TaskError::Request(e) => e.error_type.as_str(),
+        TaskError::Redirect(_) => "redirect",
+    }
+}
+
 /// Runs tasks from the queue.
 pub struct Runner {
     db: Db,
@@ -210,6 +221,7 @@ impl Runner {
                 callback_args: CallbackArgs::from_json(&record.callback_args).unwrap_or_default(),
                 attempts: Vec::new(),
             });
+            let kind = error_kind(&error);
             let event = outcome_event(
                 &record.id,
                 &record.callback,
@@ -238,6 +250,7 @@ impl Runner {
             if finished {
                 counts.1 += 1;
                 self.metrics.outcome("failed");
+                self.metrics.error(kind);
             } else {
                 self.payloads.delete_outcome(&refs).await;
             }
@@ -466,6 +479,9 @@ impl Runner {
                 }
             }
             self.metrics.outcome(state.as_str());
+            if let Err(error) = &result {
+                self.metrics.error(error_kind(error));
+            }
             self.metrics.end_to_end(Duration::from_millis(
                 u64::try_from(finished_at - record.created_at).unwrap_or(0),
             ));

@@ -12,7 +12,7 @@ use patient_testkit::Upstream;
 use serde_json::{json, Value};
 
 /// The routes of the server, as `api::router` declares them.
-const SERVED: [(&str, &str); 11] = [
+const SERVED: [(&str, &str); 13] = [
     ("POST", "/v1/tasks"),
     ("GET", "/v1/tasks"),
     ("POST", "/v1/tasks/batch"),
@@ -24,6 +24,8 @@ const SERVED: [(&str, &str); 11] = [
     ("GET", "/readyz"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
+    ("GET", "/v1/dashboard"),
+    ("GET", "/"),
 ];
 
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
@@ -50,11 +52,64 @@ fn resolve<'a>(doc: &'a Value, value: &'a Value) -> &'a Value {
 
 /// Checks `value` against an OpenAPI 3.0 schema (the subset the document
 /// uses: `type`, `nullable`, `required`, `properties`,
-/// `additionalProperties`, `items`, `enum`, `allOf`, `oneOf`, `anyOf`).
+/// `additionalProperties`, `maxProperties`, `items`, `minItems`,
+/// `maxItems`, `enum`, `allOf`, `oneOf`, `anyOf`, `not`, `minimum`,
+/// `maximum`, `exclusiveMinimum`, `minLength`, `maxLength`, `pattern`).
 fn check_schema(doc: &Value, schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>) {
     let schema = resolve(doc, schema);
     if value.is_null() && schema["nullable"] == true {
         return;
+    }
+    if let Some(not) = schema.get("not") {
+        let mut e = Vec::new();
+        check_schema(doc, not, value, path, &mut e);
+        if e.is_empty() {
+            errors.push(format!("{path}: fits what `not` refuses: {value}"));
+        }
+    }
+    if let Some(n) = value.as_f64() {
+        let exclusive = schema["exclusiveMinimum"] == true;
+        if let Some(min) = schema["minimum"].as_f64() {
+            if n < min || (exclusive && n == min) {
+                errors.push(format!("{path}: {n} is below the minimum {min}"));
+            }
+        }
+        if let Some(max) = schema["maximum"].as_f64() {
+            if n > max {
+                errors.push(format!("{path}: {n} is above the maximum {max}"));
+            }
+        }
+    }
+    if let Some(text) = value.as_str() {
+        let chars = text.chars().count() as u64;
+        if schema["minLength"].as_u64().is_some_and(|min| chars < min)
+            || schema["maxLength"].as_u64().is_some_and(|max| chars > max)
+        {
+            errors.push(format!("{path}: {text:?} has the wrong length"));
+        }
+        if let Some(pattern) = schema["pattern"].as_str() {
+            let re = regex_automata::meta::Regex::new(pattern)
+                .unwrap_or_else(|e| panic!("{path}: bad pattern {pattern}: {e}"));
+            if !re.is_match(text) {
+                errors.push(format!("{path}: {text:?} does not match {pattern}"));
+            }
+        }
+    }
+    if let Some(items) = value.as_array() {
+        let n = items.len() as u64;
+        if schema["minItems"].as_u64().is_some_and(|min| n < min)
+            || schema["maxItems"].as_u64().is_some_and(|max| n > max)
+        {
+            errors.push(format!("{path}: {n} items is out of bounds"));
+        }
+    }
+    if let Some(object) = value.as_object() {
+        if schema["maxProperties"]
+            .as_u64()
+            .is_some_and(|max| object.len() as u64 > max)
+        {
+            errors.push(format!("{path}: too many properties"));
+        }
     }
     for all in schema["allOf"].as_array().into_iter().flatten() {
         check_schema(doc, all, value, path, errors);
@@ -376,5 +431,71 @@ async fn each_documented_operation_is_served_as_documented_and_nothing_else_is()
             reply.assert_error(404, "not_found");
         }
     }
+    daemon.stop().await.unwrap();
+}
+
+/// The submit schema describes what the daemon takes: bodies it accepts fit
+/// the document (a body is a wire Payload, not a string; options, retry
+/// options and secret parameters have their fields), and what the document
+/// refuses the daemon refuses too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_submit_schema_matches_what_the_daemon_accepts_and_refuses() {
+    let doc = document();
+    let upstream = Upstream::start().await.unwrap();
+    let daemon = Daemon::start(&[("PATIENT_SECRETS__KEY__ENV", "PATH")]).await;
+    let schema = json!({"$ref": "#/components/schemas/Submit"});
+    let fits = |body: &Value| {
+        let mut errors = Vec::new();
+        check_schema(&doc, &schema, body, "submit", &mut errors);
+        errors
+    };
+    let accepted = [
+        json!({"request": {"http_method": "post", "url": upstream.url("/echo"),
+            "headers": {"content-type": "text/plain", "authorization": {"$secret": "key"}},
+            "body": {"encoding": "text", "value": "hi", "charset": "UTF-8"},
+            "timeout": 5, "max_redirects": 3,
+            "options": {"deadline": 60, "priority": "high", "deadline_mode": "split",
+                        "retry": {"max_attempts": 2, "base_delay": 0.1, "factor": 2,
+                                  "max_delay": 1, "statuses": [503], "retry_unsafe": true}}},
+            "callback": "Cb", "callback_args": {"a": 1}, "idempotency_key": "k-1"}),
+        json!({"request": {"http_method": "put", "url": upstream.url("/echo"),
+            "body": {"encoding": "binary", "value": "AAEC", "charset": "ASCII-8BIT"},
+            "secret_params": {"k": {"$secret": "key"}}},
+            "delay": 3600, "deliver": {"webhook": {"url": upstream.url("/hook")}}}),
+        json!({"request": {"http_method": "get", "url": upstream.url("/fast"), "body": null,
+            "timeout": null, "options": null}, "deliver": null}),
+    ];
+    for body in &accepted {
+        assert_eq!(fits(body), Vec::<String>::new(), "{body}");
+        let reply = daemon.post("/v1/tasks", body).await;
+        assert_eq!(reply.status, 201, "{body}: {}", reply.text());
+    }
+    let refused = [
+        // A body is a Payload object.
+        json!({"request": {"http_method": "post", "url": upstream.url("/echo"), "body": "hi"}}),
+        json!({"request": {"http_method": "get", "url": upstream.url("/fast"), "optoins": {}}}),
+        json!({"request": {"http_method": "get", "url": upstream.url("/fast"),
+            "options": {"retry": {"max_attempts": 0}}}}),
+        json!({"request": {"http_method": "get", "url": upstream.url("/fast"),
+            "options": {"priority": "urgent"}}}),
+        json!({"request": {"http_method": "get", "url": upstream.url("/fast"), "timeout": -1}}),
+        json!({"request": {"http_method": "get", "url": "ftp://127.0.0.1/x"}}),
+        json!({"request": {"http_method": "get", "url": upstream.url("/fast")},
+            "deliver": {"redis": {"list": "a", "stream": "b"}}}),
+        json!({"request": {"http_method": "get", "url": upstream.url("/fast")},
+            "delay": 1, "not_before": "2030-01-01T00:00:00Z"}),
+    ];
+    for body in &refused {
+        assert!(!fits(body).is_empty(), "the document refuses {body}");
+        let reply = daemon.post("/v1/tasks", body).await;
+        assert!(
+            [400, 422].contains(&reply.status),
+            "the daemon refuses {body}: {}",
+            reply.text()
+        );
+    }
+    // A cursor that the documented pattern refuses is refused.
+    let reply = daemon.get("/v1/tasks?cursor=nonsense").await;
+    reply.assert_error(422, "invalid_request");
     daemon.stop().await.unwrap();
 }

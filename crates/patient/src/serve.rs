@@ -41,6 +41,8 @@ the API on 127.0.0.1:8750. docs/patient.toml documents every setting:
 
 Once the listener is bound and the store is open it prints one line on stderr:
   patient: listening on http://127.0.0.1:8750
+The dashboard is the page at that address (with api_token set, open it as
+http://127.0.0.1:8750/?token=TOKEN).
 SIGTERM (or Ctrl-C) stops claiming tasks, lets attempts in flight finish up to
 shutdown_timeout, releases the rest to the queue and exits 0.
 

@@ -256,6 +256,12 @@ impl Db {
     pub async fn counts(&self, now: i64) -> Result<Vec<(String, i64)>, DbError> {
         dispatch!(self.counts(now))
     }
+
+    /// The latest `limit` failures, newest finished first: tasks that
+    /// failed and finished tasks whose delivery failed.
+    pub async fn recent_failures(&self, limit: u32) -> Result<Vec<TaskRecord>, DbError> {
+        dispatch!(self.recent_failures(limit))
+    }
 }
 
 /// A task to insert.

@@ -547,6 +547,21 @@ impl PgDb {
     }
 }
 
+impl PgDb {
+    /// See [`Db::recent_failures`](super::Db::recent_failures).
+    pub async fn recent_failures(&self, limit: u32) -> Result<Vec<TaskRecord>, DbError> {
+        let rows = sqlx::query(concat!(
+            select_task!(),
+            " WHERE t.finished_at IS NOT NULL AND (t.state = 'failed' OR d.state = 'failed') \
+             ORDER BY t.finished_at DESC, t.id DESC LIMIT $1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(task_of).collect()
+    }
+}
+
 async fn fetch(conn: &mut PgConnection, id: &str) -> Result<TaskRecord, DbError> {
     let row = sqlx::query(concat!(select_task!(), " WHERE t.id = $1"))
         .bind(id)

@@ -633,6 +633,21 @@ impl SqliteDb {
             .map(|r| Ok((r.try_get("state")?, r.try_get("n")?)))
             .collect()
     }
+
+    // --- The dashboard ---------------------------------------------------
+
+    /// See [`Db::recent_failures`](super::Db::recent_failures).
+    pub async fn recent_failures(&self, limit: u32) -> Result<Vec<TaskRecord>, DbError> {
+        let rows = sqlx::query(concat!(
+            select_task!(),
+            " WHERE t.finished_at IS NOT NULL AND (t.state = 'failed' OR d.state = 'failed') \
+             ORDER BY t.finished_at DESC, t.id DESC LIMIT $1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(task_of).collect()
+    }
 }
 
 async fn write_loop(
