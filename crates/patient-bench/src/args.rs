@@ -129,6 +129,18 @@ fn parse_one<T: FromStr>(flag: &str, raw: &str) -> Result<T, ArgError> {
     })
 }
 
+/// The whole number after `name` in `args` (`--n 5000`), or `default` when
+/// the flag is absent; for the programs that take only such flags.
+pub fn number_flag(args: &[String], name: &str, default: u64) -> Result<u64, String> {
+    match args.iter().position(|a| a == name) {
+        None => Ok(default),
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("{name} needs a whole number")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

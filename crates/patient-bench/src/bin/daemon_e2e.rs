@@ -29,6 +29,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use patient_bench::{
+    args::number_flag as flag,
     patient_side::BenchHandler,
     report::Line,
     upstream::{run_upstream_child, UpstreamProcess, UPSTREAM_CHILD_FLAG},
@@ -48,16 +49,6 @@ it) and to a webhook receiver, submitted in batches of B (default 500).
 Each side stops after T seconds (default 120).";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-fn flag(args: &[String], name: &str, default: u64) -> Result<u64, String> {
-    match args.iter().position(|a| a == name) {
-        None => Ok(default),
-        Some(i) => args
-            .get(i + 1)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("{name} needs a whole number")),
-    }
-}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -31,6 +31,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use patient_bench::{
+    args::number_flag as flag,
     report::Line,
     rss::{status_kib, warn_if_fewer_files_than},
     upstream::{run_upstream_child, UpstreamProcess, UPSTREAM_CHILD_FLAG},
@@ -46,16 +47,6 @@ with N tasks queued (default 100000), then with M requests in flight
 Each phase stops after T seconds (default 300).";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-fn flag(args: &[String], name: &str, default: u64) -> Result<u64, String> {
-    match args.iter().position(|a| a == name) {
-        None => Ok(default),
-        Some(i) => args
-            .get(i + 1)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("{name} needs a whole number")),
-    }
-}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -21,7 +21,7 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use patient_bench::{report::Line, stats::Summary};
+use patient_bench::{args::number_flag as flag, report::Line, stats::Summary};
 use patient_daemon::{Flags, Settings};
 
 const BENCH: &str = "daemon_submit";
@@ -31,16 +31,6 @@ const USAGE: &str =
 C concurrent clients (default 32) submit N tasks (default 20000) one per
 request, then B batches (default 100) of S tasks (default 500) go one at a
 time. The whole program stops after T seconds (default 300).";
-
-fn flag(args: &[String], name: &str, default: u64) -> Result<u64, String> {
-    match args.iter().position(|a| a == name) {
-        None => Ok(default),
-        Some(i) => args
-            .get(i + 1)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("{name} needs a whole number")),
-    }
-}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

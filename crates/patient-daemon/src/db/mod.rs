@@ -355,6 +355,54 @@ pub struct ListQuery {
     pub at: Option<i64>,
 }
 
+/// The refusal of a cancel of a task that has already finished.
+pub(crate) fn cannot_cancel(task: &TaskRecord) -> DbError {
+    DbError::Conflict(format!(
+        "task {} is {}; only a task that has not finished can be cancelled",
+        task.id,
+        task.state.as_str()
+    ))
+}
+
+/// Whether a task's outcome may be delivered again: it has finished, has a
+/// channel and no delivery pending.
+pub(crate) fn check_redeliver(task: &TaskRecord) -> Result<(), DbError> {
+    let id = &task.id;
+    if !matches!(task.state, TaskState::Completed | TaskState::Failed) {
+        return Err(DbError::Conflict(format!(
+            "task {id} is {}; only a finished task's outcome can be delivered again",
+            task.state.as_str()
+        )));
+    }
+    if task.deliver == Deliver::None {
+        return Err(DbError::Conflict(format!(
+            "task {id} has no delivery channel; poll it instead"
+        )));
+    }
+    if task
+        .delivery
+        .as_ref()
+        .is_some_and(|d| d.state == DeliveryState::Pending)
+    {
+        return Err(DbError::Conflict(format!(
+            "task {id}'s delivery is already pending"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a task may be run again as a new series of attempts: it failed.
+pub(crate) fn check_retry(task: &TaskRecord) -> Result<(), DbError> {
+    if task.state != TaskState::Failed {
+        return Err(DbError::Conflict(format!(
+            "task {} is {}; only a failed task can be retried",
+            task.id,
+            task.state.as_str()
+        )));
+    }
+    Ok(())
+}
+
 /// What [`task_of`] reads from a row of either backend.
 pub(crate) trait Columns {
     /// A text column.

@@ -28,7 +28,7 @@ use super::{
     select_task, task_of, Batch, DbError, DeliveryResult, DueDelivery, Finish, ListQuery, NewTask,
     Reschedule,
 };
-use crate::model::{Deliver, DeliveryState, TaskRecord, TaskState};
+use crate::model::{TaskRecord, TaskState};
 
 super::columns_for!(PgRow);
 
@@ -337,10 +337,7 @@ impl PgDb {
         .await?;
         let task = fetch(&mut tx, id).await?;
         if done.rows_affected() == 0 {
-            return Err(DbError::Conflict(format!(
-                "task {id} is {}; only a task that has not finished can be cancelled",
-                task.state.as_str()
-            )));
+            return Err(super::cannot_cancel(&task));
         }
         tx.commit().await?;
         self.committed();
@@ -351,26 +348,7 @@ impl PgDb {
     pub async fn redeliver(&self, id: &str, now: i64) -> Result<TaskRecord, DbError> {
         let mut tx = self.pool.begin().await?;
         let task = fetch_locked(&mut tx, id).await?;
-        if !matches!(task.state, TaskState::Completed | TaskState::Failed) {
-            return Err(DbError::Conflict(format!(
-                "task {id} is {}; only a finished task's outcome can be delivered again",
-                task.state.as_str()
-            )));
-        }
-        if task.deliver == Deliver::None {
-            return Err(DbError::Conflict(format!(
-                "task {id} has no delivery channel; poll it instead"
-            )));
-        }
-        if task
-            .delivery
-            .as_ref()
-            .is_some_and(|d| d.state == DeliveryState::Pending)
-        {
-            return Err(DbError::Conflict(format!(
-                "task {id}'s delivery is already pending"
-            )));
-        }
+        super::check_redeliver(&task)?;
         sqlx::query(
             "UPDATE patient_deliveries SET state = 'pending', attempts = 0, next_at = $1, \
              last_error = NULL, lease_owner = NULL, lease_until = NULL WHERE task_id = $2",
@@ -389,12 +367,7 @@ impl PgDb {
     pub async fn retry(&self, id: &str, now: i64) -> Result<TaskRecord, DbError> {
         let mut tx = self.pool.begin().await?;
         let task = fetch_locked(&mut tx, id).await?;
-        if task.state != TaskState::Failed {
-            return Err(DbError::Conflict(format!(
-                "task {id} is {}; only a failed task can be retried",
-                task.state.as_str()
-            )));
-        }
+        super::check_retry(&task)?;
         sqlx::query("DELETE FROM patient_deliveries WHERE task_id = $1")
             .bind(id)
             .execute(&mut *tx)

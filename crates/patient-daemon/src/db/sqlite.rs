@@ -24,7 +24,7 @@ use super::{
     select_task, task_of, Batch, DbError, DeliveryResult, DueDelivery, Finish, ListQuery, NewTask,
     Reschedule,
 };
-use crate::model::{Deliver, DeliveryState, TaskRecord, TaskState};
+use crate::model::{TaskRecord, TaskState};
 
 super::columns_for!(SqliteRow);
 
@@ -405,10 +405,7 @@ impl SqliteDb {
                 .await?;
                 let task = fetch(conn, &id).await?;
                 if done.rows_affected() == 0 {
-                    return Err(DbError::Conflict(format!(
-                        "task {id} is {}; only a task that has not finished can be cancelled",
-                        task.state.as_str()
-                    )));
+                    return Err(super::cannot_cancel(&task));
                 }
                 Ok(task)
             })
@@ -423,26 +420,7 @@ impl SqliteDb {
         self.write(move |conn| {
             Box::pin(async move {
                 let task = fetch(conn, &id).await?;
-                if !matches!(task.state, TaskState::Completed | TaskState::Failed) {
-                    return Err(DbError::Conflict(format!(
-                        "task {id} is {}; only a finished task's outcome can be delivered again",
-                        task.state.as_str()
-                    )));
-                }
-                if task.deliver == Deliver::None {
-                    return Err(DbError::Conflict(format!(
-                        "task {id} has no delivery channel; poll it instead"
-                    )));
-                }
-                if task
-                    .delivery
-                    .as_ref()
-                    .is_some_and(|d| d.state == DeliveryState::Pending)
-                {
-                    return Err(DbError::Conflict(format!(
-                        "task {id}'s delivery is already pending"
-                    )));
-                }
+                super::check_redeliver(&task)?;
                 sqlx::query(
                     "UPDATE patient_deliveries SET state = 'pending', attempts = 0, next_at = $1, \
                      last_error = NULL, lease_owner = NULL, lease_until = NULL WHERE task_id = $2",
@@ -463,12 +441,7 @@ impl SqliteDb {
         self.write(move |conn| {
             Box::pin(async move {
                 let task = fetch(conn, &id).await?;
-                if task.state != TaskState::Failed {
-                    return Err(DbError::Conflict(format!(
-                        "task {id} is {}; only a failed task can be retried",
-                        task.state.as_str()
-                    )));
-                }
+                super::check_retry(&task)?;
                 sqlx::query("DELETE FROM patient_deliveries WHERE task_id = $1")
                     .bind(&id)
                     .execute(&mut *conn)
