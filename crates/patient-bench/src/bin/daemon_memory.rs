@@ -14,7 +14,8 @@
 //!
 //! * queued: N tasks submitted in batches of 1,000 with `delay` 3600 (none
 //!   runs), then the resident set once the last submit is answered.
-//! * in flight: `max_in_flight` = M and M tasks to `/delay?ms=D`; the
+//! * in flight: `max_in_flight` = M and M tasks to `/delay?ms=D`, all due
+//!   together five seconds after their submit; the
 //!   resident set is sampled every 20 ms until every task has finished;
 //!   prints the peak, the most tasks seen in flight at once
 //!   (`patient_tasks_in_flight`) and how long the M tasks took.
@@ -47,6 +48,10 @@ with N tasks queued (default 100000), then with M requests in flight
 Each phase stops after T seconds (default 300).";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The in-flight phase's tasks start this long after their submit, so that
+/// all of them are due together once the last one is in.
+const START_DELAY_S: u64 = 5;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -279,10 +284,12 @@ async fn in_flight_phase(patient: &Path, url: &str, m: u64) -> Result<(), BoxErr
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let started = Instant::now();
     submit_batches(&client, daemon.addr, m, |i| {
+        // All due at once, after the last submit: M in flight together.
         serde_json::json!({
             "request": {"http_method": "get", "url": url, "timeout": 60},
             "callback": "Bench",
             "callback_args": {"i": i},
+            "delay": START_DELAY_S,
         })
     })
     .await?;
