@@ -492,7 +492,8 @@ async fn present(
             .payloads
             .decode(&record.request)
             .await
-            .map_err(|e| ApiError::payload(&e))?;
+            .map_err(|e| ApiError::payload(&e))?
+            .into_owned();
         if let Some(headers) = loaded.get_mut("headers").and_then(Value::as_object_mut) {
             for (name, value) in headers.iter_mut() {
                 if value.is_string()

@@ -18,6 +18,7 @@
 //!
 //! The database keeps opaque JSON; nothing here touches it.
 
+use std::borrow::Cow;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use patient_store::{
@@ -116,15 +117,32 @@ impl Payloads {
     }
 
     /// A stored `value` loaded back (plain values, written before stores or
-    /// encryption were configured, load as they are).
-    pub async fn decode(&self, value: &Value) -> Result<Value, StoreError> {
-        self.codec.decode(value).await
+    /// encryption were configured, load as they are); borrowed as it is when
+    /// neither is configured and it holds no reference or envelope.
+    pub async fn decode<'a>(&self, value: &'a Value) -> Result<Cow<'a, Value>, StoreError> {
+        if self.passes_through(value) {
+            return Ok(Cow::Borrowed(value));
+        }
+        self.codec.decode(value).await.map(Cow::Owned)
+    }
+
+    /// Whether `value` needs no work: no store and no encryption are
+    /// configured, and it is neither a reference nor an encrypted envelope
+    /// (both of which need one to load).
+    fn passes_through(&self, value: &Value) -> bool {
+        self.codec.stores().is_none()
+            && self.codec.encryptor().is_none()
+            && !PayloadStores::is_storage_ref(value)
+            && value.get("__encrypted__").is_none()
     }
 
     /// The outcome event as it is stored: its `response` or `error`
     /// encoded. When the store fails, the payload is kept inline (still
     /// encrypted when configured) rather than lose the outcome.
-    pub async fn encode_outcome(&self, event: &Value) -> Result<Value, StoreError> {
+    pub async fn encode_outcome(&self, event: Value) -> Result<Value, StoreError> {
+        if self.codec.stores().is_none() && self.codec.encryptor().is_none() {
+            return Ok(event);
+        }
         let mut stored = event.clone();
         for field in OUTCOME_FIELDS {
             let Some(payload) = event.get(field).filter(|v| !v.is_null()) else {
@@ -156,11 +174,17 @@ impl Payloads {
 
     /// The stored outcome event as a delivery carries it: its `response` or
     /// `error` decoded, then encoded afresh `how` the channel takes it.
-    pub async fn outcome_for_delivery(
+    pub async fn outcome_for_delivery<'a>(
         &self,
-        stored: &Value,
+        stored: &'a Value,
         how: Delivered,
-    ) -> Result<Value, StoreError> {
+    ) -> Result<Cow<'a, Value>, StoreError> {
+        let plain = OUTCOME_FIELDS
+            .iter()
+            .all(|field| stored.get(*field).is_none_or(|v| self.passes_through(v)));
+        if plain {
+            return Ok(Cow::Borrowed(stored));
+        }
         let event = self.decode_outcome(stored).await?;
         let codec = match how {
             Delivered::Inline => &self.inline,
@@ -172,7 +196,7 @@ impl Payloads {
                 delivered[field] = codec.encode(payload).await?;
             }
         }
-        Ok(delivered)
+        Ok(Cow::Owned(delivered))
     }
 
     /// The references among the `response` and `error` of an encoded
@@ -391,7 +415,7 @@ mod tests {
 
         let event = json!({"task_id": "tsk_1", "type": "task.completed", "callback": "",
             "callback_args": {}, "response": {"status": 200, "body": "x".repeat(500)}, "error": null});
-        let stored = payloads.encode_outcome(&event).await.unwrap();
+        let stored = payloads.encode_outcome(event.clone()).await.unwrap();
         assert!(
             PayloadStores::is_storage_ref(&stored["response"]),
             "{stored}"
@@ -434,7 +458,7 @@ mod tests {
         // A request is refused (the API answers 503) ...
         assert!(payloads.encode(&event["error"]).await.is_err());
         // ... an outcome is kept in the row, encrypted.
-        let stored = payloads.encode_outcome(&event).await.unwrap();
+        let stored = payloads.encode_outcome(event.clone()).await.unwrap();
         assert!(Encryptor::is_encrypted(&stored["error"]), "{stored}");
         assert_eq!(payloads.decode_outcome(&stored).await.unwrap(), event);
         let _ = std::fs::remove_file(dir);

@@ -230,7 +230,7 @@ impl Runner {
             );
             let event = self
                 .payloads
-                .encode_outcome(&event)
+                .encode_outcome(event)
                 .await
                 .map_err(|e| DbError::Backend(format!("cannot encode the outcome: {e}")))?;
             let refs = Payloads::references(&event);
@@ -454,7 +454,7 @@ impl Runner {
         let event = outcome_event(&record.id, &record.callback, &record.callback_args, &result);
         let event = self
             .payloads
-            .encode_outcome(&event)
+            .encode_outcome(event)
             .await
             .map_err(|e| DbError::Backend(format!("cannot encode the outcome: {e}")))?;
         let refs = Payloads::references(&event);

@@ -683,8 +683,8 @@ async fn write_loop(
         }
         let mut finished = Vec::new();
         if broken.is_none() && !finishes.is_empty() {
-            let items: Vec<Finish> = finishes.iter().map(|(f, _)| f.clone()).collect();
-            match finish_all(&mut conn, items).await {
+            let items: Vec<&Finish> = finishes.iter().map(|(f, _)| f).collect();
+            match finish_all(&mut conn, &items).await {
                 Ok(answers) => finished = answers,
                 Err(e) => broken = Some(e),
             }
@@ -752,10 +752,10 @@ async fn in_savepoint(conn: &mut SqliteConnection, run: Run) -> Result<(), DbErr
 /// bad one fails only itself. Each finish's answer, in order.
 async fn finish_all(
     conn: &mut SqliteConnection,
-    items: Vec<Finish>,
+    items: &[&Finish],
 ) -> Result<Vec<Result<bool, DbError>>, DbError> {
     sqlx::query("SAVEPOINT bulk").execute(&mut *conn).await?;
-    match finish_bulk(conn, &items).await {
+    match finish_bulk(conn, items).await {
         Ok(answers) => {
             sqlx::query("RELEASE SAVEPOINT bulk")
                 .execute(&mut *conn)
@@ -768,7 +768,7 @@ async fn finish_all(
                 .execute(&mut *conn)
                 .await?;
             let mut answers = Vec::with_capacity(items.len());
-            for f in items {
+            for &f in items {
                 sqlx::query("SAVEPOINT job").execute(&mut *conn).await?;
                 let answer = finish_task(conn, f).await;
                 let end = if answer.is_ok() {
@@ -787,7 +787,7 @@ async fn finish_all(
 /// Rows per bulk statement (seven parameters each).
 const BULK_CHUNK: usize = 256;
 
-async fn finish_bulk(conn: &mut SqliteConnection, items: &[Finish]) -> Result<Vec<bool>, DbError> {
+async fn finish_bulk(conn: &mut SqliteConnection, items: &[&Finish]) -> Result<Vec<bool>, DbError> {
     let mut done = std::collections::HashSet::new();
     for chunk in items.chunks(BULK_CHUNK) {
         let mut update = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
@@ -797,7 +797,7 @@ async fn finish_bulk(conn: &mut SqliteConnection, items: &[Finish]) -> Result<Ve
             row.push_bind(f.id.clone())
                 .push_bind(f.state.as_str())
                 .push_bind(f.outcome.to_string())
-                .push_bind(Value::Array(f.attempts.clone()).to_string())
+                .push_bind(attempts_json(&f.attempts))
                 .push_bind(f.request_sent)
                 .push_bind(f.finished_at)
                 .push_bind(f.owner.clone());
@@ -815,6 +815,7 @@ async fn finish_bulk(conn: &mut SqliteConnection, items: &[Finish]) -> Result<Ve
     }
     let deliveries: Vec<&Finish> = items
         .iter()
+        .copied()
         .filter(|f| f.delivery.is_some() && done.contains(&f.id))
         .collect();
     for chunk in deliveries.chunks(BULK_CHUNK) {
@@ -927,7 +928,12 @@ async fn insert_tasks(
     Batch::answer(len, &repeats, answers)
 }
 
-async fn finish_task(conn: &mut SqliteConnection, f: Finish) -> Result<bool, DbError> {
+/// The attempt records as the row keeps them (a JSON array).
+fn attempts_json(attempts: &[Value]) -> String {
+    serde_json::to_string(attempts).unwrap_or_else(|_| "[]".to_owned())
+}
+
+async fn finish_task(conn: &mut SqliteConnection, f: &Finish) -> Result<bool, DbError> {
     let done = sqlx::query(
         "UPDATE patient_tasks SET state = $1, outcome = $2, attempts = $3, request_sent = $4, \
          finished_at = $5, lease_owner = NULL, lease_until = NULL \
@@ -935,7 +941,7 @@ async fn finish_task(conn: &mut SqliteConnection, f: Finish) -> Result<bool, DbE
     )
     .bind(f.state.as_str())
     .bind(f.outcome.to_string())
-    .bind(Value::Array(f.attempts).to_string())
+    .bind(attempts_json(&f.attempts))
     .bind(f.request_sent)
     .bind(f.finished_at)
     .bind(&f.id)
@@ -945,7 +951,7 @@ async fn finish_task(conn: &mut SqliteConnection, f: Finish) -> Result<bool, DbE
     if done.rows_affected() == 0 {
         return Ok(false);
     }
-    if let Some(message_id) = f.delivery {
+    if let Some(message_id) = &f.delivery {
         sqlx::query(
             "INSERT INTO patient_deliveries (task_id, state, attempts, next_at, message_id) \
              VALUES ($1, 'pending', 0, $2, $3)",
