@@ -40,13 +40,15 @@ use patient_http::{Config, Processor, Request};
 const BENCH: &str = "daemon_e2e";
 const TARGET_RATIO: f64 = 0.3;
 const SUBMITTERS: u64 = 4;
-const USAGE: &str = "usage: daemon_e2e [--n N] [--c C] [--batch B] [--timeout-s T]
+const USAGE: &str = "usage: daemon_e2e [--n N] [--c C] [--batch B] [--timeout-s T] [--postgres URL]
 
 N tasks (default 20000) to the upstream's /fast: through the library
 processor with C outstanding (default 256), then through the daemon with
 outcomes delivered to a Redis list (PATIENT_TEST_REDIS_URL; skipped without
 it) and to a webhook receiver, submitted in batches of B (default 500).
-Each side stops after T seconds (default 120).";
+Each side stops after T seconds (default 120). The daemon's queue is SQLite
+in a fresh data directory, or with --postgres URL a fresh schema of that
+PostgreSQL database (dropped afterwards).";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -74,7 +76,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match bench(n, c, batch, Duration::from_secs(timeout_s)) {
+    let postgres = args
+        .iter()
+        .position(|a| a == "--postgres")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    match bench(n, c, batch, Duration::from_secs(timeout_s), postgres) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -84,7 +91,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn bench(n: u64, c: u64, batch: u64, timeout: Duration) -> Result<bool, BoxError> {
+fn bench(
+    n: u64,
+    c: u64,
+    batch: u64,
+    timeout: Duration,
+    postgres: Option<String>,
+) -> Result<bool, BoxError> {
     let exe = std::env::current_exe()?;
     let upstream = UpstreamProcess::spawn(&exe)?;
     let url = format!("{}/fast", upstream.base_url());
@@ -140,9 +153,12 @@ fn bench(n: u64, c: u64, batch: u64, timeout: Duration) -> Result<bool, BoxError
             continue;
         }
         let run = runtime.block_on(async {
-            tokio::time::timeout(timeout, daemon_side(&url, n, batch, redis.as_deref()))
-                .await
-                .map_err(|_| format!("the daemon side did not finish in {timeout:?}"))?
+            tokio::time::timeout(
+                timeout,
+                daemon_side(&url, n, batch, redis.as_deref(), postgres.as_deref()),
+            )
+            .await
+            .map_err(|_| format!("the daemon side did not finish in {timeout:?}"))?
         });
         let (rate, wall) = run?;
         let ratio = rate / library;
@@ -152,6 +168,14 @@ fn bench(n: u64, c: u64, batch: u64, timeout: Duration) -> Result<bool, BoxError
             Line::new(BENCH)
                 .text("side", "daemon")
                 .text("delivery", mode)
+                .text(
+                    "queue",
+                    if postgres.is_some() {
+                        "postgres"
+                    } else {
+                        "sqlite"
+                    }
+                )
                 .text("n", n)
                 .text("batch", batch)
                 .round("tasks_per_s", rate)
@@ -173,6 +197,7 @@ async fn daemon_side(
     n: u64,
     batch: u64,
     redis: Option<&str>,
+    postgres: Option<&str>,
 ) -> Result<(f64, f64), BoxError> {
     let dir = std::env::temp_dir().join(format!(
         "patient-bench-e2e-{}-{}",
@@ -204,6 +229,29 @@ async fn daemon_side(
     if let Some(redis_url) = redis {
         env.push(("PATIENT_REDIS_URL".to_owned(), redis_url.to_owned()));
     }
+    // A fresh schema for this side's queue, dropped at the end.
+    let schema = match postgres {
+        Some(base) => {
+            let name = format!(
+                "bench_e2e_{}_{}",
+                std::process::id(),
+                u8::from(redis.is_some())
+            );
+            let pool = sqlx::PgPool::connect(base).await?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"
+            )))
+            .execute(&pool)
+            .await?;
+            let separator = if base.contains('?') { '&' } else { '?' };
+            env.push((
+                "PATIENT_DATABASE_URL".to_owned(),
+                format!("{base}{separator}options[search_path]={name}"),
+            ));
+            Some((pool, name))
+        }
+        None => None,
+    };
     let settings = Settings::load(
         None,
         env,
@@ -306,6 +354,11 @@ async fn daemon_side(
     let _ = stop.send(());
     let _ = daemon.await;
     let _ = std::fs::remove_dir_all(&dir);
+    if let Some((pool, name)) = schema {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {name} CASCADE")))
+            .execute(&pool)
+            .await?;
+    }
     Ok((n as f64 / wall, wall))
 }
 
