@@ -32,6 +32,45 @@ macro_rules! select_task {
 }
 pub(crate) use select_task;
 
+/// The statements both backends run as they are (the rest differ in
+/// dialect: casts, `SKIP LOCKED`, bulk forms).
+pub(crate) mod sql {
+    /// Cancels a task that has not finished.
+    pub(crate) const CANCEL: &str = "UPDATE patient_tasks SET state = 'cancelled', finished_at = $1, lease_owner = NULL, lease_until = NULL WHERE id = $2 AND state IN ('scheduled', 'queued', 'running')";
+    /// Tasks by state as the API shows it at `$1`.
+    pub(crate) const COUNTS: &str = "SELECT CASE WHEN state IN ('scheduled', 'queued') THEN (CASE WHEN not_before > $1 THEN 'scheduled' ELSE 'queued' END) ELSE state END AS state, COUNT(*) AS n FROM patient_tasks GROUP BY 1";
+    /// Deletes a task's delivery.
+    pub(crate) const DELETE_DELIVERY: &str = "DELETE FROM patient_deliveries WHERE task_id = $1";
+    /// The task with an idempotency key.
+    pub(crate) const ID_BY_KEY: &str = "SELECT id FROM patient_tasks WHERE idempotency_key = $1";
+    /// Queues a finished task's delivery.
+    pub(crate) const INSERT_DELIVERY: &str = "INSERT INTO patient_deliveries (task_id, state, attempts, next_at, message_id) VALUES ($1, 'pending', 0, $2, $3)";
+    /// A stored setting.
+    pub(crate) const META_GET: &str = "SELECT value FROM patient_meta WHERE key = $1";
+    /// Stores a setting unless one is there.
+    pub(crate) const META_INSERT: &str =
+        "INSERT INTO patient_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING";
+    /// When the next pending delivery may be claimed.
+    pub(crate) const NEXT_DELIVERY: &str = "SELECT MIN(CASE WHEN lease_until IS NOT NULL AND lease_until >= $1 THEN lease_until ELSE next_at END) AS at FROM patient_deliveries WHERE state = 'pending'";
+    /// The earliest `not_before` of a waiting task.
+    pub(crate) const NEXT_DUE: &str =
+        "SELECT MIN(not_before) AS at FROM patient_tasks WHERE state IN ('scheduled', 'queued')";
+    /// Queues a delivery again with a fresh count of tries.
+    pub(crate) const REDELIVER: &str = "UPDATE patient_deliveries SET state = 'pending', attempts = 0, next_at = $1, last_error = NULL, lease_owner = NULL, lease_until = NULL WHERE task_id = $2";
+    /// Frees a node's delivery leases.
+    pub(crate) const RELEASE_DELIVERIES: &str = "UPDATE patient_deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1";
+    /// Puts a node's running tasks back in the queue.
+    pub(crate) const RELEASE_TASKS: &str = "UPDATE patient_tasks SET state = 'queued', lease_owner = NULL, lease_until = NULL WHERE state = 'running' AND lease_owner = $1";
+    /// Extends a node's delivery leases.
+    pub(crate) const RENEW_DELIVERIES: &str =
+        "UPDATE patient_deliveries SET lease_until = $1 WHERE lease_owner = $2";
+    /// Extends a node's task leases.
+    pub(crate) const RENEW_TASKS: &str =
+        "UPDATE patient_tasks SET lease_until = $1 WHERE state = 'running' AND lease_owner = $2";
+    /// Puts a running task back to wait for its next step.
+    pub(crate) const RESCHEDULE: &str = "UPDATE patient_tasks SET state = 'scheduled', not_before = $1, next_attempt = $2, request_sent = $3, attempts = $4, lease_owner = NULL, lease_until = NULL WHERE id = $5 AND state = 'running' AND lease_owner = $6";
+}
+
 /// The most jobs one SQLite transaction commits.
 pub const GROUP: usize = sqlite::GROUP;
 

@@ -25,8 +25,8 @@ use sqlx::{
 };
 
 use super::{
-    select_task, task_of, Batch, DbError, DeliveryResult, DueDelivery, Finish, ListQuery, NewTask,
-    Reschedule,
+    select_task, sql, task_of, Batch, DbError, DeliveryResult, DueDelivery, Finish, ListQuery,
+    NewTask, Reschedule,
 };
 use crate::model::{TaskRecord, TaskState};
 
@@ -184,25 +184,19 @@ impl PgDb {
 
     /// The earliest `not_before` of a waiting task, if any.
     pub async fn next_due(&self) -> Result<Option<i64>, DbError> {
-        let row = sqlx::query(
-            "SELECT MIN(not_before) AS at FROM patient_tasks WHERE state IN ('scheduled', 'queued')",
-        )
-        .fetch_one(&self.pool)
-        .await?;
+        let row = sqlx::query(sql::NEXT_DUE).fetch_one(&self.pool).await?;
         Ok(row.try_get::<Option<i64>, _>("at")?)
     }
 
     /// Extends the leases `owner` holds on running tasks and deliveries.
     pub async fn renew(&self, owner: &str, lease_until: i64) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE patient_tasks SET lease_until = $1 WHERE state = 'running' AND lease_owner = $2",
-        )
-        .bind(lease_until)
-        .bind(owner)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE patient_deliveries SET lease_until = $1 WHERE lease_owner = $2")
+        sqlx::query(sql::RENEW_TASKS)
+            .bind(lease_until)
+            .bind(owner)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(sql::RENEW_DELIVERIES)
             .bind(lease_until)
             .bind(owner)
             .execute(&mut *tx)
@@ -214,19 +208,15 @@ impl PgDb {
 
     /// See [`Db::reschedule`](super::Db::reschedule).
     pub async fn reschedule(&self, r: Reschedule) -> Result<bool, DbError> {
-        let done = sqlx::query(
-            "UPDATE patient_tasks SET state = 'scheduled', not_before = $1, next_attempt = $2, \
-             request_sent = $3, attempts = $4, lease_owner = NULL, lease_until = NULL \
-             WHERE id = $5 AND state = 'running' AND lease_owner = $6",
-        )
-        .bind(r.not_before)
-        .bind(i64::from(r.next_attempt))
-        .bind(r.request_sent)
-        .bind(Value::Array(r.attempts).to_string())
-        .bind(&r.id)
-        .bind(&r.owner)
-        .execute(&self.pool)
-        .await?;
+        let done = sqlx::query(sql::RESCHEDULE)
+            .bind(r.not_before)
+            .bind(i64::from(r.next_attempt))
+            .bind(r.request_sent)
+            .bind(Value::Array(r.attempts).to_string())
+            .bind(&r.id)
+            .bind(&r.owner)
+            .execute(&self.pool)
+            .await?;
         self.committed();
         Ok(done.rows_affected() == 1)
     }
@@ -255,15 +245,12 @@ impl PgDb {
             return Ok(false);
         }
         if let Some(message_id) = f.delivery {
-            sqlx::query(
-                "INSERT INTO patient_deliveries (task_id, state, attempts, next_at, message_id) \
-                 VALUES ($1, 'pending', 0, $2, $3)",
-            )
-            .bind(&f.id)
-            .bind(f.finished_at)
-            .bind(message_id)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(sql::INSERT_DELIVERY)
+                .bind(&f.id)
+                .bind(f.finished_at)
+                .bind(message_id)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         self.committed();
@@ -273,19 +260,14 @@ impl PgDb {
     /// See [`Db::release`](super::Db::release).
     pub async fn release(&self, owner: &str) -> Result<u64, DbError> {
         let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "UPDATE patient_tasks SET state = 'queued', lease_owner = NULL, lease_until = NULL \
-             WHERE state = 'running' AND lease_owner = $1",
-        )
-        .bind(owner)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE patient_deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
-        )
-        .bind(owner)
-        .execute(&mut *tx)
-        .await?;
+        let done = sqlx::query(sql::RELEASE_TASKS)
+            .bind(owner)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(sql::RELEASE_DELIVERIES)
+            .bind(owner)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         self.committed();
         Ok(done.rows_affected())
@@ -327,14 +309,11 @@ impl PgDb {
     /// See [`Db::cancel`](super::Db::cancel).
     pub async fn cancel(&self, id: &str, now: i64) -> Result<TaskRecord, DbError> {
         let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "UPDATE patient_tasks SET state = 'cancelled', finished_at = $1, lease_owner = NULL, \
-             lease_until = NULL WHERE id = $2 AND state IN ('scheduled', 'queued', 'running')",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+        let done = sqlx::query(sql::CANCEL)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         let task = fetch(&mut tx, id).await?;
         if done.rows_affected() == 0 {
             return Err(super::cannot_cancel(&task));
@@ -349,14 +328,11 @@ impl PgDb {
         let mut tx = self.pool.begin().await?;
         let task = fetch_locked(&mut tx, id).await?;
         super::check_redeliver(&task)?;
-        sqlx::query(
-            "UPDATE patient_deliveries SET state = 'pending', attempts = 0, next_at = $1, \
-             last_error = NULL, lease_owner = NULL, lease_until = NULL WHERE task_id = $2",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(sql::REDELIVER)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         let task = fetch(&mut tx, id).await?;
         tx.commit().await?;
         self.committed();
@@ -368,7 +344,7 @@ impl PgDb {
         let mut tx = self.pool.begin().await?;
         let task = fetch_locked(&mut tx, id).await?;
         super::check_retry(&task)?;
-        sqlx::query("DELETE FROM patient_deliveries WHERE task_id = $1")
+        sqlx::query(sql::DELETE_DELIVERY)
             .bind(id)
             .execute(&mut *tx)
             .await?;
@@ -428,14 +404,10 @@ impl PgDb {
 
     /// See [`Db::next_delivery`](super::Db::next_delivery).
     pub async fn next_delivery(&self, now: i64) -> Result<Option<i64>, DbError> {
-        let row = sqlx::query(
-            "SELECT MIN(CASE WHEN lease_until IS NOT NULL AND lease_until >= $1 \
-             THEN lease_until ELSE next_at END) AS at \
-             FROM patient_deliveries WHERE state = 'pending'",
-        )
-        .bind(now)
-        .fetch_one(&self.pool)
-        .await?;
+        let row = sqlx::query(sql::NEXT_DELIVERY)
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(row.try_get::<Option<i64>, _>("at")?)
     }
 
@@ -490,14 +462,12 @@ impl PgDb {
     /// The value stored under `key`, storing `value` first when there is
     /// none (the first node's choice wins).
     pub async fn meta_or_insert(&self, key: &str, value: String) -> Result<String, DbError> {
-        sqlx::query(
-            "INSERT INTO patient_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
-        )
-        .bind(key)
-        .bind(&value)
-        .execute(&self.pool)
-        .await?;
-        let row = sqlx::query("SELECT value FROM patient_meta WHERE key = $1")
+        sqlx::query(sql::META_INSERT)
+            .bind(key)
+            .bind(&value)
+            .execute(&self.pool)
+            .await?;
+        let row = sqlx::query(sql::META_GET)
             .bind(key)
             .fetch_one(&self.pool)
             .await?;
@@ -506,14 +476,10 @@ impl PgDb {
 
     /// Tasks by state as the API shows it at `now`.
     pub async fn counts(&self, now: i64) -> Result<Vec<(String, i64)>, DbError> {
-        let rows = sqlx::query(
-            "SELECT CASE WHEN state IN ('scheduled', 'queued') THEN \
-             (CASE WHEN not_before > $1 THEN 'scheduled' ELSE 'queued' END) ELSE state END AS state, \
-             COUNT(*) AS n FROM patient_tasks GROUP BY 1",
-        )
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(sql::COUNTS)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("state")?, r.try_get("n")?)))
             .collect()
@@ -610,7 +576,7 @@ async fn insert_tasks(
                 "a task without an idempotency key was not inserted".into(),
             ));
         };
-        let row = sqlx::query("SELECT id FROM patient_tasks WHERE idempotency_key = $1")
+        let row = sqlx::query(sql::ID_BY_KEY)
             .bind(&key)
             .fetch_one(&mut *conn)
             .await?;

@@ -21,8 +21,8 @@ use sqlx::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    select_task, task_of, Batch, DbError, DeliveryResult, DueDelivery, Finish, ListQuery, NewTask,
-    Reschedule,
+    select_task, sql, task_of, Batch, DbError, DeliveryResult, DueDelivery, Finish, ListQuery,
+    NewTask, Reschedule,
 };
 use crate::model::{TaskRecord, TaskState};
 
@@ -247,11 +247,7 @@ impl SqliteDb {
 
     /// The earliest `not_before` of a waiting task, if any.
     pub async fn next_due(&self) -> Result<Option<i64>, DbError> {
-        let row = sqlx::query(
-            "SELECT MIN(not_before) AS at FROM patient_tasks WHERE state IN ('scheduled', 'queued')",
-        )
-        .fetch_one(&self.reader)
-        .await?;
+        let row = sqlx::query(sql::NEXT_DUE).fetch_one(&self.reader).await?;
         Ok(row.try_get::<Option<i64>, _>("at")?)
     }
 
@@ -260,20 +256,16 @@ impl SqliteDb {
         let owner = owner.to_owned();
         self.write(move |conn| {
             Box::pin(async move {
-                sqlx::query(
-                    "UPDATE patient_tasks SET lease_until = $1 WHERE state = 'running' AND lease_owner = $2",
-                )
-                .bind(lease_until)
-                .bind(&owner)
-                .execute(&mut *conn)
-                .await?;
-                sqlx::query(
-                    "UPDATE patient_deliveries SET lease_until = $1 WHERE lease_owner = $2",
-                )
-                .bind(lease_until)
-                .bind(&owner)
-                .execute(&mut *conn)
-                .await?;
+                sqlx::query(sql::RENEW_TASKS)
+                    .bind(lease_until)
+                    .bind(&owner)
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query(sql::RENEW_DELIVERIES)
+                    .bind(lease_until)
+                    .bind(&owner)
+                    .execute(&mut *conn)
+                    .await?;
                 Ok(())
             })
         })
@@ -285,19 +277,15 @@ impl SqliteDb {
     pub async fn reschedule(&self, r: Reschedule) -> Result<bool, DbError> {
         self.write(move |conn| {
             Box::pin(async move {
-                let done = sqlx::query(
-                    "UPDATE patient_tasks SET state = 'scheduled', not_before = $1, next_attempt = $2, \
-                     request_sent = $3, attempts = $4, lease_owner = NULL, lease_until = NULL \
-                     WHERE id = $5 AND state = 'running' AND lease_owner = $6",
-                )
-                .bind(r.not_before)
-                .bind(i64::from(r.next_attempt))
-                .bind(r.request_sent)
-                .bind(Value::Array(r.attempts).to_string())
-                .bind(&r.id)
-                .bind(&r.owner)
-                .execute(&mut *conn)
-                .await?;
+                let done = sqlx::query(sql::RESCHEDULE)
+                    .bind(r.not_before)
+                    .bind(i64::from(r.next_attempt))
+                    .bind(r.request_sent)
+                    .bind(Value::Array(r.attempts).to_string())
+                    .bind(&r.id)
+                    .bind(&r.owner)
+                    .execute(&mut *conn)
+                    .await?;
                 Ok(done.rows_affected() == 1)
             })
         })
@@ -321,19 +309,14 @@ impl SqliteDb {
         let owner = owner.to_owned();
         self.write(move |conn| {
             Box::pin(async move {
-                let done = sqlx::query(
-                    "UPDATE patient_tasks SET state = 'queued', lease_owner = NULL, lease_until = NULL \
-                     WHERE state = 'running' AND lease_owner = $1",
-                )
-                .bind(&owner)
-                .execute(&mut *conn)
-                .await?;
-                sqlx::query(
-                    "UPDATE patient_deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
-                )
-                .bind(&owner)
-                .execute(&mut *conn)
-                .await?;
+                let done = sqlx::query(sql::RELEASE_TASKS)
+                    .bind(&owner)
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query(sql::RELEASE_DELIVERIES)
+                    .bind(&owner)
+                    .execute(&mut *conn)
+                    .await?;
                 Ok(done.rows_affected())
             })
         })
@@ -395,14 +378,11 @@ impl SqliteDb {
         let id = id.to_owned();
         self.write(move |conn| {
             Box::pin(async move {
-                let done = sqlx::query(
-                    "UPDATE patient_tasks SET state = 'cancelled', finished_at = $1, lease_owner = NULL, \
-                     lease_until = NULL WHERE id = $2 AND state IN ('scheduled', 'queued', 'running')",
-                )
-                .bind(now)
-                .bind(&id)
-                .execute(&mut *conn)
-                .await?;
+                let done = sqlx::query(sql::CANCEL)
+                    .bind(now)
+                    .bind(&id)
+                    .execute(&mut *conn)
+                    .await?;
                 let task = fetch(conn, &id).await?;
                 if done.rows_affected() == 0 {
                     return Err(super::cannot_cancel(&task));
@@ -421,14 +401,11 @@ impl SqliteDb {
             Box::pin(async move {
                 let task = fetch(conn, &id).await?;
                 super::check_redeliver(&task)?;
-                sqlx::query(
-                    "UPDATE patient_deliveries SET state = 'pending', attempts = 0, next_at = $1, \
-                     last_error = NULL, lease_owner = NULL, lease_until = NULL WHERE task_id = $2",
-                )
-                .bind(now)
-                .bind(&id)
-                .execute(&mut *conn)
-                .await?;
+                sqlx::query(sql::REDELIVER)
+                    .bind(now)
+                    .bind(&id)
+                    .execute(&mut *conn)
+                    .await?;
                 fetch(conn, &id).await
             })
         })
@@ -442,7 +419,7 @@ impl SqliteDb {
             Box::pin(async move {
                 let task = fetch(conn, &id).await?;
                 super::check_retry(&task)?;
-                sqlx::query("DELETE FROM patient_deliveries WHERE task_id = $1")
+                sqlx::query(sql::DELETE_DELIVERY)
                     .bind(&id)
                     .execute(&mut *conn)
                     .await?;
@@ -513,14 +490,10 @@ impl SqliteDb {
 
     /// See [`Db::next_delivery`](super::Db::next_delivery).
     pub async fn next_delivery(&self, now: i64) -> Result<Option<i64>, DbError> {
-        let row = sqlx::query(
-            "SELECT MIN(CASE WHEN lease_until IS NOT NULL AND lease_until >= $1 \
-             THEN lease_until ELSE next_at END) AS at \
-             FROM patient_deliveries WHERE state = 'pending'",
-        )
-        .bind(now)
-        .fetch_one(&self.reader)
-        .await?;
+        let row = sqlx::query(sql::NEXT_DELIVERY)
+            .bind(now)
+            .fetch_one(&self.reader)
+            .await?;
         Ok(row.try_get::<Option<i64>, _>("at")?)
     }
 
@@ -576,12 +549,12 @@ impl SqliteDb {
         let key = key.to_owned();
         self.write(move |conn| {
             Box::pin(async move {
-                sqlx::query("INSERT INTO patient_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+                sqlx::query(sql::META_INSERT)
                     .bind(&key)
                     .bind(&value)
                     .execute(&mut *conn)
                     .await?;
-                let row = sqlx::query("SELECT value FROM patient_meta WHERE key = $1")
+                let row = sqlx::query(sql::META_GET)
                     .bind(&key)
                     .fetch_one(&mut *conn)
                     .await?;
@@ -594,14 +567,10 @@ impl SqliteDb {
     /// Tasks by state as the API shows it at `now` (a waiting task is
     /// `scheduled` until its time, then `queued`).
     pub async fn counts(&self, now: i64) -> Result<Vec<(String, i64)>, DbError> {
-        let rows = sqlx::query(
-            "SELECT CASE WHEN state IN ('scheduled', 'queued') THEN \
-             (CASE WHEN not_before > $1 THEN 'scheduled' ELSE 'queued' END) ELSE state END AS state, \
-             COUNT(*) AS n FROM patient_tasks GROUP BY 1",
-        )
-        .bind(now)
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query(sql::COUNTS)
+            .bind(now)
+            .fetch_all(&self.reader)
+            .await?;
         rows.iter()
             .map(|r| Ok((r.try_get("state")?, r.try_get("n")?)))
             .collect()
@@ -890,7 +859,7 @@ async fn insert_tasks(
     let mut insert = Vec::with_capacity(fresh.len());
     for (place, t) in fresh {
         if let Some(key) = &t.idempotency_key {
-            let existing = sqlx::query("SELECT id FROM patient_tasks WHERE idempotency_key = $1")
+            let existing = sqlx::query(sql::ID_BY_KEY)
                 .bind(key)
                 .fetch_optional(&mut *conn)
                 .await?;
@@ -952,15 +921,12 @@ async fn finish_task(conn: &mut SqliteConnection, f: &Finish) -> Result<bool, Db
         return Ok(false);
     }
     if let Some(message_id) = &f.delivery {
-        sqlx::query(
-            "INSERT INTO patient_deliveries (task_id, state, attempts, next_at, message_id) \
-             VALUES ($1, 'pending', 0, $2, $3)",
-        )
-        .bind(&f.id)
-        .bind(f.finished_at)
-        .bind(message_id)
-        .execute(&mut *conn)
-        .await?;
+        sqlx::query(sql::INSERT_DELIVERY)
+            .bind(&f.id)
+            .bind(f.finished_at)
+            .bind(message_id)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(true)
 }
