@@ -183,8 +183,10 @@ pub(crate) fn bounded_seconds_from_json(
     let secs = v
         .as_f64()
         .ok_or_else(|| WireError::wrong_type(path, "a number", v))?;
+    // The number is compared as written too: a duration keeps nanoseconds,
+    // so `86400.00000000001` would round to exactly one day and pass.
     match Duration::try_from_secs_f64(secs) {
-        Ok(d) if d <= max => Ok(d),
+        Ok(d) if d <= max && secs <= max.as_secs_f64() => Ok(d),
         _ => Err(LimitError::new(path, limit, Bound::Duration(max), Some(v.to_string())).into()),
     }
 }

@@ -80,6 +80,14 @@ fn durations_outside_their_bounds_are_refused_when_loaded() {
             "86400",
         ),
         (
+            // Above the bound by less than a nanosecond: the number as
+            // written is over, though its duration rounds to the bound.
+            options_with(json!({"retry": {"base_delay": 86_400.000_000_000_01}})),
+            "options.retry.base_delay",
+            "max_delay",
+            "86400",
+        ),
+        (
             options_with(json!({"deadline": 1.8e19})),
             "options.deadline",
             "max_deadline",
