@@ -4,8 +4,9 @@
 # cluster in a temporary directory, and the moto S3-compatible server (PyPI);
 # Ruby's Active Support (Debian's ruby-activesupport, no server), which the
 # tests of the PatientHttp gem's encryption format run; and a Python venv with
-# standardwebhooks (PyPI), which the Python example's test runs, and
-# schemathesis (PyPI), which the daemon's OpenAPI fuzz test runs; Sidekiq
+# standardwebhooks (PyPI), which the Python example's test runs,
+# schemathesis (PyPI), which the daemon's OpenAPI fuzz test runs, and the
+# official openai SDK (PyPI), which the gateway's tests run; Sidekiq
 # (Debian's ruby-sidekiq, no server of its own), which the Ruby example's
 # test runs against the Redis above; and Chromium (Debian's chromium), the
 # real browser the dashboard's test drives headless (with chromium-driver).
@@ -333,15 +334,23 @@ ensure_activesupport() {
 
 # --- Python packages the tests use ------------------------------------------
 # A venv with `standardwebhooks` (the reference webhook verifier of the
-# Python example) and `schemathesis` (drives the daemon's OpenAPI document);
-# no server.
+# Python example), `schemathesis` (drives the daemon's OpenAPI document) and
+# `openai` (the official SDK, pointed at the gateway with `base_url`); no
+# server.
 TOOLS_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/patient-services/tools-venv"
 SCHEMATHESIS_VERSION="4.32.5"
+OPENAI_VERSION="3.57.0"
+
+# The installed version of the Python distribution $1, empty when missing.
+tool_version() {
+  "$TOOLS_VENV/bin/python" -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$1" 2>/dev/null || true
+}
 
 tools_installed() {
-  [ -x "$TOOLS_VENV/bin/python" ] && "$TOOLS_VENV/bin/python" -c 'import standardwebhooks' >/dev/null 2>&1 &&
+  [ -x "$TOOLS_VENV/bin/python" ] && "$TOOLS_VENV/bin/python" -c 'import standardwebhooks, openai' >/dev/null 2>&1 &&
     [ -x "$TOOLS_VENV/bin/schemathesis" ] &&
-    [ "$("$TOOLS_VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("schemathesis"))' 2>/dev/null)" = "$SCHEMATHESIS_VERSION" ]
+    [ "$(tool_version schemathesis)" = "$SCHEMATHESIS_VERSION" ] &&
+    [ "$(tool_version openai)" = "$OPENAI_VERSION" ]
 }
 
 ensure_python_tools() {
@@ -354,12 +363,13 @@ ensure_python_tools() {
   if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     apt_install python3-venv python3-pip
   fi
-  say "installing standardwebhooks and schemathesis $SCHEMATHESIS_VERSION into $TOOLS_VENV (log: $log)"
+  say "installing standardwebhooks, schemathesis $SCHEMATHESIS_VERSION and openai $OPENAI_VERSION into $TOOLS_VENV (log: $log)"
   mkdir -p "$(dirname "$TOOLS_VENV")"
   [ -x "$TOOLS_VENV/bin/pip" ] || python3 -m venv "$TOOLS_VENV" >>"$log" 2>&1 || die "python3 -m venv failed (see $log)"
-  "$TOOLS_VENV/bin/pip" install --quiet standardwebhooks "schemathesis==$SCHEMATHESIS_VERSION" >>"$log" 2>&1 ||
-    die "pip install standardwebhooks schemathesis failed (see $log)"
-  tools_installed || die "standardwebhooks or schemathesis missing after installing them (see $log)"
+  "$TOOLS_VENV/bin/pip" install --quiet standardwebhooks "schemathesis==$SCHEMATHESIS_VERSION" \
+    "openai==$OPENAI_VERSION" >>"$log" 2>&1 ||
+    die "pip install standardwebhooks schemathesis openai failed (see $log)"
+  tools_installed || die "standardwebhooks, schemathesis or openai missing after installing them (see $log)"
 }
 
 # --- Chromium (Debian's chromium, chromium-driver) for the dashboard's test -

@@ -5,7 +5,10 @@
 //!   routes for delays, large and chunked bodies, server-sent events, any
 //!   status, redirect chains and loops, request echo, compression, charsets
 //!   and connection ids, bodies written by the test itself ([`BodyFeed`])
-//!   or mirrored from the request, plus a raw-TCP listener of [`Fault`]s.
+//!   or mirrored from the request, an OpenAI-compatible chat endpoint
+//!   (`/v1/chat/completions`, streamed or not, and `/v1/models`) whose
+//!   requests a test can read back ([`RecordedRequest`]), plus a raw-TCP
+//!   listener of [`Fault`]s.
 //! * [`ForwardProxy`] — an HTTP forward proxy (`CONNECT` tunnels and
 //!   absolute-form requests) with optional Basic authentication.
 //! * [`TestCert`] — a CA and a server certificate signed by it.
@@ -40,5 +43,7 @@ pub use crate::{
     fault::Fault,
     proxy::ForwardProxy,
     tls::TestCert,
-    upstream::{BodyFeed, Upstream, UpstreamOptions, CHARSET_TEXT, COMPRESSED_TEXT},
+    upstream::{
+        BodyFeed, RecordedRequest, Upstream, UpstreamOptions, CHARSET_TEXT, COMPRESSED_TEXT,
+    },
 };

@@ -3,6 +3,7 @@
 //! See [`Upstream`] for the routes and [`UpstreamOptions`] for the knobs.
 
 mod feed;
+mod openai;
 mod routes;
 
 use std::{
@@ -26,6 +27,7 @@ use tokio_rustls::TlsAcceptor;
 
 pub use self::{
     feed::BodyFeed,
+    openai::RecordedRequest,
     routes::{CHARSET_TEXT, COMPRESSED_TEXT},
 };
 use crate::{fault, listener, Fault, TestCert};
@@ -119,6 +121,8 @@ struct Stats {
     sequences: routes::Sequences,
     /// Bodies of `/feed` registered by the test.
     feeds: feed::Feeds,
+    /// Recorded requests and counters of the OpenAI routes.
+    openai: openai::OpenAi,
 }
 
 impl Stats {
@@ -173,6 +177,8 @@ impl Drop for OpenGuard {
 /// | `/feed?key=K&name=value&…` | `200` with every pair but `key` as a header; the body is written by the test through the [`BodyFeed`] that [`Upstream::feed`] registered for K (data frames, then optionally trailers); `404` for an unregistered key |
 /// | `/mirror` | the request body sent back frame by frame as it arrives (trailers included), with the request's `content-type` (default `application/octet-stream`) |
 /// | `/bimodal?slow_pct=5&slow_ms=1000&fast_ms=5` | each request is slow with probability `slow_pct` % (waits `slow_ms` ms), otherwise fast (`fast_ms` ms); body and header `x-latency-mode` are `slow` or `fast` |
+/// | `POST /v1/chat/completions?…` | an OpenAI-compatible chat completion, JSON or (`"stream": true`) server-sent events, shaped by the query parameters below |
+/// | `GET /v1/models` | `{"object":"list","data":[{"id":"patient-test","object":"model","created":0,"owned_by":"patient"}]}` |
 ///
 /// `/echo` answers with any method:
 /// `{"method","path","query" (raw, null if none),"args" {name: value},
@@ -182,6 +188,39 @@ impl Drop for OpenGuard {
 /// "body" (UTF-8 text, null if empty or not UTF-8),"body_base64","body_len"}`.
 /// Request bodies are never decoded, so a gzip body stays raw in
 /// `body_base64`.
+///
+/// `/v1/chat/completions` takes an OpenAI chat request body (`model`,
+/// `messages`, optional `stream` and `stream_options.include_usage`). The
+/// reply is `echo: ` followed by the last message's content (a string, or
+/// the `text` of its parts), in words; `usage` counts words:
+/// `completion_tokens` those of the reply, `prompt_tokens` those of every
+/// message. Without `stream` the answer is a `chat.completion` object. With
+/// `"stream": true` it is `text/event-stream` (`cache-control: no-cache`),
+/// each event its own body frame: `data: <chat.completion.chunk>` with
+/// `delta` `{"role":"assistant","content":""}`, then one chunk per reply
+/// word (followed by a space but the last), then `delta` `{}` with
+/// `finish_reason` `"stop"`, then with `include_usage` a chunk with
+/// `"choices":[]` and `usage` (and `"usage":null` in the others), then
+/// `data: [DONE]`. A body that is not such JSON gets `400` with
+/// `{"error":{"message","type":"invalid_request_error","param","code"}}`.
+/// The query parameters (all optional, defaults 0 / off) shape the answer:
+///
+/// | parameter | effect |
+/// |---|---|
+/// | `head_delay_ms=N` | waits N ms before the response head (both modes) |
+/// | `status=N&retry_after=S` | answers status N (400–599) with an OpenAI error body (`type` `rate_limit_error` for 429, `server_error` for 5xx, …) and `Retry-After: S` when given, whatever the body |
+/// | `first_delay_ms=N` | waits N ms before the first data event |
+/// | `pings=N` | N comments `: ping\n\n` before the first data event, spread evenly over `first_delay_ms` (the wait is cut into N + 1 equal parts) |
+/// | `interval_ms=N` | N ms between consecutive data events |
+/// | `split=1` | every event (pings too) written as two body frames cut at its middle byte |
+/// | `cut_after=N` | the body ends cleanly after the role chunk and N word chunks: no finish chunk, no usage, no `[DONE]` |
+/// | `no_trailing_blank=1` | the last event is `data: [DONE]\n`, without its blank line |
+///
+/// A stream's task stops as soon as its client goes away (connection
+/// closed or stream reset), even during a delay, and counts in
+/// [`streams_cancelled`](Self::streams_cancelled). Every request to
+/// `/v1/chat/completions` is kept, headers and body as received, for
+/// [`openai_requests`](Self::openai_requests).
 #[derive(Debug)]
 pub struct Upstream {
     addr: SocketAddr,
@@ -316,6 +355,21 @@ impl Upstream {
     pub fn sequence_count(&self, key: &str) -> usize {
         self.stats.sequences.count(key)
     }
+
+    /// The requests `/v1/chat/completions` received, oldest first, with
+    /// their headers and body as they arrived (invalid ones included). Only
+    /// the last 1024 are kept; [`requests_to`](Self::requests_to) counts
+    /// them all.
+    pub fn openai_requests(&self) -> Vec<RecordedRequest> {
+        self.stats.openai.requests()
+    }
+
+    /// Streams of `/v1/chat/completions` that stopped before their last
+    /// event because the client went away (closed the connection or reset
+    /// the stream).
+    pub fn streams_cancelled(&self) -> u64 {
+        self.stats.openai.streams_cancelled()
+    }
 }
 
 impl Drop for Upstream {
@@ -340,7 +394,9 @@ async fn serve_connection(
         let stats = stats.clone();
         async move {
             stats.record_request(request.uri().path());
-            Ok::<_, Infallible>(routes::handle(request, id, &stats.sequences, &stats.feeds).await)
+            Ok::<_, Infallible>(
+                routes::handle(request, id, &stats.sequences, &stats.feeds, &stats.openai).await,
+            )
         }
     });
     match tls {

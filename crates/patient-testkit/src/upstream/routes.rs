@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::feed::Feeds;
+use super::{feed::Feeds, openai, openai::OpenAi};
 use crate::body::Body;
 
 /// The text served (before compression) by `/compressed`.
@@ -92,12 +92,13 @@ pub(super) async fn handle(
     conn: u64,
     sequences: &Sequences,
     feeds: &Feeds,
+    openai: &OpenAi,
 ) -> Response<Body> {
     // The hot benchmark path: no query parsing, no allocation beyond hyper's.
     if request.uri().path() == "/fast" {
         return text(StatusCode::OK, "ok");
     }
-    route(request, conn, sequences, feeds)
+    route(request, conn, sequences, feeds, openai)
         .await
         .unwrap_or_else(|message| text(StatusCode::BAD_REQUEST, message))
 }
@@ -109,6 +110,7 @@ async fn route(
     conn: u64,
     sequences: &Sequences,
     feeds: &Feeds,
+    openai: &OpenAi,
 ) -> Outcome {
     let query = Query::from_uri(request.uri().query());
     let path = request.uri().path().to_owned();
@@ -146,6 +148,8 @@ async fn route(
         "/set" => set_headers(&query),
         "/sequence" => sequence(request.headers(), &query, sequences).await,
         "/bimodal" => bimodal(&query).await,
+        "/v1/chat/completions" => Ok(openai::chat(request, &query, openai).await),
+        "/v1/models" => Ok(openai::models(&request)),
         _ => {
             if let Some(code) = path.strip_prefix("/status/") {
                 status(code, &query)
@@ -159,7 +163,7 @@ async fn route(
 }
 
 /// Decoded query parameters, in order.
-struct Query {
+pub(super) struct Query {
     pairs: Vec<(String, String)>,
 }
 
@@ -176,7 +180,7 @@ impl Query {
     }
 
     /// The last value of `name`.
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(super) fn get(&self, name: &str) -> Option<&str> {
         self.pairs
             .iter()
             .rev()
@@ -185,7 +189,7 @@ impl Query {
     }
 
     /// `name` parsed as `T`, or `default` when absent.
-    fn value<T: FromStr>(&self, name: &str, default: T) -> Result<T, String> {
+    pub(super) fn value<T: FromStr>(&self, name: &str, default: T) -> Result<T, String> {
         match self.get(name) {
             None => Ok(default),
             Some(v) => v
@@ -194,7 +198,8 @@ impl Query {
         }
     }
 
-    fn flag(&self, name: &str) -> bool {
+    /// Whether `name` is `1`, `true` or `yes`.
+    pub(super) fn flag(&self, name: &str) -> bool {
         matches!(self.get(name), Some("1" | "true" | "yes"))
     }
 }
