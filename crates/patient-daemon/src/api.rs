@@ -328,7 +328,18 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         app.metrics.set_tasks(&counts);
     }
     app.metrics.set_in_flight(app.runner.in_flight());
-    let mut response = Response::new(Body::from(app.metrics.render(app.client.metrics())));
+    let mut text = app.metrics.render(app.client.metrics());
+    // The gateway's families go before the closing `# EOF`.
+    if let Some(body) = text.strip_suffix("# EOF\n").map(str::to_owned) {
+        text = body;
+        app.gateway.metrics().render_into(&mut text);
+        let _ = prometheus_client::encoding::text::encode_registry(
+            &mut text,
+            app.gateway.client().metrics().registry(),
+        );
+        text.push_str("# EOF\n");
+    }
+    let mut response = Response::new(Body::from(text));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static(patient_http::metrics::CONTENT_TYPE),

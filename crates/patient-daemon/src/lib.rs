@@ -12,6 +12,7 @@ pub mod dashboard;
 pub mod db;
 pub mod delivery;
 pub mod egress;
+pub mod gateway;
 pub mod metrics;
 pub mod model;
 pub mod payloads;

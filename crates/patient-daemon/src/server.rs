@@ -16,8 +16,15 @@ use patient_wire::{DeadlineMode, WireLimits};
 use tokio::net::TcpListener;
 
 use crate::{
-    db::Db, delivery::Deliverer, egress::Allow, metrics::DaemonMetrics, payloads::Payloads,
-    runner::Runner, settings::Settings, webhook_secret,
+    db::Db,
+    delivery::Deliverer,
+    egress::Allow,
+    gateway::{hooks::NoHooks, Gateway},
+    metrics::DaemonMetrics,
+    payloads::Payloads,
+    runner::Runner,
+    settings::Settings,
+    webhook_secret,
 };
 
 /// How often finished tasks past their retention are purged, and how many
@@ -61,6 +68,8 @@ pub struct App {
     pub secrets: std::collections::BTreeSet<String>,
     /// Payload stores and encryption of stored and delivered payloads.
     pub payloads: Payloads,
+    /// The proxy routes.
+    pub gateway: Gateway,
 }
 
 impl std::fmt::Debug for App {
@@ -114,9 +123,23 @@ fn read_secrets(settings: &Settings) -> Result<BTreeMap<String, String>, ServeEr
     Ok(secrets)
 }
 
+/// Reads the settings again, for a reload on SIGHUP.
+pub type Reload = Arc<dyn Fn() -> Result<Settings, String> + Send + Sync>;
+
 /// Serves until SIGTERM or SIGINT, then stops as the module docs say.
 pub async fn run(settings: Settings, listener: TcpListener) -> Result<(), ServeError> {
-    run_until(settings, listener, shutdown_signal()).await
+    serve(settings, listener, shutdown_signal(), None).await
+}
+
+/// Serves as [`run`] does, and on SIGHUP reads the settings with `reload`
+/// and replaces the proxy routes (the other settings need a restart). A
+/// reload that fails leaves the routes as they were.
+pub async fn run_reloading(
+    settings: Settings,
+    listener: TcpListener,
+    reload: Reload,
+) -> Result<(), ServeError> {
+    serve(settings, listener, shutdown_signal(), Some(reload)).await
 }
 
 /// Serves until `shutdown` completes, then stops as the module docs say.
@@ -124,6 +147,15 @@ pub async fn run_until(
     settings: Settings,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    serve(settings, listener, shutdown, None).await
+}
+
+async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reload: Option<Reload>,
 ) -> Result<(), ServeError> {
     let addr: SocketAddr = listener.local_addr()?;
     if settings.api_token.is_none() && !addr.ip().is_loopback() {
@@ -176,7 +208,8 @@ pub async fn run_until(
         .build()
         .map_err(|e| ServeError::Settings(e.to_string()))?;
     let payloads = Payloads::from_settings(&settings, &secret_values, &config).await?;
-    drop(secret_values);
+    let gateway = Gateway::new(&settings.routes, secret_values, Arc::new(NoHooks))
+        .map_err(|e| ServeError::Settings(e.to_string()))?;
     let client = AwaitableClient::builder()
         .config(config)
         .resilience(resilience)
@@ -256,6 +289,7 @@ pub async fn run_until(
         limits,
         secrets: secret_names,
         payloads: payloads.clone(),
+        gateway: gateway.clone(),
     });
 
     let workers = tokio::spawn(Arc::clone(&runner).run());
@@ -263,10 +297,20 @@ pub async fn run_until(
     let purging = tokio::spawn(purge_loop(db.clone(), retention, payloads));
 
     eprintln!("patient: listening on http://{addr}");
-    let router = crate::api::router(app);
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let reloading = reload.map(|reload| tokio::spawn(reload_on_sighup(gateway.clone(), reload)));
+    let router = crate::api::router(app).layer(axum::middleware::from_fn_with_state(
+        gateway,
+        crate::gateway::middleware,
+    ));
+    let served = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
+    if let Some(task) = reloading {
+        task.abort();
+    }
 
     tracing::info!("stopping: no new claims; waiting for attempts in flight");
     purging.abort();
@@ -312,6 +356,32 @@ pub async fn purge(db: &Db, retention: Duration, payloads: &Payloads) {
                 break;
             }
         }
+    }
+}
+
+/// Replaces the gateway's routes on each SIGHUP.
+async fn reload_on_sighup(gateway: Gateway, reload: Reload) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot listen for SIGHUP; routes reload on restart only");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match reload()
+                .and_then(|settings| gateway.reload(&settings.routes).map_err(|e| e.to_string()))
+            {
+                Ok(()) => tracing::info!(routes = ?gateway.route_names(), "routes reloaded"),
+                Err(error) => {
+                    tracing::error!(%error, "cannot reload the routes; the old ones stay")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (gateway, reload);
     }
 }
 

@@ -18,6 +18,7 @@ use std::{
     time::Duration,
 };
 
+use crate::gateway::settings::{check_routes, RouteSettings};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -356,6 +357,9 @@ pub struct Settings {
     pub payload_store: PayloadStoreSettings,
     /// Encryption of stored and delivered payloads.
     pub encryption: EncryptionSettings,
+    /// Proxy routes of the gateway, matched in order before the API.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteSettings>,
 }
 
 impl fmt::Debug for Settings {
@@ -386,6 +390,7 @@ impl fmt::Debug for Settings {
             .field("secrets", &self.secrets)
             .field("payload_store", &payload_store)
             .field("encryption", &self.encryption)
+            .field("routes", &self.routes)
             .finish()
     }
 }
@@ -424,6 +429,7 @@ impl Default for Settings {
             secrets: BTreeMap::new(),
             payload_store: PayloadStoreSettings::default(),
             encryption: EncryptionSettings::default(),
+            routes: Vec::new(),
         }
     }
 }
@@ -620,6 +626,11 @@ impl Settings {
         let fail = |setting: &str, message: String| {
             Err(SettingsError::new(setting, origin_of(setting), message))
         };
+        if let Err((setting, message)) =
+            check_routes(&self.routes, &|name| self.secrets.contains_key(name))
+        {
+            return Err(SettingsError::new(setting, origin_of("routes"), message));
+        }
         if let Err(e) = self.listen.parse::<SocketAddr>() {
             return fail(
                 "listen",

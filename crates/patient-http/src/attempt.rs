@@ -20,9 +20,11 @@ use tokio::time::Instant;
 use url::Url;
 
 use crate::{
-    client::OutgoingRequest,
+    client::{OutgoingRequest, RawResponse, ResponseBody, StreamingRequest, TransportError},
     engine::Engine,
+    exchange::{BodyMode, ExchangeOptions, RawParts},
     interceptor::{InterceptContext, ResponseAction, ResponseParts, SentRequest},
+    limit::LimitPermit,
     metrics::EndpointMetrics,
     observer::{RequestEnd, RequestStart},
     preprocess::PreparedRequest,
@@ -43,6 +45,10 @@ pub(crate) struct AttemptResult {
     pub(crate) refused: bool,
     /// Whether any byte of the request may have reached the upstream.
     pub(crate) sent: bool,
+    /// The body of a streamed exchange, unread.
+    pub(crate) stream: Option<ResponseBody>,
+    /// The concurrency slot a streamed body holds until it ends.
+    pub(crate) permit: Option<LimitPermit>,
 }
 
 impl AttemptResult {
@@ -53,6 +59,17 @@ impl AttemptResult {
             headers: None,
             refused: true,
             sent: false,
+            stream: None,
+            permit: None,
+        }
+    }
+
+    /// What an exchange keeps of the attempt's response.
+    pub(crate) fn take_raw(&mut self) -> RawParts {
+        RawParts {
+            headers: self.headers.take(),
+            stream: self.stream.take(),
+            permit: self.permit.take(),
         }
     }
 }
@@ -71,6 +88,8 @@ pub(crate) struct AttemptPlan<'a> {
     pub(crate) metrics: &'a EndpointMetrics,
     /// When the task began executing: durations count from here.
     pub(crate) started: Instant,
+    /// How the response is read when the task runs as an exchange.
+    pub(crate) exchange: Option<ExchangeOptions>,
 }
 
 /// Headers never sent to an origin other than the request's own, whoever
@@ -197,8 +216,15 @@ impl Engine {
                 })
             });
             let sent_at = Instant::now();
-            let raw = match self.client.send(outgoing).await {
-                Ok(raw) => raw,
+            let sending = match plan.exchange {
+                None => self.client.send(outgoing).await.map(|raw| (raw, None)),
+                Some(options) => {
+                    self.send_exchange(outgoing, options, attempt_deadline)
+                        .await
+                }
+            };
+            let (raw, stream) = match sending {
+                Ok(sent) => sent,
                 Err(e) => {
                     plan.metrics.record_error(
                         hop.method.as_str(),
@@ -327,6 +353,8 @@ impl Engine {
                             headers: None,
                             refused: false,
                             sent,
+                            stream: None,
+                            permit: None,
                         };
                     }
                     redirects.push(hop.url.to_string());
@@ -357,6 +385,8 @@ impl Engine {
                 headers: Some(parts.headers),
                 refused: false,
                 sent,
+                stream,
+                permit: None,
             };
         }
     }
@@ -518,6 +548,60 @@ impl Engine {
             headers: None,
             refused,
             sent,
+            stream: None,
+            permit: None,
+        }
+    }
+
+    /// Sends an exchange's request: the head back with the body read in
+    /// full (within the attempt) or left unread as a stream.
+    async fn send_exchange(
+        &self,
+        outgoing: OutgoingRequest,
+        options: ExchangeOptions,
+        attempt_deadline: Instant,
+    ) -> Result<(RawResponse, Option<ResponseBody>), TransportError> {
+        let mut request = StreamingRequest::from(outgoing);
+        request.max_response_size = options.max_body;
+        request.stall_timeout = options.idle_timeout.or(request.stall_timeout);
+        let timeout = request.timeout;
+        let response = self.client.send_streaming(request).await?;
+        let mut raw = RawResponse {
+            status: response.status.as_u16(),
+            headers: response.headers,
+            body: Bytes::new(),
+            version: response.version,
+        };
+        let event_stream = || {
+            raw.headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
+        };
+        let stream = match options.mode {
+            BodyMode::Streaming => true,
+            BodyMode::Auto => event_stream(),
+            BodyMode::Buffered => false,
+        };
+        match stream {
+            true => Ok((raw, Some(response.body))),
+            false => {
+                match tokio::time::timeout_at(attempt_deadline, response.body.bytes()).await {
+                    Ok(body) => raw.body = body?,
+                    Err(_) => {
+                        return Err(TransportError::new(
+                            ErrorType::Timeout,
+                            "Timeout",
+                            format!(
+                                "request timed out after {:.3}s while reading the response body",
+                                timeout.unwrap_or_default().as_secs_f64()
+                            ),
+                        )
+                        .sent(true))
+                    }
+                }
+                Ok((raw, None))
+            }
         }
     }
 }

@@ -4,7 +4,12 @@ use std::{future::Future, pin::Pin, sync::Arc};
 
 use patient_wire::{Request, Response, TaskError};
 
-use crate::{engine::Engine, propagation::Admission, Builder, Task};
+use crate::{
+    engine::Engine,
+    exchange::{Exchange, ExchangeOptions},
+    propagation::Admission,
+    Builder, Task,
+};
 
 /// Runs requests in the caller's own async runtime and returns their outcome,
 /// with the same redirects, secrets, preprocessors and error wrapping as the
@@ -67,6 +72,29 @@ impl AwaitableClient {
     /// The metrics of this client's requests.
     pub fn metrics(&self) -> &crate::metrics::Metrics {
         &self.engine.metrics
+    }
+
+    /// Runs a task with the same attempts, retries, breaker, limits and
+    /// deadlines as [`execute`](Self::execute), and hands back its final
+    /// response as an [`Exchange`]: the head as received (repeated fields
+    /// apart) and the body read in full under `options.max_body`, or as a
+    /// stream. Retries happen before the head is handed back, never after.
+    /// Response interceptors of a streamed exchange see an empty body.
+    /// A response of any status is an exchange (as if
+    /// `raise_error_responses` were off); errors are the task's errors.
+    pub async fn exchange(
+        &self,
+        task: &Task,
+        options: ExchangeOptions,
+    ) -> Result<Exchange, TaskError> {
+        let task = if task.raise_error_responses == Some(false) {
+            std::borrow::Cow::Borrowed(task)
+        } else {
+            let mut owned = task.clone();
+            owned.raise_error_responses = Some(false);
+            std::borrow::Cow::Owned(owned)
+        };
+        self.engine.exchange(&task, Admission::now(), options).await
     }
 
     /// Runs a request as a task with a new id and no callback.

@@ -54,6 +54,7 @@ mod config;
 pub mod decision;
 mod dispatch;
 mod engine;
+pub mod exchange;
 mod handler;
 mod health;
 mod inline;

@@ -28,6 +28,7 @@ use crate::{
     attempt::{AttemptPlan, AttemptResult},
     breaker::BreakerPermit,
     engine::Engine,
+    exchange::{Exchange, ExchangeOptions, RawParts},
     limit::{LimitBusy, LimitPermit},
     metrics::EndpointMetrics,
     propagation::Admission,
@@ -56,6 +57,8 @@ pub(crate) struct Plan<'a> {
     /// The priority sent upstream: the request's own, else (once admitted)
     /// the one inherited from the request being served.
     priority: Option<Priority>,
+    /// How the response is read when the task runs as an exchange.
+    pub(crate) exchange: Option<ExchangeOptions>,
 }
 
 /// Where a task stands between steps.
@@ -72,6 +75,9 @@ pub(crate) struct Progress {
     pub(crate) sent: bool,
     /// The task's deadline.
     pub(crate) deadline: Option<Instant>,
+    /// For an exchange: the raw head (and unread body) of the attempt whose
+    /// result is the outcome.
+    pub(crate) raw: Option<RawParts>,
 }
 
 impl Progress {
@@ -97,6 +103,7 @@ impl Progress {
             attempts,
             sent,
             deadline,
+            raw: None,
         }
     }
 
@@ -210,6 +217,14 @@ enum Guarded {
     },
 }
 
+/// A task run to its outcome in memory: the outcome, and for an exchange
+/// the raw parts of the attempt it came from.
+struct Ran {
+    result: Result<Response, TaskError>,
+    raw: Option<RawParts>,
+    attempts: u32,
+}
+
 /// How long to come back after a concurrency limit refused, when no better
 /// estimate exists.
 const AT_CAPACITY_RETRY: Duration = Duration::from_millis(100);
@@ -226,16 +241,46 @@ impl Engine {
         task: &Task,
         admitted: Admission,
     ) -> Result<Response, TaskError> {
+        self.run_guarded(task, admitted, None).await.result
+    }
+
+    /// Runs a task as [`execute`](Self::execute) does, handing back the
+    /// final response's raw head and its body as `options` say.
+    pub(crate) async fn exchange(
+        &self,
+        task: &Task,
+        admitted: Admission,
+        options: ExchangeOptions,
+    ) -> Result<Exchange, TaskError> {
+        let Ran {
+            result,
+            raw,
+            attempts,
+        } = self.run_guarded(task, admitted, Some(options)).await;
+        Ok(Exchange::of(result?, raw, attempts))
+    }
+
+    /// Runs a task to its outcome under the panic guard.
+    async fn run_guarded(
+        &self,
+        task: &Task,
+        admitted: Admission,
+        exchange: Option<ExchangeOptions>,
+    ) -> Ran {
         let started = Instant::now();
-        match AssertUnwindSafe(self.run_to_outcome(task, admitted))
+        match AssertUnwindSafe(self.run_to_outcome(task, admitted, exchange))
             .catch_unwind()
             .await
         {
-            Ok(result) => result,
+            Ok(ran) => ran,
             Err(payload) => {
                 let error = self.panic_error(task, started, &*payload);
                 self.notify(|o| o.on_request_error(&error));
-                Err(error)
+                Ran {
+                    result: Err(error),
+                    raw: None,
+                    attempts: 0,
+                }
             }
         }
     }
@@ -244,18 +289,25 @@ impl Engine {
         &self,
         task: &Task,
         admitted: Admission,
-    ) -> Result<Response, TaskError> {
+        exchange: Option<ExchangeOptions>,
+    ) -> Ran {
         let mut plan = match self.plan(task) {
             Ok(plan) => plan,
             Err(error) => {
                 self.notify(|o| o.on_request_error(&error));
-                return Err(error);
+                return Ran {
+                    result: Err(error),
+                    raw: None,
+                    attempts: 0,
+                };
             }
         };
+        plan.exchange = exchange;
         let mut progress = Progress::new(self.admit(task, &mut plan, admitted));
-        loop {
-            match self.step(task, &plan, &mut progress, LimitWait::Wait).await {
-                Step::Done(result) => return result,
+        let result = loop {
+            let wait = exchange.map_or(LimitWait::Wait, |o| o.limit_wait);
+            match self.step(task, &plan, &mut progress, wait).await {
+                Step::Done(result) => break result,
                 Step::Retry { delay, .. } => {
                     self.notify(|o| o.on_retry(&task.id, progress.next, delay));
                     tokio::time::sleep(delay).await;
@@ -263,9 +315,15 @@ impl Engine {
                 Step::Refused { error, attempt, .. } => {
                     // In memory, a refusal fails fast (the fallback may answer).
                     progress.push(attempt);
-                    return self.finish(task, &plan, &progress, Err(error));
+                    progress.raw = None;
+                    break self.finish(task, &plan, &progress, Err(error));
                 }
             }
+        };
+        Ran {
+            result,
+            raw: progress.raw.take(),
+            attempts: progress.next.saturating_sub(1),
         }
     }
 
@@ -352,6 +410,7 @@ impl Engine {
                 .unwrap_or(self.config.client.request_timeout()),
             priority: options.priority,
             key,
+            exchange: None,
         })
     }
 
@@ -376,7 +435,7 @@ impl Engine {
         let (guarded, attempt) = self
             .guarded_attempt(task, plan, progress.deadline, number, false, wait)
             .await;
-        let result = match guarded {
+        let mut result = match guarded {
             Guarded::Ran(result) => result,
             Guarded::Refused {
                 refusal,
@@ -391,6 +450,15 @@ impl Engine {
                 }
             }
         };
+        if plan.exchange.is_some() {
+            // The headers stay for the retry decision below; a retry drops
+            // the body (closing its connection).
+            progress.raw = Some(RawParts {
+                headers: result.headers.clone(),
+                stream: result.stream.take(),
+                permit: result.permit.take(),
+            });
+        }
         progress.push(attempt);
         progress.next = number.saturating_add(1);
         progress.sent |= result.sent;
@@ -538,6 +606,7 @@ impl Engine {
             upstream: &plan.key,
             metrics: &plan.endpoint,
             started: plan.started,
+            exchange: plan.exchange,
         })
     }
 
@@ -689,8 +758,13 @@ impl Engine {
             // Counted here, when it is really sent (not refused by the breaker).
             upstream.metrics.record_retry();
         }
-        let result = self.run_attempt(task, &attempt_plan).await;
-        drop(limit_permit);
+        let mut result = self.run_attempt(task, &attempt_plan).await;
+        if result.stream.is_some() {
+            // A streamed body holds the concurrency slot until it ends.
+            result.permit = limit_permit;
+        } else {
+            drop(limit_permit);
+        }
         let verdict = breaker_verdict(&result, plan.policy);
         upstream.recent.record(began, verdict == Some(false));
         if let Some(permit) = permit {
@@ -780,6 +854,10 @@ impl Engine {
                         Some(outcome) => !plan.retry.should_retry(&outcome),
                     };
                     if acceptable {
+                        let mut result = result;
+                        if plan.exchange.is_some() {
+                            progress.raw = Some(result.take_raw());
+                        }
                         winner = Some(result.result);
                         break;
                     }

@@ -1,6 +1,6 @@
 //! `patient serve`: the daemon, on its embedded defaults unless told.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use clap::Args;
 use patient_daemon::{settings::LogFormat, Flags, Settings};
@@ -70,8 +70,8 @@ pub(crate) struct ServeArgs {
 
 pub(crate) fn run(args: ServeArgs) -> ExitCode {
     let flags = Flags {
-        listen: args.listen,
-        data_dir: args.data_dir,
+        listen: args.listen.clone(),
+        data_dir: args.data_dir.clone(),
     };
     let settings = match Settings::load(args.config.as_deref(), std::env::vars(), &flags) {
         Ok(settings) => settings,
@@ -98,7 +98,12 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        patient_daemon::run(settings, listener)
+        // SIGHUP reads the same file, environment and flags again.
+        let config = args.config.clone();
+        let reload: patient_daemon::server::Reload = Arc::new(move || {
+            Settings::load(config.as_deref(), std::env::vars(), &flags).map_err(|e| e.to_string())
+        });
+        patient_daemon::server::run_reloading(settings, listener, reload)
             .await
             .map_err(|e| e.to_string())
     });

@@ -121,6 +121,23 @@ impl Daemon {
     /// Starts a daemon on the data directory `dir` (to restart one on the
     /// same store).
     pub async fn start_in(dir: Arc<TempDir>, overrides: &[(&str, &str)]) -> Daemon {
+        Daemon::start_configured(dir, None, overrides).await
+    }
+
+    /// Starts a daemon with the settings file `config` (TOML text, written
+    /// into the data directory) under the variables.
+    pub async fn start_with_config(config: &str, overrides: &[(&str, &str)]) -> Daemon {
+        let dir = Arc::new(TempDir::new("serve"));
+        let path = dir.path().join("patient.toml");
+        std::fs::write(&path, config).unwrap();
+        Daemon::start_configured(dir, Some(&path), overrides).await
+    }
+
+    async fn start_configured(
+        dir: Arc<TempDir>,
+        config: Option<&Path>,
+        overrides: &[(&str, &str)],
+    ) -> Daemon {
         let mut env = base_env();
         for (k, v) in overrides {
             if v.is_empty() {
@@ -130,7 +147,7 @@ impl Daemon {
             }
         }
         let settings = Settings::load(
-            None,
+            config,
             env,
             &Flags {
                 listen: Some("127.0.0.1:0".into()),

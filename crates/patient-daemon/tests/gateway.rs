@@ -1,0 +1,717 @@
+//! The gateway against the test upstream and real clients: header rules,
+//! both caps, retries only where allowed, failover, a shared 429 cool-down,
+//! streaming event by event, a cut stream, a client leaving, a slow reader,
+//! the hooks of an embedder.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use common::{call, Daemon};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use patient_daemon::gateway::{
+    hooks::{Action, ProxyContext, ProxyHooks, StreamSummary},
+    settings::RouteSettings,
+    sse::SseEvent,
+    Gateway,
+};
+use patient_testkit::Upstream;
+use serde_json::{json, Value};
+
+/// A route named `r` at `/up/` (prefix stripped) to `upstreams`, with
+/// `extra` TOML lines.
+fn route(upstreams: &[String], extra: &str) -> String {
+    let list: Vec<String> = upstreams.iter().map(|u| format!("{u:?}")).collect();
+    format!(
+        "[[routes]]\nname = \"r\"\npath_prefix = \"/up/\"\nstrip_prefix = true\nupstreams = [{}]\n{extra}\n",
+        list.join(", ")
+    )
+}
+
+async fn daemon(upstreams: &[String], extra: &str) -> Daemon {
+    Daemon::start_with_config(&route(upstreams, extra), &[]).await
+}
+
+fn base(upstream: &Upstream) -> String {
+    format!("http://{}", upstream.addr())
+}
+
+/// A request whose response body is read as it comes.
+async fn open(
+    url: &str,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (http::response::Parts, Incoming) {
+    let url = url::Url::parse(url).unwrap();
+    let authority = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+    let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let path = match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_owned(),
+    };
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", &authority);
+    for (n, v) in headers {
+        request = request.header(*n, *v);
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    (parts, body)
+}
+
+/// The next data frame of a body (empty frames skipped), `None` at its end.
+async fn next_data(body: &mut Incoming) -> Option<Bytes> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("a frame within 10 s")?
+            .expect("the body does not fail");
+        if let Ok(data) = frame.into_data() {
+            if !data.is_empty() {
+                return Some(data);
+            }
+        }
+    }
+}
+
+/// The events of an SSE text, by blank lines.
+fn events(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn hop_by_hop_fields_never_pass_forwarding_headers_are_added_and_route_rules_apply() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(
+        &[base(&upstream)],
+        "request_headers = { add = { x-route = \"r1\" }, remove = [\"x-drop-me\"] }\nresponse_headers = { add = { x-served-by = \"patient\" }, remove = [\"x-upstream-secret\"] }",
+    )
+    .await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi there"}]});
+    let reply = call(
+        "POST",
+        &format!("{}/up/v1/chat/completions", d.url),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", "Bearer client-key"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "listed in connection"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic cHJveHk="),
+            ("x-drop-me", "1"),
+            ("x-forwarded-for", "10.1.2.3"),
+            ("x-kept", "yes"),
+        ],
+        Some(body.to_string().into_bytes()),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        reply.json()["choices"][0]["message"]["content"],
+        "echo: hi there"
+    );
+    assert_eq!(reply.headers["x-served-by"], "patient");
+    let seen = upstream.openai_requests();
+    let sent = &seen.last().unwrap().headers;
+    for gone in [
+        "x-hop",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "x-drop-me",
+    ] {
+        assert!(
+            !sent.contains_key(gone),
+            "{gone} reached the upstream: {sent:?}"
+        );
+    }
+    assert_eq!(sent["x-kept"], "yes");
+    assert_eq!(sent["x-route"], "r1");
+    assert_eq!(
+        sent["authorization"], "Bearer client-key",
+        "the client's key is forwarded"
+    );
+    assert_eq!(sent["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
+    assert_eq!(sent["x-forwarded-proto"], "http");
+    assert_eq!(
+        sent["x-forwarded-host"],
+        d.url.trim_start_matches("http://")
+    );
+    assert_eq!(
+        sent["host"],
+        upstream.addr().to_string(),
+        "Host is the upstream's"
+    );
+    assert_eq!(
+        sent["content-length"],
+        body.to_string().len().to_string().as_str(),
+        "Content-Length is recomputed"
+    );
+
+    // Response side: hop-by-hop fields and those Connection names stay out;
+    // the route removes what it says.
+    let reply = call(
+        "GET",
+        &format!(
+            "{}/up/set?x-upstream-secret=s&x-resp-hop=1&connection=x-resp-hop&proxy-authenticate=Basic&x-visible=1",
+            d.url
+        ),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.headers["x-visible"], "1");
+    for gone in ["x-upstream-secret", "x-resp-hop", "proxy-authenticate"] {
+        assert!(
+            !reply.headers.contains_key(gone),
+            "{gone} reached the client: {:?}",
+            reply.headers
+        );
+    }
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_route_credential_replaces_the_clients_key() {
+    let upstream = Upstream::start().await.unwrap();
+    std::env::set_var("PATIENT_GATEWAY_TEST_KEY", "sk-upstream");
+    let config = format!(
+        "[secrets.openai_key]\nenv = \"PATIENT_GATEWAY_TEST_KEY\"\n\n{}",
+        route(&[base(&upstream)], "credential = \"openai_key\"")
+    );
+    let d = Daemon::start_with_config(&config, &[]).await;
+    let reply = call(
+        "POST",
+        &format!("{}/up/v1/chat/completions", d.url),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", "Bearer client-key"),
+        ],
+        Some(br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let sent = upstream.openai_requests();
+    assert_eq!(
+        sent.last().unwrap().headers["authorization"],
+        "Bearer sk-upstream"
+    );
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_body_over_the_request_cap_is_413_before_any_upstream_call() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(&[base(&upstream)], "max_request_body = 100").await;
+    let before = upstream.requests();
+    let reply = call(
+        "POST",
+        &format!("{}/up/mirror", d.url),
+        &[("content-type", "application/octet-stream")],
+        Some(vec![b'x'; 101]),
+    )
+    .await;
+    assert_eq!(reply.status, 413, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["type"], "payload_too_large");
+    assert!(reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max_request_body"));
+    // Without a Content-Length (chunked): counted as it is read.
+    let (parts, body) = open_chunked(&format!("{}/up/mirror", d.url), 150).await;
+    assert_eq!(parts.status, 413);
+    let text = body.collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&text).contains("payload_too_large"));
+    assert_eq!(upstream.requests(), before, "nothing reached the upstream");
+    // At the cap: forwarded, every byte.
+    let reply = call(
+        "POST",
+        &format!("{}/up/mirror", d.url),
+        &[("content-type", "application/octet-stream")],
+        Some(vec![b'y'; 100]),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body.len(), 100);
+    d.stop().await.unwrap();
+}
+
+/// A POST with a chunked body of `n` bytes (no Content-Length).
+async fn open_chunked(url: &str, n: usize) -> (http::response::Parts, Incoming) {
+    let url = url::Url::parse(url).unwrap();
+    let authority = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+    let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let chunks: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> = (0..n / 50)
+        .map(|_| Ok(http_body::Frame::data(Bytes::from(vec![b'z'; 50]))))
+        .collect();
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
+    let request = http::Request::post(url.path())
+        .header("host", &authority)
+        .body(body)
+        .unwrap();
+    let (parts, body) = sender.send_request(request).await.unwrap().into_parts();
+    (parts, body)
+}
+
+#[tokio::test]
+async fn an_upstream_body_over_the_response_cap_is_502_and_a_stream_is_cut_there() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(&[base(&upstream)], "max_response_body = 1000").await;
+    let reply = call("GET", &format!("{}/up/bytes?n=5000", d.url), &[], None).await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["type"], "bad_gateway");
+    let ok = call("GET", &format!("{}/up/bytes?n=1000", d.url), &[], None).await;
+    assert_eq!((ok.status, ok.body.len()), (200, 1000));
+
+    // A stream passes what fits, then an error event.
+    let body = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "word ".repeat(200)}]});
+    let (parts, body) = open(
+        &format!("{}/up/v1/chat/completions", d.url),
+        "POST",
+        &[("content-type", "application/json")],
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    let text = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let all = events(&text);
+    let last = all.last().unwrap();
+    assert!(
+        last.contains("max_response_body") && last.contains("bad_gateway"),
+        "{last}"
+    );
+    assert!(!text.contains("[DONE]"));
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn only_idempotent_requests_and_posts_with_an_idempotency_key_are_retried() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(
+        &[base(&upstream)],
+        "max_attempts = 3\nretry_base_delay = 0.01",
+    )
+    .await;
+    let get = call(
+        "GET",
+        &format!("{}/up/sequence?key=g&steps=503,200", d.url),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(get.status, 200, "a GET is retried: {}", get.text());
+    assert_eq!(upstream.sequence_count("g"), 2);
+
+    let post = call(
+        "POST",
+        &format!("{}/up/sequence?key=p&steps=503,200", d.url),
+        &[],
+        Some(b"{}".to_vec()),
+    )
+    .await;
+    assert_eq!(post.status, 503, "a POST is not retried");
+    assert_eq!(upstream.sequence_count("p"), 1);
+
+    let keyed = call(
+        "POST",
+        &format!("{}/up/sequence?key=k&steps=503,200", d.url),
+        &[("idempotency-key", "abc")],
+        Some(b"{}".to_vec()),
+    )
+    .await;
+    assert_eq!(keyed.status, 200, "a POST with an Idempotency-Key is");
+    assert_eq!(upstream.sequence_count("k"), 2);
+    let metrics = call("GET", &format!("{}/metrics", d.url), &[], None)
+        .await
+        .text();
+    assert!(
+        metrics.contains("patient_gateway_retries_total{route=\"r\"} 2"),
+        "{metrics}"
+    );
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_upstream_fails_over_to_the_next_and_its_breaker_takes_it_out() {
+    let upstream = Upstream::start().await.unwrap();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let d = daemon(
+        &[dead.clone(), base(&upstream)],
+        "breaker_failures = 2\nbreaker_duration = 60",
+    )
+    .await;
+    for _ in 0..6 {
+        let post = call(
+            "POST",
+            &format!("{}/up/v1/chat/completions", d.url),
+            &[("content-type", "application/json")],
+            Some(br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#.to_vec()),
+        )
+        .await;
+        assert_eq!(post.status, 200, "{}", post.text());
+    }
+    assert_eq!(
+        upstream.openai_requests().len(),
+        6,
+        "every request reached the live one"
+    );
+    let metrics = call("GET", &format!("{}/metrics", d.url), &[], None)
+        .await
+        .text();
+    // Two failed connections opened the dead one's breaker: after that it
+    // is skipped, not tried.
+    let failovers: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("patient_gateway_failovers_total{route=\"r\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(failovers, 2, "{metrics}");
+
+    // With every upstream down: 502 in the OpenAI shape.
+    d.stop().await.unwrap();
+    let d = daemon(&[dead], "").await;
+    let reply = call("GET", &format!("{}/up/fast", d.url), &[], None).await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["type"], "bad_gateway");
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_429_cools_the_upstream_down_for_every_request() {
+    let upstream = Upstream::start().await.unwrap();
+    // Retry-After 30 s is over the route's max_retry_after: the 429 goes
+    // back to its client, and the cool-down holds the others.
+    let d = daemon(&[base(&upstream)], "max_retry_after = 1").await;
+    let first = call(
+        "GET",
+        &format!("{}/up/sequence?key=c&steps=429,200&retry_after=30", d.url),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(first.status, 429);
+    assert_eq!(first.headers["retry-after"], "30");
+    let url = format!("{}/up/sequence?key=c&steps=429,200", d.url);
+    let others = futures_util::future::join_all((0..5).map(|_| call("GET", &url, &[], None))).await;
+    for reply in others {
+        assert_eq!(reply.status, 429, "{}", reply.text());
+        assert_eq!(reply.json()["error"]["type"], "rate_limited");
+    }
+    assert_eq!(
+        upstream.sequence_count("c"),
+        1,
+        "nothing more reached the upstream"
+    );
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_502_and_a_slow_one_504() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(&[base(&upstream)], "timeout = 0.2\nmax_attempts = 1").await;
+    let slow = call("GET", &format!("{}/up/delay?ms=3000", d.url), &[], None).await;
+    assert_eq!(slow.status, 504, "{}", slow.text());
+    assert_eq!(slow.json()["error"]["type"], "gateway_timeout");
+    // Not a route: the API's 404.
+    let other = call("GET", &format!("{}/elsewhere", d.url), &[], None).await;
+    other.assert_error(404, "not_found");
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn sse_events_arrive_one_by_one_as_the_upstream_writes_them() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(&[base(&upstream)], "").await;
+    let feed = upstream.feed("s");
+    let (parts, mut body) = open(
+        &format!("{}/up/feed?key=s&content-type=text/event-stream", d.url),
+        "GET",
+        &[("accept", "text/event-stream")],
+        "",
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["x-accel-buffering"], "no");
+    assert!(!parts.headers.contains_key("content-length"));
+    // Each event reaches the client before the upstream writes the next:
+    // the proxy holds nothing back.
+    for i in 0..3 {
+        assert!(feed.send(format!("data: {{\"n\":{i}}}\n\n")).await);
+        let got = next_data(&mut body).await.unwrap();
+        assert_eq!(got, format!("data: {{\"n\":{i}}}\n\n"));
+    }
+    // An event split across two writes comes out whole.
+    assert!(feed.send("data: {\"n\":").await);
+    assert!(feed.send("3}\n\ndata: [DONE]\n\n").await);
+    let got = next_data(&mut body).await.unwrap();
+    assert_eq!(got, "data: {\"n\":3}\n\n");
+    assert_eq!(next_data(&mut body).await.unwrap(), "data: [DONE]\n\n");
+    drop(feed);
+    assert_eq!(next_data(&mut body).await, None, "a clean end after [DONE]");
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn openai_streams_keep_their_spacing_and_a_cut_stream_ends_with_an_error_event() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(&[base(&upstream)], "").await;
+    let request = json!({"model": "m", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "one two three"}]});
+    // Spacing: 60 ms between events upstream, so between arrivals too.
+    let (parts, mut body) = open(
+        &format!("{}/up/v1/chat/completions?interval_ms=60", d.url),
+        "POST",
+        &[("content-type", "application/json")],
+        &request.to_string(),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    let mut arrivals = Vec::new();
+    let mut text = String::new();
+    while let Some(data) = next_data(&mut body).await {
+        arrivals.push(std::time::Instant::now());
+        text.push_str(std::str::from_utf8(&data).unwrap());
+    }
+    let all = events(&text);
+    assert!(all.len() >= 6, "{all:?}");
+    assert_eq!(all.last().unwrap(), "data: [DONE]");
+    let gaps: Vec<u128> = arrivals
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    assert!(
+        gaps.iter().filter(|g| **g >= 30).count() >= gaps.len() - 1,
+        "gaps {gaps:?}"
+    );
+
+    // Cut after two content chunks: the client is told, not left thinking
+    // the stream is complete.
+    let (_, body) = open(
+        &format!("{}/up/v1/chat/completions?cut_after=2", d.url),
+        "POST",
+        &[("content-type", "application/json")],
+        &request.to_string(),
+    )
+    .await;
+    let text = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let all = events(&text);
+    let last: Value =
+        serde_json::from_str(all.last().unwrap().trim_start_matches("data: ")).unwrap();
+    assert_eq!(last["error"]["type"], "bad_gateway", "{text}");
+    assert!(last["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("[DONE]"));
+
+    // A last event without its blank line still reaches the client whole.
+    let (_, body) = open(
+        &format!(
+            "{}/up/v1/chat/completions?no_trailing_blank=1&split=1",
+            d.url
+        ),
+        "POST",
+        &[("content-type", "application/json")],
+        &request.to_string(),
+    )
+    .await;
+    let text = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text:?}");
+    let metrics = call("GET", &format!("{}/metrics", d.url), &[], None)
+        .await
+        .text();
+    assert!(
+        metrics
+            .contains("patient_gateway_streams_cut_total{route=\"r\",reason=\"upstream_cut\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("patient_gateway_tokens_total{route=\"r\",kind=\"completion\"}"),
+        "{metrics}"
+    );
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_leaving_mid_stream_cancels_the_upstream_request() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(&[base(&upstream)], "").await;
+    let request = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "a b c d e f g h"}]});
+    let (_, mut body) = open(
+        &format!("{}/up/v1/chat/completions?interval_ms=200", d.url),
+        "POST",
+        &[("content-type", "application/json")],
+        &request.to_string(),
+    )
+    .await;
+    assert!(next_data(&mut body).await.is_some());
+    drop(body);
+    common::wait_for(
+        "the upstream to see the stream cancelled",
+        Duration::from_secs(5),
+        || async { (upstream.streams_cancelled() >= 1).then_some(()) },
+    )
+    .await;
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_slow_reader_holds_the_upstream_back_instead_of_growing_the_proxy() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(&[base(&upstream)], "max_response_body = 0").await;
+    let feed = upstream.feed("big");
+    let (parts, body) = open(
+        &format!(
+            "{}/up/feed?key=big&content-type=application/octet-stream",
+            d.url
+        ),
+        "GET",
+        &[("accept", "text/event-stream")],
+        "",
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    // The client reads nothing: the upstream's writes must stall once the
+    // socket buffers between them are full.
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    let mut sent = 0usize;
+    let mut stalled = false;
+    for _ in 0..1024 {
+        match tokio::time::timeout(Duration::from_millis(500), feed.send(chunk.clone())).await {
+            Ok(true) => sent += chunk.len(),
+            Ok(false) => panic!("the stream went away"),
+            Err(_) => {
+                stalled = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        stalled,
+        "64 MiB went through to a client that reads nothing"
+    );
+    assert!(
+        sent < 16 << 20,
+        "{sent} bytes were taken before the upstream was held back"
+    );
+    drop(body);
+    d.stop().await.unwrap();
+}
+
+/// Hooks that record what they see and rewrite events.
+#[derive(Default)]
+struct Recorder {
+    events: Mutex<Vec<String>>,
+    ends: Mutex<Vec<StreamSummary>>,
+}
+
+#[patient_daemon::gateway::hooks::async_trait]
+impl ProxyHooks for Recorder {
+    fn event_filter(&self, event: &SseEvent, _ctx: &mut ProxyContext) -> Action<Bytes> {
+        let text = String::from_utf8_lossy(&event.raw).into_owned();
+        self.events.lock().unwrap().push(text.clone());
+        if text.contains("drop me") {
+            Action::Drop
+        } else if text.contains("twice") {
+            Action::FanOut(vec![event.raw.clone(), event.raw.clone()])
+        } else {
+            Action::Pass
+        }
+    }
+
+    fn end_of_stream(&self, summary: &StreamSummary, _ctx: &mut ProxyContext) {
+        self.ends.lock().unwrap().push(*summary);
+    }
+}
+
+#[tokio::test]
+async fn an_embedders_hooks_see_whole_events_and_the_end_of_the_stream() {
+    let upstream = Upstream::start().await.unwrap();
+    let routes: Vec<RouteSettings> =
+        toml::from_str::<BTreeMap<String, Vec<RouteSettings>>>(&route(&[base(&upstream)], ""))
+            .unwrap()
+            .remove("routes")
+            .unwrap();
+    let hooks = Arc::new(Recorder::default());
+    let gateway = Gateway::new(&routes, BTreeMap::new(), hooks.clone()).unwrap();
+    let app = axum::Router::new()
+        .fallback(|| async { "the embedder's own" })
+        .layer(axum::middleware::from_fn_with_state(
+            gateway,
+            patient_daemon::gateway::middleware,
+        ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let feed = upstream.feed("h");
+    let (_, mut body) = open(
+        &format!("http://{addr}/up/feed?key=h&content-type=text/event-stream"),
+        "GET",
+        &[],
+        "",
+    )
+    .await;
+    assert!(feed.send("data: one\n\nda").await);
+    assert_eq!(next_data(&mut body).await.unwrap(), "data: one\n\n");
+    assert!(
+        feed.send("ta: drop me\n\ndata: twice\n\n: ping\n\ndata: [DONE]\n")
+            .await
+    );
+    drop(feed);
+    let mut rest = String::new();
+    while let Some(d) = next_data(&mut body).await {
+        rest.push_str(std::str::from_utf8(&d).unwrap());
+    }
+    assert_eq!(
+        rest,
+        "data: twice\n\ndata: twice\n\n: ping\n\ndata: [DONE]\n\n"
+    );
+    let seen = hooks.events.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            "data: one\n\n",
+            "data: drop me\n\n",
+            "data: twice\n\n",
+            ": ping\n\n",
+            "data: [DONE]\n\n"
+        ],
+        "the hook sees each event whole, the split one put back together"
+    );
+    let ends = hooks.ends.lock().unwrap().clone();
+    assert_eq!(ends.len(), 1);
+    assert!(ends[0].completed && !ends[0].client_gone);
+    assert_eq!(ends[0].events, 5);
+    // Other paths are the embedder's.
+    let other = call("GET", &format!("http://{addr}/elsewhere"), &[], None).await;
+    assert_eq!(other.text(), "the embedder's own");
+}
