@@ -61,10 +61,10 @@ async fn open(
         Some(q) => format!("{}?{q}", url.path()),
         None => url.path().to_owned(),
     };
-    let mut request = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", &authority);
+    let mut request = http::Request::builder().method(method).uri(path);
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        request = request.header("host", &authority);
+    }
     for (n, v) in headers {
         request = request.header(*n, *v);
     }
@@ -714,4 +714,305 @@ async fn an_embedders_hooks_see_whole_events_and_the_end_of_the_stream() {
     // Other paths are the embedder's.
     let other = call("GET", &format!("http://{addr}/elsewhere"), &[], None).await;
     assert_eq!(other.text(), "the embedder's own");
+}
+
+/// The Python with the `openai` package, or `None` with a notice (a failure
+/// with `PATIENT_REQUIRE_SERVICES=1`).
+fn python() -> Option<String> {
+    match std::env::var("PATIENT_TEST_PYTHON") {
+        Ok(py) if !py.is_empty() => Some(py),
+        _ => {
+            let hint = "prepare it with `eval \"$(scripts/services.sh start)\"`";
+            assert!(
+                std::env::var("PATIENT_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                "the openai SDK test needs PATIENT_TEST_PYTHON (PATIENT_REQUIRE_SERVICES=1); {hint}"
+            );
+            eprintln!(
+                "notice: skipping the openai SDK test: PATIENT_TEST_PYTHON is not set; {hint}"
+            );
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_sdk_works_through_the_gateway_unchanged() {
+    let Some(python) = python() else {
+        return;
+    };
+    let upstream = Upstream::start().await.unwrap();
+    let config = format!(
+        "[[routes]]\nname = \"openai\"\npath_prefix = \"/openai/\"\nstrip_prefix = true\nupstreams = [\"{}\"]\nmax_request_body = 4096\n",
+        base(&upstream)
+    );
+    let d = Daemon::start_with_config(&config, &[]).await;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/openai_gateway.py");
+    let base_url = format!("{}/openai/v1", d.url);
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .arg(base_url)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the SDK script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(report["chunks"].as_u64().unwrap() >= 5, "{report}");
+    // The SDK's key went upstream (the route has no credential of its own).
+    let sent = upstream.openai_requests();
+    assert!(sent
+        .iter()
+        .all(|r| r.headers["authorization"] == "Bearer sk-client"));
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_first_event_and_the_gap_between_events_have_their_timers() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(
+        &[base(&upstream)],
+        "first_event_timeout = 0.3\nidle_timeout = 0.3",
+    )
+    .await;
+    let request =
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "a b"}]});
+    // Pings keep coming but no content: the first-event timer fires.
+    let (_, body) = open(
+        &format!(
+            "{}/up/v1/chat/completions?first_delay_ms=5000&pings=50",
+            d.url
+        ),
+        "POST",
+        &[("content-type", "application/json")],
+        &request.to_string(),
+    )
+    .await;
+    let text = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let last = events(&text).pop().unwrap();
+    assert!(
+        last.contains("first_event_timeout") && last.contains("gateway_timeout"),
+        "{text}"
+    );
+    assert!(text.contains(": ping"), "the pings went through: {text}");
+    // Content, then silence: the gap timer fires.
+    let (_, body) = open(
+        &format!("{}/up/v1/chat/completions?interval_ms=5000", d.url),
+        "POST",
+        &[("content-type", "application/json")],
+        &request.to_string(),
+    )
+    .await;
+    let text = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let last = events(&text).pop().unwrap();
+    assert!(last.contains("idle_timeout"), "{text}");
+    common::wait_for(
+        "the upstream to see both streams cancelled",
+        Duration::from_secs(5),
+        || async { (upstream.streams_cancelled() >= 2).then_some(()) },
+    )
+    .await;
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_drained_stream_runs_on_after_its_client_left_and_its_usage_is_counted() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(
+        &[base(&upstream)],
+        "on_disconnect = \"drain\"\ndrain_timeout = 10",
+    )
+    .await;
+    let request = json!({"model": "m", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "a b c d"}]});
+    let (_, mut body) = open(
+        &format!("{}/up/v1/chat/completions?interval_ms=50", d.url),
+        "POST",
+        &[("content-type", "application/json")],
+        &request.to_string(),
+    )
+    .await;
+    assert!(next_data(&mut body).await.is_some());
+    drop(body);
+    let metrics = common::wait_for(
+        "the drained stream's usage",
+        Duration::from_secs(10),
+        || async {
+            let text = call("GET", &format!("{}/metrics", d.url), &[], None)
+                .await
+                .text();
+            text.contains("patient_gateway_tokens_total{route=\"r\",kind=\"completion\"} 5")
+                .then_some(text)
+        },
+    )
+    .await;
+    assert!(metrics.contains("reason=\"client_gone\"} 1"), "{metrics}");
+    assert_eq!(
+        upstream.streams_cancelled(),
+        0,
+        "the upstream stream was read to its end"
+    );
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_deadline_bounds_the_request_and_goes_upstream() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(&[base(&upstream)], "").await;
+    let reply = call(
+        "GET",
+        &format!("{}/up/sequence?key=t&steps=200", d.url),
+        &[("x-request-timeout", "5")],
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let sent: f64 = reply.json()["headers"]["x-request-timeout"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(sent > 0.0 && sent <= 5.0, "{sent}");
+    let started = std::time::Instant::now();
+    let slow = call(
+        "GET",
+        &format!("{}/up/delay?ms=5000", d.url),
+        &[("x-request-timeout", "0.3")],
+        None,
+    )
+    .await;
+    assert_eq!(slow.status, 504, "{}", slow.text());
+    assert!(started.elapsed() < Duration::from_secs(3));
+    d.stop().await.unwrap();
+}
+
+/// Hooks that answer some requests themselves and steer others.
+struct Steering {
+    second: String,
+}
+
+#[derive(Clone)]
+struct WantsSecond;
+
+#[patient_daemon::gateway::hooks::async_trait]
+impl ProxyHooks for Steering {
+    async fn request_filter(
+        &self,
+        request: patient_daemon::gateway::hooks::RequestHead<'_>,
+        ctx: &mut ProxyContext,
+    ) -> Option<patient_daemon::gateway::hooks::HookResponse> {
+        if request.uri.path().ends_with("/answer-myself") {
+            return Some(patient_daemon::gateway::hooks::HookResponse {
+                status: http::StatusCode::IM_A_TEAPOT,
+                headers: http::HeaderMap::new(),
+                body: Bytes::from_static(b"from the hook"),
+            });
+        }
+        if request.headers.remove("x-pick").is_some() {
+            ctx.extensions.insert(WantsSecond);
+        }
+        None
+    }
+
+    fn pick_upstream(&self, candidates: &[&str], ctx: &ProxyContext) -> Option<usize> {
+        ctx.extensions
+            .get::<WantsSecond>()
+            .and_then(|_| candidates.iter().position(|c| *c == self.second))
+    }
+}
+
+#[tokio::test]
+async fn a_request_hook_may_answer_itself_and_a_pick_hook_chooses_the_upstream() {
+    let first = Upstream::start().await.unwrap();
+    let second = Upstream::start().await.unwrap();
+    let text = route(&[base(&first), base(&second)], "");
+    let routes = toml::from_str::<BTreeMap<String, Vec<RouteSettings>>>(&text)
+        .unwrap()
+        .remove("routes")
+        .unwrap();
+    let hooks = Arc::new(Steering {
+        second: base(&second),
+    });
+    let gateway = Gateway::new(&routes, BTreeMap::new(), hooks).unwrap();
+    let app = axum::Router::new().layer(axum::middleware::from_fn_with_state(
+        gateway,
+        patient_daemon::gateway::middleware,
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let answered = call("GET", &format!("http://{addr}/up/answer-myself"), &[], None).await;
+    assert_eq!(
+        (answered.status, answered.text().as_str()),
+        (418, "from the hook")
+    );
+    assert_eq!(
+        first.requests() + second.requests(),
+        0,
+        "nothing was forwarded"
+    );
+    for _ in 0..4 {
+        let reply = call(
+            "GET",
+            &format!("http://{addr}/up/fast"),
+            &[("x-pick", "1")],
+            None,
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(
+        (first.requests_to("/fast"), second.requests_to("/fast")),
+        (0, 4)
+    );
+    // Without the hook's say, round robin shares them out.
+    for _ in 0..4 {
+        call("GET", &format!("http://{addr}/up/fast"), &[], None).await;
+    }
+    assert_eq!(
+        (first.requests_to("/fast"), second.requests_to("/fast")),
+        (2, 6)
+    );
+}
+
+#[tokio::test]
+async fn routes_match_by_host_and_header_before_falling_back_to_a_plain_prefix() {
+    let by_host = Upstream::start().await.unwrap();
+    let by_header = Upstream::start().await.unwrap();
+    let plain = Upstream::start().await.unwrap();
+    let config = format!(
+        "[[routes]]\nname = \"host\"\npath_prefix = \"/x/\"\nhost = \"api.local\"\nupstreams = [\"{}\"]\n\n\
+         [[routes]]\nname = \"header\"\npath_prefix = \"/x/\"\nmatch_headers = {{ x-tenant = \"blue\" }}\nupstreams = [\"{}\"]\n\n\
+         [[routes]]\nname = \"plain\"\npath_prefix = \"/x/\"\nupstreams = [{{ url = \"{}/base\", weight = 3 }}]\n",
+        base(&by_host),
+        base(&by_header),
+        base(&plain)
+    );
+    let d = Daemon::start_with_config(&config, &[]).await;
+    let url = format!("{}/x/fast", d.url);
+    for headers in [
+        [("host", "API.local:8080")],
+        [("x-tenant", "blue")],
+        [("x-tenant", "red")],
+    ] {
+        let (parts, body) = open(&url, "GET", &headers, "").await;
+        let text = body.collect().await.unwrap().to_bytes();
+        assert_eq!(parts.status, 404, "the upstreams have no /x/fast: {text:?}");
+    }
+    assert_eq!(
+        by_host.requests_to("/x/fast"),
+        1,
+        "the prefix stays without strip_prefix"
+    );
+    assert_eq!(by_header.requests_to("/x/fast"), 1);
+    // The upstream's base path goes before the forwarded path.
+    assert_eq!(plain.requests_to("/base/x/fast"), 1);
+    d.stop().await.unwrap();
 }

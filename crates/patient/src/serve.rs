@@ -38,13 +38,16 @@ the API on 127.0.0.1:8750. docs/patient.toml documents every setting:
                                               secret_access_key (secret names), table
   encryption.*      PATIENT_ENCRYPTION__*     off: secrets (names, first encrypts),
                                               format aes-gcm|active_support, serializer
+  [[routes]]        (file only)               none: proxy routes (name, path_prefix, upstreams,
+                                              strip_prefix, caps, timers, retries, credential…)
 
 Once the listener is bound and the store is open it prints one line on stderr:
   patient: listening on http://127.0.0.1:8750
 The dashboard is the page at that address (with api_token set, open it as
 http://127.0.0.1:8750/?token=TOKEN).
 SIGTERM (or Ctrl-C) stops claiming tasks, lets attempts in flight finish up to
-shutdown_timeout, releases the rest to the queue and exits 0.
+shutdown_timeout, releases the rest to the queue and exits 0. SIGHUP reads the
+settings again and replaces the proxy routes (the rest needs a restart).
 
 Exit status:
   0  stopped by a signal

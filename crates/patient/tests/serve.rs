@@ -1,6 +1,7 @@
 //! `patient serve` as a process: `kill -9` while 1,000 tasks are being
 //! submitted and run, then a restart on the same data directory; the
-//! `Interrupted` rule for a request caught in flight; and SIGTERM.
+//! `Interrupted` rule for a request caught in flight; SIGTERM; and SIGHUP
+//! reloading the proxy routes.
 //!
 //! The daemon is the real binary on `127.0.0.1:0` over a temporary data
 //! directory; the upstream and the webhook receiver run in the test.
@@ -75,10 +76,16 @@ impl Serve {
     /// Starts `patient serve --listen 127.0.0.1:0 --data-dir DIR` with the
     /// test settings and `env` on top, and waits for its listening line.
     fn start(dir: &Path, env: &[(&str, &str)]) -> Serve {
+        Serve::start_with(dir, &[], env)
+    }
+
+    /// [`start`](Self::start) with more arguments (`--config FILE`).
+    fn start_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
         let mut command = Command::new(env!("CARGO_BIN_EXE_patient"));
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -906,4 +913,107 @@ fn nodes_on_one_postgres_queue_share_the_work_and_take_up_a_killed_nodes_tasks_o
         "node C says it took up the tasks: {}",
         c.log()
     );
+}
+
+/// One GET on a new connection: the status and the body as text.
+async fn get_text(addr: SocketAddr, path: &str) -> (u16, String) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get(path)
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[test]
+fn sighup_reloads_the_routes_without_dropping_a_stream_in_flight() {
+    let rt = runtime();
+    let dir = TempDir::new("sighup");
+    let upstream = rt.block_on(Upstream::start()).unwrap();
+    let config = dir.path().join("patient.toml");
+    let route = |prefix: &str| {
+        format!(
+            "[[routes]]\nname = \"r\"\npath_prefix = \"{prefix}\"\nstrip_prefix = true\nupstreams = [\"http://{}\"]\n",
+            upstream.addr()
+        )
+    };
+    std::fs::write(&config, route("/a/")).unwrap();
+    let config_arg = config.display().to_string();
+    let serve = Serve::start_with(
+        dir.path(),
+        &["--config", &config_arg],
+        &[("PATIENT_LOG", "info")],
+    );
+    let addr = serve.addr;
+    let hup = || {
+        let sent = Command::new("kill")
+            .args(["-HUP", &serve.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    rt.block_on(async {
+        assert_eq!(get_text(addr, "/a/fast").await.0, 200);
+        assert_eq!(get_text(addr, "/b/fast").await.0, 404);
+        // A stream through /a/ stays open across the reload.
+        let feed = upstream.feed("held");
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let request = http::Request::get("/a/feed?key=held&content-type=text/event-stream")
+            .header("host", addr.to_string())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let mut body = sender.send_request(request).await.unwrap().into_body();
+        assert!(feed.send("data: before\n\n").await);
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "data: before\n\n");
+
+        std::fs::write(&config, route("/b/")).unwrap();
+        hup();
+        wait_until("the routes to be reloaded", || {
+            serve.log().contains("routes reloaded")
+        })
+        .await;
+        assert_eq!(get_text(addr, "/b/fast").await.0, 200);
+        assert_eq!(
+            get_text(addr, "/a/fast").await.0,
+            404,
+            "the old route is gone"
+        );
+        assert!(
+            feed.send("data: after\n\n").await,
+            "the stream in flight goes on"
+        );
+        let next = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(next, "data: after\n\n");
+        drop(feed);
+
+        // A bad file: the routes stay as they were, the log says why.
+        std::fs::write(
+            &config,
+            "[[routes]]\nname = \"r\"\npath_prefix = \"nope\"\nupstreams = []\n",
+        )
+        .unwrap();
+        hup();
+        wait_until("the failed reload to be logged", || {
+            serve.log().contains("cannot reload the routes")
+        })
+        .await;
+        assert!(
+            serve.log().contains("routes[0].path_prefix"),
+            "{}",
+            serve.log()
+        );
+        assert_eq!(get_text(addr, "/b/fast").await.0, 200);
+    });
 }

@@ -498,7 +498,10 @@ impl Gateway {
                     },
                     &mut ctx,
                 );
-                response_headers.remove(header::CONTENT_LENGTH);
+                if method != Method::Head {
+                    // Recomputed from the body (a HEAD keeps the upstream's).
+                    response_headers.remove(header::CONTENT_LENGTH);
+                }
                 Body::from(bytes)
             }
             ExchangeBody::Stream(stream) => {

@@ -1,0 +1,171 @@
+//! A task's response as an exchange: the head as received, the body read in
+//! full under a limit or streamed, with the same retries and limits as every
+//! other call, and a streamed body holding its concurrency slot to its end.
+
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use patient_http::{
+    exchange::{BodyMode, ExchangeBody, ExchangeOptions},
+    limit::LimitConfig,
+    resilience::ResilienceConfig,
+    retry::RetryPolicy,
+    AwaitableClient, LimitWait, Request, Task, TaskError,
+};
+use patient_testkit::Upstream;
+
+fn client(resilience: ResilienceConfig) -> AwaitableClient {
+    AwaitableClient::builder()
+        .resilience(resilience)
+        .build_awaitable()
+        .unwrap()
+}
+
+fn get(url: String) -> Task {
+    Task::new(Request::get(url).build().unwrap(), "").with_raise_error_responses(false)
+}
+
+#[tokio::test]
+async fn a_buffered_exchange_keeps_repeated_headers_apart_and_its_body_within_the_limit() {
+    let upstream = Upstream::start().await.unwrap();
+    let client = client(ResilienceConfig::default());
+    let ex = client
+        .exchange(
+            &get(upstream.url("/set?set-cookie=a%3D1&set-cookie=b%3D2")),
+            ExchangeOptions::buffered(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ex.status, 200);
+    let cookies: Vec<_> = ex.headers.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+    assert!(matches!(ex.body, ExchangeBody::Full(ref b) if b.as_ref() == b"ok"));
+
+    let too_large = client
+        .exchange(
+            &get(upstream.url("/bytes?n=2000")),
+            ExchangeOptions::buffered().max_body(1000),
+        )
+        .await
+        .unwrap_err();
+    match too_large {
+        TaskError::Request(e) => assert_eq!(e.class_name, "ResponseTooLarge", "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    // Any status is an exchange, not an error.
+    let ex = client
+        .exchange(
+            &get(upstream.url("/status/503")),
+            ExchangeOptions::buffered(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ex.status, 503);
+}
+
+#[tokio::test]
+async fn retries_happen_before_the_head_and_a_stream_is_handed_over_as_it_comes() {
+    let upstream = Upstream::start().await.unwrap();
+    let retry = RetryPolicy::builder()
+        .max_attempts(3)
+        .base_delay(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    let client = client(
+        ResilienceConfig::builder()
+            .defaults(|p| p.retry(Some(retry)))
+            .build()
+            .unwrap(),
+    );
+    let ex = client
+        .exchange(
+            &get(upstream.url("/sequence?key=s&steps=503,200")),
+            ExchangeOptions::streaming(),
+        )
+        .await
+        .unwrap();
+    assert_eq!((ex.status, ex.attempts), (200, 2));
+    assert_eq!(upstream.sequence_count("s"), 2);
+
+    let feed = upstream.feed("f");
+    let ex = client
+        .exchange(
+            &get(upstream.url("/feed?key=f")),
+            ExchangeOptions::streaming(),
+        )
+        .await
+        .unwrap();
+    let ExchangeBody::Stream(mut body) = ex.body else {
+        panic!("a stream");
+    };
+    assert!(feed.send("first").await);
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(
+        frame.into_data().unwrap(),
+        "first",
+        "before the upstream wrote more"
+    );
+    drop(feed);
+    assert!(body.frame().await.is_none());
+}
+
+#[tokio::test]
+async fn auto_streams_event_streams_only() {
+    let upstream = Upstream::start().await.unwrap();
+    let client = client(ResilienceConfig::default());
+    let auto = ExchangeOptions {
+        mode: BodyMode::Auto,
+        ..ExchangeOptions::buffered()
+    };
+    let sse = client
+        .exchange(&get(upstream.url("/sse?events=2")), auto)
+        .await
+        .unwrap();
+    let ExchangeBody::Stream(body) = sse.body else {
+        panic!("an event stream is streamed");
+    };
+    let text = body.collect().await.unwrap().to_bytes();
+    assert_eq!(text, "data: event 0\n\ndata: event 1\n\n");
+    let plain = client
+        .exchange(&get(upstream.url("/fast")), auto)
+        .await
+        .unwrap();
+    assert!(matches!(plain.body, ExchangeBody::Full(_)));
+}
+
+#[tokio::test]
+async fn a_stream_holds_its_concurrency_slot_until_it_ends() {
+    let upstream = Upstream::start().await.unwrap();
+    let key = patient_http::resilience::upstream_key(&upstream.url("/").parse().unwrap());
+    let limits = LimitConfig::builder().max_in_flight(1).build().unwrap();
+    let client = client(
+        ResilienceConfig::builder()
+            .upstream(key, move |p| p.limits(limits))
+            .build()
+            .unwrap(),
+    );
+    let no_wait = ExchangeOptions::streaming().limit_wait(LimitWait::UpTo(Duration::ZERO));
+    let feed = upstream.feed("held");
+    let held = client
+        .exchange(&get(upstream.url("/feed?key=held")), no_wait)
+        .await
+        .unwrap();
+    let refused = client
+        .exchange(&get(upstream.url("/fast")), no_wait)
+        .await
+        .unwrap_err();
+    match refused {
+        TaskError::Request(e) => assert_eq!(e.class_name, "AtCapacity", "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    let ExchangeBody::Stream(body) = held.body else {
+        panic!("a stream");
+    };
+    drop(feed);
+    let _ = body.collect().await.unwrap();
+    let ex = client
+        .exchange(&get(upstream.url("/fast")), no_wait)
+        .await
+        .unwrap();
+    assert_eq!(ex.status, 200, "the slot is free once the stream ended");
+}
