@@ -366,7 +366,12 @@ impl Engine {
 
             let response = Response {
                 status: parts.status,
-                headers: wire_headers(&parts.headers),
+                // An exchange hands on the raw head: no wire copy of it.
+                headers: if plan.exchange.is_some() {
+                    Headers::new()
+                } else {
+                    wire_headers(&parts.headers)
+                },
                 body: if parts.body.is_empty() {
                     None
                 } else {

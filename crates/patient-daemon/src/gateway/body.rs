@@ -39,7 +39,6 @@ use tokio::time::Sleep;
 use super::{
     error_type,
     hooks::{Action, ProxyContext, ProxyHooks, RequestSummary, StreamSummary},
-    metrics::GatewayMetrics,
     settings::{OnDisconnect, StreamEnd},
     sse::{facts, EventSplitter, SseEvent},
     Route,
@@ -57,7 +56,6 @@ pub(crate) struct StreamSetup {
     pub(crate) route: Arc<Route>,
     pub(crate) upstream_index: usize,
     pub(crate) hooks: Arc<dyn ProxyHooks>,
-    pub(crate) metrics: GatewayMetrics,
     pub(crate) ctx: ProxyContext,
     pub(crate) status: u16,
     pub(crate) attempts: u32,
@@ -72,7 +70,6 @@ struct State {
     route: Arc<Route>,
     upstream_index: usize,
     hooks: Arc<dyn ProxyHooks>,
-    metrics: GatewayMetrics,
     ctx: ProxyContext,
     status: u16,
     attempts: u32,
@@ -103,12 +100,11 @@ impl ProxyBody {
             route,
             upstream_index,
             hooks,
-            metrics,
             ctx,
             status,
             attempts,
         } = setup;
-        let event_latency = metrics.event_latency(&route.settings.name);
+        let event_latency = route.metrics.event_latency().clone();
         let (splitter, first_timer, gap_timer) = if event_stream {
             (
                 Some(EventSplitter::new()),
@@ -123,7 +119,6 @@ impl ProxyBody {
                 route,
                 upstream_index,
                 hooks,
-                metrics,
                 ctx,
                 status,
                 attempts,
@@ -148,10 +143,6 @@ impl ProxyBody {
 }
 
 impl State {
-    fn name(&self) -> &str {
-        &self.route.settings.name
-    }
-
     /// Ends the stream early: the upstream request is cancelled, and the
     /// client gets an error event (event streams) or a cut-off body.
     fn cut(&mut self, reason: &str, kind: &'static str, message: String) {
@@ -159,7 +150,10 @@ impl State {
         self.first_timer = None;
         self.gap_timer = None;
         self.cut = true;
-        self.metrics.cut(&self.route.settings.name, reason);
+        self.route
+            .metrics
+            .families()
+            .cut(&self.route.settings.name, reason);
         tracing::warn!(route = %self.route.settings.name, reason, %message, "stream cut");
         if self.splitter.is_some() {
             let event = json!({"error": {"message": message, "type": kind}});
@@ -212,8 +206,7 @@ impl State {
             if !self.seen_content {
                 self.seen_content = true;
                 self.first_timer = None;
-                self.metrics
-                    .first_event(&self.route.settings.name, self.ctx.started.elapsed());
+                self.route.metrics.first_event(self.ctx.started.elapsed());
             }
             let f = facts(&event);
             self.completed |= f.ends;
@@ -277,19 +270,21 @@ impl State {
             client_gone,
             usage: self.usage,
         };
+        let metrics = &self.route.metrics;
         if client_gone {
-            self.metrics.cut(&self.route.settings.name, "client_gone");
+            metrics.families().cut(metrics.route(), "client_gone");
         }
-        let name = self.name().to_owned();
         if let Some((prompt, completion)) = self.usage {
-            self.metrics.tokens(&name, prompt, completion);
+            metrics
+                .families()
+                .tokens(metrics.route(), prompt, completion);
         }
-        self.metrics.bytes(&name, "response", self.bytes);
+        metrics.bytes(true, self.bytes);
         let upstream = &self.route.upstreams[self.upstream_index];
         upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.metrics.request(&name, &upstream.origin, self.status);
+        metrics.request(Some(self.upstream_index), self.status);
         let duration = self.ctx.started.elapsed();
-        self.metrics.duration(&name, duration);
+        metrics.duration(duration);
         let hooks = Arc::clone(&self.hooks);
         hooks.end_of_stream(&summary, &mut self.ctx);
         hooks.logging(

@@ -182,51 +182,6 @@ impl GatewayMetrics {
         }
     }
 
-    /// A response sent.
-    pub fn request(&self, route: &str, upstream: &str, status: u16) {
-        self.inner
-            .requests
-            .get_or_create(&RequestLabels {
-                route: route.to_owned(),
-                upstream: upstream.to_owned(),
-                status,
-            })
-            .inc();
-    }
-
-    /// A request's whole time.
-    pub fn duration(&self, route: &str, took: Duration) {
-        self.inner
-            .duration
-            .get_or_create(&Self::route(route))
-            .observe(took.as_secs_f64());
-    }
-
-    /// Time to the response head.
-    pub fn ttfb(&self, route: &str, took: Duration) {
-        self.inner
-            .ttfb
-            .get_or_create(&Self::route(route))
-            .observe(took.as_secs_f64());
-    }
-
-    /// Time to the first content event.
-    pub fn first_event(&self, route: &str, took: Duration) {
-        self.inner
-            .first_event
-            .get_or_create(&Self::route(route))
-            .observe(took.as_secs_f64());
-    }
-
-    /// The handle of a route's added-latency histogram, looked up once per
-    /// stream.
-    pub fn event_latency(&self, route: &str) -> Histogram {
-        self.inner
-            .event_latency
-            .get_or_create(&Self::route(route))
-            .clone()
-    }
-
     /// A stream cut before its end.
     pub fn cut(&self, route: &str, reason: &str) {
         self.inner
@@ -235,37 +190,6 @@ impl GatewayMetrics {
                 route: route.to_owned(),
                 reason: reason.to_owned(),
             })
-            .inc();
-    }
-
-    /// Body bytes.
-    pub fn bytes(&self, route: &str, direction: &'static str, n: u64) {
-        if n > 0 {
-            self.inner
-                .bytes
-                .get_or_create(&DirectionLabels {
-                    route: route.to_owned(),
-                    direction,
-                })
-                .inc_by(n);
-        }
-    }
-
-    /// Retried attempts.
-    pub fn retries(&self, route: &str, n: u64) {
-        if n > 0 {
-            self.inner
-                .retries
-                .get_or_create(&Self::route(route))
-                .inc_by(n);
-        }
-    }
-
-    /// A failover.
-    pub fn failover(&self, route: &str) {
-        self.inner
-            .failovers
-            .get_or_create(&Self::route(route))
             .inc();
     }
 
@@ -296,5 +220,123 @@ impl GatewayMetrics {
     /// The families as OpenMetrics text (without `# EOF`).
     pub fn render_into(&self, out: &mut String) {
         let _ = encode_registry(out, &self.inner.registry);
+    }
+}
+
+/// The handles of one route's families, looked up once when the route is
+/// built rather than on every request.
+pub(crate) struct RouteMetrics {
+    duration: Histogram,
+    ttfb: Histogram,
+    first_event: Histogram,
+    event_latency: Histogram,
+    bytes_request: Counter,
+    bytes_response: Counter,
+    retries: Counter,
+    failovers: Counter,
+    /// Per upstream (and one more for answers no upstream gave): the
+    /// counters by status seen so far.
+    requests: Vec<std::sync::Mutex<Vec<(u16, Counter)>>>,
+    route: String,
+    upstreams: Vec<String>,
+    families: GatewayMetrics,
+}
+
+impl GatewayMetrics {
+    /// The handles of route `route` over `upstreams` (their origins).
+    pub(crate) fn route_handles(&self, route: &str, upstreams: &[String]) -> RouteMetrics {
+        let label = Self::route(route);
+        let i = &self.inner;
+        let direction = |direction| DirectionLabels {
+            route: route.to_owned(),
+            direction,
+        };
+        RouteMetrics {
+            duration: i.duration.get_or_create(&label).clone(),
+            ttfb: i.ttfb.get_or_create(&label).clone(),
+            first_event: i.first_event.get_or_create(&label).clone(),
+            event_latency: i.event_latency.get_or_create(&label).clone(),
+            bytes_request: i.bytes.get_or_create(&direction("request")).clone(),
+            bytes_response: i.bytes.get_or_create(&direction("response")).clone(),
+            retries: i.retries.get_or_create(&label).clone(),
+            failovers: i.failovers.get_or_create(&label).clone(),
+            requests: (0..=upstreams.len())
+                .map(|_| std::sync::Mutex::new(Vec::new()))
+                .collect(),
+            route: route.to_owned(),
+            upstreams: upstreams.to_vec(),
+            families: self.clone(),
+        }
+    }
+}
+
+impl RouteMetrics {
+    /// A response sent, from upstream `upstream` (`None`: the gateway's own).
+    pub(crate) fn request(&self, upstream: Option<usize>, status: u16) {
+        let index = upstream
+            .filter(|i| *i < self.upstreams.len())
+            .unwrap_or(self.upstreams.len());
+        let mut seen = self.requests[index]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((_, counter)) = seen.iter().find(|(s, _)| *s == status) {
+            counter.inc();
+            return;
+        }
+        let counter = self
+            .families
+            .inner
+            .requests
+            .get_or_create(&RequestLabels {
+                route: self.route.clone(),
+                upstream: self.upstreams.get(index).cloned().unwrap_or_default(),
+                status,
+            })
+            .clone();
+        counter.inc();
+        seen.push((status, counter));
+    }
+
+    pub(crate) fn duration(&self, took: Duration) {
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn ttfb(&self, took: Duration) {
+        self.ttfb.observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn first_event(&self, took: Duration) {
+        self.first_event.observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn event_latency(&self) -> &Histogram {
+        &self.event_latency
+    }
+
+    pub(crate) fn bytes(&self, response: bool, n: u64) {
+        match response {
+            true => self.bytes_response.inc_by(n),
+            false => self.bytes_request.inc_by(n),
+        };
+    }
+
+    pub(crate) fn retries(&self, n: u64) {
+        if n > 0 {
+            self.retries.inc_by(n);
+        }
+    }
+
+    pub(crate) fn failover(&self) {
+        self.failovers.inc();
+    }
+
+    /// The route's name.
+    pub(crate) fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// The families, for the rarer counters.
+    pub(crate) fn families(&self) -> &GatewayMetrics {
+        &self.families
     }
 }

@@ -64,7 +64,7 @@ use self::{
     body::{ProxyBody, StreamSetup},
     headers::CompiledRules,
     hooks::{ProxyContext, ProxyHooks, RequestHead, RequestSummary, UpstreamRequest},
-    metrics::GatewayMetrics,
+    metrics::{GatewayMetrics, RouteMetrics},
     settings::{secs, OnDisconnect, RouteSettings, StreamEnd, StreamMode},
 };
 
@@ -109,6 +109,7 @@ pub(crate) struct Route {
     idle_timeout: Duration,
     first_event_timeout: Duration,
     drain_timeout: Duration,
+    pub(crate) metrics: RouteMetrics,
 }
 
 /// One upstream of a route.
@@ -168,12 +169,13 @@ impl Gateway {
         secrets: BTreeMap<String, String>,
         hooks: Arc<dyn ProxyHooks>,
     ) -> Result<Gateway, GatewayError> {
-        let table = build_table(routes, &secrets)?;
+        let metrics = GatewayMetrics::new();
+        let table = build_table(routes, &secrets, &metrics)?;
         Ok(Gateway {
             shared: Arc::new(Shared {
                 table: RwLock::new(Arc::new(table)),
                 hooks,
-                metrics: GatewayMetrics::new(),
+                metrics,
                 secrets,
             }),
         })
@@ -183,7 +185,7 @@ impl Gateway {
     /// routes they started with; connections are not dropped. On an error
     /// the routes stay as they were.
     pub fn reload(&self, routes: &[RouteSettings]) -> Result<(), GatewayError> {
-        let table = build_table(routes, &self.shared.secrets)?;
+        let table = build_table(routes, &self.shared.secrets, &self.shared.metrics)?;
         let mut current = self.shared.table.write().unwrap_or_else(|e| e.into_inner());
         *current = Arc::new(table);
         Ok(())
@@ -229,7 +231,7 @@ impl Gateway {
         let name = route.settings.name.as_str();
         let mut ctx = ProxyContext {
             route: name.to_owned(),
-            request_id: uuid::Uuid::new_v4().simple().to_string(),
+            request_id: request_id(),
             upstream: None,
             streaming: false,
             started,
@@ -238,7 +240,7 @@ impl Gateway {
         let fail =
             |ctx: &mut ProxyContext, status: StatusCode, kind: &'static str, message: String| {
                 metrics.error(name, kind);
-                metrics.request(name, ctx.upstream.as_deref().unwrap_or(""), status.as_u16());
+                route.metrics.request(None, status.as_u16());
                 hooks.logging(
                     &RequestSummary {
                         status: status.as_u16(),
@@ -303,7 +305,7 @@ impl Gateway {
                 )
             }
         };
-        metrics.bytes(name, "request", body.len() as u64);
+        route.metrics.bytes(false, body.len() as u64);
 
         let mut headers = parts.headers;
         let client_host = headers
@@ -327,7 +329,7 @@ impl Gateway {
             .await
         {
             let status = answer.status.as_u16();
-            metrics.request(name, "", status);
+            route.metrics.request(None, status);
             hooks.logging(
                 &RequestSummary {
                     status,
@@ -393,7 +395,7 @@ impl Gateway {
             let upstream = &route.upstreams[index];
             ctx.upstream = Some(upstream.origin.clone());
             if tried > 0 {
-                metrics.failover(name);
+                route.metrics.failover();
             }
             let mut path = suffix.clone();
             let mut sent_headers = headers.clone();
@@ -450,7 +452,7 @@ impl Gateway {
                 }
             }
         }
-        metrics.retries(name, u64::from(attempts.saturating_sub(1)));
+        route.metrics.retries(u64::from(attempts.saturating_sub(1)));
         let Some((index, ex)) = exchange else {
             let (status, kind, message) = match &last_error {
                 Some(error) => error_answer(error),
@@ -462,8 +464,7 @@ impl Gateway {
             };
             return fail(&mut ctx, status, kind, message);
         };
-        let upstream_origin = route.upstreams[index].origin.clone();
-        metrics.ttfb(name, started.elapsed());
+        route.metrics.ttfb(started.elapsed());
 
         let mut status = StatusCode::from_u16(ex.status).unwrap_or(StatusCode::BAD_GATEWAY);
         let mut response_headers = ex.headers;
@@ -482,12 +483,12 @@ impl Gateway {
                 route.upstreams[index]
                     .in_flight
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                metrics.bytes(name, "response", bytes.len() as u64);
+                route.metrics.bytes(true, bytes.len() as u64);
                 if let Some((prompt, completion)) = usage_of_body(&response_headers, &bytes) {
                     metrics.tokens(name, prompt, completion);
                 }
-                metrics.request(name, &upstream_origin, status.as_u16());
-                metrics.duration(name, started.elapsed());
+                route.metrics.request(Some(index), status.as_u16());
+                route.metrics.duration(started.elapsed());
                 hooks.logging(
                     &RequestSummary {
                         status: status.as_u16(),
@@ -512,7 +513,6 @@ impl Gateway {
                     route: Arc::clone(&route),
                     upstream_index: index,
                     hooks: Arc::clone(hooks),
-                    metrics: metrics.clone(),
                     ctx,
                     status: status.as_u16(),
                     attempts,
@@ -583,6 +583,12 @@ impl Route {
             .iter()
             .all(|(name, value)| request.headers().get(name) == Some(value))
     }
+}
+
+/// A new request id: 32 hex digits from the thread's fast generator (no
+/// system call per request).
+fn request_id() -> String {
+    format!("{:032x}", fastrand::u128(..))
 }
 
 /// The path and query sent upstream.
@@ -806,6 +812,7 @@ fn error_answer(error: &TaskError) -> (StatusCode, &'static str, String) {
 fn build_table(
     routes: &[RouteSettings],
     secrets: &BTreeMap<String, String>,
+    metrics: &GatewayMetrics,
 ) -> Result<Table, GatewayError> {
     settings::check_routes(routes, &|name| secrets.contains_key(name))
         .map_err(|(setting, message)| GatewayError { setting, message })?;
@@ -884,6 +891,7 @@ fn build_table(
             }
         };
         let weights: Vec<u32> = s.upstreams.iter().map(|u| u.weight()).collect();
+        let origins: Vec<String> = upstreams.iter().map(|u| u.origin.clone()).collect();
         built.push(Arc::new(Route {
             match_headers: s
                 .match_headers
@@ -905,6 +913,7 @@ fn build_table(
             idle_timeout: secs(s.idle_timeout),
             first_event_timeout: secs(s.first_event_timeout.unwrap_or(s.timeout)),
             drain_timeout: secs(s.drain_timeout),
+            metrics: metrics.route_handles(&s.name, &origins),
             settings: s.clone(),
         }));
     }
