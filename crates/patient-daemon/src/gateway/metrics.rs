@@ -251,15 +251,25 @@ impl GatewayMetrics {
             route: route.to_owned(),
             direction,
         };
+        // Each handle in its own statement: a family's guard must be gone
+        // before the same family is asked again (a new key takes its lock).
+        let duration = i.duration.get_or_create(&label).clone();
+        let ttfb = i.ttfb.get_or_create(&label).clone();
+        let first_event = i.first_event.get_or_create(&label).clone();
+        let event_latency = i.event_latency.get_or_create(&label).clone();
+        let bytes_request = i.bytes.get_or_create(&direction("request")).clone();
+        let bytes_response = i.bytes.get_or_create(&direction("response")).clone();
+        let retries = i.retries.get_or_create(&label).clone();
+        let failovers = i.failovers.get_or_create(&label).clone();
         RouteMetrics {
-            duration: i.duration.get_or_create(&label).clone(),
-            ttfb: i.ttfb.get_or_create(&label).clone(),
-            first_event: i.first_event.get_or_create(&label).clone(),
-            event_latency: i.event_latency.get_or_create(&label).clone(),
-            bytes_request: i.bytes.get_or_create(&direction("request")).clone(),
-            bytes_response: i.bytes.get_or_create(&direction("response")).clone(),
-            retries: i.retries.get_or_create(&label).clone(),
-            failovers: i.failovers.get_or_create(&label).clone(),
+            duration,
+            ttfb,
+            first_event,
+            event_latency,
+            bytes_request,
+            bytes_response,
+            retries,
+            failovers,
             requests: (0..=upstreams.len())
                 .map(|_| std::sync::Mutex::new(Vec::new()))
                 .collect(),
