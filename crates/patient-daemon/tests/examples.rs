@@ -9,28 +9,9 @@ use std::{path::Path, process::Stdio, time::Duration};
 use common::{Daemon, SECRET};
 use patient_testkit::Upstream;
 
-/// The Python with `standardwebhooks`, or `None` with a notice (a failure
-/// with `PATIENT_REQUIRE_SERVICES=1`).
-fn python() -> Option<String> {
-    match std::env::var("PATIENT_TEST_PYTHON") {
-        Ok(py) if !py.is_empty() => Some(py),
-        _ => {
-            let hint = "prepare it with `eval \"$(scripts/services.sh start)\"`";
-            assert!(
-                std::env::var("PATIENT_REQUIRE_SERVICES").as_deref() != Ok("1"),
-                "the Python example needs PATIENT_TEST_PYTHON (PATIENT_REQUIRE_SERVICES=1); {hint}"
-            );
-            eprintln!(
-                "notice: skipping the Python example: PATIENT_TEST_PYTHON is not set; {hint}"
-            );
-            None
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_example_receives_and_verifies_its_webhook() {
-    let Some(python) = python() else {
+    let Some(python) = patient_testkit::services::test_python("the Python example") else {
         return;
     };
     let upstream = Upstream::start().await.unwrap();

@@ -716,28 +716,9 @@ async fn an_embedders_hooks_see_whole_events_and_the_end_of_the_stream() {
     assert_eq!(other.text(), "the embedder's own");
 }
 
-/// The Python with the `openai` package, or `None` with a notice (a failure
-/// with `PATIENT_REQUIRE_SERVICES=1`).
-fn python() -> Option<String> {
-    match std::env::var("PATIENT_TEST_PYTHON") {
-        Ok(py) if !py.is_empty() => Some(py),
-        _ => {
-            let hint = "prepare it with `eval \"$(scripts/services.sh start)\"`";
-            assert!(
-                std::env::var("PATIENT_REQUIRE_SERVICES").as_deref() != Ok("1"),
-                "the openai SDK test needs PATIENT_TEST_PYTHON (PATIENT_REQUIRE_SERVICES=1); {hint}"
-            );
-            eprintln!(
-                "notice: skipping the openai SDK test: PATIENT_TEST_PYTHON is not set; {hint}"
-            );
-            None
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_sdk_works_through_the_gateway_unchanged() {
-    let Some(python) = python() else {
+    let Some(python) = patient_testkit::services::test_python("the openai SDK test") else {
         return;
     };
     let upstream = Upstream::start().await.unwrap();

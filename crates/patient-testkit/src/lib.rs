@@ -36,6 +36,7 @@ mod body;
 mod fault;
 mod listener;
 mod proxy;
+pub mod services;
 mod tls;
 mod upstream;
 

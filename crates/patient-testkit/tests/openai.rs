@@ -568,28 +568,9 @@ async fn resetting_an_http2_stream_cancels_it() {
     assert_eq!(upstream.connections(), 1);
 }
 
-/// The Python with the `openai` package, or `None` with a notice (a failure
-/// with `PATIENT_REQUIRE_SERVICES=1`).
-fn python() -> Option<String> {
-    match std::env::var("PATIENT_TEST_PYTHON") {
-        Ok(py) if !py.is_empty() => Some(py),
-        _ => {
-            let hint = "prepare it with `eval \"$(scripts/services.sh start)\"`";
-            assert!(
-                std::env::var("PATIENT_REQUIRE_SERVICES").as_deref() != Ok("1"),
-                "the openai SDK test needs PATIENT_TEST_PYTHON (PATIENT_REQUIRE_SERVICES=1); {hint}"
-            );
-            eprintln!(
-                "notice: skipping the openai SDK test: PATIENT_TEST_PYTHON is not set; {hint}"
-            );
-            None
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_sdk_completes_and_streams() {
-    let Some(python) = python() else {
+    let Some(python) = patient_testkit::services::test_python("the openai SDK test") else {
         return;
     };
     let upstream = Upstream::start().await.unwrap();

@@ -770,7 +770,7 @@ fn fails_over(error: &TaskError, method: Method, idempotency_key: bool) -> bool 
             ) || retryable
                 || matches!(
                     e.class_name.as_str(),
-                    "ConnectionRefused" | "ConnectError" | "DnsError" | "ConnectTimeout"
+                    "ConnectionRefused" | "ConnectionFailed" | "DnsError" | "ConnectTimeout"
                 )
         }
         ErrorType::Timeout => retryable,
