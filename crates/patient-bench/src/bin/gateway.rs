@@ -28,21 +28,23 @@
 //!   last line the medians over the rounds and the verdict. Targets: `fast`
 //!   ≥ 1.2× nginx's requests/s, `64k` ≥ 1.0×, p99 no worse than nginx's.
 //! * `sse`: OpenAI-style streams (`"stream": true`, `?interval_ms=20`,
-//!   about 50 events) read by a hyper client, in sets of six started at
+//!   about 50 events) read by a hyper client, in sets of seven started at
 //!   the same instant on connections opened beforehand: the upstream
 //!   directly (A), through the gateway, the upstream directly again (B),
-//!   through nginx, and through each proxy behind the tap. Each event's
-//!   arrival is timed from its request's start; the lines give the mean,
-//!   p50, p90 and p99 of (through − A) paired by event index over every
-//!   set, and of (B − A), the measurement's own noise: the upstream sleeps
-//!   between events one after the other, so two of its streams drift apart
-//!   by whole milliseconds now and then. The tap is a relay in this
-//!   process between a proxy and the upstream that notes when it hands
-//!   each event on to the proxy (for the gateway a second `patient serve`
-//!   whose route points at the tap, for nginx its `/tap/`): arrival at the
-//!   client minus that instant is the event's time in the proxy, free of
-//!   the upstream's drift. Target: the gateway adds ≤ 1 ms per event
-//!   (mean of through − A; mean and p99 from the tap).
+//!   through nginx, through each proxy behind the tap, and through the
+//!   tap alone. Each event's arrival is timed from its request's start;
+//!   the lines give the mean, p50, p90 and p99 of (through − A) paired by
+//!   event index over every set, and of (B − A), the measurement's own
+//!   noise: the upstream sleeps between events one after the other, so two
+//!   of its streams drift apart by whole milliseconds now and then. The
+//!   tap is a relay in this process between a proxy and the upstream that
+//!   notes when it hands each event on to the proxy (for the gateway a
+//!   second `patient serve` whose route points at the tap, for nginx its
+//!   `/tap/`): arrival at the client minus that instant is the event's
+//!   time in the proxy, free of the upstream's drift; the tap alone gives
+//!   that figure's floor (one loopback hop and the client's wake-up).
+//!   Target: the gateway adds ≤ 1 ms per event (the mean of through − A;
+//!   the mean and p99 from the tap).
 //! * `streams`: 1,000 streams (`?interval_ms=200`, 110+ events, about 23 s
 //!   each) held open at once through the gateway, then through nginx: the
 //!   proxy's resident set (`VmRSS`, nginx's processes summed) before, at
@@ -92,9 +94,9 @@ upstream (patient-upstream beside this one), with a direct run as the floor:
 
   fast     wrk -tT -cC -dS --latency on /up/fast (T 2, C 64, S 10), R rounds (3)
   64k      the same on /up/bytes?n=65536
-  sse      N sets (40) of six OpenAI-style streams at once (direct, gateway,
-           direct, nginx, and each proxy behind a relay that timestamps the
-           events): the added latency per event
+  sse      N sets (40) of seven OpenAI-style streams at once (direct, gateway,
+           direct, nginx, each proxy behind a relay that timestamps the
+           events, the relay alone): the added latency per event
   streams  N streams (1000) through each proxy held open at once, an event
            every M ms (200): the proxy's resident set
 
@@ -898,13 +900,15 @@ impl Bench {
         };
         let body = Bench::chat_body(SSE_WORDS);
         let query = format!("/v1/chat/completions?interval_ms={SSE_INTERVAL_MS}");
-        // Slots: 0 direct A, 1 patient, 2 direct B, 3 patient tapped, then
-        // 4 nginx and 5 nginx tapped.
+        // Slots: 0 direct A, 1 patient, 2 direct B, 3 patient behind the
+        // tap, 4 the tap itself (no proxy: the floor of the tap's figure),
+        // then 5 nginx and 6 nginx behind the tap.
         let mut targets: Vec<(SocketAddr, String, Bytes)> = vec![
             (self.upstream.addr(), query.clone(), body.clone()),
             (self.patient.addr, format!("/up{query}"), body.clone()),
             (self.upstream.addr(), query.clone(), body.clone()),
             (tapped.addr, format!("/up{query}"), Bytes::new()),
+            (self.tap.addr, query.clone(), Bytes::new()),
         ];
         if let Some(nginx) = &self.nginx {
             targets.push((nginx.addr, format!("/sse{query}"), body.clone()));
@@ -990,21 +994,22 @@ impl Bench {
             && patient_tap.p99_ms <= 1.0;
         let mut lines = vec![
             ("patient", "through_minus_direct", patient),
+            ("patient", "tap_to_client", patient_tap),
             (
                 "direct_again",
                 "through_minus_direct",
                 Added::between(&arrivals[2], direct),
             ),
+            ("direct", "tap_to_client", Added::of(in_proxy[4].clone())),
         ];
         if self.nginx.is_some() {
             lines.push((
                 "nginx",
                 "through_minus_direct",
-                Added::between(&arrivals[4], direct),
+                Added::between(&arrivals[5], direct),
             ));
-            lines.push(("nginx", "tap_to_client", Added::of(in_proxy[5].clone())));
+            lines.push(("nginx", "tap_to_client", Added::of(in_proxy[6].clone())));
         }
-        lines.insert(1, ("patient", "tap_to_client", patient_tap));
         for (side, measure, added) in &lines {
             let mut out = line()
                 .text("side", side)
