@@ -11,14 +11,18 @@
 # test runs against the Redis above; and Chromium (Debian's chromium), the
 # real browser the dashboard's test drives headless (with chromium-driver).
 # Missing software is installed first; install output goes to log files.
+# `bench-tools` installs what the gateway benchmark compares against and loads
+# with (Debian's nginx and wrk); `start` does not, the tests need neither.
 #
 #   eval "$(scripts/services.sh start)"   # start (or reuse) them; prints `export` lines
+#   eval "$(scripts/services.sh bench-tools)"  # install nginx and wrk; prints their `export` lines
 #   scripts/services.sh env                # print the `export` lines of running services
 #   scripts/services.sh status             # say what is running
 #   scripts/services.sh stop               # stop everything `start` started
 #   scripts/services.sh stop redis moto    # stop some of them (redis, postgres, moto)
 #
-# Only `export PATIENT_TEST_...=...` lines go to stdout; progress goes to stderr.
+# Only `export PATIENT_TEST_...=...` (and `PATIENT_BENCH_...`) lines go to
+# stdout; progress goes to stderr.
 # State (PIDs, data directories, logs) lives in $PATIENT_SERVICES_DIR
 # (default: target/services in the repository).
 set -euo pipefail
@@ -404,6 +408,69 @@ ensure_sidekiq() {
   sidekiq_installed || die "Sidekiq does not load after installing ruby-sidekiq (see $STATE/install.log)"
 }
 
+# --- Benchmark tools (Debian's nginx and wrk) for the gateway benchmark -----
+# Not installed by `start`: only `patient-bench --bin gateway` uses them. The
+# nginx binary is run with a generated config of its own; the package's
+# system-wide server, if the package starts one, is not used.
+
+# The nginx binary, empty when missing.
+nginx_bin() {
+  local bin
+  for bin in "$(command -v nginx || true)" /usr/sbin/nginx; do
+    if [ -n "$bin" ] && [ -x "$bin" ]; then
+      echo "$bin"
+      return
+    fi
+  done
+}
+
+# The wrk binary, empty when missing.
+wrk_bin() {
+  command -v wrk || true
+}
+
+# Installs the first nginx package the archive has, then wrk.
+ensure_bench_tools() {
+  if [ -n "$(nginx_bin)" ]; then
+    say "nginx already installed: $(nginx_bin)"
+  else
+    local pkg candidate chosen=""
+    for pkg in nginx-light nginx-core nginx; do
+      candidate=$(apt-cache policy "$pkg" 2>/dev/null | awk '/Candidate:/ {print $2}')
+      if [ -n "$candidate" ] && [ "$candidate" != "(none)" ]; then
+        chosen=$pkg
+        break
+      fi
+    done
+    [ -n "$chosen" ] || chosen=nginx
+    apt_install "$chosen"
+    [ -n "$(nginx_bin)" ] || die "nginx missing after installing $chosen (see $STATE/install.log)"
+  fi
+  if [ -n "$(wrk_bin)" ]; then
+    say "wrk already installed: $(wrk_bin)"
+  else
+    apt_install wrk
+    [ -n "$(wrk_bin)" ] || die "wrk missing after installing it (see $STATE/install.log)"
+  fi
+}
+
+print_bench_env() {
+  local bin
+  bin=$(nginx_bin)
+  [ -z "$bin" ] || echo "export PATIENT_BENCH_NGINX=$bin"
+  bin=$(wrk_bin)
+  [ -z "$bin" ] || echo "export PATIENT_BENCH_WRK=$bin"
+}
+
+cmd_bench_tools() {
+  mkdir -p "$STATE"
+  local t0
+  t0=$(now_ms)
+  ensure_bench_tools
+  say "benchmark tools ready in $(($(now_ms) - t0)) ms"
+  print_bench_env
+}
+
 # --- Commands --------------------------------------------------------------
 
 print_env() {
@@ -427,6 +494,7 @@ print_env() {
   if sidekiq_installed; then
     echo "export PATIENT_TEST_SIDEKIQ=$(command -v sidekiq)"
   fi
+  print_bench_env
 }
 
 cmd_start() {
@@ -481,6 +549,8 @@ cmd_status() {
   tools_installed && say "python tools: installed" || say "python tools: not installed"
   sidekiq_installed && say "sidekiq: installed" || say "sidekiq: not installed"
   chromium_installed && say "chromium: installed" || say "chromium: not installed"
+  [ -n "$(nginx_bin)" ] && say "nginx: $(nginx_bin)" || say "nginx: not installed"
+  [ -n "$(wrk_bin)" ] && say "wrk: $(wrk_bin)" || say "wrk: not installed"
 }
 
 case "${1:-}" in
@@ -491,8 +561,9 @@ case "${1:-}" in
     ;;
   env) print_env ;;
   status) cmd_status ;;
+  bench-tools) cmd_bench_tools ;;
   *)
-    echo "usage: $0 start | stop [redis|postgres|moto ...] | env | status" >&2
+    echo "usage: $0 start | stop [redis|postgres|moto ...] | env | status | bench-tools" >&2
     exit 2
     ;;
 esac

@@ -1,6 +1,6 @@
 //! Benchmarks of patient's processor against a bare hyper-util client.
 //!
-//! Nine programs live in `src/bin/`:
+//! The programs in `src/bin/` include:
 //!
 //! * `throughput` — enqueue → `on_complete` through the processor versus a
 //!   bare hyper-util client loop, same upstream route and concurrency;
@@ -19,16 +19,20 @@
 //!   AES-256-GCM primitive of ring on the same bytes;
 //! * `stores` — store then fetch round trips of 1 KiB, 64 KiB and 1 MiB
 //!   payloads against each payload store (directory, SQLite, PostgreSQL,
-//!   Redis, S3), one after another, in one process.
+//!   Redis, S3), one after another, in one process;
+//! * `gateway` — the daemon's gateway against nginx as reverse proxies to
+//!   the same upstream (wrk on `/fast` and 64 KiB bodies, the latency an
+//!   event stream gains, 1,000 streams held at once), each server a process
+//!   of its own ([`external`], [`wrk`]).
 //!
 //! `overhead` to `rate_limit` share [`resilience`]: named variants of one
 //! processor configuration, each in a child process of its own.
 //!
-//! Each program but `encryption` and `stores` re-executes itself: once as the
-//! upstream server (`--upstream-child`, see [`upstream`]), and once per
-//! measured side (`--side patient|hyper`, see [`harness`]), so that the
-//! upstream's sockets and each side's peak RSS are counted in a process of
-//! their own. Every child prints one `key=value` line ([`report`]); the
+//! Each of the first nine programs but `encryption` and `stores`
+//! re-executes itself: once as the upstream server (`--upstream-child`, see
+//! [`upstream`]), and once per measured side (`--side patient|hyper`, see
+//! [`harness`]), so that the upstream's sockets and each side's peak RSS
+//! are counted in a process of their own. Every child prints one `key=value` line ([`report`]); the
 //! parent prints those lines and a ratio line.
 //!
 //! ```
@@ -43,6 +47,7 @@
 
 pub mod args;
 pub mod bare;
+pub mod external;
 pub mod harness;
 pub mod patient_side;
 pub mod report;
@@ -50,3 +55,4 @@ pub mod resilience;
 pub mod rss;
 pub mod stats;
 pub mod upstream;
+pub mod wrk;

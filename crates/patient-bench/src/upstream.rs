@@ -50,8 +50,17 @@ pub struct UpstreamProcess {
 impl UpstreamProcess {
     /// Starts `exe --upstream-child` and waits for the address it prints.
     pub fn spawn(exe: &Path) -> io::Result<UpstreamProcess> {
-        let mut child = Command::new(exe)
-            .arg(UPSTREAM_CHILD_FLAG)
+        let mut command = Command::new(exe);
+        command.arg(UPSTREAM_CHILD_FLAG);
+        UpstreamProcess::spawn_command(command)
+    }
+
+    /// Starts `command`, a program that prints `listening=ADDR …` first and
+    /// serves until its stdin closes (this module's child, or the test
+    /// kit's `patient-upstream --listen 127.0.0.1:0`), and waits for the
+    /// address. Only this module's child answers [`requests`](Self::requests).
+    pub fn spawn_command(mut command: Command) -> io::Result<UpstreamProcess> {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -79,6 +88,11 @@ impl UpstreamProcess {
     /// The address of its main listener.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// `http://ADDR`, without a trailing slash.
