@@ -23,7 +23,8 @@
 //! * `gateway` — the daemon's gateway against nginx as reverse proxies to
 //!   the same upstream (wrk on `/fast` and 64 KiB bodies, the latency an
 //!   event stream gains, 1,000 streams held at once), each server a process
-//!   of its own ([`external`], [`wrk`]).
+//!   of its own ([`external`], [`wrk`]), with a bare hyper reverse proxy
+//!   ([`bare_proxy`]) as the floor of the gateway's own stack.
 //!
 //! `overhead` to `rate_limit` share [`resilience`]: named variants of one
 //! processor configuration, each in a child process of its own.
@@ -47,6 +48,7 @@
 
 pub mod args;
 pub mod bare;
+pub mod bare_proxy;
 pub mod external;
 pub mod harness;
 pub mod patient_side;

@@ -10,6 +10,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// mimalloc rather than glibc's malloc: the daemon allocates on every
+// worker thread at once, and glibc's arenas contend (and grow) under it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Hand off slow HTTP calls; get every answer back.
 #[derive(Debug, Parser)]
 #[command(name = "patient", version, about, long_about = None)]

@@ -9,10 +9,12 @@
 //! target/release/gateway [--duration-s 10] [--connections 64] [--rounds 3] [--only fast,64k,sse,streams]
 //! ```
 //!
-//! Three servers, each a process of its own on a free loopback port: the
+//! Four servers, each a process of its own on a free loopback port: the
 //! test kit's `patient-upstream`, `patient serve` (both release binaries
 //! beside this one) on a fresh data directory with a route `bench` at
-//! `/up/` (prefix stripped, no response cap, the default retries), and
+//! `/up/` (prefix stripped, no response cap, the default retries), a bare
+//! hyper reverse proxy (this program as `--bare-proxy-child`, see
+//! `patient_bench::bare_proxy`: the floor of the gateway's own stack), and
 //! nginx (`PATIENT_BENCH_NGINX`, else `nginx` on `PATH`) with a generated
 //! config: one worker per core, `access_log off`, an `upstream` block with
 //! `keepalive 128`, HTTP/1.1 and `Connection ""` upstream, nginx's default
@@ -21,10 +23,11 @@
 //!
 //! * `fast` and `64k`: `wrk -t2 -c64 -d10s --latency` (`PATIENT_BENCH_WRK`,
 //!   else `wrk` on `PATH`) on `/up/fast` and `/up/bytes?n=65536`: the
-//!   upstream directly, then the two proxies, alternating which goes first
-//!   round by round. Each run's line has the requests/s, p50/p90/p99, the
+//!   upstream directly, then the three proxies, the order reversed every
+//!   other round. Each run's line has the requests/s, p50/p90/p99, the
 //!   CPU the proxy (nginx: master and workers) and the upstream used; each
-//!   round's line the ratio patient ÷ nginx measured in that round; the
+//!   round's line the ratios patient ÷ nginx, patient ÷ hyper and
+//!   hyper ÷ nginx measured in that round; the
 //!   last line the medians over the rounds and the verdict. Targets: `fast`
 //!   ≥ 1.2× nginx's requests/s, `64k` ≥ 1.0×, p99 no worse than nginx's.
 //! * `sse`: OpenAI-style streams (`"stream": true`, `?interval_ms=20`,
@@ -71,6 +74,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use patient_bench::{
     args::Args,
+    bare_proxy::{run_bare_proxy_child, BARE_PROXY_CHILD_FLAG},
     external::{
         cpu_ticks_of, find_program, free_port, raise_open_files_limit, rss_kib_of, sibling_program,
         wait_for_port, watch_lines, with_children, Process, TempDir,
@@ -186,6 +190,8 @@ enum Side {
     Direct,
     Patient,
     Nginx,
+    /// The bare hyper reverse proxy.
+    Hyper,
 }
 
 impl fmt::Display for Side {
@@ -194,6 +200,7 @@ impl fmt::Display for Side {
             Side::Direct => "direct",
             Side::Patient => "patient",
             Side::Nginx => "nginx",
+            Side::Hyper => "hyper",
         })
     }
 }
@@ -211,6 +218,21 @@ struct Options {
 }
 
 fn main() -> ExitCode {
+    let mut raw = std::env::args().skip(1);
+    if raw.next().as_deref() == Some(BARE_PROXY_CHILD_FLAG) {
+        let upstream = raw.next().and_then(|a| a.parse::<SocketAddr>().ok());
+        let Some(upstream) = upstream else {
+            eprintln!("{BENCH}: {BARE_PROXY_CHILD_FLAG} wants the upstream's address");
+            return ExitCode::from(2);
+        };
+        return match run_bare_proxy_child(upstream) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{BENCH}: the bare proxy: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = match Args::parse(
         std::env::args().skip(1),
         &[
@@ -297,6 +319,7 @@ struct Bench {
     upstream: UpstreamProcess,
     patient: Server,
     nginx: Option<Server>,
+    hyper: Server,
     wrk: Option<PathBuf>,
     runtime: tokio::runtime::Runtime,
     failures: u32,
@@ -320,6 +343,7 @@ fn run(options: &Options) -> Result<bool, BoxError> {
     let upstream = UpstreamProcess::spawn_command(command)?;
     let tap = runtime.block_on(Tap::start(upstream.addr()))?;
     let patient = start_patient(&patient_bin, &dir.path().join("patient"), upstream.addr())?;
+    let hyper = start_bare_proxy(upstream.addr())?;
     let nginx = match &nginx_bin {
         Some(bin) => Some(start_nginx(
             bin,
@@ -348,6 +372,7 @@ fn run(options: &Options) -> Result<bool, BoxError> {
         upstream,
         patient,
         nginx,
+        hyper,
         wrk,
         runtime,
         failures: 0,
@@ -359,6 +384,7 @@ fn run(options: &Options) -> Result<bool, BoxError> {
             .text("setup", "servers")
             .text("upstream", bench.upstream.addr())
             .text("patient", bench.patient.addr)
+            .text("hyper", bench.hyper.addr)
             .text("tap", bench.tap.addr)
             .text(
                 "nginx",
@@ -545,6 +571,31 @@ http {{
     )
 }
 
+/// Starts the bare hyper proxy: this program as `--bare-proxy-child`.
+fn start_bare_proxy(upstream: SocketAddr) -> Result<Server, BoxError> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .arg(BARE_PROXY_CHILD_FLAG)
+        .arg(upstream.to_string())
+        .stdout(Stdio::piped());
+    let mut process = Process::spawn("the bare proxy", command)?;
+    let stdout = process
+        .child_mut()
+        .and_then(|child| child.stdout.take())
+        .ok_or("the bare proxy has no stdout")?;
+    let addr = watch_lines(stdout, START_TIMEOUT, |line| {
+        line.strip_prefix("listening=")
+            .and_then(|addr| addr.trim().parse::<SocketAddr>().ok())
+    })?
+    .ok_or("the bare proxy did not print its address")?;
+    let pid = process.pid();
+    Ok(Server {
+        process,
+        addr,
+        pids: vec![pid],
+    })
+}
+
 /// Starts nginx in the foreground (`daemon off`) on a free port.
 fn start_nginx(
     bin: &Path,
@@ -595,6 +646,7 @@ impl Bench {
         match side {
             Side::Direct => Some(format!("http://{}", self.upstream.addr())),
             Side::Patient => Some(format!("http://{}/up", self.patient.addr)),
+            Side::Hyper => Some(format!("http://{}/up", self.hyper.addr)),
             Side::Nginx => self
                 .nginx
                 .as_ref()
@@ -607,6 +659,7 @@ impl Bench {
             Side::Direct => Some(self.upstream.addr()),
             Side::Patient => Some(self.patient.addr),
             Side::Nginx => self.nginx.as_ref().map(|n| n.addr),
+            Side::Hyper => Some(self.hyper.addr),
         }
     }
 
@@ -614,7 +667,7 @@ impl Bench {
     fn prefix(side: Side, streaming: bool) -> &'static str {
         match side {
             Side::Direct => "",
-            Side::Patient => "/up",
+            Side::Patient | Side::Hyper => "/up",
             Side::Nginx if streaming => "/sse",
             Side::Nginx => "/up",
         }
@@ -625,6 +678,7 @@ impl Bench {
             Side::Direct => None,
             Side::Patient => Some(&self.patient),
             Side::Nginx => self.nginx.as_ref(),
+            Side::Hyper => Some(&self.hyper),
         }
     }
 
@@ -633,6 +687,7 @@ impl Bench {
         if self.nginx.is_some() {
             sides.push(Side::Nginx);
         }
+        sides.push(Side::Hyper);
         sides
     }
 
@@ -752,23 +807,24 @@ impl Bench {
         for side in self.sides() {
             let _ = self.wrk_run(scenario, None, side, path, warmup);
         }
-        let mut reports: Vec<[Option<WrkReport>; 3]> = Vec::new();
+        let mut reports: Vec<[Option<WrkReport>; 4]> = Vec::new();
         for round in 0..self.options.rounds {
             let order = if round % 2 == 0 {
-                [Side::Direct, Side::Patient, Side::Nginx]
+                [Side::Direct, Side::Patient, Side::Nginx, Side::Hyper]
             } else {
-                [Side::Direct, Side::Nginx, Side::Patient]
+                [Side::Direct, Side::Hyper, Side::Nginx, Side::Patient]
             };
-            let mut got = [None; 3];
+            let mut got = [None; 4];
             for side in order {
                 let slot = match side {
                     Side::Direct => 0,
                     Side::Patient => 1,
                     Side::Nginx => 2,
+                    Side::Hyper => 3,
                 };
                 got[slot] = self.wrk_run(scenario, Some(round), side, path, load);
             }
-            let [direct, patient, nginx] = got;
+            let [direct, patient, nginx, hyper] = got;
             let mut line = Line::new(BENCH)
                 .text("scenario", scenario)
                 .text("round", round)
@@ -794,6 +850,16 @@ impl Bench {
                 "patient_to_nginx_p99",
                 ratio(patient.map(|r| r.p99_ms), nginx.map(|r| r.p99_ms)),
             );
+            line = push_ratio(
+                line,
+                "patient_to_hyper_req_s",
+                ratio(patient.map(|r| r.req_s), hyper.map(|r| r.req_s)),
+            );
+            line = push_ratio(
+                line,
+                "hyper_to_nginx_req_s",
+                ratio(hyper.map(|r| r.req_s), nginx.map(|r| r.req_s)),
+            );
             println!("{line}");
             reports.push(got);
         }
@@ -807,7 +873,7 @@ impl Bench {
         };
         let round_ratios: Vec<f64> = reports
             .iter()
-            .filter_map(|[_, p, n]| ratio(p.map(|r| r.req_s), n.map(|r| r.req_s)))
+            .filter_map(|[_, p, n, _]| ratio(p.map(|r| r.req_s), n.map(|r| r.req_s)))
             .collect();
         let ratio_median = median(round_ratios);
         let (patient_p99, nginx_p99) = (pick(1, |r| r.p99_ms), pick(2, |r| r.p99_ms));
@@ -823,6 +889,7 @@ impl Bench {
             ("direct_req_s", pick(0, |r| r.req_s)),
             ("patient_req_s", pick(1, |r| r.req_s)),
             ("nginx_req_s", pick(2, |r| r.req_s)),
+            ("hyper_req_s", pick(3, |r| r.req_s)),
         ] {
             line = match value {
                 Some(v) => line.round(name, v),
@@ -837,6 +904,7 @@ impl Bench {
             ("nginx_p50_ms", pick(2, |r| r.p50_ms)),
             ("nginx_p90_ms", pick(2, |r| r.p90_ms)),
             ("nginx_p99_ms", nginx_p99),
+            ("hyper_p99_ms", pick(3, |r| r.p99_ms)),
         ] {
             line = match value {
                 Some(v) => line.fixed(name, v, 3),
