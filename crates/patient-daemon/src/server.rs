@@ -298,10 +298,7 @@ async fn serve(
 
     eprintln!("patient: listening on http://{addr}");
     let reloading = reload.map(|reload| tokio::spawn(reload_on_sighup(gateway.clone(), reload)));
-    let router = crate::api::router(app).layer(axum::middleware::from_fn_with_state(
-        gateway,
-        crate::gateway::middleware,
-    ));
+    let router = crate::api::router(app).layer(gateway.layer());
     let served = axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),

@@ -90,6 +90,8 @@ pub(crate) struct AttemptPlan<'a> {
     pub(crate) started: Instant,
     /// How the response is read when the task runs as an exchange.
     pub(crate) exchange: Option<ExchangeOptions>,
+    /// Header fields an exchange sends as they are, before the task's own.
+    pub(crate) raw_headers: Option<&'a HeaderMap>,
 }
 
 /// Headers never sent to an origin other than the request's own, whoever
@@ -111,10 +113,13 @@ struct HopSend {
 }
 
 /// One hop of an attempt: what is sent next.
-struct Hop {
+struct Hop<'a> {
     method: Method,
     /// The URL as the task knows it (no secret values, no credentials).
     url: Url,
+    /// Header fields of an exchange given as they are: sent before
+    /// `headers`, with the same fields dropped on a redirect.
+    raw: Option<Cow<'a, HeaderMap>>,
     headers: Headers,
     body: Option<Bytes>,
     /// Whether this hop goes to another origin than the request's URL (once
@@ -136,6 +141,7 @@ impl Engine {
         let mut hop = Hop {
             method: request.method(),
             url: request.url().clone(),
+            raw: plan.raw_headers.map(Cow::Borrowed),
             headers: request.headers().clone(),
             body: request.body().cloned(),
             cross_origin: false,
@@ -403,7 +409,7 @@ impl Engine {
     async fn prepare(
         &self,
         task: &Task,
-        hop: &Hop,
+        hop: &Hop<'_>,
         send: &HopSend,
         plan: &AttemptPlan<'_>,
     ) -> Result<(OutgoingRequest, Option<SentRequest>), (&'static str, String)> {
@@ -420,7 +426,10 @@ impl Engine {
             }
             url.query_pairs_mut().extend_pairs(values);
         }
-        let mut headers = HeaderMap::with_capacity(hop.headers.len() + 4);
+        let mut headers = match &hop.raw {
+            Some(raw) => HeaderMap::clone(raw),
+            None => HeaderMap::with_capacity(hop.headers.len() + 4),
+        };
         for (name, value) in hop.headers.iter() {
             let header_name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| ("InvalidHeader", format!("invalid header name {name:?}")))?;
@@ -538,7 +547,7 @@ impl Engine {
     fn hop_error(
         &self,
         task: &Task,
-        hop: &Hop,
+        hop: &Hop<'_>,
         started: Instant,
         error_type: ErrorType,
         class_name: &str,
@@ -612,7 +621,7 @@ impl Engine {
 }
 
 /// The next hop after a redirect response.
-fn redirect_hop(mut hop: Hop, origin: &Url, status: u16, next: Url) -> Hop {
+fn redirect_hop<'a>(mut hop: Hop<'a>, origin: &Url, status: u16, next: Url) -> Hop<'a> {
     let cross_origin = hop.cross_origin
         || next.scheme() != origin.scheme()
         || next.host_str() != origin.host_str()
@@ -625,6 +634,16 @@ fn redirect_hop(mut hop: Hop, origin: &Url, status: u16, next: Url) -> Hop {
         hop.headers.remove("content-type");
         hop.headers.remove("content-length");
         hop.headers.remove("content-encoding");
+        if let Some(raw) = &mut hop.raw {
+            let raw = raw.to_mut();
+            for name in [
+                header::CONTENT_TYPE,
+                header::CONTENT_LENGTH,
+                header::CONTENT_ENCODING,
+            ] {
+                raw.remove(name);
+            }
+        }
     }
     if cross_origin {
         for name in &CROSS_ORIGIN_STRIPPED {
@@ -639,6 +658,20 @@ fn redirect_hop(mut hop: Hop, origin: &Url, status: u16, next: Url) -> Hop {
             .collect();
         for name in secret_names {
             hop.headers.remove(&name);
+        }
+        if let Some(raw) = &mut hop.raw {
+            let raw = raw.to_mut();
+            for name in &CROSS_ORIGIN_STRIPPED {
+                raw.remove(name);
+            }
+            let sensitive: Vec<HeaderName> = raw
+                .iter()
+                .filter(|(_, v)| v.is_sensitive())
+                .map(|(k, _)| k.clone())
+                .collect();
+            for name in sensitive {
+                raw.remove(name);
+            }
         }
     }
     hop.cross_origin = cross_origin;

@@ -63,6 +63,14 @@ impl AwaitableClient {
         self.engine.upstream_health(key)
     }
 
+    /// Whether the upstream `key` takes attempts now: its breaker is not
+    /// open and it is not cooling down (true when no state is kept for
+    /// it). What [`UpstreamHealth::is_available`](crate::UpstreamHealth::is_available)
+    /// says, cheaper: for a choice made on every request.
+    pub fn upstream_available(&self, key: &str) -> bool {
+        self.engine.upstream_available(key)
+    }
+
     /// Adds an observer: it sees every request made from now on, by this
     /// client and its clones.
     pub fn add_observer(&self, observer: impl crate::ProcessorObserver) {
@@ -87,6 +95,33 @@ impl AwaitableClient {
         task: &Task,
         options: ExchangeOptions,
     ) -> Result<Exchange, TaskError> {
+        self.run_exchange(task, None, options).await
+    }
+
+    /// Runs a task as [`exchange`](Self::exchange) does, sending `headers`
+    /// before the task's own header fields on every attempt, as they are:
+    /// repeated fields apart, values that are not UTF-8 byte for byte, no
+    /// wire-format copy made (what a proxy forwarding a client's head
+    /// wants). The engine treats them as it treats the task's: a redirect
+    /// drops the body's fields on a 301–303 and the credentials and
+    /// sensitive values when it leaves the origin, interceptors and
+    /// preprocessors see them. An idempotency key among them does not opt a
+    /// POST in to retries: give it as the task's own header or option.
+    pub async fn exchange_with_headers(
+        &self,
+        task: &Task,
+        headers: &http::HeaderMap,
+        options: ExchangeOptions,
+    ) -> Result<Exchange, TaskError> {
+        self.run_exchange(task, Some(headers), options).await
+    }
+
+    async fn run_exchange(
+        &self,
+        task: &Task,
+        headers: Option<&http::HeaderMap>,
+        options: ExchangeOptions,
+    ) -> Result<Exchange, TaskError> {
         let task = if task.raise_error_responses == Some(false) {
             std::borrow::Cow::Borrowed(task)
         } else {
@@ -94,7 +129,9 @@ impl AwaitableClient {
             owned.raise_error_responses = Some(false);
             std::borrow::Cow::Owned(owned)
         };
-        self.engine.exchange(&task, Admission::now(), options).await
+        self.engine
+            .exchange(&task, headers, Admission::now(), options)
+            .await
     }
 
     /// Runs a request as a task with a new id and no callback.

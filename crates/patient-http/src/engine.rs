@@ -76,6 +76,10 @@ impl Engine {
         self.upstreams.health_of(key)
     }
 
+    pub(crate) fn upstream_available(&self, key: &str) -> bool {
+        self.upstreams.is_available(key)
+    }
+
     /// Counts one caught panic.
     pub(crate) fn count_panic(&self) {
         self.panics.fetch_add(1, Ordering::Relaxed);

@@ -59,6 +59,8 @@ pub(crate) struct Plan<'a> {
     priority: Option<Priority>,
     /// How the response is read when the task runs as an exchange.
     pub(crate) exchange: Option<ExchangeOptions>,
+    /// Header fields an exchange sends as they are, before the task's own.
+    pub(crate) raw_headers: Option<&'a http::HeaderMap>,
 }
 
 /// Where a task stands between steps.
@@ -241,14 +243,17 @@ impl Engine {
         task: &Task,
         admitted: Admission,
     ) -> Result<Response, TaskError> {
-        self.run_guarded(task, admitted, None).await.result
+        self.run_guarded(task, admitted, None, None).await.result
     }
 
     /// Runs a task as [`execute`](Self::execute) does, handing back the
     /// final response's raw head and its body as `options` say.
+    /// `headers`, when given, go before the task's own header fields, as
+    /// they are (repeated fields apart, values that are not UTF-8 kept).
     pub(crate) async fn exchange(
         &self,
         task: &Task,
+        headers: Option<&http::HeaderMap>,
         admitted: Admission,
         options: ExchangeOptions,
     ) -> Result<Exchange, TaskError> {
@@ -256,7 +261,9 @@ impl Engine {
             result,
             raw,
             attempts,
-        } = self.run_guarded(task, admitted, Some(options)).await;
+        } = self
+            .run_guarded(task, admitted, Some(options), headers)
+            .await;
         Ok(Exchange::of(result?, raw, attempts))
     }
 
@@ -266,9 +273,10 @@ impl Engine {
         task: &Task,
         admitted: Admission,
         exchange: Option<ExchangeOptions>,
+        raw_headers: Option<&http::HeaderMap>,
     ) -> Ran {
         let started = Instant::now();
-        match AssertUnwindSafe(self.run_to_outcome(task, admitted, exchange))
+        match AssertUnwindSafe(self.run_to_outcome(task, admitted, exchange, raw_headers))
             .catch_unwind()
             .await
         {
@@ -290,6 +298,7 @@ impl Engine {
         task: &Task,
         admitted: Admission,
         exchange: Option<ExchangeOptions>,
+        raw_headers: Option<&http::HeaderMap>,
     ) -> Ran {
         let mut plan = match self.plan(task) {
             Ok(plan) => plan,
@@ -303,6 +312,7 @@ impl Engine {
             }
         };
         plan.exchange = exchange;
+        plan.raw_headers = raw_headers;
         let mut progress = Progress::new(self.admit(task, &mut plan, admitted));
         let result = loop {
             let wait = exchange.map_or(LimitWait::Wait, |o| o.limit_wait);
@@ -411,6 +421,7 @@ impl Engine {
             priority: options.priority,
             key,
             exchange: None,
+            raw_headers: None,
         })
     }
 
@@ -607,6 +618,7 @@ impl Engine {
             metrics: &plan.endpoint,
             started: plan.started,
             exchange: plan.exchange,
+            raw_headers: plan.raw_headers,
         })
     }
 

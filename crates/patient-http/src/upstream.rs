@@ -217,6 +217,19 @@ impl Upstreams {
         Some(state.health(key))
     }
 
+    /// Whether `key` takes attempts now (no state kept: it does): its
+    /// breaker is not open and it is not cooling down, as
+    /// [`UpstreamHealth::is_available`](crate::UpstreamHealth::is_available)
+    /// says, without counting the last minute's attempts.
+    pub(crate) fn is_available(&self, key: &str) -> bool {
+        let Some(state) = read(&self.states).get(key).map(Arc::clone) else {
+            return true;
+        };
+        state.breaker.as_ref().map(CircuitBreaker::state)
+            != Some(crate::breaker::BreakerState::Open)
+            && state.limits.cooldown_remaining().is_none()
+    }
+
     /// The state of `key`, made from `policy` on first use.
     pub(crate) fn resolve(
         &self,

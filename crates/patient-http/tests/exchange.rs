@@ -169,3 +169,97 @@ async fn a_stream_holds_its_concurrency_slot_until_it_ends() {
         .unwrap();
     assert_eq!(ex.status, 200, "the slot is free once the stream ended");
 }
+
+#[tokio::test]
+async fn header_fields_given_as_they_are_go_apart_byte_for_byte_and_drop_credentials_off_origin() {
+    let upstream = Upstream::start().await.unwrap();
+    let client = client(ResilienceConfig::default());
+    let mut raw = http::HeaderMap::new();
+    raw.append("x-multi", http::HeaderValue::from_static("a"));
+    raw.append("x-multi", http::HeaderValue::from_static("b"));
+    raw.insert(
+        "x-latin1",
+        http::HeaderValue::from_bytes(b"caf\xe9").unwrap(),
+    );
+    raw.insert(
+        http::header::AUTHORIZATION,
+        http::HeaderValue::from_static("Bearer client-key"),
+    );
+    raw.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let post = |url: String| {
+        Task::new(
+            Request::post(url)
+                .header("x-task", "own")
+                .body(body)
+                .build()
+                .unwrap(),
+            "",
+        )
+    };
+    let ex = client
+        .exchange_with_headers(
+            &post(upstream.url("/v1/chat/completions")),
+            &raw,
+            ExchangeOptions::buffered(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ex.status, 200);
+    let seen = upstream.openai_requests();
+    let sent = &seen.last().unwrap().headers;
+    let multi: Vec<_> = sent.get_all("x-multi").iter().collect();
+    assert_eq!(multi, ["a", "b"], "repeated fields go apart");
+    assert_eq!(sent.get("x-latin1").unwrap().as_bytes(), b"caf\xe9");
+    assert_eq!(
+        sent.get("x-task").unwrap(),
+        "own",
+        "the task's own fields go too"
+    );
+    assert_eq!(sent.get("authorization").unwrap(), "Bearer client-key");
+
+    // A 307 to another origin (same port, another host name) keeps the
+    // method, the body and the plain fields, and drops the credentials.
+    let elsewhere = format!(
+        "http://localhost:{}/v1/chat/completions",
+        upstream.addr().port()
+    );
+    let redirect = upstream.url(&format!(
+        "/redirect-to?status=307&url={}",
+        url_encode(&elsewhere)
+    ));
+    let mut task = post(redirect);
+    task.request = task.request.to_builder().max_redirects(1).build().unwrap();
+    let ex = client
+        .exchange_with_headers(&task, &raw, ExchangeOptions::buffered())
+        .await
+        .unwrap();
+    assert_eq!(ex.status, 200);
+    let seen = upstream.openai_requests();
+    let sent = &seen.last().unwrap();
+    assert_eq!(
+        sent.header("host"),
+        Some(&*format!("localhost:{}", upstream.addr().port()))
+    );
+    assert_eq!(sent.headers.get_all("x-multi").iter().count(), 2);
+    assert!(
+        sent.headers.get("authorization").is_none(),
+        "{:?}",
+        sent.headers
+    );
+    assert_eq!(sent.body.as_ref(), body.as_bytes());
+}
+
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -21,6 +21,18 @@ pub(crate) fn join(path: &str, key: &str) -> String {
     }
 }
 
+/// `path.key` as [`join`] makes it, built only when it is needed: the
+/// field named by an error, while the check that may raise it passes
+/// without allocating.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Joined<'a>(pub(crate) &'a str, pub(crate) &'a str);
+
+impl From<Joined<'_>> for String {
+    fn from(joined: Joined<'_>) -> String {
+        join(joined.0, joined.1)
+    }
+}
+
 /// `path[index]`.
 pub(crate) fn index(path: &str, index: usize) -> String {
     format!("{path}[{index}]")

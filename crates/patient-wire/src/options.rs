@@ -28,7 +28,7 @@ use std::{fmt, str::FromStr, time::Duration};
 use serde_json::{Map, Value};
 
 use crate::{
-    fields::{bounded_seconds_from_json, index, join, seconds_to_json, Fields},
+    fields::{bounded_seconds_from_json, index, join, seconds_to_json, Fields, Joined},
     limits::{Bound, LimitError, WireLimits},
     wire_error::{WireError, WireErrorKind},
 };
@@ -375,19 +375,26 @@ impl RequestOptions {
         if let Some(retry) = &self.retry {
             retry.check_limits(&join(path, "retry"), limits)?;
         }
-        let hedges_path = join(path, "hedge_delays");
-        WireLimits::check_len(
-            hedges_path.as_str(),
-            "max_hedge_delays",
-            Bound::Count(limits.max_hedge_delays),
-            self.hedge_delays.len(),
-        )?;
-        for (i, d) in self.hedge_delays.iter().enumerate() {
-            WireLimits::check_duration(index(&hedges_path, i), "max_delay", limits.max_delay, *d)?;
+        if !self.hedge_delays.is_empty() {
+            let hedges_path = join(path, "hedge_delays");
+            WireLimits::check_len(
+                hedges_path.as_str(),
+                "max_hedge_delays",
+                Bound::Count(limits.max_hedge_delays),
+                self.hedge_delays.len(),
+            )?;
+            for (i, d) in self.hedge_delays.iter().enumerate() {
+                WireLimits::check_duration(
+                    index(&hedges_path, i),
+                    "max_delay",
+                    limits.max_delay,
+                    *d,
+                )?;
+            }
         }
         if let Some(d) = self.deadline {
             WireLimits::check_duration(
-                join(path, "deadline"),
+                Joined(path, "deadline"),
                 "max_deadline",
                 limits.max_deadline,
                 d,
@@ -399,7 +406,7 @@ impl RequestOptions {
         ] {
             if let Some(k) = value {
                 WireLimits::check_len(
-                    join(path, key),
+                    Joined(path, key),
                     "max_key_len",
                     Bound::Bytes(limits.max_key_len),
                     k.len(),

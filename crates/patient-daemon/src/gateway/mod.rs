@@ -414,7 +414,7 @@ impl Gateway {
                 upstream,
                 method,
                 &path,
-                &sent_headers,
+                &mut sent_headers,
                 &body,
                 deadline,
                 &ctx.request_id,
@@ -432,7 +432,10 @@ impl Gateway {
             upstream
                 .in_flight
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let result = table.client.exchange(&task, options).await;
+            let result = table
+                .client
+                .exchange_with_headers(&task, &sent_headers, options)
+                .await;
             match result {
                 Ok(ex) => {
                     attempts += ex.attempts;
@@ -530,12 +533,7 @@ impl Gateway {
     /// last.
     fn candidates(&self, table: &Table, route: &Route, ctx: &ProxyContext) -> Vec<usize> {
         let mut order = route.balancer.order(&route.upstreams);
-        let available = |i: &usize| {
-            table
-                .client
-                .upstream_health(&route.upstreams[*i].key)
-                .is_none_or(|h| h.is_available())
-        };
+        let available = |i: &usize| table.client.upstream_available(&route.upstreams[*i].key);
         let (mut open, closed): (Vec<usize>, Vec<usize>) =
             order.drain(..).partition(|i| !available(i));
         let mut order = closed;
@@ -609,40 +607,33 @@ fn forwarded_path(route: &Route, path: &str, query: Option<&str>) -> String {
     }
 }
 
-/// The task of one attempt at `upstream`.
+/// The task of one attempt at `upstream`. The client's header fields stay
+/// in `headers`, sent as they are; an idempotency key moves into the task,
+/// where it opts a POST in to retries.
 #[allow(clippy::too_many_arguments)]
 fn wire_task(
     route: &Route,
     upstream: &Upstream,
     method: Method,
     path: &str,
-    headers: &HeaderMap,
+    headers: &mut HeaderMap,
     body: &Bytes,
     deadline: Option<Duration>,
     request_id: &str,
 ) -> Result<Task, String> {
-    let url = format!("{}{}", upstream.base, path);
+    let mut url = String::with_capacity(upstream.base.len() + path.len());
+    url.push_str(&upstream.base);
+    url.push_str(path);
     let mut builder = WireRequest::builder(method, &url)
         .timeout(route.timeout)
         .max_redirects(0);
-    // Repeated fields go as one, joined as RFC 9110 allows (cookies with
-    // `; `).
-    let mut joined: Vec<(String, String)> = Vec::with_capacity(headers.keys_len());
-    for name in headers.keys() {
-        let separator = if name == header::COOKIE { "; " } else { ", " };
-        let mut value = String::new();
-        for (i, v) in headers.get_all(name).iter().enumerate() {
-            if i > 0 {
-                value.push_str(separator);
-            }
-            match v.to_str() {
-                Ok(text) => value.push_str(text),
-                Err(_) => value.extend(v.as_bytes().iter().map(|&b| b as char)),
-            }
-        }
-        joined.push((name.as_str().to_owned(), value));
+    for name in patient_wire::IDEMPOTENCY_KEY_HEADERS {
+        let Some(value) = headers.get(name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        builder = builder.header(name, value);
+        headers.remove(name);
     }
-    builder = builder.headers(joined);
     if !body.is_empty() {
         builder = builder.body(body.clone());
     }
@@ -655,9 +646,14 @@ fn wire_task(
     let request = builder
         .build_with_limits(&gateway_limits())
         .map_err(|e| format!("the request cannot be forwarded: {e}"))?;
-    Ok(Task::new(request, "")
-        .with_raise_error_responses(false)
-        .with_id(request_id))
+    // Built whole: `Task::new` would make an id only to replace it.
+    Ok(Task {
+        id: request_id.to_owned(),
+        request,
+        callback: String::new(),
+        callback_args: Default::default(),
+        raise_error_responses: Some(false),
+    })
 }
 
 /// The bounds of a forwarded request: the route's caps bound the body, so
@@ -951,12 +947,92 @@ fn build_table(
     })
 }
 
-/// The axum middleware of the daemon's listener: proxies what a route
-/// takes, hands the rest to the API.
+/// The gateway as axum middleware (`axum::middleware::from_fn_with_state`):
+/// proxies what a route takes, hands the rest to `next`. [`Gateway::layer`]
+/// does the same with less work per request.
 pub async fn middleware(State(gateway): State<Gateway>, request: Request, next: Next) -> Response {
     match gateway.handle(request).await {
         Ok(response) => response,
         Err(request) => next.run(request).await.into_response(),
+    }
+}
+
+impl Gateway {
+    /// The gateway as a tower layer over a router (`Router::layer`), as the
+    /// daemon's listener uses it: a request a route takes is proxied, any
+    /// other goes to the service inside. Unlike [`middleware`], the routes
+    /// are matched before anything is cloned or boxed for the inner service.
+    pub fn layer(&self) -> GatewayLayer {
+        GatewayLayer {
+            gateway: self.clone(),
+        }
+    }
+}
+
+/// The layer of [`Gateway::layer`].
+#[derive(Clone, Debug)]
+pub struct GatewayLayer {
+    gateway: Gateway,
+}
+
+impl<S> tower_layer::Layer<S> for GatewayLayer {
+    type Service = GatewayService<S>;
+
+    fn layer(&self, inner: S) -> GatewayService<S> {
+        GatewayService {
+            gateway: self.gateway.clone(),
+            inner,
+        }
+    }
+}
+
+/// The service of a [`GatewayLayer`] around `S`.
+#[derive(Clone, Debug)]
+pub struct GatewayService<S> {
+    gateway: Gateway,
+    inner: S,
+}
+
+impl<S> tower_service::Service<Request> for GatewayService<S>
+where
+    S: tower_service::Service<Request, Response = Response, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // The inner service is made ready in the call that uses it.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let table = self.gateway.table();
+        match table.routes.iter().find(|r| r.matches(&request)).cloned() {
+            Some(route) => {
+                let gateway = self.gateway.clone();
+                Box::pin(async move { Ok(gateway.proxy(&table, route, request).await) })
+            }
+            None => {
+                // The clone that was ready is the one called (tower's rule
+                // for a service used from a future).
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                Box::pin(async move {
+                    std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+                    inner.call(request).await
+                })
+            }
+        }
     }
 }
 
