@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! eval "$(scripts/services.sh bench-tools)"   # Debian's nginx and wrk
-//! cargo build --release -p patient -p patient-testkit -p patient-bench
+//! cargo build --release -p patient -p patient-testkit -p patient-bench \
+//!     --bin patient --bin patient-upstream --bin gateway
 //! target/release/gateway [--duration-s 10] [--connections 64] [--rounds 3] [--only fast,64k,sse,streams]
 //! ```
 //!
