@@ -494,18 +494,7 @@ impl Engine {
         if hop.cross_origin {
             // After the interceptors: whatever they added, credentials never
             // follow a redirect to another origin.
-            let headers = prepared.headers_mut();
-            for name in &CROSS_ORIGIN_STRIPPED {
-                headers.remove(name);
-            }
-            let sensitive: Vec<HeaderName> = headers
-                .iter()
-                .filter(|(_, v)| v.is_sensitive())
-                .map(|(k, _)| k.clone())
-                .collect();
-            for name in sensitive {
-                headers.remove(name);
-            }
+            strip_credentials(prepared.headers_mut());
         }
         if self.config.client.request_compression() {
             prepared.compress_body(self.config.client.request_compression_min_size());
@@ -660,24 +649,29 @@ fn redirect_hop<'a>(mut hop: Hop<'a>, origin: &Url, status: u16, next: Url) -> H
             hop.headers.remove(&name);
         }
         if let Some(raw) = &mut hop.raw {
-            let raw = raw.to_mut();
-            for name in &CROSS_ORIGIN_STRIPPED {
-                raw.remove(name);
-            }
-            let sensitive: Vec<HeaderName> = raw
-                .iter()
-                .filter(|(_, v)| v.is_sensitive())
-                .map(|(k, _)| k.clone())
-                .collect();
-            for name in sensitive {
-                raw.remove(name);
-            }
+            strip_credentials(raw.to_mut());
         }
     }
     hop.cross_origin = cross_origin;
     hop.secret_params = false;
     hop.url = next;
     hop
+}
+
+/// Removes what never goes to another origin: the credential fields and
+/// every value marked sensitive (a resolved secret).
+fn strip_credentials(headers: &mut HeaderMap) {
+    for name in &CROSS_ORIGIN_STRIPPED {
+        headers.remove(name);
+    }
+    let sensitive: Vec<HeaderName> = headers
+        .iter()
+        .filter(|(_, v)| v.is_sensitive())
+        .map(|(k, _)| k.clone())
+        .collect();
+    for name in sensitive {
+        headers.remove(name);
+    }
 }
 
 /// `Basic base64(user:password)`, marked sensitive.

@@ -488,11 +488,21 @@ max_response_body = 0
         .child_mut()
         .and_then(|child| child.stderr.take())
         .ok_or("patient serve has no stderr")?;
-    let addr = watch_lines(stderr, START_TIMEOUT, |line| {
-        line.strip_prefix("patient: listening on http://")
+    listening(process, stderr, "patient: listening on http://")
+}
+
+/// The server of `process` once it printed `prefix` and its address on
+/// `output`.
+fn listening(
+    process: Process,
+    output: impl io::Read + Send + 'static,
+    prefix: &'static str,
+) -> Result<Server, BoxError> {
+    let addr = watch_lines(output, START_TIMEOUT, move |line| {
+        line.strip_prefix(prefix)
             .and_then(|addr| addr.trim().parse::<SocketAddr>().ok())
     })?
-    .ok_or("patient serve did not print its address")?;
+    .ok_or_else(|| format!("{} did not print its address", process.name()))?;
     let pid = process.pid();
     Ok(Server {
         process,
@@ -584,17 +594,7 @@ fn start_bare_proxy(upstream: SocketAddr) -> Result<Server, BoxError> {
         .child_mut()
         .and_then(|child| child.stdout.take())
         .ok_or("the bare proxy has no stdout")?;
-    let addr = watch_lines(stdout, START_TIMEOUT, |line| {
-        line.strip_prefix("listening=")
-            .and_then(|addr| addr.trim().parse::<SocketAddr>().ok())
-    })?
-    .ok_or("the bare proxy did not print its address")?;
-    let pid = process.pid();
-    Ok(Server {
-        process,
-        addr,
-        pids: vec![pid],
-    })
+    listening(process, stdout, "listening=")
 }
 
 /// Starts nginx in the foreground (`daemon off`) on a free port.
