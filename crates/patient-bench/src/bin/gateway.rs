@@ -831,36 +831,27 @@ impl Bench {
                 .text("round", round)
                 .text("side", "ratio")
                 .text("first", order[1]);
-            line = push_ratio(
-                line,
-                "patient_to_nginx_req_s",
-                ratio(patient.map(|r| r.req_s), nginx.map(|r| r.req_s)),
-            );
-            line = push_ratio(
-                line,
-                "patient_to_direct_req_s",
-                ratio(patient.map(|r| r.req_s), direct.map(|r| r.req_s)),
-            );
-            line = push_ratio(
-                line,
-                "nginx_to_direct_req_s",
-                ratio(nginx.map(|r| r.req_s), direct.map(|r| r.req_s)),
-            );
-            line = push_ratio(
-                line,
-                "patient_to_nginx_p99",
-                ratio(patient.map(|r| r.p99_ms), nginx.map(|r| r.p99_ms)),
-            );
-            line = push_ratio(
-                line,
-                "patient_to_hyper_req_s",
-                ratio(patient.map(|r| r.req_s), hyper.map(|r| r.req_s)),
-            );
-            line = push_ratio(
-                line,
-                "hyper_to_nginx_req_s",
-                ratio(hyper.map(|r| r.req_s), nginx.map(|r| r.req_s)),
-            );
+            let req_s = |r: Option<WrkReport>| r.map(|r| r.req_s);
+            let p99 = |r: Option<WrkReport>| r.map(|r| r.p99_ms);
+            for (name, value) in [
+                (
+                    "patient_to_nginx_req_s",
+                    ratio(req_s(patient), req_s(nginx)),
+                ),
+                (
+                    "patient_to_direct_req_s",
+                    ratio(req_s(patient), req_s(direct)),
+                ),
+                ("nginx_to_direct_req_s", ratio(req_s(nginx), req_s(direct))),
+                ("patient_to_nginx_p99", ratio(p99(patient), p99(nginx))),
+                (
+                    "patient_to_hyper_req_s",
+                    ratio(req_s(patient), req_s(hyper)),
+                ),
+                ("hyper_to_nginx_req_s", ratio(req_s(hyper), req_s(nginx))),
+            ] {
+                line = push_ratio(line, name, value);
+            }
             println!("{line}");
             reports.push(got);
         }
