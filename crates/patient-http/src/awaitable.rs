@@ -105,8 +105,8 @@ impl AwaitableClient {
     /// wants). The engine treats them as it treats the task's: a redirect
     /// drops the body's fields on a 301–303 and the credentials and
     /// sensitive values when it leaves the origin, interceptors and
-    /// preprocessors see them. An idempotency key among them does not opt a
-    /// POST in to retries: give it as the task's own header or option.
+    /// preprocessors see them, and an idempotency key among them opts a POST
+    /// in to retries as the task's own would.
     pub async fn exchange_with_headers(
         &self,
         task: &Task,

@@ -26,6 +26,18 @@ use crate::{
     LimitWait,
 };
 
+/// Whether header fields given as they are carry an idempotency key, as
+/// [`Request::has_idempotency_key`](patient_wire::Request::has_idempotency_key)
+/// reads a request's own: an `Idempotency-Key` or `X-Idempotency-Key` field
+/// that is not blank.
+pub fn has_idempotency_key(headers: &HeaderMap) -> bool {
+    patient_wire::IDEMPOTENCY_KEY_HEADERS.iter().any(|name| {
+        headers
+            .get(*name)
+            .is_some_and(|v| !v.as_bytes().trim_ascii().is_empty())
+    })
+}
+
 /// How [`AwaitableClient::exchange`](crate::AwaitableClient::exchange) reads
 /// the final response's body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -40,7 +40,7 @@ impl UpstreamHealth {
 
     /// Whether requests go through now: no open breaker, no cool-down.
     pub fn is_available(&self) -> bool {
-        self.breaker != Some(BreakerState::Open) && self.cooldown_remaining.is_none()
+        available(self.breaker, self.cooldown_remaining)
     }
 }
 
@@ -73,4 +73,10 @@ impl HealthSummary {
     pub fn is_healthy(&self) -> bool {
         self.upstreams.iter().all(UpstreamHealth::is_available)
     }
+}
+
+/// Whether an upstream takes attempts: its breaker (if any) is not open and
+/// it is not cooling down.
+pub(crate) fn available(breaker: Option<BreakerState>, cooldown: Option<Duration>) -> bool {
+    breaker != Some(BreakerState::Open) && cooldown.is_none()
 }

@@ -61,6 +61,9 @@ pub(crate) struct Plan<'a> {
     pub(crate) exchange: Option<ExchangeOptions>,
     /// Header fields an exchange sends as they are, before the task's own.
     pub(crate) raw_headers: Option<&'a http::HeaderMap>,
+    /// Whether the request carries an idempotency key (its own, or a field
+    /// among `raw_headers`): a POST may then be retried.
+    idempotency_key: bool,
 }
 
 /// Where a task stands between steps.
@@ -300,7 +303,7 @@ impl Engine {
         exchange: Option<ExchangeOptions>,
         raw_headers: Option<&http::HeaderMap>,
     ) -> Ran {
-        let mut plan = match self.plan(task) {
+        let mut plan = match self.plan_with(task, raw_headers) {
             Ok(plan) => plan,
             Err(error) => {
                 self.notify(|o| o.on_request_error(&error));
@@ -312,7 +315,6 @@ impl Engine {
             }
         };
         plan.exchange = exchange;
-        plan.raw_headers = raw_headers;
         let mut progress = Progress::new(self.admit(task, &mut plan, admitted));
         let result = loop {
             let wait = exchange.map_or(LimitWait::Wait, |o| o.limit_wait);
@@ -357,7 +359,19 @@ impl Engine {
     /// Resolves what a task runs with, or the error when its options are
     /// invalid.
     pub(crate) fn plan<'a>(&'a self, task: &'a Task) -> Result<Plan<'a>, TaskError> {
+        self.plan_with(task, None)
+    }
+
+    /// The plan of a task whose exchange sends `raw_headers` before its
+    /// own fields.
+    fn plan_with<'a>(
+        &'a self,
+        task: &'a Task,
+        raw_headers: Option<&'a http::HeaderMap>,
+    ) -> Result<Plan<'a>, TaskError> {
         let request = &task.request;
+        let idempotency_key = request.has_idempotency_key()
+            || raw_headers.is_some_and(crate::exchange::has_idempotency_key);
         let options = request.request_options();
         let key = match &options.upstream_key {
             Some(key) => Cow::Borrowed(key.as_str()),
@@ -386,7 +400,7 @@ impl Engine {
         let upstream = self
             .upstreams
             .resolve(&key, policy, &self.metrics, &self.observers);
-        let may_retry = retry.allows_method(request.method(), request.has_idempotency_key());
+        let may_retry = retry.allows_method(request.method(), idempotency_key);
         let hedge_delays = if strategy == Strategy::Hedged && may_retry {
             hedge_delays(task, policy, &upstream)
         } else {
@@ -421,7 +435,8 @@ impl Engine {
             priority: options.priority,
             key,
             exchange: None,
-            raw_headers: None,
+            raw_headers,
+            idempotency_key,
         })
     }
 
@@ -481,7 +496,7 @@ impl Engine {
             Some(outcome) => plan.retry.decide(
                 number,
                 task.request.method(),
-                task.request.has_idempotency_key(),
+                plan.idempotency_key,
                 &outcome,
                 SystemTime::now(),
                 &mut fastrand::Rng::new(),

@@ -225,9 +225,10 @@ impl Upstreams {
         let Some(state) = read(&self.states).get(key).map(Arc::clone) else {
             return true;
         };
-        state.breaker.as_ref().map(CircuitBreaker::state)
-            != Some(crate::breaker::BreakerState::Open)
-            && state.limits.cooldown_remaining().is_none()
+        crate::health::available(
+            state.breaker.as_ref().map(CircuitBreaker::state),
+            state.limits.cooldown_remaining(),
+        )
     }
 
     /// The state of `key`, made from `policy` on first use.

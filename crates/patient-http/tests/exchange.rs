@@ -263,3 +263,58 @@ fn url_encode(text: &str) -> String {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn an_idempotency_key_among_the_given_fields_opts_a_post_in_to_retries() {
+    let upstream = Upstream::start().await.unwrap();
+    let retry = RetryPolicy::builder()
+        .max_attempts(3)
+        .base_delay(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    let client = client(
+        ResilienceConfig::builder()
+            .defaults(|p| p.retry(Some(retry)))
+            .build()
+            .unwrap(),
+    );
+    let post = Task::new(
+        Request::post(upstream.url("/status/503"))
+            .body("x")
+            .build()
+            .unwrap(),
+        "",
+    );
+    let plain = http::HeaderMap::new();
+    let ex = client
+        .exchange_with_headers(&post, &plain, ExchangeOptions::buffered())
+        .await
+        .unwrap();
+    assert_eq!((ex.status, ex.attempts), (503, 1));
+    assert_eq!(
+        upstream.requests_to("/status/503"),
+        1,
+        "a POST is sent once"
+    );
+
+    let mut keyed = http::HeaderMap::new();
+    keyed.insert("idempotency-key", http::HeaderValue::from_static("k-1"));
+    let ex = client
+        .exchange_with_headers(&post, &keyed, ExchangeOptions::buffered())
+        .await
+        .unwrap();
+    assert_eq!((ex.status, ex.attempts), (503, 3));
+    assert_eq!(
+        upstream.requests_to("/status/503"),
+        4,
+        "retried with the key"
+    );
+
+    let mut blank = http::HeaderMap::new();
+    blank.insert("x-idempotency-key", http::HeaderValue::from_static("  "));
+    let ex = client
+        .exchange_with_headers(&post, &blank, ExchangeOptions::buffered())
+        .await
+        .unwrap();
+    assert_eq!(ex.attempts, 1, "a blank key is no key");
+}

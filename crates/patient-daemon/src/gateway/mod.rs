@@ -217,11 +217,17 @@ impl Gateway {
     /// Proxies `request` when a route takes it; `None` when none does
     /// (the request is handed back untouched for the API to serve).
     pub async fn handle(&self, request: Request) -> Result<Response, Request> {
+        match self.route_for(&request) {
+            Some((table, route)) => Ok(self.proxy(&table, route, request).await),
+            None => Err(request),
+        }
+    }
+
+    /// The routes in use and the one that takes `request`, if any does.
+    fn route_for(&self, request: &Request) -> Option<(Arc<Table>, Arc<Route>)> {
         let table = self.table();
-        let Some(route) = table.routes.iter().find(|r| r.matches(&request)).cloned() else {
-            return Err(request);
-        };
-        Ok(self.proxy(&table, route, request).await)
+        let route = table.routes.iter().find(|r| r.matches(request)).cloned()?;
+        Some((table, route))
     }
 
     async fn proxy(&self, table: &Table, route: Arc<Route>, request: Request) -> Response {
@@ -414,7 +420,6 @@ impl Gateway {
                 upstream,
                 method,
                 &path,
-                &mut sent_headers,
                 &body,
                 deadline,
                 &ctx.request_id,
@@ -447,7 +452,11 @@ impl Gateway {
                         .in_flight
                         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     attempts += error_attempts(&error);
-                    let next = fails_over(&error, method, task.request.has_idempotency_key());
+                    let next = fails_over(
+                        &error,
+                        method,
+                        patient_http::exchange::has_idempotency_key(&sent_headers),
+                    );
                     last_error = Some(error);
                     if !next {
                         break;
@@ -607,16 +616,13 @@ fn forwarded_path(route: &Route, path: &str, query: Option<&str>) -> String {
     }
 }
 
-/// The task of one attempt at `upstream`. The client's header fields stay
-/// in `headers`, sent as they are; an idempotency key moves into the task,
-/// where it opts a POST in to retries.
-#[allow(clippy::too_many_arguments)]
+/// The task of one attempt at `upstream`; the client's header fields go
+/// beside it, as they are.
 fn wire_task(
     route: &Route,
     upstream: &Upstream,
     method: Method,
     path: &str,
-    headers: &mut HeaderMap,
     body: &Bytes,
     deadline: Option<Duration>,
     request_id: &str,
@@ -627,13 +633,6 @@ fn wire_task(
     let mut builder = WireRequest::builder(method, &url)
         .timeout(route.timeout)
         .max_redirects(0);
-    for name in patient_wire::IDEMPOTENCY_KEY_HEADERS {
-        let Some(value) = headers.get(name).and_then(|v| v.to_str().ok()) else {
-            continue;
-        };
-        builder = builder.header(name, value);
-        headers.remove(name);
-    }
     if !body.is_empty() {
         builder = builder.body(body.clone());
     }
@@ -1016,9 +1015,8 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let table = self.gateway.table();
-        match table.routes.iter().find(|r| r.matches(&request)).cloned() {
-            Some(route) => {
+        match self.gateway.route_for(&request) {
+            Some((table, route)) => {
                 let gateway = self.gateway.clone();
                 Box::pin(async move { Ok(gateway.proxy(&table, route, request).await) })
             }
