@@ -21,6 +21,21 @@ fn client(resilience: ResilienceConfig) -> AwaitableClient {
         .unwrap()
 }
 
+/// A client retrying up to three attempts, 1 ms apart.
+fn retrying_client() -> AwaitableClient {
+    let retry = RetryPolicy::builder()
+        .max_attempts(3)
+        .base_delay(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    client(
+        ResilienceConfig::builder()
+            .defaults(|p| p.retry(Some(retry)))
+            .build()
+            .unwrap(),
+    )
+}
+
 fn get(url: String) -> Task {
     Task::new(Request::get(url).build().unwrap(), "").with_raise_error_responses(false)
 }
@@ -66,17 +81,7 @@ async fn a_buffered_exchange_keeps_repeated_headers_apart_and_its_body_within_th
 #[tokio::test]
 async fn retries_happen_before_the_head_and_a_stream_is_handed_over_as_it_comes() {
     let upstream = Upstream::start().await.unwrap();
-    let retry = RetryPolicy::builder()
-        .max_attempts(3)
-        .base_delay(Duration::from_millis(1))
-        .build()
-        .unwrap();
-    let client = client(
-        ResilienceConfig::builder()
-            .defaults(|p| p.retry(Some(retry)))
-            .build()
-            .unwrap(),
-    );
+    let client = retrying_client();
     let ex = client
         .exchange(
             &get(upstream.url("/sequence?key=s&steps=503,200")),
@@ -267,17 +272,7 @@ fn url_encode(text: &str) -> String {
 #[tokio::test]
 async fn an_idempotency_key_among_the_given_fields_opts_a_post_in_to_retries() {
     let upstream = Upstream::start().await.unwrap();
-    let retry = RetryPolicy::builder()
-        .max_attempts(3)
-        .base_delay(Duration::from_millis(1))
-        .build()
-        .unwrap();
-    let client = client(
-        ResilienceConfig::builder()
-            .defaults(|p| p.retry(Some(retry)))
-            .build()
-            .unwrap(),
-    );
+    let client = retrying_client();
     let post = Task::new(
         Request::post(upstream.url("/status/503"))
             .body("x")
@@ -285,36 +280,21 @@ async fn an_idempotency_key_among_the_given_fields_opts_a_post_in_to_retries() {
             .unwrap(),
         "",
     );
-    let plain = http::HeaderMap::new();
-    let ex = client
-        .exchange_with_headers(&post, &plain, ExchangeOptions::buffered())
-        .await
-        .unwrap();
-    assert_eq!((ex.status, ex.attempts), (503, 1));
-    assert_eq!(
-        upstream.requests_to("/status/503"),
-        1,
-        "a POST is sent once"
-    );
-
-    let mut keyed = http::HeaderMap::new();
-    keyed.insert("idempotency-key", http::HeaderValue::from_static("k-1"));
-    let ex = client
-        .exchange_with_headers(&post, &keyed, ExchangeOptions::buffered())
-        .await
-        .unwrap();
-    assert_eq!((ex.status, ex.attempts), (503, 3));
-    assert_eq!(
-        upstream.requests_to("/status/503"),
-        4,
-        "retried with the key"
-    );
-
-    let mut blank = http::HeaderMap::new();
-    blank.insert("x-idempotency-key", http::HeaderValue::from_static("  "));
-    let ex = client
-        .exchange_with_headers(&post, &blank, ExchangeOptions::buffered())
-        .await
-        .unwrap();
-    assert_eq!(ex.attempts, 1, "a blank key is no key");
+    // (given fields, attempts, requests the upstream has seen in all)
+    for (fields, attempts, seen) in [
+        (vec![], 1, 1),
+        (vec![("idempotency-key", "k-1")], 3, 4),
+        (vec![("x-idempotency-key", "  ")], 1, 5),
+    ] {
+        let mut given = http::HeaderMap::new();
+        for (name, value) in fields.iter().copied() {
+            given.insert(name, http::HeaderValue::from_static(value));
+        }
+        let ex = client
+            .exchange_with_headers(&post, &given, ExchangeOptions::buffered())
+            .await
+            .unwrap();
+        assert_eq!((ex.status, ex.attempts), (503, attempts), "{fields:?}");
+        assert_eq!(upstream.requests_to("/status/503"), seen, "{fields:?}");
+    }
 }
