@@ -63,6 +63,20 @@ impl ApiError {
         }
     }
 
+    /// `403 forbidden`.
+    pub(crate) fn forbidden(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// `408 request_timeout`: the request body stopped coming.
+    fn body_timeout(e: &dyn std::error::Error) -> Self {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            e.to_string(),
+        )
+    }
+
     fn not_found(what: impl Into<String>) -> Self {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", what)
     }
@@ -114,7 +128,14 @@ impl IntoResponse for ApiError {
         if let Some(field) = self.field {
             error.insert("field".into(), field.into());
         }
-        json_response(self.status, &json!({ "error": Value::Object(error) }))
+        let mut response = json_response(self.status, &json!({ "error": Value::Object(error) }));
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body will not be read.
+            response
+                .extensions_mut()
+                .insert(crate::listener::CloseConnection);
+        }
+        response
     }
 }
 
@@ -142,13 +163,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/dashboard", get(dashboard_figures))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&app), auth));
     Router::new()
-        .route(
-            "/",
-            get(dashboard_page).route_layer(axum::middleware::from_fn_with_state(
-                Arc::clone(&app),
-                page_auth,
-            )),
-        )
+        .route("/", get(dashboard_page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
@@ -206,13 +221,6 @@ fn bearer(request: &Request) -> Option<String> {
         .map(|t| t.trim().to_owned())
 }
 
-/// The `token` query parameter of `request`.
-fn query_token(request: &Request) -> Option<String> {
-    url::form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
-        .find(|(k, _)| k == "token")
-        .map(|(_, v)| v.into_owned())
-}
-
 /// `401 unauthorized` unless `given` is the daemon's token (or it has none).
 fn check_token(app: &App, given: Option<&str>, hint: &str) -> Result<(), Response> {
     let Some(token) = app.settings.api_token.as_deref() else {
@@ -240,24 +248,6 @@ async fn auth(
         &app,
         given.as_deref(),
         "a valid bearer token is required: Authorization: Bearer TOKEN",
-    ) {
-        return refused;
-    }
-    next.run(request).await
-}
-
-/// The dashboard's page takes the token as a bearer header or as
-/// `?token=` (a browser opening the page sends no header).
-async fn page_auth(
-    State(app): State<Arc<App>>,
-    request: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let given = bearer(&request).or_else(|| query_token(&request));
-    if let Err(refused) = check_token(
-        &app,
-        given.as_deref(),
-        "a valid token is required: open the dashboard as /?token=TOKEN",
     ) {
         return refused;
     }
@@ -352,7 +342,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 async fn json_body(app: &App, request: Request) -> Result<Value, ApiError> {
     let max = usize::try_from(app.settings.max_body).unwrap_or(usize::MAX);
     let headers = request.headers();
-    check_content_type(headers)?;
+    check_json_content_type(headers)?;
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -367,9 +357,13 @@ async fn json_body(app: &App, request: Request) -> Result<Value, ApiError> {
     if declared.is_some_and(|n| n > app.settings.max_body) {
         return Err(too_large());
     }
-    let bytes: Bytes = axum::body::to_bytes(request.into_body(), max)
-        .await
-        .map_err(|_| too_large())?;
+    let bytes: Bytes = match axum::body::to_bytes(request.into_body(), max).await {
+        Ok(bytes) => bytes,
+        Err(e) if crate::listener::is_body_timeout(&e) => {
+            return Err(ApiError::body_timeout(&e));
+        }
+        Err(_) => return Err(too_large()),
+    };
     if bytes.is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -386,9 +380,16 @@ async fn json_body(app: &App, request: Request) -> Result<Value, ApiError> {
     })
 }
 
-fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+/// `415 unsupported_media_type` unless the body is declared JSON
+/// (`application/json` or a `+json` type): a browser sends neither without
+/// asking the daemon first, so no cross-site page can post a body.
+pub(crate) fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
-        return Ok(());
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body has no Content-Type; send the header Content-Type: application/json",
+        ));
     };
     let essence = value
         .to_str()
@@ -833,28 +834,40 @@ fn check_known_keys(given: &Value, loaded: &Value) -> Result<(), ApiError> {
 
 /// Every `{"$secret": NAME}` must name a secret configured on the daemon.
 fn check_secrets(app: &App, request: &WireRequest) -> Result<(), ApiError> {
-    for (name, value) in request.headers().iter() {
-        if let WireHeaderValue::Secret(secret) = value {
-            if !app.secrets.contains(&secret.name) {
+    let host = request.url().host_str().unwrap_or_default();
+    let headers = request
+        .headers()
+        .iter()
+        .filter_map(|(name, value)| match value {
+            WireHeaderValue::Secret(secret) => Some((format!("request.headers.{name}"), secret)),
+            WireHeaderValue::Value(_) => None,
+        });
+    let params = request
+        .secret_params()
+        .iter()
+        .map(|(param, secret)| (format!("request.params.{param}"), secret));
+    for (field, secret) in headers.chain(params) {
+        let name = &secret.name;
+        match app.secrets.get(name) {
+            None => {
                 return Err(ApiError::invalid(
-                    format!("request.headers.{name}"),
-                    format!(
-                        "secret {:?} is not configured on the daemon ([secrets])",
-                        secret.name
-                    ),
-                ));
+                    field,
+                    format!("secret {name:?} is not configured on the daemon ([secrets])"),
+                ))
             }
-        }
-    }
-    for (param, secret) in request.secret_params() {
-        if !app.secrets.contains(&secret.name) {
-            return Err(ApiError::invalid(
-                format!("request.params.{param}"),
-                format!(
-                    "secret {:?} is not configured on the daemon ([secrets])",
-                    secret.name
-                ),
-            ));
+            Some(None) => {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("secret {name:?} has no hosts ([secrets.{name}] hosts = [...]), so no submitted task may use it"),
+                ))
+            }
+            Some(Some(hosts)) if !patient_http::host_listed(hosts, host) => {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("secret {name:?} may not be sent to {host:?}: its hosts are {hosts:?}"),
+                ))
+            }
+            Some(Some(_)) => {}
         }
     }
     Ok(())

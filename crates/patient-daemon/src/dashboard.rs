@@ -2,13 +2,14 @@
 //! JavaScript, nothing loaded from elsewhere) and the JSON it polls every
 //! two seconds at `GET /v1/dashboard`.
 //!
-//! A browser cannot easily send a bearer header when it opens a page, so
-//! when the daemon has a token the page is opened as `/?token=TOKEN`; its
-//! script sends the token as `Authorization: Bearer` to the JSON routes it
-//! calls (the figures, and a failure's retry or redelivery). The page
-//! answers with a Content-Security-Policy that allows only its own inline
-//! script and style (by hash) and calls to the daemon itself, and with
-//! `Referrer-Policy: no-referrer` so the token in its address goes nowhere.
+//! The page holds no data and opens without a token. When the daemon has
+//! one, the page asks for it in a form and keeps it in the tab's session
+//! storage (never in the address, where histories, logs and referrers would
+//! keep it); its script sends it as `Authorization: Bearer` to the JSON
+//! routes it calls (the figures, and a failure's retry or redelivery). The
+//! page answers with a Content-Security-Policy that allows only its own
+//! inline script and style (by hash) and calls to the daemon itself, and
+//! with `Referrer-Policy: no-referrer`.
 
 use std::sync::LazyLock;
 

@@ -7,12 +7,14 @@
 //! (command line, settings, routes, JSON, error codes, delivery formats) is
 //! fixed in the daemon's API document; [`settings`] reads the settings.
 
+pub mod access;
 pub mod api;
 pub mod dashboard;
 pub mod db;
 pub mod delivery;
 pub mod egress;
 pub mod gateway;
+pub mod listener;
 pub mod metrics;
 pub mod model;
 pub mod payloads;

@@ -515,12 +515,17 @@ impl Runner {
         }
     }
 
+    /// Claims no more tasks from now on; the tasks running go on.
+    pub fn stop_claiming(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stopped.notify_waiters();
+    }
+
     /// Stops claiming, waits up to `timeout` for the attempts in flight,
     /// then cancels the rest and releases them to the queue (they resume on
     /// the next start). Returns how many were released.
     pub async fn stop(&self, timeout: Duration) -> Result<u64, DbError> {
-        self.stopping.store(true, Ordering::Release);
-        self.stopped.notify_waiters();
+        self.stop_claiming();
         let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
         let drained = tokio::time::timeout(timeout, self.slots.acquire_many(all)).await;
         if drained.is_err() {

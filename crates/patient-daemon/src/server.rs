@@ -16,10 +16,12 @@ use patient_wire::{DeadlineMode, WireLimits};
 use tokio::net::TcpListener;
 
 use crate::{
+    access::{AccessLayer, AccessRules},
     db::Db,
     delivery::Deliverer,
     egress::Allow,
     gateway::{hooks::NoHooks, Gateway},
+    listener::{Limits, Listener},
     metrics::DaemonMetrics,
     payloads::Payloads,
     runner::Runner,
@@ -64,8 +66,9 @@ pub struct App {
     pub allow: Allow,
     /// The bounds of submitted requests.
     pub limits: WireLimits,
-    /// The names of the configured secrets.
-    pub secrets: std::collections::BTreeSet<String>,
+    /// The configured secrets by name, with the hosts a submitted task may
+    /// send each to (`None`: no submitted task may use it).
+    pub secrets: BTreeMap<String, Option<Vec<String>>>,
     /// Payload stores and encryption of stored and delivered payloads.
     pub payloads: Payloads,
     /// The proxy routes.
@@ -179,11 +182,19 @@ async fn serve(
     let key = webhook_secret::decode(&secret)
         .map_err(|e| ServeError::Settings(format!("setting `webhook_secret`: {e}")))?;
     let secret_values = read_secrets(&settings)?;
+    // Submitted tasks get only the secrets their owner allowed them, and
+    // only for the hosts listed: the engine refuses the rest on every hop.
     let mut secrets = Secrets::new();
     for (name, value) in &secret_values {
-        secrets.insert(name.clone(), value.clone());
+        if let Some(hosts) = settings.secrets.get(name).and_then(|s| s.hosts.clone()) {
+            secrets.insert_for_hosts(name.clone(), value.clone(), hosts);
+        }
     }
-    let secret_names = settings.secrets.keys().cloned().collect();
+    let secret_names = settings
+        .secrets
+        .iter()
+        .map(|(name, source)| (name.clone(), source.hosts.clone()))
+        .collect();
     let allow = Allow::new(&settings.egress.allow);
 
     let engine_metrics = Metrics::with_prefix("patient");
@@ -296,22 +307,49 @@ async fn serve(
     let delivering = tokio::spawn(Arc::clone(&deliverer).run());
     let purging = tokio::spawn(purge_loop(db.clone(), retention, payloads));
 
+    let limits = Limits {
+        header_timeout: app.settings.header_timeout(),
+        body_timeout: app.settings.body_timeout(),
+        max_connections: usize::try_from(app.settings.max_connections()).unwrap_or(usize::MAX),
+    };
+    let access = AccessLayer::new(AccessRules::new(
+        addr,
+        app.settings.allowed_hosts.as_deref(),
+    ));
     eprintln!("patient: listening on http://{addr}");
     let reloading = reload.map(|reload| tokio::spawn(reload_on_sighup(gateway.clone(), reload)));
-    let router = crate::api::router(app).layer(gateway.layer());
-    let served = axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await;
+    let router = crate::api::router(app).layer(gateway.layer()).layer(access);
+
+    // Stopping: no new claims from the moment the signal comes, then the
+    // listener, the attempts in flight and the API requests in progress
+    // share one `shutdown_timeout`.
+    let stop_deadline = Arc::new(std::sync::OnceLock::<tokio::time::Instant>::new());
+    let signalled = {
+        let runner = Arc::clone(&runner);
+        let stop_deadline = Arc::clone(&stop_deadline);
+        async move {
+            shutdown.await;
+            tracing::info!("stopping: no new claims; waiting for attempts in flight");
+            let _ = stop_deadline.set(tokio::time::Instant::now() + shutdown_timeout);
+            runner.stop_claiming();
+        }
+    };
+    let remaining = {
+        let stop_deadline = Arc::clone(&stop_deadline);
+        move || {
+            stop_deadline.get().map_or(shutdown_timeout, |d| {
+                d.saturating_duration_since(tokio::time::Instant::now())
+            })
+        }
+    };
+    let serving = Listener::new(listener, limits).serve(router, signalled, remaining.clone());
+    serving.await;
     if let Some(task) = reloading {
         task.abort();
     }
 
-    tracing::info!("stopping: no new claims; waiting for attempts in flight");
     purging.abort();
-    let released = runner.stop(shutdown_timeout).await;
+    let released = runner.stop(remaining()).await;
     workers.abort();
     delivering.abort();
     match released {
@@ -319,7 +357,7 @@ async fn serve(
         Ok(_) => {}
         Err(error) => tracing::error!(%error, "cannot release tasks; they resume after the lease"),
     }
-    served.map_err(ServeError::from)
+    Ok(())
 }
 
 async fn purge_loop(db: Db, retention: Duration, payloads: Payloads) {

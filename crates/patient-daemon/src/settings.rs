@@ -157,6 +157,12 @@ pub struct SecretSource {
     /// A file holding the value (one trailing newline is removed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
+    /// The hosts a submitted task may send it to with `{"$secret": NAME}`
+    /// (exact names, or `*.suffix` for every name under a domain). Without
+    /// it the secret serves route credentials, payload stores and
+    /// encryption, never a submitted task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<String>>,
 }
 
 /// Where payloads larger than `threshold` go (`[payload_store]`): stored
@@ -336,6 +342,24 @@ pub struct Settings {
     pub shutdown_timeout: f64,
     /// Largest API request body, bytes.
     pub max_body: u64,
+    /// `Host` values the daemon answers (DNS rebinding); others get
+    /// `403 forbidden`. An entry is a host name or address, with `:PORT` to
+    /// allow that port only (any port without), `*.suffix` for every name
+    /// under a domain, or `*` for any host. Unset: on a loopback listener
+    /// `localhost`, `127.0.0.1` and `[::1]` (any port); elsewhere any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Seconds a client may take to send a request head (10); a kept-alive
+    /// connection idle that long is closed too.
+    pub header_timeout: f64,
+    /// Seconds a request body may go without sending anything (30), on the
+    /// API and on proxy routes: `408` and the connection is closed.
+    pub body_timeout: f64,
+    /// Open client connections at most; at the cap, the one that has waited
+    /// longest for its request head is closed to make room. Unset: 10000,
+    /// or half the open-files limit when that is less.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u64>,
     /// Largest batch of `POST /v1/tasks/batch`.
     pub max_batch: u64,
     /// Seconds a claimed task or delivery stays with its node without a
@@ -380,6 +404,10 @@ impl fmt::Debug for Settings {
             .field("egress", &self.egress)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("max_body", &self.max_body)
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("header_timeout", &self.header_timeout)
+            .field("body_timeout", &self.body_timeout)
+            .field("max_connections", &self.max_connections)
             .field("max_batch", &self.max_batch)
             .field("lease", &self.lease)
             .field("retention", &self.retention)
@@ -419,6 +447,10 @@ impl Default for Settings {
             egress: EgressSettings::default(),
             shutdown_timeout: 30.0,
             max_body: 16 * 1024 * 1024,
+            allowed_hosts: None,
+            header_timeout: 10.0,
+            body_timeout: 30.0,
+            max_connections: None,
             max_batch: 1000,
             lease: 30.0,
             retention: 7.0 * 24.0 * 3600.0,
@@ -456,8 +488,10 @@ enum Kind {
 
 /// The settings that have no default value (so are absent from the
 /// defaults' JSON), with the type an environment value of each takes.
-const OPTIONAL: [(&str, Kind); 18] = [
+const OPTIONAL: [(&str, Kind); 20] = [
     ("database_url", Kind::Text),
+    ("allowed_hosts", Kind::List),
+    ("max_connections", Kind::Integer),
     ("api_token", Kind::Text),
     ("webhook_secret", Kind::Text),
     ("redis_url", Kind::Text),
@@ -487,6 +521,9 @@ fn optional_kind(path: &[String]) -> Option<Kind> {
 }
 
 fn kind_at(defaults: &Value, path: &[String]) -> Kind {
+    if path.len() == 3 && path[0] == "secrets" && path[2] == "hosts" {
+        return Kind::List;
+    }
     if let Some(kind) = optional_kind(path) {
         return kind;
     }
@@ -512,7 +549,7 @@ fn is_setting(defaults: &Value, path: &[String]) -> bool {
         return false;
     };
     if first == "secrets" {
-        return path.len() == 3 && matches!(path[2].as_str(), "env" | "file");
+        return path.len() == 3 && matches!(path[2].as_str(), "env" | "file" | "hosts");
     }
     let Some(Value::Object(top)) = Some(defaults) else {
         return false;
@@ -676,6 +713,11 @@ impl Settings {
                 );
             }
         }
+        for (i, entry) in self.allowed_hosts.iter().flatten().enumerate() {
+            if let Err(message) = crate::access::check_host_pattern(entry, true) {
+                return fail("allowed_hosts", format!("entry {i} {entry:?}: {message}"));
+            }
+        }
         for (i, entry) in self.egress.allow.iter().enumerate() {
             if let Err(message) = check_allow_entry(entry) {
                 return fail("egress.allow", format!("entry {i} {entry:?}: {message}"));
@@ -683,6 +725,8 @@ impl Settings {
         }
         for (setting, value, min, max) in [
             ("shutdown_timeout", self.shutdown_timeout, 0.0, 86_400.0),
+            ("header_timeout", self.header_timeout, 0.001, 3600.0),
+            ("body_timeout", self.body_timeout, 0.001, 86_400.0),
             ("lease", self.lease, 1.0, 86_400.0),
             ("retention", self.retention, 0.0, 10.0 * 365.0 * 86_400.0),
             ("retry.base_delay", self.retry.base_delay, 0.0, 86_400.0),
@@ -722,6 +766,12 @@ impl Settings {
             ("max_batch", self.max_batch, 1, 100_000),
             ("max_in_flight", self.max_in_flight, 1, 1_000_000),
             (
+                "max_connections",
+                self.max_connections.unwrap_or(1),
+                1,
+                10_000_000,
+            ),
+            (
                 "retry.max_attempts",
                 u64::from(self.retry.max_attempts),
                 1,
@@ -757,6 +807,14 @@ impl Settings {
                         &setting,
                         "give exactly one of env = \"VAR\" or file = \"PATH\"".into(),
                     )
+                }
+            }
+            for (i, host) in source.hosts.iter().flatten().enumerate() {
+                if let Err(message) = crate::access::check_host_pattern(host, false) {
+                    return fail(
+                        &format!("{setting}.hosts"),
+                        format!("entry {i} {host:?}: {message}"),
+                    );
                 }
             }
         }
@@ -982,6 +1040,23 @@ impl Settings {
     /// `shutdown_timeout` as a duration.
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.shutdown_timeout)
+    }
+
+    /// `header_timeout` as a duration.
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.header_timeout)
+    }
+
+    /// `body_timeout` as a duration.
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.body_timeout)
+    }
+
+    /// `max_connections`, or its default for this process's open-files
+    /// limit.
+    pub fn max_connections(&self) -> u64 {
+        self.max_connections
+            .unwrap_or_else(crate::listener::default_max_connections)
     }
 
     /// `lease` as a duration.

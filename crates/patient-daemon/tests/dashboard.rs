@@ -1,7 +1,9 @@
 //! The dashboard in a real browser: headless Chromium, driven through
-//! chromedriver (WebDriver), opens `/?token=TOKEN` on a daemon that has run
-//! a task that completed, one that failed and one whose delivery failed;
-//! the page shows the figures, the upstream and both failures, and its
+//! chromedriver (WebDriver), opens `/` on a daemon with a token that has
+//! run a task that completed, one that failed and one whose delivery
+//! failed; the page asks for the token in a form (typed in, kept in the
+//! tab's session storage, never in the address), then shows the figures,
+//! the upstream and both failures, and its
 //! Retry and Redeliver buttons run the task and the delivery again (seen by
 //! the upstream and through the API). The page's Content-Security-Policy
 //! must not block anything it does: the browser logs no error.
@@ -167,16 +169,30 @@ impl<'a> Session<'a> {
     }
 
     async fn click(&self, css: &str) {
+        let element = self.element(css).await;
+        post(&self.url(&format!("/element/{element}/click")), &json!({})).await;
+    }
+
+    /// Types `text` into the element at `css`, key by key.
+    async fn type_into(&self, css: &str, text: &str) {
+        let element = self.element(css).await;
+        post(
+            &self.url(&format!("/element/{element}/value")),
+            &json!({ "text": text }),
+        )
+        .await;
+    }
+
+    async fn element(&self, css: &str) -> String {
         let found = post(
             &self.url("/element"),
             &json!({"using": "css selector", "value": css}),
         )
         .await;
-        let element = found["value"][ELEMENT]
+        found["value"][ELEMENT]
             .as_str()
             .unwrap_or_else(|| panic!("no element {css}: {found}"))
-            .to_owned();
-        post(&self.url(&format!("/element/{element}/click")), &json!({})).await;
+            .to_owned()
     }
 
     /// The browser's console log so far.
@@ -204,6 +220,17 @@ async fn post(url: &str, body: &Value) -> Value {
 }
 
 /// What the page shows, read from its DOM.
+/// Where the page keeps the token, and whether it asks for one.
+const TOKEN_STATE: &str = r##"
+return {
+  url: window.location.href,
+  stored: window.sessionStorage.getItem("patient.api_token"),
+  form_hidden: document.getElementById("login").hidden,
+  input: document.getElementById("token").value,
+  loaded: Number(document.body.dataset.loaded || "0"),
+};
+"##;
+
 const READ_PAGE: &str = r##"
 const text = (sel) => { const e = document.querySelector(sel); return e ? e.textContent : null; };
 return {
@@ -280,9 +307,29 @@ async fn the_dashboard_shows_the_figures_and_its_buttons_retry_and_redeliver_in_
     let driver = Driver::start(&chromedriver).await;
     let profile = TempDir::new("chromium-profile");
     let session = Session::new(&driver, &chromium, &profile).await;
-    session
-        .open(&format!("{}/?token={TOKEN}", daemon.url))
-        .await;
+    session.open(&format!("{}/", daemon.url)).await;
+    // Without the token the page shows nothing but a form asking for it.
+    let asked = wait_for(
+        "the form asking for the token",
+        Duration::from_secs(20),
+        || async {
+            let asked = session.script(TOKEN_STATE).await;
+            (asked["form_hidden"] == false).then_some(asked)
+        },
+    )
+    .await;
+    assert_eq!(asked["loaded"], 0, "{asked}");
+    // The one error so far is the figures' 401 that made it ask (the log is
+    // drained as it is read).
+    let probe = session.log().await;
+    assert!(
+        probe.iter().all(|e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("/v1/dashboard") && m.contains("401"))),
+        "browser errors before the token: {probe:#?}"
+    );
+    session.type_into("#token", TOKEN).await;
+    session.click("#login button").await;
     let page = wait_for(
         "the page's first figures",
         Duration::from_secs(20),
@@ -295,6 +342,12 @@ async fn the_dashboard_shows_the_figures_and_its_buttons_retry_and_redeliver_in_
     )
     .await;
 
+    // The token lives in the tab's session storage, not in the address.
+    let kept = session.script(TOKEN_STATE).await;
+    assert_eq!(kept["stored"], TOKEN, "{kept}");
+    assert_eq!(kept["form_hidden"], true, "{kept}");
+    assert_eq!(kept["input"], "", "the form does not keep it: {kept}");
+    assert!(!kept["url"].as_str().unwrap().contains(TOKEN), "{kept}");
     assert_eq!(page["completed"], "2", "{page:#}");
     assert_eq!(page["failed"], "1", "{page:#}");
     assert_eq!(page["queued"], "0", "{page:#}");
@@ -419,42 +472,21 @@ async fn the_dashboard_shows_the_figures_and_its_buttons_retry_and_redeliver_in_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_page_needs_the_token_and_answers_html_with_a_strict_policy() {
+async fn the_page_holds_no_data_and_its_figures_need_the_token() {
     let daemon = Daemon::start(&[("PATIENT_API_TOKEN", TOKEN)]).await;
     let page = |path: &str| {
         let url = format!("{}{path}", daemon.url);
         async move { call("GET", &url, &[], None).await }
     };
 
-    // Without the token, or with a wrong one: 401 in the API's error shape.
-    for path in ["/", "/?token=", "/?token=wrong", "/?tok=dashboard-token-42"] {
-        let reply = page(path).await;
-        let error = reply.assert_error(401, "unauthorized");
-        assert!(
-            error["message"].as_str().unwrap().contains("?token="),
-            "{error}"
-        );
+    // The figures want the bearer header; a token in the address opens
+    // nothing (it would end up in histories and logs).
+    for path in ["/v1/dashboard", &format!("/v1/dashboard?token={TOKEN}")] {
+        page(path).await.assert_error(401, "unauthorized");
     }
-    // The query token opens the page only; the JSON routes want the header.
-    let figures = call(
-        "GET",
-        &format!("{}/v1/dashboard?token={TOKEN}", daemon.url),
-        &[],
-        None,
-    )
-    .await;
-    figures.assert_error(401, "unauthorized");
-
-    for reply in [
-        page(&format!("/?token={TOKEN}")).await,
-        call(
-            "GET",
-            &format!("{}/", daemon.url),
-            &[("authorization", &format!("Bearer {TOKEN}"))],
-            None,
-        )
-        .await,
-    ] {
+    // The page itself holds no data: it opens without the token and asks
+    // for it in a form.
+    for reply in [page("/").await, page(&format!("/?token={TOKEN}")).await] {
         assert_eq!(reply.status, 200, "{}", reply.text());
         let header = |name: &str| {
             reply
@@ -475,6 +507,11 @@ async fn the_page_needs_the_token_and_answers_html_with_a_strict_policy() {
         let html = reply.text();
         assert!(html.starts_with("<!DOCTYPE html>"), "{html}");
         assert!(html.contains("/v1/dashboard"));
+        assert!(html.contains("sessionStorage"), "the token is kept per tab");
+        assert!(
+            !html.contains("location.search"),
+            "never read from the address"
+        );
     }
 
     // The figures, as documented, with the bearer header.

@@ -442,7 +442,11 @@ async fn each_documented_operation_is_served_as_documented_and_nothing_else_is()
 async fn the_submit_schema_matches_what_the_daemon_accepts_and_refuses() {
     let doc = document();
     let upstream = Upstream::start().await.unwrap();
-    let daemon = Daemon::start(&[("PATIENT_SECRETS__KEY__ENV", "PATH")]).await;
+    let daemon = Daemon::start(&[
+        ("PATIENT_SECRETS__KEY__ENV", "PATH"),
+        ("PATIENT_SECRETS__KEY__HOSTS", "127.0.0.1"),
+    ])
+    .await;
     let schema = json!({"$ref": "#/components/schemas/Submit"});
     let fits = |body: &Value| {
         let mut errors = Vec::new();

@@ -416,10 +416,11 @@ impl Engine {
         let mut url = hop.url.clone();
         if hop.secret_params && !task.request.secret_params().is_empty() {
             let mut values = Vec::with_capacity(task.request.secret_params().len());
+            let host = url.host_str().unwrap_or_default().to_owned();
             for (name, secret) in task.request.secret_params() {
                 let value = self
                     .secrets
-                    .resolve(&secret.name)
+                    .resolve_for_host(&secret.name, &host)
                     .await
                     .map_err(|e| ("SecretError", e.to_string()))?;
                 values.push((name, value));
@@ -438,7 +439,7 @@ impl Engine {
                 HeaderValue::Secret(secret) => {
                     let v = self
                         .secrets
-                        .resolve(&secret.name)
+                        .resolve_for_host(&secret.name, hop.url.host_str().unwrap_or_default())
                         .await
                         .map_err(|e| ("SecretError", e.to_string()))?;
                     let mut v = HttpHeaderValue::from_str(&v);

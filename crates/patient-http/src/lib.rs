@@ -101,5 +101,5 @@ pub use processor::{
     TaskJournal,
 };
 pub use resilience::{Fallback, HedgeDelay, ResilienceConfig, UpstreamPolicy};
-pub use secret::{Secret, SecretError, Secrets};
+pub use secret::{host_listed, Secret, SecretError, Secrets};
 pub use task::Task;

@@ -44,6 +44,15 @@ pub enum SecretError {
         /// The name asked for.
         name: String,
     },
+    /// The secret may not be sent to this host: its owner listed others
+    /// ([`Secrets::insert_for_hosts`]).
+    #[error("secret {name:?} may not be sent to {host:?}: it is allowed for other hosts only")]
+    HostNotAllowed {
+        /// The secret's name.
+        name: String,
+        /// The host the request was going to.
+        host: String,
+    },
     /// A computed secret failed.
     #[error("secret {name:?} could not be computed: {reason}")]
     Failed {
@@ -144,6 +153,26 @@ impl From<String> for Secret {
 #[derive(Clone, Default, Debug)]
 pub struct Secrets {
     map: HashMap<String, Secret>,
+    /// The hosts each restricted secret may be sent to.
+    hosts: HashMap<String, Arc<[String]>>,
+}
+
+/// Whether `host` (a URL's host, without port) is one of `patterns`:
+/// exact names (case-insensitive, a trailing dot ignored), or `*.suffix`
+/// for every name under a domain but not the domain itself.
+pub fn host_listed(patterns: &[String], host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    patterns.iter().any(|pattern| {
+        let pattern = pattern.trim().trim_end_matches('.').to_ascii_lowercase();
+        match pattern.strip_prefix("*.") {
+            Some(suffix) => {
+                host.len() > suffix.len() + 1
+                    && host.ends_with(suffix)
+                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+            }
+            None => host == pattern,
+        }
+    })
 }
 
 impl Secrets {
@@ -152,14 +181,47 @@ impl Secrets {
         Self::default()
     }
 
-    /// Registers (or replaces) a secret.
+    /// Registers (or replaces) a secret, sent to any host a request names.
     pub fn insert(&mut self, name: impl Into<String>, secret: impl Into<Secret>) {
-        self.map.insert(name.into(), secret.into());
+        let name = name.into();
+        self.hosts.remove(&name);
+        self.map.insert(name, secret.into());
+    }
+
+    /// Registers (or replaces) a secret that is sent only to `hosts` (exact
+    /// names, or `*.suffix`; see [`host_listed`]): a request to any other
+    /// host fails to resolve it with [`SecretError::HostNotAllowed`] before
+    /// anything is sent.
+    pub fn insert_for_hosts(
+        &mut self,
+        name: impl Into<String>,
+        secret: impl Into<Secret>,
+        hosts: impl IntoIterator<Item = impl Into<String>>,
+    ) {
+        let name = name.into();
+        let hosts: Arc<[String]> = hosts.into_iter().map(Into::into).collect();
+        self.hosts.insert(name.clone(), hosts);
+        self.map.insert(name, secret.into());
     }
 
     /// Whether a secret of that name is registered.
     pub fn contains(&self, name: &str) -> bool {
         self.map.contains_key(name)
+    }
+
+    /// The secret's value for a request to `host`: as [`resolve`](Self::resolve),
+    /// and [`SecretError::HostNotAllowed`] when the secret is restricted to
+    /// other hosts.
+    pub async fn resolve_for_host(&self, name: &str, host: &str) -> Result<String, SecretError> {
+        if let Some(hosts) = self.hosts.get(name) {
+            if !host_listed(hosts, host) {
+                return Err(SecretError::HostNotAllowed {
+                    name: name.to_owned(),
+                    host: host.to_owned(),
+                });
+            }
+        }
+        self.resolve(name).await
     }
 
     /// The secret's value now, awaiting it when it is computed
@@ -174,5 +236,52 @@ impl Secrets {
                 reason,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_secret_for_hosts_resolves_for_those_hosts_only() {
+        let mut secrets = Secrets::new();
+        secrets.insert_for_hosts("key", "v", ["api.example.com", "*.corp.example"]);
+        secrets.insert("open", "o");
+        assert_eq!(
+            secrets
+                .resolve_for_host("key", "API.example.com")
+                .await
+                .unwrap(),
+            "v"
+        );
+        assert_eq!(
+            secrets
+                .resolve_for_host("key", "a.corp.example")
+                .await
+                .unwrap(),
+            "v"
+        );
+        for host in [
+            "corp.example",
+            "xcorp.example",
+            "api.example.com.evil",
+            "127.0.0.1",
+        ] {
+            assert!(matches!(
+                secrets.resolve_for_host("key", host).await,
+                Err(SecretError::HostNotAllowed { .. })
+            ));
+        }
+        assert_eq!(
+            secrets.resolve_for_host("open", "anywhere").await.unwrap(),
+            "o"
+        );
+        // Registering it again without hosts lifts the restriction.
+        secrets.insert("key", "w");
+        assert_eq!(
+            secrets.resolve_for_host("key", "anywhere").await.unwrap(),
+            "w"
+        );
     }
 }

@@ -22,6 +22,10 @@ the API on 127.0.0.1:8750. docs/patient.toml documents every setting:
   egress.allow      PATIENT_EGRESS__ALLOW     none (CIDRs or host names)
   shutdown_timeout  PATIENT_SHUTDOWN_TIMEOUT  30 (seconds)
   max_body          PATIENT_MAX_BODY          16777216 (bytes)
+  allowed_hosts     PATIENT_ALLOWED_HOSTS     loopback listener: localhost, 127.0.0.1, [::1]; else any
+  header_timeout    PATIENT_HEADER_TIMEOUT    10 (seconds; also the keep-alive idle limit)
+  body_timeout      PATIENT_BODY_TIMEOUT      30 (seconds between reads of a body)
+  max_connections   PATIENT_MAX_CONNECTIONS   10000, or half the open-files limit
   max_batch         PATIENT_MAX_BATCH         1000
   lease             PATIENT_LEASE             30 (seconds)
   retention         PATIENT_RETENTION         604800 (seconds: 7 days)
@@ -31,7 +35,7 @@ the API on 127.0.0.1:8750. docs/patient.toml documents every setting:
                                               max_delay 600, max_retry_after 3600
   delivery.*        PATIENT_DELIVERY__*       timeout 10, max_attempts 12,
                                               base_delay 5, max_delay 3600
-  secrets.NAME      PATIENT_SECRETS__NAME__ENV / __FILE
+  secrets.NAME      PATIENT_SECRETS__NAME__ENV / __FILE, __HOSTS (where a task may send it)
   payload_store.*   PATIENT_PAYLOAD_STORE__*  none: kind file|redis|s3|sql, threshold 65536,
                                               name, dir, url, prefix, ttl, bucket, endpoint,
                                               region, path_style, access_key_id,
@@ -43,9 +47,10 @@ the API on 127.0.0.1:8750. docs/patient.toml documents every setting:
 
 Once the listener is bound and the store is open it prints one line on stderr:
   patient: listening on http://127.0.0.1:8750
-The dashboard is the page at that address (with api_token set, open it as
-http://127.0.0.1:8750/?token=TOKEN).
-SIGTERM (or Ctrl-C) stops claiming tasks, lets attempts in flight finish up to
+The dashboard is the page at that address (with api_token set, it asks for the
+token in a form).
+SIGTERM (or Ctrl-C) stops claiming tasks and accepting connections at once,
+lets attempts in flight and requests in progress finish up to
 shutdown_timeout, releases the rest to the queue and exits 0. SIGHUP reads the
 settings again and replaces the proxy routes (the rest needs a restart).
 

@@ -390,10 +390,10 @@ pub async fn try_call(
         Some(q) => format!("{}?{q}", url.path()),
         None => url.path().to_owned(),
     };
-    let mut request = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", &authority);
+    let mut request = http::Request::builder().method(method).uri(path);
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        request = request.header("host", &authority);
+    }
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
