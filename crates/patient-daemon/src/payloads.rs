@@ -22,7 +22,7 @@ use std::borrow::Cow;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use patient_store::{
-    activesupport::Serializer,
+    activesupport::{KeyDigest, Options, Serializer},
     encryption::MIN_SECRET_LEN,
     store::{FileStore, RedisStore, S3Config, S3Store, SqlStore},
     Encryptor, PayloadCodec, PayloadStore, PayloadStores, StoreError,
@@ -355,7 +355,18 @@ fn encryptor(
             Some("json") => Serializer::Json,
             _ => Serializer::Marshal,
         };
-        Encryptor::active_support(&values, serializer)
+        let key_digest = match e.key_digest.as_deref() {
+            Some(name) => name
+                .parse()
+                .map_err(|unknown| settings_error("encryption.key_digest", unknown))?,
+            None => KeyDigest::default(),
+        };
+        Encryptor::active_support_with(
+            &values,
+            Options::new()
+                .with_serializer(serializer)
+                .with_key_digest(key_digest),
+        )
     } else {
         Encryptor::aes_gcm(&values)
     };

@@ -298,6 +298,11 @@ pub struct EncryptionSettings {
     /// active_support: `marshal` (the gem's, the default) or `json`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub serializer: Option<String>,
+    /// active_support: the digest the Ruby side's `KeyGenerator` derives
+    /// keys with, `sha1` (the default) or `sha256` (Rails 7 apps, whose
+    /// `load_defaults` set `key_generator_hash_digest_class` to SHA-256).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_digest: Option<String>,
 }
 
 impl Default for EncryptionSettings {
@@ -306,6 +311,7 @@ impl Default for EncryptionSettings {
             secrets: Vec::new(),
             format: "aes-gcm".to_owned(),
             serializer: None,
+            key_digest: None,
         }
     }
 }
@@ -488,7 +494,7 @@ enum Kind {
 
 /// The settings that have no default value (so are absent from the
 /// defaults' JSON), with the type an environment value of each takes.
-const OPTIONAL: [(&str, Kind); 20] = [
+const OPTIONAL: &[(&str, Kind)] = &[
     ("database_url", Kind::Text),
     ("allowed_hosts", Kind::List),
     ("max_connections", Kind::Integer),
@@ -509,6 +515,7 @@ const OPTIONAL: [(&str, Kind); 20] = [
     ("payload_store.secret_access_key", Kind::Text),
     ("payload_store.table", Kind::Text),
     ("encryption.serializer", Kind::Text),
+    ("encryption.key_digest", Kind::Text),
 ];
 
 /// The optional setting at `path`, if it is one.
@@ -980,8 +987,8 @@ impl Settings {
         Ok(())
     }
 
-    /// Checks `[encryption]`: a known format, and secret names of
-    /// `[secrets]`.
+    /// Checks `[encryption]`: a known format, a known serializer and key
+    /// digest for `active_support` only, and secret names of `[secrets]`.
     fn check_encryption(
         &self,
         fail: &dyn Fn(&str, String) -> Result<(), SettingsError>,
@@ -1010,8 +1017,21 @@ impl Settings {
                 );
             }
         }
+        if let Some(digest) = &encryption.key_digest {
+            if encryption.format != "active_support" {
+                return fail(
+                    "encryption.key_digest",
+                    "applies only to format = \"active_support\"".into(),
+                );
+            }
+            if let Err(unknown) = digest.parse::<patient_store::activesupport::KeyDigest>() {
+                return fail("encryption.key_digest", unknown.to_string());
+            }
+        }
         if encryption.secrets.is_empty()
-            && (encryption.format != "aes-gcm" || encryption.serializer.is_some())
+            && (encryption.format != "aes-gcm"
+                || encryption.serializer.is_some()
+                || encryption.key_digest.is_some())
         {
             return fail(
                 "encryption.secrets",
@@ -1410,6 +1430,7 @@ mod tests {
                 ("PATIENT_ENCRYPTION__SECRETS", "payload_key, old_key"),
                 ("PATIENT_ENCRYPTION__FORMAT", "active_support"),
                 ("PATIENT_ENCRYPTION__SERIALIZER", "json"),
+                ("PATIENT_ENCRYPTION__KEY_DIGEST", "sha256"),
             ]),
             &Flags::default(),
         )
@@ -1421,6 +1442,7 @@ mod tests {
         assert_eq!(s.encryption.secrets, ["payload_key", "old_key"]);
         assert_eq!(s.encryption.format, "active_support");
         assert_eq!(s.encryption.serializer.as_deref(), Some("json"));
+        assert_eq!(s.encryption.key_digest.as_deref(), Some("sha256"));
         // No password in the Debug output.
         let debug = format!("{s:?}");
         assert!(!debug.contains("hunter2"), "{debug}");
@@ -1523,6 +1545,35 @@ mod tests {
             ),
             (
                 &[("PATIENT_ENCRYPTION__FORMAT", "active_support")],
+                "encryption.secrets",
+                "is empty",
+            ),
+            (
+                &[("PATIENT_ENCRYPTION__KEY_DIGEST", "sha256")],
+                "encryption.key_digest",
+                "applies only to format = \"active_support\"",
+            ),
+            (
+                &[
+                    ("PATIENT_ENCRYPTION__FORMAT", "active_support"),
+                    ("PATIENT_ENCRYPTION__KEY_DIGEST", "sha512"),
+                ],
+                "encryption.key_digest",
+                "\"sha512\" is not \"sha1\" or \"sha256\"",
+            ),
+            (
+                &[
+                    ("PATIENT_ENCRYPTION__FORMAT", "active_support"),
+                    ("PATIENT_ENCRYPTION__KEY_DIGEST", "SHA256"),
+                ],
+                "encryption.key_digest",
+                "\"SHA256\" is not \"sha1\" or \"sha256\"",
+            ),
+            (
+                &[
+                    ("PATIENT_ENCRYPTION__FORMAT", "active_support"),
+                    ("PATIENT_ENCRYPTION__KEY_DIGEST", "sha256"),
+                ],
                 "encryption.secrets",
                 "is empty",
             ),

@@ -23,7 +23,7 @@ use patient_daemon::{
     Flags, Settings,
 };
 use patient_store::{
-    activesupport::Serializer,
+    activesupport::{KeyDigest, Options, Serializer},
     store::{FileStore, S3Config, S3Store, SqlStore},
     Encryptor, PayloadStore, PayloadStores,
 };
@@ -462,17 +462,26 @@ async fn a_redis_store_holds_large_outcomes_and_a_redis_list_gets_its_own_copy()
 
 /// Fetches (from the file store directory) and decrypts the payload of a
 /// Sidekiq job as the PatientHttp gem's `CallbackWorker` does, with Ruby's
-/// Active Support and the gem's key derivation.
+/// Active Support and the gem's key derivation (`KeyGenerator`'s digest
+/// SHA-1, or SHA-256 as in a Rails 7 app).
 const RUBY_CALLBACK_WORKER: &str = r##"
 require "json"
 require "active_support"
 require "active_support/key_generator"
 require "active_support/message_encryptor"
 
-dir, serializer, *keys = ARGV
+dir, serializer, digest, *keys = ARGV
+digest_class = {"sha1" => OpenSSL::Digest::SHA1, "sha256" => OpenSSL::Digest::SHA256}.fetch(digest)
 generate = lambda do |key|
-  ActiveSupport::KeyGenerator.new(key)
-    .generate_key("patient_http_payload_encryption", ActiveSupport::MessageEncryptor.key_len)
+  salt = "patient_http_payload_encryption"
+  len = ActiveSupport::MessageEncryptor.key_len
+  if ActiveSupport::KeyGenerator.respond_to?(:hash_digest_class) || digest == "sha1"
+    ActiveSupport::KeyGenerator.new(key, hash_digest_class: digest_class).generate_key(salt, len)
+  else
+    # Active Support before 7.0 ignores `hash_digest_class:` (SHA-1 always):
+    # derive as 7.0's `KeyGenerator#generate_key` does.
+    OpenSSL::PKCS5.pbkdf2_hmac(key, salt, 2**16, len, digest_class.new)
+  end
 end
 options = {cipher: "aes-256-gcm"}
 options[:serializer] = JSON if serializer == "json"
@@ -492,7 +501,13 @@ puts JSON.generate("kind" => job["args"][1], "callback" => job["args"][2], "payl
 
 /// Runs [`RUBY_CALLBACK_WORKER`] on `job`; `None` when Ruby with Active
 /// Support is not installed.
-fn ruby_worker(dir: &Path, serializer: &str, keys: &[&str], job: &str) -> Option<Value> {
+fn ruby_worker(
+    dir: &Path,
+    serializer: &str,
+    digest: KeyDigest,
+    keys: &[&str],
+    job: &str,
+) -> Option<Value> {
     let available = Command::new("ruby")
         .args([
             "-e",
@@ -514,6 +529,7 @@ fn ruby_worker(dir: &Path, serializer: &str, keys: &[&str], job: &str) -> Option
         .args(["-e", RUBY_CALLBACK_WORKER, "--"])
         .arg(dir)
         .arg(serializer)
+        .arg(digest.as_str())
         .args(keys)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -607,7 +623,7 @@ async fn sidekiq_jobs_carry_what_the_gem_decrypts_with_active_support() {
         };
         assert!(Encryptor::is_encrypted(&envelope), "{envelope}");
         assert!(&rust.decrypt(&envelope).unwrap() == expected, "{callback}");
-        if let Some(ruby) = ruby_worker(&store_dir, "marshal", &[KEY], job) {
+        if let Some(ruby) = ruby_worker(&store_dir, "marshal", KeyDigest::Sha1, &[KEY], job) {
             assert_eq!(ruby["kind"], "response");
             assert_eq!(ruby["callback"], callback);
             assert!(
@@ -623,6 +639,117 @@ async fn sidekiq_jobs_carry_what_the_gem_decrypts_with_active_support() {
         .query_async(&mut redis)
         .await
         .unwrap();
+}
+
+/// A Rails 7 app's gem derives its keys with SHA-256: with
+/// `encryption.key_digest = "sha256"` the stored request and outcome and the
+/// Sidekiq job are written with SHA-256 keys, which Ruby's `KeyGenerator`
+/// with `hash_digest_class: OpenSSL::Digest::SHA256` reads. The same data
+/// started with the default digest (SHA-1) answers `503` naming the digest,
+/// and reads again once the digest is set back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sha256_key_digest_writes_what_a_rails_7_app_decrypts() {
+    const KEY: &str = "a Rails 7 app's encryption_key";
+    let Some(url) = redis_url() else { return };
+    let mut redis = redis_connection(&url).await;
+    let queue = format!("patient-payloads-{}", uuid::Uuid::new_v4().simple());
+    let upstream = Upstream::start().await.unwrap();
+    let secrets = TempDir::new("secrets");
+    let key_file = secret_file(&secrets, "rails", KEY);
+    let body = format!("confidential-{}", uuid::Uuid::new_v4().simple());
+    let settings = |digest: &'static str| {
+        [
+            ("PATIENT_REDIS_URL", url.clone()),
+            ("PATIENT_SECRETS__RAILS__FILE", key_file.clone()),
+            ("PATIENT_ENCRYPTION__SECRETS", "rails".to_owned()),
+            ("PATIENT_ENCRYPTION__FORMAT", "active_support".to_owned()),
+            // Empty: the default.
+            ("PATIENT_ENCRYPTION__KEY_DIGEST", digest.to_owned()),
+        ]
+    };
+    let sha256 = settings("sha256");
+    let sha256: Vec<(&str, &str)> = sha256.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let daemon = Daemon::start(&sha256).await;
+    let dir = daemon.dir();
+    let task = daemon
+        .submit(&json!({
+            "request": {"http_method": "post", "url": upstream.url("/mirror"),
+                        "headers": {"content-type": "text/plain"},
+                        "body": {"encoding": "text", "value": body, "charset": "UTF-8"}},
+            "callback": "Rails7Callback",
+            "deliver": {"sidekiq": {"queue": queue}},
+        }))
+        .await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let done = daemon.wait_delivery(&id, "delivered").await;
+    let response = done["outcome"]["response"].clone();
+    assert_eq!(response["body"]["value"], body, "{done}");
+    daemon.stop().await.unwrap();
+
+    // The row holds envelopes of SHA-256 keys; with the SHA-1 key of the
+    // same secret they are refused, naming both digests.
+    let rails7 =
+        Encryptor::active_support_with(&[KEY], Options::new().with_key_digest(KeyDigest::Sha256))
+            .unwrap();
+    let sha1 = Encryptor::active_support(&[KEY], Serializer::Marshal).unwrap();
+    let (request, outcome) = stored_row(dir.path(), &id).await;
+    let outcome = outcome.unwrap();
+    for envelope in [&request, &outcome["response"]] {
+        assert!(Encryptor::is_encrypted(envelope), "{envelope}");
+        let error = sha1.decrypt(envelope).unwrap_err().to_string();
+        assert!(
+            error.contains("derived with sha256") && error.contains("key digest is sha1"),
+            "{error}"
+        );
+    }
+    assert_eq!(rails7.decrypt(&request).unwrap()["body"]["value"], body);
+    assert!(rails7.decrypt(&outcome["response"]).unwrap() == response);
+
+    // The Sidekiq job: what a Rails 7 app's `CallbackWorker` decrypts.
+    let jobs: Vec<String> = redis::cmd("LRANGE")
+        .arg(format!("queue:{queue}"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let job: Value = serde_json::from_str(&jobs[0]).unwrap();
+    assert!(Encryptor::is_encrypted(&job["args"][0]), "{job}");
+    assert!(rails7.decrypt(&job["args"][0]).unwrap() == response);
+    if let Some(ruby) = ruby_worker(dir.path(), "marshal", KeyDigest::Sha256, &[KEY], &jobs[0]) {
+        assert_eq!(ruby["callback"], "Rails7Callback");
+        assert!(ruby["payload"] == response, "Ruby loads what the API shows");
+    }
+    let _: () = redis::cmd("DEL")
+        .arg(format!("queue:{queue}"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    // Started with the default digest: the task is unavailable, and the
+    // message says which digest it was written with.
+    let default = settings("");
+    let default: Vec<(&str, &str)> = default.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let daemon = Daemon::start_in(Arc::clone(&dir), &default).await;
+    let error = daemon
+        .get(&format!("/v1/tasks/{id}"))
+        .await
+        .assert_error(503, "unavailable");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("derived with sha256") && message.contains("set the key digest to sha256"),
+        "{message}"
+    );
+    assert!(!message.contains(&body), "{message}");
+    daemon.stop().await.unwrap();
+    let daemon = Daemon::start_in(Arc::clone(&dir), &sha256).await;
+    assert_eq!(
+        daemon.task(&id).await["request"]["body"]["value"],
+        body,
+        "set back to sha256, the task reads"
+    );
+    daemon.stop().await.unwrap();
 }
 
 /// Loads settings from `env` (over the test defaults) and starts a daemon
@@ -691,6 +818,22 @@ async fn bad_payload_settings_are_refused_at_start_naming_the_setting() {
         assert!(
             !message.contains("too short"),
             "the value is never shown: {message}"
+        );
+    }
+    // An unknown key digest is refused naming the setting and the values it
+    // takes, whatever its case or spelling.
+    for digest in ["sha512", "SHA256", "sha-256", "sha1 "] {
+        let message = start_error(&[
+            ("PATIENT_SECRETS__SHORT__FILE", short.as_str()),
+            ("PATIENT_ENCRYPTION__SECRETS", "short"),
+            ("PATIENT_ENCRYPTION__FORMAT", "active_support"),
+            ("PATIENT_ENCRYPTION__KEY_DIGEST", digest),
+        ])
+        .await;
+        assert!(
+            message.contains("`encryption.key_digest`")
+                && message.contains(&format!("{digest:?} is not \"sha1\" or \"sha256\"")),
+            "{digest:?}: {message}"
         );
     }
     // A Redis store that cannot be reached stops the start too.

@@ -2,13 +2,17 @@
 //! Active Support's `KeyGenerator` and `MessageEncryptor` with the cipher
 //! `aes-256-gcm`, as the gem sets them up for its `encryption_key` setting.
 //!
-//! Build it with [`Encryptor::active_support`](crate::Encryptor::active_support);
-//! a Ruby process whose PatientHttp configuration has the same
-//! `encryption_key` (one key, or an array of keys for rotation) decrypts what
-//! this encryptor writes, and this encryptor decrypts what the gem wrote.
+//! Build it with [`Encryptor::active_support`](crate::Encryptor::active_support)
+//! (or [`Encryptor::active_support_with`](crate::Encryptor::active_support_with)
+//! and [`Options`]); a Ruby process whose PatientHttp configuration has the
+//! same `encryption_key` (one key, or an array of keys for rotation) decrypts
+//! what this encryptor writes, and this encryptor decrypts what the gem wrote.
 //!
 //! ```
-//! use patient_store::{activesupport::Serializer, Encryptor};
+//! use patient_store::{
+//!     activesupport::{KeyDigest, Options, Serializer},
+//!     Encryptor,
+//! };
 //! use serde_json::json;
 //!
 //! // The gem's `config.encryption_key = ["new key", "old key"]`.
@@ -17,14 +21,25 @@
 //! let sealed = encryptor.encrypt(&payload)?;
 //! assert_eq!(sealed["__encrypted__"], true);
 //! assert_eq!(encryptor.decrypt(&sealed)?, payload);
+//!
+//! // The same in a Rails 7 app, whose `load_defaults` make `KeyGenerator`
+//! // derive keys with SHA-256.
+//! let rails7 = Encryptor::active_support_with(
+//!     &["new key", "old key"],
+//!     Options::new().with_key_digest(KeyDigest::Sha256),
+//! )?;
+//! assert_eq!(rails7.decrypt(&rails7.encrypt(&payload)?)?, payload);
 //! # Ok::<(), patient_store::StoreError>(())
 //! ```
 //!
 //! # The format
 //!
-//! * Each secret gives a 32-byte key by PBKDF2-HMAC-SHA1 with
-//!   [`ITERATIONS`] iterations and the salt [`SALT`]
-//!   (`ActiveSupport::KeyGenerator.new(secret).generate_key(SALT, 32)`).
+//! * Each secret gives a 32-byte key by PBKDF2 with the HMAC of a
+//!   [`KeyDigest`], [`ITERATIONS`] iterations and the salt [`SALT`]
+//!   (`ActiveSupport::KeyGenerator.new(secret).generate_key(SALT, 32)`). The
+//!   digest is `KeyGenerator`'s `hash_digest_class`: SHA-1 by default,
+//!   SHA-256 in a Rails 7 app (Active Support 6.1 has no such setting and
+//!   always uses SHA-1).
 //! * The plaintext is the payload's JSON text as the configured
 //!   [`Serializer`] wrote it: `Marshal.dump(json)` (Active Support 6.1's
 //!   default) or a JSON string literal (`serializer: JSON`).
@@ -34,9 +49,12 @@
 //!   the gem Base64-encodes the message once more.
 //!
 //! Rotation: the first secret encrypts, every secret is tried to decrypt.
-//! Decryption reads both serializers, whichever is configured.
+//! Decryption reads both serializers, whichever is configured. The key
+//! digest must be the Ruby side's: a message whose key was derived with the
+//! other digest fails with [`StoreError::KeyDigestMismatch`], which names
+//! both.
 
-use std::num::NonZeroU32;
+use std::{fmt, num::NonZeroU32, str::FromStr};
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use ring::{
@@ -64,10 +82,11 @@ pub const SEPARATOR: &str = "--";
 
 /// How the JSON text is serialized before encryption: the `serializer:` of
 /// the Ruby side's `MessageEncryptor`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Serializer {
     /// Ruby's `Marshal` (Active Support 6.1's default, the gem's): the JSON
-    /// text as a marshalled UTF-8 `String`.
+    /// text as a marshalled UTF-8 `String`. The default.
+    #[default]
     Marshal,
     /// `serializer: JSON`: the JSON text as a JSON string literal. Reading
     /// also takes the `\uXXXX` escapes of a serializer that encodes with
@@ -75,45 +94,196 @@ pub enum Serializer {
     Json,
 }
 
+/// The digest of the HMAC that Active Support's `KeyGenerator` derives keys
+/// with by PBKDF2: its `hash_digest_class`.
+///
+/// Rails 7's `load_defaults` set SHA-256
+/// (`config.active_support.key_generator_hash_digest_class`), so the gem in a
+/// Rails 7 app derives its keys with SHA-256; older apps and plain Ruby use
+/// SHA-1, the default.
+///
+/// Parsed from and shown as its setting's value: `sha1` or `sha256`.
+///
+/// ```
+/// use patient_store::activesupport::KeyDigest;
+///
+/// assert_eq!("sha256".parse(), Ok(KeyDigest::Sha256));
+/// assert_eq!(KeyDigest::default().to_string(), "sha1");
+/// let error = "SHA-512".parse::<KeyDigest>().unwrap_err();
+/// assert_eq!(error.to_string(), r#""SHA-512" is not "sha1" or "sha256""#);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KeyDigest {
+    /// HMAC-SHA1 (`OpenSSL::Digest::SHA1`): Active Support's own default,
+    /// and so the gem's outside Rails 7 apps. The default.
+    #[default]
+    Sha1,
+    /// HMAC-SHA256 (`OpenSSL::Digest::SHA256`): what Rails 7's
+    /// `load_defaults` set.
+    Sha256,
+}
+
+impl KeyDigest {
+    /// Every key digest, the default first.
+    pub const ALL: &'static [KeyDigest] = &[KeyDigest::Sha1, KeyDigest::Sha256];
+
+    /// Its name as a setting's value: `sha1` or `sha256`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyDigest::Sha1 => "sha1",
+            KeyDigest::Sha256 => "sha256",
+        }
+    }
+
+    /// The Ruby class that `KeyGenerator`'s `hash_digest_class:` takes for it.
+    pub fn ruby_class(self) -> &'static str {
+        match self {
+            KeyDigest::Sha1 => "OpenSSL::Digest::SHA1",
+            KeyDigest::Sha256 => "OpenSSL::Digest::SHA256",
+        }
+    }
+
+    /// The 32-byte key Active Support's `KeyGenerator` derives from `secret`
+    /// with this digest and the gem's salt: PBKDF2 with HMAC of this digest,
+    /// [`ITERATIONS`] iterations, [`SALT`].
+    pub fn derive_key(self, secret: &str) -> [u8; KEY_LEN] {
+        let algorithm = match self {
+            KeyDigest::Sha1 => pbkdf2::PBKDF2_HMAC_SHA1,
+            KeyDigest::Sha256 => pbkdf2::PBKDF2_HMAC_SHA256,
+        };
+        let mut key = [0u8; KEY_LEN];
+        let iterations = NonZeroU32::new(ITERATIONS).unwrap_or(NonZeroU32::MIN);
+        pbkdf2::derive(
+            algorithm,
+            iterations,
+            SALT.as_bytes(),
+            secret.as_bytes(),
+            &mut key,
+        );
+        key
+    }
+}
+
+impl fmt::Display for KeyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for KeyDigest {
+    type Err = UnknownKeyDigest;
+
+    /// `sha1` or `sha256`, exactly.
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        KeyDigest::ALL
+            .iter()
+            .copied()
+            .find(|digest| digest.as_str() == name)
+            .ok_or_else(|| UnknownKeyDigest(name.to_owned()))
+    }
+}
+
+/// A name that is none of the [`KeyDigest`]s; its message names the allowed
+/// values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownKeyDigest(String);
+
+impl UnknownKeyDigest {
+    /// The name that was given.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UnknownKeyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} is not ", self.0)?;
+        let last = KeyDigest::ALL.len() - 1;
+        for (i, digest) in KeyDigest::ALL.iter().enumerate() {
+            match i {
+                0 => {}
+                i if i == last => f.write_str(" or ")?,
+                _ => f.write_str(", ")?,
+            }
+            write!(f, "\"{digest}\"")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for UnknownKeyDigest {}
+
+/// How the Ruby side's `MessageEncryptor` and `KeyGenerator` are set up,
+/// for [`Encryptor::active_support_with`](crate::Encryptor::active_support_with).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Options {
+    /// How the JSON text is serialized; [`Serializer::Marshal`] (the gem's)
+    /// by default.
+    pub serializer: Serializer,
+    /// The digest keys are derived with; [`KeyDigest::Sha1`] by default,
+    /// [`KeyDigest::Sha256`] for Rails 7 apps.
+    pub key_digest: KeyDigest,
+}
+
+impl Options {
+    /// The gem's setup outside Rails 7: [`Serializer::Marshal`] and
+    /// [`KeyDigest::Sha1`].
+    pub fn new() -> Self {
+        Options::default()
+    }
+
+    /// The serializer; [`Serializer::Marshal`] by default.
+    #[must_use]
+    pub fn with_serializer(mut self, serializer: Serializer) -> Self {
+        self.serializer = serializer;
+        self
+    }
+
+    /// The key digest; [`KeyDigest::Sha1`] by default.
+    #[must_use]
+    pub fn with_key_digest(mut self, key_digest: KeyDigest) -> Self {
+        self.key_digest = key_digest;
+        self
+    }
+}
+
 /// Keys derived from secrets, and the serializer that writes.
 pub(crate) struct ActiveSupport {
     /// The first key encrypts.
     keys: Vec<LessSafeKey>,
-    serializer: Serializer,
+    /// The same secrets' keys by each other digest (derived up front, which
+    /// doubles the derivation work of a start): only to tell a message
+    /// written with another digest from one of an unknown key.
+    other_digests: Vec<(KeyDigest, Vec<LessSafeKey>)>,
+    options: Options,
     rng: SystemRandom,
 }
 
 impl ActiveSupport {
-    pub(crate) fn new(
-        secrets: &[impl AsRef<str>],
-        serializer: Serializer,
-    ) -> Result<Self, StoreError> {
+    pub(crate) fn new(secrets: &[impl AsRef<str>], options: Options) -> Result<Self, StoreError> {
         if secrets.is_empty() {
             return Err(StoreError::Config(
                 "Active Support encryption needs at least one secret".to_owned(),
             ));
         }
-        let mut keys = Vec::with_capacity(secrets.len());
-        for (i, secret) in secrets.iter().enumerate() {
-            let secret = secret.as_ref();
-            if secret.is_empty() {
-                return Err(StoreError::Config(format!(
-                    "Active Support encryption secret #{} is empty",
-                    i + 1
-                )));
+        if let Some(i) = secrets.iter().position(|s| s.as_ref().is_empty()) {
+            return Err(StoreError::Config(format!(
+                "Active Support encryption secret #{} is empty",
+                i + 1
+            )));
+        }
+        let keys = derive_keys(secrets, options.key_digest)?;
+        let mut other_digests = Vec::with_capacity(KeyDigest::ALL.len() - 1);
+        for &digest in KeyDigest::ALL {
+            if digest != options.key_digest {
+                other_digests.push((digest, derive_keys(secrets, digest)?));
             }
-            keys.push(LessSafeKey::new(
-                UnboundKey::new(&AES_256_GCM, &derive_key(secret)).map_err(|_| {
-                    StoreError::Config(format!(
-                        "cannot make an AES-256-GCM key of encryption secret #{}",
-                        i + 1
-                    ))
-                })?,
-            ));
         }
         Ok(ActiveSupport {
             keys,
-            serializer,
+            other_digests,
+            options,
             rng: SystemRandom::new(),
         })
     }
@@ -122,8 +292,8 @@ impl ActiveSupport {
         self.keys.len()
     }
 
-    pub(crate) fn serializer(&self) -> Serializer {
-        self.serializer
+    pub(crate) fn options(&self) -> Options {
+        self.options
     }
 
     /// The `MessageEncryptor` message (`b64(ct)--b64(iv)--b64(tag)`) of the
@@ -132,7 +302,7 @@ impl ActiveSupport {
         let Some(key) = self.keys.first() else {
             return Err(StoreError::Encrypt("no encryption key".to_owned()));
         };
-        let mut data = match self.serializer {
+        let mut data = match self.options.serializer {
             Serializer::Marshal => marshal_dump_string(json)?,
             Serializer::Json => serde_json::to_vec(json)
                 .map_err(|e| StoreError::Encrypt(format!("cannot serialize the JSON text: {e}")))?,
@@ -194,15 +364,17 @@ impl ActiveSupport {
         }
         let mut sealed = ciphertext;
         sealed.extend_from_slice(&tag);
-        for key in &self.keys {
-            // A failed open may overwrite the buffer: work on a copy.
-            let mut buffer = sealed.clone();
-            if let Ok(plain) =
-                key.open_in_place(Nonce::assume_unique_for_key(iv), Aad::empty(), &mut buffer)
-            {
-                let len = plain.len();
-                buffer.truncate(len);
-                return deserialize(&buffer);
+        if let Some(plain) = open_with(&self.keys, iv, &sealed) {
+            return deserialize(&plain);
+        }
+        // A secret that is configured, with the other digest: the Ruby side's
+        // `KeyGenerator` is set up otherwise. Refused all the same.
+        for (digest, keys) in &self.other_digests {
+            if open_with(keys, iv, &sealed).is_some() {
+                return Err(StoreError::KeyDigestMismatch {
+                    configured: self.options.key_digest,
+                    written_with: *digest,
+                });
             }
         }
         Err(StoreError::Decrypt(
@@ -213,19 +385,47 @@ impl ActiveSupport {
     }
 }
 
+/// The plaintext of `sealed` (ciphertext and tag) under the first of `keys`
+/// that authenticates it.
+fn open_with(keys: &[LessSafeKey], iv: [u8; NONCE_LEN], sealed: &[u8]) -> Option<Vec<u8>> {
+    keys.iter().find_map(|key| {
+        // A failed open may overwrite the buffer: work on a copy.
+        let mut buffer = sealed.to_vec();
+        let len = key
+            .open_in_place(Nonce::assume_unique_for_key(iv), Aad::empty(), &mut buffer)
+            .ok()?
+            .len();
+        buffer.truncate(len);
+        Some(buffer)
+    })
+}
+
+/// The AES-256-GCM key of each secret, derived with `digest`.
+fn derive_keys(
+    secrets: &[impl AsRef<str>],
+    digest: KeyDigest,
+) -> Result<Vec<LessSafeKey>, StoreError> {
+    secrets
+        .iter()
+        .enumerate()
+        .map(|(i, secret)| {
+            UnboundKey::new(&AES_256_GCM, &digest.derive_key(secret.as_ref()))
+                .map(LessSafeKey::new)
+                .map_err(|_| {
+                    StoreError::Config(format!(
+                        "cannot make an AES-256-GCM key of encryption secret #{}",
+                        i + 1
+                    ))
+                })
+        })
+        .collect()
+}
+
 /// The 32-byte key Active Support's `KeyGenerator` derives from `secret` with
-/// the gem's salt: PBKDF2-HMAC-SHA1, [`ITERATIONS`] iterations, [`SALT`].
+/// the gem's salt and its default digest:
+/// [`KeyDigest::Sha1`]`.`[`derive_key`](KeyDigest::derive_key)`(secret)`.
 pub fn derive_key(secret: &str) -> [u8; KEY_LEN] {
-    let mut key = [0u8; KEY_LEN];
-    let iterations = NonZeroU32::new(ITERATIONS).unwrap_or(NonZeroU32::MIN);
-    pbkdf2::derive(
-        pbkdf2::PBKDF2_HMAC_SHA1,
-        iterations,
-        SALT.as_bytes(),
-        secret.as_bytes(),
-        &mut key,
-    );
-    key
+    KeyDigest::Sha1.derive_key(secret)
 }
 
 /// The JSON text of a decrypted plaintext, whichever serializer wrote it.
@@ -440,6 +640,76 @@ mod tests {
     /// `{"known":"answer"}`: Marshal, then `serializer: JSON`.
     const KNOWN_MARSHAL: &str = "N0VKRUgyNG5ycElTckFQOUw0SHhOOExVQVUzcHBKSDZPVVhEOVE9PS0tVDU4aHkrdjRWd21sb1IzRi0tQy8rclJ3U1h1VldzeEhBNUtSbnJQQT09";
     const KNOWN_JSON: &str = "VGFoazFpNDJhWFNaUmI4dVV3T2p1Rk1RVFlqTk1XSDgtLVNRcGN3cFhVclk2OW1kTVAtLUpHU0M0Z0pGZE9UcjRXL1RxZ3ZCTnc9PQ==";
+    /// The same, Marshal, with the key that Active Support 7's
+    /// `KeyGenerator.new(key, hash_digest_class: OpenSSL::Digest::SHA256)`
+    /// derives (a Rails 7 app).
+    const KNOWN_SHA256: &str = "OHB0MEZpcmFiVjFRWUhRa3lVbXcwbThQRDNBMEQ0MzY0YUp6K3c9PS0teG5HTGlIdk85cGQzSDAycS0tVzlNYVFPYm82bVdWR3lJT2tIVGM3QT09";
+
+    fn with_digest(secrets: &[&str], key_digest: KeyDigest) -> Encryptor {
+        Encryptor::active_support_with(secrets, Options::new().with_key_digest(key_digest)).unwrap()
+    }
+
+    #[test]
+    fn a_known_sha256_message_decrypts_and_names_the_digest_when_read_as_sha1() {
+        let sealed = json!({"__encrypted__": true, "value": KNOWN_SHA256});
+        let sha256 = with_digest(&["another key", "a gem encryption key"], KeyDigest::Sha256);
+        assert_eq!(sha256.decrypt(&sealed).unwrap(), json!({"known": "answer"}));
+        let sha1 = with_digest(&["another key", "a gem encryption key"], KeyDigest::Sha1);
+        let error = sha1.decrypt(&sealed).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                StoreError::KeyDigestMismatch {
+                    configured: KeyDigest::Sha1,
+                    written_with: KeyDigest::Sha256
+                }
+            ),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "cannot decrypt payload: the Active Support message was encrypted with a key \
+             derived with sha256 (KeyGenerator's hash_digest_class: OpenSSL::Digest::SHA256), \
+             but the configured key digest is sha1; set the key digest to sha256"
+        );
+        // The SHA-1 messages, read as SHA-256: the other way round.
+        for known in [KNOWN_MARSHAL, KNOWN_JSON] {
+            let sealed = json!({"__encrypted__": true, "value": known});
+            assert!(matches!(
+                sha256.decrypt(&sealed),
+                Err(StoreError::KeyDigestMismatch {
+                    configured: KeyDigest::Sha256,
+                    written_with: KeyDigest::Sha1
+                })
+            ));
+        }
+        // Neither digest of a configured secret: an unknown key.
+        let other = with_digest(&["another key"], KeyDigest::Sha1);
+        assert!(
+            matches!(other.decrypt(&sealed), Err(StoreError::Decrypt(m)) if m.contains("authentication failed"))
+        );
+    }
+
+    #[test]
+    fn key_digests_parse_from_their_names_only() {
+        for &digest in KeyDigest::ALL {
+            assert_eq!(digest.as_str().parse(), Ok(digest));
+            assert_eq!(digest.to_string(), digest.as_str());
+        }
+        assert_eq!(KeyDigest::default(), KeyDigest::Sha1);
+        assert_eq!(Options::default().key_digest, KeyDigest::Sha1);
+        assert_eq!(Options::default().serializer, Serializer::Marshal);
+        for name in [
+            "", "SHA256", "Sha1", "sha-256", " sha256", "sha256\n", "sha512", "md5",
+        ] {
+            let error = name.parse::<KeyDigest>().unwrap_err();
+            assert_eq!(error.name(), name);
+            assert_eq!(
+                error.to_string(),
+                format!("{name:?} is not \"sha1\" or \"sha256\"")
+            );
+        }
+    }
 
     #[test]
     fn known_ruby_messages_decrypt() {
@@ -498,7 +768,9 @@ mod tests {
             Encryptor::active_support(&["a secret"], Serializer::Json).unwrap()
         );
         assert!(
-            debug.contains("active-support") && debug.contains("Json"),
+            debug.contains("active-support")
+                && debug.contains("Json")
+                && debug.contains("key_digest: Sha1"),
             "{debug}"
         );
         assert!(!debug.contains("a secret"), "{debug}");
@@ -574,5 +846,17 @@ mod tests {
         let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex, expected);
         assert_ne!(derive_key("secret"), derive_key("secreT"));
+        assert_eq!(KeyDigest::Sha1.derive_key("secret"), key);
+    }
+
+    #[test]
+    fn key_derivation_matches_pbkdf2_hmac_sha256() {
+        // OpenSSL::PKCS5.pbkdf2_hmac("secret", SALT, 2**16, 32,
+        // OpenSSL::Digest::SHA256.new) from Ruby: what Active Support 7's
+        // KeyGenerator with hash_digest_class: OpenSSL::Digest::SHA256 derives.
+        let key = KeyDigest::Sha256.derive_key("secret");
+        let expected = "13d141c0d163b04407a4cd765d68d3cbd97a4ea6ed423cac0583cb6a6da69bde";
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, expected);
     }
 }

@@ -54,7 +54,7 @@ use ring::{
 use serde_json::{Map, Value};
 
 use crate::{
-    activesupport::{ActiveSupport, Serializer},
+    activesupport::{ActiveSupport, Options, Serializer},
     StoreError,
 };
 
@@ -115,7 +115,8 @@ impl fmt::Debug for Encryptor {
                 .debug_struct("Encryptor")
                 .field("kind", &"active-support aes-256-gcm")
                 .field("keys", &aes.key_count())
-                .field("serializer", &aes.serializer())
+                .field("serializer", &aes.options().serializer)
+                .field("key_digest", &aes.options().key_digest)
                 .finish_non_exhaustive(),
             Inner::Custom { .. } => f
                 .debug_struct("Encryptor")
@@ -165,6 +166,9 @@ impl Encryptor {
     /// first secret encrypts, every secret decrypts (the gem's rotation);
     /// `serializer` is the one the Ruby side's `MessageEncryptor` uses
     /// ([`Serializer::Marshal`] for the gem), and decryption reads either.
+    /// Keys are derived with SHA-1, `KeyGenerator`'s default outside Rails 7
+    /// apps: [`active_support_with`](Self::active_support_with) sets the
+    /// digest.
     ///
     /// Secrets are the gem's keys as they are (any non-empty string). Fails
     /// with [`StoreError::Config`] when there is no secret or one is empty.
@@ -172,8 +176,25 @@ impl Encryptor {
         secrets: &[impl AsRef<str>],
         serializer: Serializer,
     ) -> Result<Self, StoreError> {
+        Self::active_support_with(secrets, Options::new().with_serializer(serializer))
+    }
+
+    /// The PatientHttp gem's encryption as [`active_support`](Self::active_support),
+    /// set up as the Ruby side is: its serializer and the digest its
+    /// `KeyGenerator` derives keys with (`hash_digest_class`; SHA-256 in a
+    /// Rails 7 app, see [`KeyDigest`](crate::activesupport::KeyDigest)). A
+    /// message whose key was derived from a configured secret with the
+    /// other digest fails to decrypt with [`StoreError::KeyDigestMismatch`]
+    /// (for which each secret's key is derived with both digests here, once).
+    ///
+    /// Fails with [`StoreError::Config`] when there is no secret or one is
+    /// empty.
+    pub fn active_support_with(
+        secrets: &[impl AsRef<str>],
+        options: Options,
+    ) -> Result<Self, StoreError> {
         Ok(Encryptor {
-            inner: Inner::ActiveSupport(ActiveSupport::new(secrets, serializer)?),
+            inner: Inner::ActiveSupport(ActiveSupport::new(secrets, options)?),
         })
     }
 
@@ -225,7 +246,9 @@ impl Encryptor {
     ///
     /// Fails with [`StoreError::Decrypt`] when the value is not valid Base64,
     /// the ciphertext is truncated, tampered with or was made with a key this
-    /// encryptor does not have, or the plaintext is not JSON.
+    /// encryptor does not have, or the plaintext is not JSON; with
+    /// [`StoreError::KeyDigestMismatch`] when an Active Support message's key
+    /// was derived from a configured secret with another digest.
     pub fn decrypt(&self, value: &Value) -> Result<Value, StoreError> {
         let Some(object) = value.as_object() else {
             return Ok(value.clone());

@@ -1,5 +1,7 @@
 //! Errors of stores, the registry and encryption.
 
+use crate::activesupport::KeyDigest;
+
 /// What went wrong storing, fetching, deleting, encrypting or decrypting a payload.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -48,6 +50,21 @@ pub enum StoreError {
     /// Decryption failed: wrong key, tampered or truncated ciphertext.
     #[error("cannot decrypt payload: {0}")]
     Decrypt(String),
+    /// An Active Support message whose key was derived from a configured
+    /// secret, but with another digest than the configured one: the Ruby
+    /// side's `KeyGenerator` has another `hash_digest_class`.
+    #[error(
+        "cannot decrypt payload: the Active Support message was encrypted with a key derived \
+         with {written_with} (KeyGenerator's hash_digest_class: {}), but the configured key \
+         digest is {configured}; set the key digest to {written_with}",
+        written_with.ruby_class()
+    )]
+    KeyDigestMismatch {
+        /// The digest this side derives keys with.
+        configured: KeyDigest,
+        /// The digest the message's key was derived with.
+        written_with: KeyDigest,
+    },
     /// Encryption failed.
     #[error("cannot encrypt payload: {0}")]
     Encrypt(String),

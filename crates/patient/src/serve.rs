@@ -41,7 +41,8 @@ the API on 127.0.0.1:8750. docs/patient.toml documents every setting:
                                               region, path_style, access_key_id,
                                               secret_access_key (secret names), table
   encryption.*      PATIENT_ENCRYPTION__*     off: secrets (names, first encrypts),
-                                              format aes-gcm|active_support, serializer
+                                              format aes-gcm|active_support, serializer,
+                                              key_digest sha1|sha256 (sha256: Rails 7+)
   [[routes]]        (file only)               none: proxy routes (name, path_prefix, upstreams,
                                               strip_prefix, caps, timers, retries, credential…)
 
