@@ -81,7 +81,21 @@ impl Serve {
 
     /// [`start`](Self::start) with more arguments (`--config FILE`).
     fn start_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_patient"));
+        Serve::start_wrapped(&[], dir, args, env)
+    }
+
+    /// [`start_with`](Self::start_with) run by `wrapper` (a command and its
+    /// arguments, before the daemon's: `prlimit --nofile=256 --`).
+    fn start_wrapped(wrapper: &[&str], dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
+        let binary = env!("CARGO_BIN_EXE_patient");
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
@@ -1016,4 +1030,41 @@ fn sighup_reloads_the_routes_without_dropping_a_stream_in_flight() {
         );
         assert_eq!(get_text(addr, "/b/fast").await.0, 200);
     });
+}
+
+/// A flood of half-sent requests against a daemon whose open-files limit is
+/// 256: the connection cap (half the limit by default) closes the one that
+/// waited longest for its head, so `/healthz` still answers at once.
+#[test]
+fn half_sent_requests_under_a_low_open_files_limit_do_not_lock_out_real_clients() {
+    let dir = TempDir::new("fd-limit");
+    let mut serve = Serve::start_wrapped(
+        &["prlimit", "--nofile=256:256", "--"],
+        dir.path(),
+        &[],
+        &[("PATIENT_HEADER_TIMEOUT", "600")],
+    );
+    let addr = serve.addr;
+    runtime().block_on(async {
+        use tokio::io::AsyncWriteExt;
+        let mut held = Vec::new();
+        for _ in 0..300 {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(b"GET /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Half:")
+                .await
+                .unwrap();
+            held.push(stream);
+        }
+        for _ in 0..5 {
+            let answered =
+                tokio::time::timeout(Duration::from_secs(5), call(addr, "GET", "/healthz", None))
+                    .await
+                    .expect("/healthz answers within 5 s while 300 half-sent requests are held");
+            assert_eq!(answered.unwrap().0, 200);
+        }
+        drop(held);
+    });
+    let (status, _) = serve.terminate();
+    assert!(status.success(), "{}", serve.log());
 }
