@@ -16,15 +16,8 @@ use patient_wire::{DeadlineMode, WireLimits};
 use tokio::net::TcpListener;
 
 use crate::{
-    db::Db,
-    delivery::Deliverer,
-    egress::Allow,
-    gateway::{hooks::NoHooks, Gateway},
-    metrics::DaemonMetrics,
-    payloads::Payloads,
-    runner::Runner,
-    settings::Settings,
-    webhook_secret,
+    db::Db, delivery::Deliverer, egress::Allow, gateway::Gateway, metrics::DaemonMetrics,
+    payloads::Payloads, runner::Runner, settings::Settings, webhook_secret,
 };
 
 /// How often finished tasks past their retention are purged, and how many
@@ -208,7 +201,10 @@ async fn serve(
         .build()
         .map_err(|e| ServeError::Settings(e.to_string()))?;
     let payloads = Payloads::from_settings(&settings, &secret_values, &config).await?;
-    let gateway = Gateway::new(&settings.routes, secret_values, Arc::new(NoHooks))
+    let gateway = Gateway::builder(&settings.routes)
+        .secrets(secret_values)
+        .api_token(settings.api_token.as_deref())
+        .build()
         .map_err(|e| ServeError::Settings(e.to_string()))?;
     let client = AwaitableClient::builder()
         .config(config)
