@@ -25,6 +25,7 @@ use crate::{
     egress::literal_denied,
     model::{now_ms, parse_rfc3339, Deliver, TaskRecord, TaskState},
     server::App,
+    token::{ApiToken, Places},
 };
 
 /// The longest `delay` of a submit: 30 days, in seconds.
@@ -198,35 +199,18 @@ async fn method_not_allowed(request: Request) -> ApiError {
     )
 }
 
-/// Compares without an early exit, so timing does not tell how much of a
-/// token matched.
-fn same_token(given: &[u8], expected: &[u8]) -> bool {
-    if given.len() != expected.len() {
-        return false;
-    }
-    given
-        .iter()
-        .zip(expected)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
-}
-
-/// The bearer token of `request`'s `Authorization` header.
-fn bearer(request: &Request) -> Option<String> {
-    request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_owned())
-}
-
-/// `401 unauthorized` unless `given` is the daemon's token (or it has none).
-fn check_token(app: &App, given: Option<&str>, hint: &str) -> Result<(), Response> {
+/// `401 unauthorized` unless `request` presents the daemon's token (or it
+/// has none) as `Authorization: Bearer TOKEN` (the scheme in any case; see
+/// [`crate::token`]).
+fn check_token(app: &App, request: &Request, hint: &str) -> Result<(), Response> {
     let Some(token) = app.settings.api_token.as_deref() else {
         return Ok(());
     };
-    if given.is_some_and(|g| same_token(g.as_bytes(), token.as_bytes())) {
+    let token = ApiToken::new(token);
+    let admitted = token
+        .admits(request.headers(), Places::Authorization)
+        .is_ok();
+    if admitted {
         return Ok(());
     }
     let mut response =
@@ -243,10 +227,9 @@ async fn auth(
     request: Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let given = bearer(&request);
     if let Err(refused) = check_token(
         &app,
-        given.as_deref(),
+        &request,
         "a valid bearer token is required: Authorization: Bearer TOKEN",
     ) {
         return refused;
@@ -1024,14 +1007,6 @@ async fn retry(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn token_comparison_needs_every_byte() {
-        assert!(same_token(b"secret", b"secret"));
-        assert!(!same_token(b"secreT", b"secret"));
-        assert!(!same_token(b"secret1", b"secret"));
-        assert!(!same_token(b"", b"secret"));
-    }
 
     #[test]
     fn batch_errors_name_the_item() {

@@ -21,6 +21,7 @@ pub mod payloads;
 pub mod runner;
 pub mod server;
 pub mod settings;
+pub mod token;
 pub mod webhook_secret;
 
 pub use server::{run, run_until, ServeError};

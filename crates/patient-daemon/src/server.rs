@@ -20,7 +20,7 @@ use crate::{
     db::Db,
     delivery::Deliverer,
     egress::Allow,
-    gateway::{hooks::NoHooks, Gateway},
+    gateway::Gateway,
     listener::{Limits, Listener},
     metrics::DaemonMetrics,
     payloads::Payloads,
@@ -219,7 +219,10 @@ async fn serve(
         .build()
         .map_err(|e| ServeError::Settings(e.to_string()))?;
     let payloads = Payloads::from_settings(&settings, &secret_values, &config).await?;
-    let gateway = Gateway::new(&settings.routes, secret_values, Arc::new(NoHooks))
+    let gateway = Gateway::builder(&settings.routes)
+        .secrets(secret_values)
+        .api_token(settings.api_token.as_deref())
+        .build()
         .map_err(|e| ServeError::Settings(e.to_string()))?;
     let client = AwaitableClient::builder()
         .config(config)

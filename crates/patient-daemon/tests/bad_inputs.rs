@@ -806,3 +806,40 @@ async fn with_an_api_token_only_health_readiness_and_the_document_are_open() {
     assert_eq!(reply.status, 200);
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_read_in_any_case_and_only_the_whole_token_passes() {
+    let token = "s3cret-token";
+    let daemon = Daemon::start(&[("PATIENT_API_TOKEN", token)]).await;
+    let url = format!("{}/v1/tasks", daemon.url);
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        for value in [format!("{scheme} {token}"), format!("{scheme}   {token} ")] {
+            let reply = call("GET", &url, &[("authorization", &value)], None).await;
+            assert_eq!(reply.status, 200, "{value:?}: {}", reply.text());
+        }
+    }
+    let refused = [
+        vec![format!("Bearer {}", &token[..token.len() - 1])],
+        vec![format!("Bearer {token}x")],
+        vec![format!("Bearer {token}{token}")],
+        vec![format!("Bearer x{token}")],
+        vec![format!("Bearer {}", token.to_uppercase())],
+        vec![format!("Bearer{token}")],
+        vec!["Bearer ".to_owned()],
+        // A wrong token beside the right one, in either order.
+        vec!["Bearer wrong".to_owned(), format!("Bearer {token}")],
+        vec![format!("Bearer {token}"), "Bearer wrong".to_owned()],
+    ];
+    for values in refused {
+        let headers: Vec<(&str, &str)> = values
+            .iter()
+            .map(|v| ("authorization", v.as_str()))
+            .collect();
+        let reply = call("GET", &url, &headers, None).await;
+        reply.assert_error(401, "unauthorized");
+    }
+    // The API takes the token in Authorization only.
+    let reply = call("GET", &url, &[("x-api-key", token)], None).await;
+    reply.assert_error(401, "unauthorized");
+    daemon.stop().await.unwrap();
+}
