@@ -57,6 +57,7 @@ enum Job {
     /// A delivery try's result, written together like finishes.
     Delivered {
         task_id: String,
+        message_id: String,
         owner: String,
         result: DeliveryResult,
         done: oneshot::Sender<Result<(), DbError>>,
@@ -497,10 +498,11 @@ impl SqliteDb {
         Ok(row.try_get::<Option<i64>, _>("at")?)
     }
 
-    /// Records a delivery try.
+    /// See [`Db::delivered`](super::Db::delivered).
     pub async fn delivered(
         &self,
         task_id: &str,
+        message_id: &str,
         owner: &str,
         result: DeliveryResult,
     ) -> Result<(), DbError> {
@@ -508,6 +510,7 @@ impl SqliteDb {
         self.jobs
             .send(Job::Delivered {
                 task_id: task_id.to_owned(),
+                message_id: message_id.to_owned(),
                 owner: owner.to_owned(),
                 result,
                 done,
@@ -614,10 +617,19 @@ async fn write_loop(
                 Job::Finish { finish, done } => finishes.push((finish, done)),
                 Job::Delivered {
                     task_id,
+                    message_id,
                     owner,
                     result,
                     done,
-                } => delivered.push(((task_id, owner, result), done)),
+                } => delivered.push((
+                    DeliveryTry {
+                        task_id,
+                        message_id,
+                        owner,
+                        result,
+                    },
+                    done,
+                )),
             }
         }
         if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut conn).await {
@@ -803,25 +815,37 @@ async fn finish_bulk(conn: &mut SqliteConnection, items: &[&Finish]) -> Result<V
     Ok(items.iter().map(|f| done.contains(&f.id)).collect())
 }
 
-/// Delivery results in bulk, one `UPDATE … FROM` per chunk.
+/// A delivery try to record: the task, the message tried, the node that
+/// claimed it, and how it went.
+#[derive(Clone)]
+struct DeliveryTry {
+    task_id: String,
+    message_id: String,
+    owner: String,
+    result: DeliveryResult,
+}
+
+/// Delivery results in bulk, one `UPDATE … FROM` per chunk; each counts
+/// only for its own message (see [`Db::delivered`](super::Db::delivered)).
 async fn deliveries_done(
     conn: &mut SqliteConnection,
-    items: Vec<(String, String, DeliveryResult)>,
+    items: Vec<DeliveryTry>,
 ) -> Result<(), DbError> {
     for chunk in items.chunks(BULK_CHUNK) {
         let mut update = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "WITH v (v_id, v_owner, v_state, v_next, v_error) AS (",
+            "WITH v (v_id, v_message, v_owner, v_state, v_next, v_error) AS (",
         );
-        update.push_values(chunk, |mut row, (task_id, owner, result)| {
-            let (state, next_at, error) = match result {
+        update.push_values(chunk, |mut row, t| {
+            let (state, next_at, error) = match &t.result {
                 DeliveryResult::Delivered => ("delivered", None, None),
                 DeliveryResult::Retry { error, next_at } => {
                     ("pending", Some(*next_at), Some(error.clone()))
                 }
                 DeliveryResult::Failed { error } => ("failed", None, Some(error.clone())),
             };
-            row.push_bind(task_id.clone())
-                .push_bind(owner.clone())
+            row.push_bind(t.task_id.clone())
+                .push_bind(t.message_id.clone())
+                .push_bind(t.owner.clone())
                 .push_bind(state)
                 .push_bind(next_at)
                 .push_bind(error);
@@ -830,7 +854,7 @@ async fn deliveries_done(
             ") UPDATE patient_deliveries SET state = v.v_state, attempts = attempts + 1, \
              next_at = v.v_next, last_error = COALESCE(v.v_error, last_error), \
              lease_owner = NULL, lease_until = NULL FROM v WHERE task_id = v.v_id \
-             AND lease_owner = v.v_owner AND state = 'pending'",
+             AND message_id = v.v_message AND lease_owner = v.v_owner AND state = 'pending'",
         );
         update.build().execute(&mut *conn).await?;
     }
