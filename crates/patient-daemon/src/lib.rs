@@ -13,6 +13,7 @@ pub mod db;
 pub mod delivery;
 pub mod egress;
 pub mod gateway;
+pub mod lock;
 pub mod metrics;
 pub mod model;
 pub mod payloads;

@@ -20,6 +20,7 @@ use crate::{
     delivery::Deliverer,
     egress::Allow,
     gateway::{hooks::NoHooks, Gateway},
+    lock::{DirLock, LockError},
     metrics::DaemonMetrics,
     payloads::Payloads,
     runner::Runner,
@@ -41,6 +42,10 @@ pub enum ServeError {
     /// The store could not be opened.
     #[error("cannot open the store: {0}")]
     Store(String),
+    /// Another daemon holds the SQLite queue's directory (or it could not
+    /// be locked).
+    #[error("cannot start: {0}")]
+    Locked(#[from] LockError),
     /// Serving failed.
     #[error("serving failed: {0}")]
     Io(#[from] io::Error),
@@ -164,6 +169,12 @@ async fn serve(
         )));
     }
     let url = settings.database_url();
+    // One daemon per SQLite queue: the directory of its file stays locked
+    // until this returns (see `lock`). PostgreSQL is shared by design.
+    let _lock = match crate::db::sqlite::database_dir(&url) {
+        Some(dir) => Some(DirLock::acquire(&dir)?),
+        None => None,
+    };
     let db = Db::open(&url)
         .await
         .map_err(|e| ServeError::Store(e.to_string()))?;

@@ -8,7 +8,7 @@
 //! acknowledged after its row is on disk, and many submits share one fsync
 //! (`synchronous = FULL`). Reads go through a small pool of their own.
 
-use std::{path::Path, str::FromStr, sync::Arc, time::Duration};
+use std::{path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
 use futures_util::future::BoxFuture;
 use serde_json::Value;
@@ -83,18 +83,12 @@ impl SqliteDb {
     /// at `url` (`sqlite://PATH`, `sqlite:PATH` or `sqlite::memory:`) and
     /// runs the migration.
     pub async fn open(url: &str) -> Result<SqliteDb, DbError> {
-        let path_part = url
-            .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))
-            .ok_or_else(|| DbError::Backend(format!("not a SQLite URL: {url}")))?;
-        if path_part != ":memory:" {
-            if let Some(parent) = Path::new(path_part).parent() {
-                if !parent.as_os_str().is_empty() {
-                    std::fs::create_dir_all(parent).map_err(|e| {
-                        DbError::Backend(format!("cannot create {}: {e}", parent.display()))
-                    })?;
-                }
-            }
+        if !url.starts_with("sqlite:") {
+            return Err(DbError::Backend(format!("not a SQLite URL: {url}")));
+        }
+        if let Some(dir) = database_dir(url) {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| DbError::Backend(format!("cannot create {}: {e}", dir.display())))?;
         }
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| DbError::Backend(format!("invalid SQLite URL: {e}")))?
@@ -595,6 +589,28 @@ impl SqliteDb {
     }
 }
 
+/// The database file a SQLite URL (`sqlite://PATH`, `sqlite:PATH`) names;
+/// `None` for another URL or an in-memory database.
+pub fn database_file(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let in_memory =
+        path.is_empty() || path == ":memory:" || query.split('&').any(|pair| pair == "mode=memory");
+    (!in_memory).then(|| PathBuf::from(path))
+}
+
+/// The directory of the database file a SQLite URL names (`.` for a bare
+/// file name); `None` for another URL or an in-memory database.
+pub fn database_dir(url: &str) -> Option<PathBuf> {
+    let file = database_file(url)?;
+    Some(match file.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    })
+}
+
 async fn write_loop(
     mut conn: SqliteConnection,
     mut rx: mpsc::Receiver<Job>,
@@ -953,4 +969,28 @@ async fn finish_task(conn: &mut SqliteConnection, f: &Finish) -> Result<bool, Db
             .await?;
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_database_directory_of_each_spelling_of_a_sqlite_url() {
+        let dir = |url: &str| database_dir(url).map(|d| d.display().to_string());
+        assert_eq!(
+            dir("sqlite:///var/lib/p/q.db").as_deref(),
+            Some("/var/lib/p")
+        );
+        assert_eq!(
+            dir("sqlite:///var/lib/p/q.db?mode=rwc").as_deref(),
+            Some("/var/lib/p")
+        );
+        assert_eq!(dir("sqlite://data/q.db").as_deref(), Some("data"));
+        assert_eq!(dir("sqlite:q.db").as_deref(), Some("."));
+        assert_eq!(dir("sqlite::memory:"), None);
+        assert_eq!(dir("sqlite://:memory:"), None);
+        assert_eq!(dir("sqlite://q.db?mode=memory&cache=shared"), None);
+        assert_eq!(dir("postgres://h/db"), None);
+    }
 }
