@@ -1,7 +1,9 @@
 //! Starting and stopping the daemon: open the store, recover what a crash
 //! left running, start the workers and the delivery loop, serve the API on
 //! the listener, and on shutdown stop claiming, let attempts in flight
-//! finish up to `shutdown_timeout`, then release the rest to the queue.
+//! finish up to `shutdown_timeout`, then release the rest to the queue
+//! (except a request that may have reached its upstream and may not be
+//! sent again: that one ends `Interrupted`, as after a crash).
 
 use std::{collections::BTreeMap, future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -23,7 +25,7 @@ use crate::{
     lock::{DirLock, LockError},
     metrics::DaemonMetrics,
     payloads::Payloads,
-    runner::Runner,
+    runner::{Runner, Stopped},
     settings::Settings,
     webhook_secret,
 };
@@ -322,11 +324,18 @@ async fn serve(
 
     tracing::info!("stopping: no new claims; waiting for attempts in flight");
     purging.abort();
-    let released = runner.stop(shutdown_timeout).await;
+    let stopped = runner.stop(shutdown_timeout).await;
     workers.abort();
     delivering.abort();
-    match released {
-        Ok(n) if n > 0 => tracing::info!(released = n, "released unfinished tasks to the queue"),
+    match stopped {
+        Ok(Stopped {
+            released,
+            interrupted,
+        }) if released > 0 || interrupted > 0 => tracing::info!(
+            released,
+            interrupted,
+            "released unfinished tasks to the queue; interrupted those that may not be sent again"
+        ),
         Ok(_) => {}
         Err(error) => tracing::error!(%error, "cannot release tasks; they resume after the lease"),
     }

@@ -338,7 +338,9 @@ pub struct Settings {
     pub redis_url: Option<String>,
     /// The egress guard's exemptions.
     pub egress: EgressSettings,
-    /// Seconds SIGTERM waits for in-flight attempts before releasing them.
+    /// Seconds SIGTERM waits for in-flight attempts before releasing them
+    /// to the queue (a request that may have reached its upstream and may
+    /// not be sent again ends `Interrupted` instead).
     pub shutdown_timeout: f64,
     /// Largest API request body, bytes.
     pub max_body: u64,

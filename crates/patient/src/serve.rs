@@ -46,7 +46,8 @@ Once the listener is bound and the store is open it prints one line on stderr:
 The dashboard is the page at that address (with api_token set, open it as
 http://127.0.0.1:8750/?token=TOKEN).
 SIGTERM (or Ctrl-C) stops claiming tasks, lets attempts in flight finish up to
-shutdown_timeout, releases the rest to the queue and exits 0. SIGHUP reads the
+shutdown_timeout, releases the rest to the queue (a POST/PATCH that may not be
+sent again ends Interrupted instead) and exits 0. SIGHUP reads the
 settings again and replaces the proxy routes (the rest needs a restart).
 
 Exit status:

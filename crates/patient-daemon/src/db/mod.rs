@@ -37,6 +37,11 @@ pub(crate) use select_task;
 pub(crate) mod sql {
     /// Cancels a task that has not finished.
     pub(crate) const CANCEL: &str = "UPDATE patient_tasks SET state = 'cancelled', finished_at = $1, lease_owner = NULL, lease_until = NULL WHERE id = $2 AND state IN ('scheduled', 'queued', 'running')";
+    /// The tasks a node holds running (`$1`: the node).
+    pub(crate) const HELD: &str = concat!(
+        select_task!(),
+        " WHERE t.state = 'running' AND t.lease_owner = $1"
+    );
     /// Tasks by state as the API shows it at `$1`.
     pub(crate) const COUNTS: &str = "SELECT CASE WHEN state IN ('scheduled', 'queued') THEN (CASE WHEN not_before > $1 THEN 'scheduled' ELSE 'queued' END) ELSE state END AS state, COUNT(*) AS n FROM patient_tasks GROUP BY 1";
     /// Deletes a task's delivery.
@@ -206,6 +211,12 @@ impl Db {
     /// their deliveries' leases.
     pub async fn release(&self, owner: &str) -> Result<u64, DbError> {
         dispatch!(self.release(owner))
+    }
+
+    /// Every task `owner` holds `running` (at a stop, once its attempts
+    /// have ended or been cut off).
+    pub async fn held(&self, owner: &str) -> Result<Vec<TaskRecord>, DbError> {
+        dispatch!(self.held(owner))
     }
 
     /// Up to `limit` tasks left `running` by a node that is gone (a crash):

@@ -273,6 +273,15 @@ impl PgDb {
         Ok(done.rows_affected())
     }
 
+    /// See [`Db::held`](super::Db::held).
+    pub async fn held(&self, owner: &str) -> Result<Vec<TaskRecord>, DbError> {
+        let rows = sqlx::query(sql::HELD)
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(task_of).collect()
+    }
+
     /// Up to `limit` running tasks whose lease ran out before `now`.
     pub async fn stale(&self, now: i64, limit: usize) -> Result<Vec<TaskRecord>, DbError> {
         let rows = sqlx::query(concat!(

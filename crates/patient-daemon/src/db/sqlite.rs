@@ -318,6 +318,15 @@ impl SqliteDb {
         .await
     }
 
+    /// See [`Db::held`](super::Db::held).
+    pub async fn held(&self, owner: &str) -> Result<Vec<TaskRecord>, DbError> {
+        let rows = sqlx::query(sql::HELD)
+            .bind(owner)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(task_of).collect()
+    }
+
     /// Every task left `running` (at the start: by a node that stopped
     /// without releasing it, a crash), up to `limit`.
     pub async fn stale(&self, _now: i64, limit: usize) -> Result<Vec<TaskRecord>, DbError> {
