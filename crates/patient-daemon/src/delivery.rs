@@ -6,6 +6,11 @@
 //! Delivery is at least once: a crash between sending and recording sends
 //! again after a restart, with the same `webhook-id` (or `jid`), so the
 //! receiver can drop the duplicate.
+//!
+//! A try's result is recorded against the message it sent (the task's
+//! delivery with that `webhook-id`): once a retry has given the task a new
+//! outcome, the answer to the old outcome's message, still in flight, is
+//! nobody's and changes nothing.
 
 use std::{sync::Arc, time::Duration};
 
@@ -306,7 +311,11 @@ impl Deliverer {
                 }
             }
         };
-        if let Err(error) = self.db.delivered(&due.task.id, &self.owner, result).await {
+        let recorded = self
+            .db
+            .delivered(&due.task.id, &due.delivery.message_id, &self.owner, result)
+            .await;
+        if let Err(error) = recorded {
             tracing::error!(task = %due.task.id, %error, "cannot record a delivery; it will be sent again");
         }
     }

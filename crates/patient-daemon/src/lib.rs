@@ -15,6 +15,7 @@ pub mod delivery;
 pub mod egress;
 pub mod gateway;
 pub mod listener;
+pub mod lock;
 pub mod metrics;
 pub mod model;
 pub mod payloads;

@@ -40,6 +40,10 @@ const CLAIM_BATCH: usize = 256;
 /// Stale tasks recovered per query.
 const RECOVER_BATCH: usize = 256;
 
+/// How long a stop waits for the attempts it cut off to end (they end at
+/// their next poll; this bounds a runtime too busy to poll them).
+const ABORT_GRACE: Duration = Duration::from_secs(1);
+
 /// How long a task whose stored request cannot be fetched from the payload
 /// store (the store is unreachable) waits before it is tried again.
 const STORE_RETRY: Duration = Duration::from_secs(5);
@@ -185,77 +189,92 @@ impl Runner {
         counts: &mut (usize, usize),
     ) -> Result<(), DbError> {
         for record in batch {
-            // A request that cannot be loaded back is not known to be safe
-            // to send again.
-            let request = match self.payloads.decode(&record.request).await {
-                Ok(json) => Request::from_json_with_limits(&json, &self.limits).ok(),
-                Err(error) => {
-                    tracing::error!(task = %record.id, %error, "cannot load a stored request");
-                    None
-                }
-            };
-            let may_resend = request.as_ref().is_some_and(|r| {
-                r.method().is_idempotent()
-                    || r.has_idempotency_key()
-                    || r.request_options()
-                        .retry
-                        .as_ref()
-                        .and_then(|o| o.retry_unsafe)
-                        .unwrap_or(false)
-            });
-            if may_resend {
+            let request = self.stored_request(&record).await;
+            if may_resend(request.as_ref()) {
                 if self.db.requeue(&record.id, now_ms()).await? {
                     counts.0 += 1;
                 }
-                continue;
-            }
-            let error = TaskError::Request(RequestError {
-                class_name: "Interrupted".into(),
-                message: "the daemon stopped while this request was in flight; it may or may not have reached the upstream, and a request that is not idempotent is not sent twice".into(),
-                backtrace: Vec::new(),
-                request_id: record.id.clone(),
-                error_type: ErrorType::Unknown,
-                duration: Duration::ZERO,
-                url: request.as_ref().map(|r| r.url().to_string()).unwrap_or_default(),
-                method: request.as_ref().map_or(patient_wire::Method::Post, Request::method),
-                callback_args: CallbackArgs::from_json(&record.callback_args).unwrap_or_default(),
-                attempts: Vec::new(),
-            });
-            let kind = error_kind(&error);
-            let event = outcome_event(
-                &record.id,
-                &record.callback,
-                &record.callback_args,
-                &Err(error),
-            );
-            let event = self
-                .payloads
-                .encode_outcome(event)
-                .await
-                .map_err(|e| DbError::Backend(format!("cannot encode the outcome: {e}")))?;
-            let refs = Payloads::references(&event);
-            let finished = self
-                .db
-                .finish(Finish {
-                    id: record.id.clone(),
-                    owner: None,
-                    state: TaskState::Failed,
-                    outcome: event,
-                    attempts: record.attempts.clone(),
-                    request_sent: true,
-                    finished_at: now_ms(),
-                    delivery: (record.deliver != Deliver::None).then(message_id),
-                })
-                .await?;
-            if finished {
+            } else if self.interrupt(&record, request.as_ref(), None).await? {
                 counts.1 += 1;
-                self.metrics.outcome("failed");
-                self.metrics.error(kind);
-            } else {
-                self.payloads.delete_outcome(&refs).await;
             }
         }
         Ok(())
+    }
+
+    /// The request of a task as stored, or `None` when it cannot be loaded
+    /// back (then it is not known to be safe to send again).
+    async fn stored_request(&self, record: &TaskRecord) -> Option<Request> {
+        match self.payloads.decode(&record.request).await {
+            Ok(json) => Request::from_json_with_limits(&json, &self.limits).ok(),
+            Err(error) => {
+                tracing::error!(task = %record.id, %error, "cannot load a stored request");
+                None
+            }
+        }
+    }
+
+    /// Finishes a running task whose request may have reached its upstream
+    /// and may not be sent again as failed with a request error
+    /// `Interrupted`, its delivery queued like any outcome's. `owner`: the
+    /// node holding it (a stop), or `None` for a node that is gone
+    /// (recovery). Whether it was finished here (false: it had finished or
+    /// moved on meanwhile).
+    async fn interrupt(
+        &self,
+        record: &TaskRecord,
+        request: Option<&Request>,
+        owner: Option<String>,
+    ) -> Result<bool, DbError> {
+        let error = TaskError::Request(RequestError {
+            class_name: "Interrupted".into(),
+            message: "the daemon stopped while this request was in flight; it may or may not have reached the upstream, and a request that is not idempotent is not sent twice".into(),
+            backtrace: Vec::new(),
+            request_id: record.id.clone(),
+            error_type: ErrorType::Unknown,
+            duration: Duration::ZERO,
+            url: request.map(|r| r.url().to_string()).unwrap_or_default(),
+            method: request.map_or(patient_wire::Method::Post, Request::method),
+            callback_args: CallbackArgs::from_json(&record.callback_args).unwrap_or_default(),
+            attempts: Vec::new(),
+        });
+        let kind = error_kind(&error);
+        let event = outcome_event(
+            &record.id,
+            &record.callback,
+            &record.callback_args,
+            &Err(error),
+        );
+        let event = self
+            .payloads
+            .encode_outcome(event)
+            .await
+            .map_err(|e| DbError::Backend(format!("cannot encode the outcome: {e}")))?;
+        let refs = Payloads::references(&event);
+        let finished = self
+            .db
+            .finish(Finish {
+                id: record.id.clone(),
+                owner,
+                state: TaskState::Failed,
+                outcome: event,
+                attempts: record.attempts.clone(),
+                request_sent: true,
+                finished_at: now_ms(),
+                delivery: (record.deliver != Deliver::None).then(message_id),
+            })
+            .await?;
+        if finished {
+            self.metrics.outcome("failed");
+            self.metrics.error(kind);
+            if record.deliver != Deliver::None {
+                if let Some(deliverer) = self.on_outcome.get() {
+                    deliverer.notify_one();
+                }
+            }
+        } else {
+            self.payloads.delete_outcome(&refs).await;
+        }
+        Ok(finished)
     }
 
     /// Claims and runs tasks until [`stop`](Self::stop).
@@ -515,16 +534,23 @@ impl Runner {
         }
     }
 
-    /// Claims no more tasks from now on; the tasks running go on.
+    /// Stops claiming new tasks at once (the attempts in flight go on):
+    /// the first step of a stop, as soon as the signal arrives.
     pub fn stop_claiming(&self) {
         self.stopping.store(true, Ordering::Release);
         self.stopped.notify_waiters();
+        // A permit, in case the loop is between its check and its wait.
+        self.wake.notify_one();
     }
 
     /// Stops claiming, waits up to `timeout` for the attempts in flight,
-    /// then cancels the rest and releases them to the queue (they resume on
-    /// the next start). Returns how many were released.
-    pub async fn stop(&self, timeout: Duration) -> Result<u64, DbError> {
+    /// then cuts off the rest and settles every task this node still holds
+    /// as a crash would ([`recover`](Self::recover)): back to the queue with
+    /// its attempt count unchanged, except a task whose request may have
+    /// reached its upstream and may not be sent again, which ends failed
+    /// with `Interrupted` (its delivery queued). Its deliveries' leases are
+    /// released too.
+    pub async fn stop(&self, timeout: Duration) -> Result<Stopped, DbError> {
         self.stop_claiming();
         let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
         let drained = tokio::time::timeout(timeout, self.slots.acquire_many(all)).await;
@@ -533,9 +559,53 @@ impl Runner {
             for handle in handles {
                 handle.abort();
             }
+            // A cut-off attempt gives its slot back once its future is
+            // dropped: wait for that, so that none writes after what follows.
+            let _ = tokio::time::timeout(ABORT_GRACE, self.slots.acquire_many(all)).await;
         }
-        self.db.release(&self.owner).await
+        let mut interrupted = 0;
+        for record in self.db.held(&self.owner).await? {
+            let request = self.stored_request(&record).await;
+            if !may_resend(request.as_ref())
+                && self
+                    .interrupt(&record, request.as_ref(), Some(self.owner.clone()))
+                    .await?
+            {
+                interrupted += 1;
+            }
+        }
+        let released = self.db.release(&self.owner).await?;
+        Ok(Stopped {
+            released,
+            interrupted,
+        })
     }
+}
+
+/// What a [`Runner::stop`] did with the tasks still running at its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stopped {
+    /// Put back in the queue, to run again on the next start (or on another
+    /// node).
+    pub released: u64,
+    /// Finished as failed with `Interrupted`: their request may have reached
+    /// the upstream and may not be sent again.
+    pub interrupted: usize,
+}
+
+/// Whether a task left running may be sent again: its request loaded back
+/// and is idempotent (by method), carries an idempotency key or opts in
+/// with `retry_unsafe`. The one rule for a crash and a stop.
+fn may_resend(request: Option<&Request>) -> bool {
+    request.is_some_and(|r| {
+        r.method().is_idempotent()
+            || r.has_idempotency_key()
+            || r.request_options()
+                .retry
+                .as_ref()
+                .and_then(|o| o.retry_unsafe)
+                .unwrap_or(false)
+    })
 }
 
 /// The error of a task whose stored request (`request`, as loaded back, or

@@ -1,7 +1,9 @@
 //! Starting and stopping the daemon: open the store, recover what a crash
 //! left running, start the workers and the delivery loop, serve the API on
 //! the listener, and on shutdown stop claiming, let attempts in flight
-//! finish up to `shutdown_timeout`, then release the rest to the queue.
+//! finish up to `shutdown_timeout`, then release the rest to the queue
+//! (except a request that may have reached its upstream and may not be
+//! sent again: that one ends `Interrupted`, as after a crash).
 
 use std::{collections::BTreeMap, future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -22,9 +24,10 @@ use crate::{
     egress::Allow,
     gateway::Gateway,
     listener::{Limits, Listener},
+    lock::{DirLock, LockError},
     metrics::DaemonMetrics,
     payloads::Payloads,
-    runner::Runner,
+    runner::{Runner, Stopped},
     settings::Settings,
     webhook_secret,
 };
@@ -43,6 +46,10 @@ pub enum ServeError {
     /// The store could not be opened.
     #[error("cannot open the store: {0}")]
     Store(String),
+    /// Another daemon holds the SQLite queue's directory (or it could not
+    /// be locked).
+    #[error("cannot start: {0}")]
+    Locked(#[from] LockError),
     /// Serving failed.
     #[error("serving failed: {0}")]
     Io(#[from] io::Error),
@@ -167,6 +174,12 @@ async fn serve(
         )));
     }
     let url = settings.database_url();
+    // One daemon per SQLite queue: the directory of its file stays locked
+    // until this returns (see `lock`). PostgreSQL is shared by design.
+    let _lock = match crate::db::sqlite::database_dir(&url) {
+        Some(dir) => Some(DirLock::acquire(&dir)?),
+        None => None,
+    };
     let db = Db::open(&url)
         .await
         .map_err(|e| ServeError::Store(e.to_string()))?;
@@ -352,11 +365,18 @@ async fn serve(
     }
 
     purging.abort();
-    let released = runner.stop(remaining()).await;
+    let stopped = runner.stop(remaining()).await;
     workers.abort();
     delivering.abort();
-    match released {
-        Ok(n) if n > 0 => tracing::info!(released = n, "released unfinished tasks to the queue"),
+    match stopped {
+        Ok(Stopped {
+            released,
+            interrupted,
+        }) if released > 0 || interrupted > 0 => tracing::info!(
+            released,
+            interrupted,
+            "released unfinished tasks to the queue; interrupted those that may not be sent again"
+        ),
         Ok(_) => {}
         Err(error) => tracing::error!(%error, "cannot release tasks; they resume after the lease"),
     }

@@ -326,9 +326,15 @@ impl Default for EncryptionSettings {
 pub struct Settings {
     /// API, dashboard, metrics and proxy routes (`127.0.0.1:8750`).
     pub listen: String,
-    /// SQLite file and local state (`./patient-data`).
+    /// SQLite file and local state (`./patient-data`). With the SQLite
+    /// queue in it, a running daemon holds it (an OS lock on the file
+    /// `patient.lock` there, which names its pid): a second daemon on it
+    /// refuses to start.
     pub data_dir: PathBuf,
     /// `sqlite://PATH` or `postgres://…`; SQLite in `data_dir` when unset.
+    /// A SQLite file elsewhere locks the directory of that file instead of
+    /// `data_dir` (one daemon per SQLite queue); PostgreSQL locks nothing
+    /// (several nodes share it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
     /// Bearer token for `/v1/*`; required to listen on a non-loopback
@@ -344,7 +350,9 @@ pub struct Settings {
     pub redis_url: Option<String>,
     /// The egress guard's exemptions.
     pub egress: EgressSettings,
-    /// Seconds SIGTERM waits for in-flight attempts before releasing them.
+    /// Seconds SIGTERM waits for in-flight attempts before releasing them
+    /// to the queue (a request that may have reached its upstream and may
+    /// not be sent again ends `Interrupted` instead).
     pub shutdown_timeout: f64,
     /// Largest API request body, bytes.
     pub max_body: u64,

@@ -570,3 +570,122 @@ async fn a_deadline_does_not_cut_an_attempt_short_of_its_timeout() {
     assert_eq!(done["attempts"].as_array().unwrap().len(), 1, "{done:#}");
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_never_sends_an_unsafe_request_twice_and_resends_the_rest() {
+    let upstream = Upstream::start().await.unwrap();
+    let receiver = common::Receiver::start(&[]).await;
+    let daemon = Daemon::start(&[("PATIENT_SHUTDOWN_TIMEOUT", "0.5")]).await;
+    // The upstream holds the first request of each key for a minute (past
+    // the shutdown timeout) and answers the next at once.
+    let held = |key: &str| upstream.url(&format!("/sequence?key={key}&delays=60000,0"));
+    let cases = [
+        // (key, request, sent again)
+        (
+            "post",
+            json!({"http_method": "post", "url": held("post")}),
+            false,
+        ),
+        (
+            "patch",
+            json!({"http_method": "patch", "url": held("patch")}),
+            false,
+        ),
+        (
+            "get",
+            json!({"http_method": "get", "url": held("get")}),
+            true,
+        ),
+        (
+            "put",
+            json!({"http_method": "put", "url": held("put")}),
+            true,
+        ),
+        (
+            "delete",
+            json!({"http_method": "delete", "url": held("delete")}),
+            true,
+        ),
+        (
+            "keyed",
+            json!({"http_method": "post", "url": held("keyed"),
+                   "options": {"idempotency_key": "charge-7"}}),
+            true,
+        ),
+        (
+            "unsafe",
+            json!({"http_method": "patch", "url": held("unsafe"),
+                   "options": {"retry": {"retry_unsafe": true}}}),
+            true,
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (key, request, _) in &cases {
+        let task = daemon
+            .submit(&json!({"request": request, "callback": key,
+                            "deliver": {"webhook": {"url": receiver.url}}}))
+            .await;
+        ids.push(id(&task));
+    }
+    common::wait_for("every request held upstream", common::WAIT, || async {
+        cases
+            .iter()
+            .all(|(key, _, _)| upstream.sequence_count(key) == 1)
+            .then_some(())
+    })
+    .await;
+    let dir = daemon.dir();
+    daemon.stop().await.unwrap();
+
+    let daemon = Daemon::start_in(dir, &[]).await;
+    for ((key, request, resent), id) in cases.iter().zip(&ids) {
+        let done = daemon.wait_finished(id).await;
+        if *resent {
+            assert_eq!(done["state"], "completed", "{key} sent again: {done:#}");
+            assert_eq!(done["outcome"]["response"]["status"], 200, "{done:#}");
+            let attempts = done["attempts"].as_array().unwrap();
+            assert_eq!(
+                attempts.len(),
+                1,
+                "{key}: the cut-off attempt is not counted: {done:#}"
+            );
+            assert_eq!(attempts[0]["attempt"], 1, "{done:#}");
+        } else {
+            assert_eq!(done["state"], "failed", "{key} interrupted: {done:#}");
+            let error = &done["outcome"]["error"];
+            assert_eq!(error["class_name"], "Interrupted", "{key}: {error}");
+            assert_eq!(error["http_method"], request["http_method"], "{error}");
+            assert_eq!(error["url"], request["url"], "{error}");
+            assert_eq!(done["outcome"]["type"], "task.failed");
+        }
+    }
+    // Every outcome is delivered, the interrupted ones as any other.
+    for id in &ids {
+        daemon.wait_delivery(id, "delivered").await;
+    }
+    let got = receiver.received();
+    for (key, _, resent) in &cases {
+        let messages: Vec<&common::Received> = got
+            .iter()
+            .filter(|m| m.json()["data"]["callback"] == *key)
+            .collect();
+        assert_eq!(messages.len(), 1, "{key}: one delivery: {got:?}");
+        let expected = if *resent {
+            "task.completed"
+        } else {
+            "task.failed"
+        };
+        assert_eq!(messages[0].json()["type"], expected, "{key}");
+    }
+    // Time for a wrongly re-sent request to arrive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (key, _, resent) in &cases {
+        let expected = if *resent { 2 } else { 1 };
+        assert_eq!(
+            upstream.sequence_count(key),
+            expected,
+            "{key} reached the upstream {expected} time(s)"
+        );
+    }
+    daemon.stop().await.unwrap();
+}

@@ -251,3 +251,185 @@ async fn a_generated_secret_is_kept_in_the_store_across_restarts() {
         verify_webhook(&stored, message).unwrap();
     }
 }
+
+/// A message a [`HoldingReceiver`] got: its `webhook-id`, its event type and
+/// the status it was answered (0 while held).
+#[derive(Debug, Clone)]
+struct Arrival {
+    id: String,
+    kind: String,
+    answered: u16,
+}
+
+/// A webhook receiver that holds the first message it gets until
+/// [`release`](Self::release) and answers it `200`; holds the second until
+/// half a second after that answer (so that the daemon has recorded it)
+/// and answers it `500`; answers every later one `200`.
+struct HoldingReceiver {
+    url: String,
+    arrivals: std::sync::Arc<std::sync::Mutex<Vec<Arrival>>>,
+    release: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// What the handler of a [`HoldingReceiver`] shares.
+#[derive(Clone)]
+struct Holding {
+    arrivals: std::sync::Arc<std::sync::Mutex<Vec<Arrival>>>,
+    released: tokio::sync::watch::Receiver<bool>,
+}
+
+async fn hold(
+    axum::extract::State(mut state): axum::extract::State<Holding>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::http::StatusCode {
+    let event: Value = serde_json::from_slice(&body).unwrap();
+    let place = {
+        let mut arrivals = state.arrivals.lock().unwrap();
+        arrivals.push(Arrival {
+            id: headers["webhook-id"].to_str().unwrap().to_owned(),
+            kind: event["type"].as_str().unwrap().to_owned(),
+            answered: 0,
+        });
+        arrivals.len() - 1
+    };
+    let status = match place {
+        0 => {
+            let _ = state.released.wait_for(|open| *open).await;
+            200
+        }
+        1 => {
+            let _ = state.released.wait_for(|open| *open).await;
+            while state.arrivals.lock().unwrap()[0].answered == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            500
+        }
+        _ => 200,
+    };
+    state.arrivals.lock().unwrap()[place].answered = status;
+    axum::http::StatusCode::from_u16(status).unwrap()
+}
+
+impl HoldingReceiver {
+    async fn start() -> HoldingReceiver {
+        let (release, released) = tokio::sync::watch::channel(false);
+        let state = Holding {
+            arrivals: std::sync::Arc::default(),
+            released,
+        };
+        let arrivals = std::sync::Arc::clone(&state.arrivals);
+        let app = axum::Router::new().fallback(hold).with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        HoldingReceiver {
+            url: format!("http://{addr}/hook"),
+            arrivals,
+            release,
+            server,
+        }
+    }
+
+    fn arrivals(&self) -> Vec<Arrival> {
+        self.arrivals.lock().unwrap().clone()
+    }
+
+    /// Waits until `check` holds for the arrivals, and returns them.
+    async fn wait(&self, what: &str, check: impl Fn(&[Arrival]) -> bool) -> Vec<Arrival> {
+        common::wait_for(what, common::WAIT, || async {
+            let got = self.arrivals();
+            check(&got).then_some(got)
+        })
+        .await
+    }
+
+    fn release(&self) {
+        self.release.send_replace(true);
+    }
+}
+
+impl Drop for HoldingReceiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answer_to_an_earlier_outcomes_delivery_does_not_settle_the_new_one_after_a_retry() {
+    let upstream = Upstream::start().await.unwrap();
+    let receiver = HoldingReceiver::start().await;
+    // A retried delivery waits a second: the old message's answer comes
+    // while the new one waits for its second try.
+    let daemon = Daemon::start(&[
+        ("PATIENT_DELIVERY__BASE_DELAY", "1"),
+        ("PATIENT_DELIVERY__MAX_DELAY", "1"),
+    ])
+    .await;
+    let task = daemon
+        .submit(&json!({
+            "request": {"http_method": "get", "url": upstream.url("/sequence?key=again&steps=404,200")},
+            "raise_error_responses": true,
+            "deliver": {"webhook": {"url": receiver.url}},
+        }))
+        .await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let failed = daemon.wait_finished(&id).await;
+    assert_eq!(failed["state"], "failed", "{failed:#}");
+
+    // The failed outcome's message is held by the receiver; meanwhile the
+    // task is retried and its new outcome is sent as a new message, also
+    // held.
+    receiver.wait("the first message", |a| a.len() == 1).await;
+    let reply = daemon
+        .post(&format!("/v1/tasks/{id}/retry"), &json!({}))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let got = receiver
+        .wait("the new outcome's message", |a| a.len() == 2)
+        .await;
+    let (old, new) = (got[0].id.clone(), got[1].id.clone());
+    assert_ne!(old, new, "a new outcome is a new message: {got:?}");
+    assert_eq!(
+        (got[0].kind.as_str(), got[1].kind.as_str()),
+        ("task.failed", "task.completed")
+    );
+
+    // The old message is answered 200 while the new one is in flight, then
+    // the new one gets a 500: the old answer says nothing about the new
+    // message, which stays pending and is tried again.
+    receiver.release();
+    receiver
+        .wait("both answered", |a| {
+            a[0].answered == 200 && a[1].answered == 500
+        })
+        .await;
+    let tried = daemon
+        .wait_task(&id, "one delivery try recorded", |t| {
+            t["delivery"]["attempts"] == 1
+        })
+        .await;
+    assert_eq!(
+        tried["delivery"]["state"], "pending",
+        "the new message's 500 stands, not the old message's 200: {tried:#}"
+    );
+    let got = receiver
+        .wait("the new message sent again", |a| a.len() >= 3)
+        .await;
+    assert_eq!(got[2].id, new, "{got:?}");
+    let done = daemon.wait_delivery(&id, "delivered").await;
+    assert_eq!(done["state"], "completed", "{done:#}");
+    assert_eq!(done["delivery"]["attempts"], 2, "{done:#}");
+    assert!(
+        done["delivery"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("500")),
+        "{done:#}"
+    );
+    assert_eq!(receiver.arrivals().len(), 3);
+    daemon.stop().await.unwrap();
+}

@@ -52,7 +52,8 @@ The dashboard is the page at that address (with api_token set, it asks for the
 token in a form).
 SIGTERM (or Ctrl-C) stops claiming tasks and accepting connections at once,
 lets attempts in flight and requests in progress finish up to
-shutdown_timeout, releases the rest to the queue and exits 0. SIGHUP reads the
+shutdown_timeout, releases the rest to the queue (a POST/PATCH that may not be
+sent again ends Interrupted instead) and exits 0. SIGHUP reads the
 settings again and replaces the proxy routes (the rest needs a restart).
 
 Exit status:

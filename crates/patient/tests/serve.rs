@@ -79,14 +79,15 @@ impl Serve {
         Serve::start_with(dir, &[], env)
     }
 
-    /// [`start`](Self::start) with more arguments (`--config FILE`).
-    fn start_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
-        Serve::start_wrapped(&[], dir, args, env)
+    /// The command of `patient serve --listen 127.0.0.1:0 --data-dir DIR`
+    /// with `args`, the test settings and `env` on top, stderr piped.
+    fn command(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+        Serve::command_under(&[], dir, args, env)
     }
 
-    /// [`start_with`](Self::start_with) run by `wrapper` (a command and its
+    /// [`command`](Self::command) run by `wrapper` (a command and its
     /// arguments, before the daemon's: `prlimit --nofile=256 --`).
-    fn start_wrapped(wrapper: &[&str], dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
+    fn command_under(wrapper: &[&str], dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
         let binary = env!("CARGO_BIN_EXE_patient");
         let mut command = match wrapper.split_first() {
             Some((program, rest)) => {
@@ -122,6 +123,48 @@ impl Serve {
         {
             command.env(name, value);
         }
+        command
+    }
+
+    /// Runs `patient serve` on `dir` expecting it not to start: its exit
+    /// status and its stderr, or a panic with its log when it still runs
+    /// after 10 s (it started).
+    fn refused(dir: &Path, env: &[(&str, &str)]) -> (ExitStatus, String) {
+        let mut child = Serve::command(dir, &[], env).spawn().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+            text
+        });
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "a second patient serve on {} started: {}",
+                    dir.display(),
+                    reader.join().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        (status, reader.join().unwrap())
+    }
+
+    /// [`start`](Self::start) with more arguments (`--config FILE`).
+    fn start_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
+        Serve::start_wrapped(&[], dir, args, env)
+    }
+
+    /// [`start_with`](Self::start_with) run by `wrapper` (see
+    /// [`command_under`](Self::command_under)).
+    fn start_wrapped(wrapper: &[&str], dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
+        let mut command = Serve::command_under(wrapper, dir, args, env);
         let mut child = command.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
@@ -734,6 +777,88 @@ fn sigterm_lets_attempts_finish_up_to_the_timeout_releases_the_rest_and_exits_0(
         "cut off, then run again"
     );
     assert_eq!(upstream.sequence_count("later"), 1);
+}
+
+#[test]
+fn a_second_daemon_on_a_held_data_dir_refuses_to_start_and_a_killed_holder_blocks_nothing() {
+    let rt = runtime();
+    let dir = TempDir::new("lock");
+    let upstream = rt.block_on(Upstream::start()).unwrap();
+    let mut first = Serve::start(dir.path(), &[]);
+    let addr = first.addr;
+    let pid = first.child.id().to_string();
+    // A POST the upstream answers after 2 s: in flight on the first daemon
+    // while the others try to start.
+    let live = rt.block_on(async {
+        let (status, task) = call(
+            addr,
+            "POST",
+            "/v1/tasks",
+            Some(&json!({"request": {"http_method": "post",
+                "url": upstream.url("/sequence?key=live&delays=2000")}})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 201, "{task}");
+        wait_until("the POST in flight", || {
+            upstream.sequence_count("live") == 1
+        })
+        .await;
+        task["id"].as_str().unwrap().to_owned()
+    });
+
+    // The same directory, however it is spelled, and the same database
+    // named from another data_dir.
+    let other = TempDir::new("lock-other");
+    let link = other.path().join("link");
+    std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+    let database = format!("sqlite://{}", dir.path().join("patient.db").display());
+    let dotted = dir.path().join(".");
+    let elsewhere = other.path().join("data");
+    let attempts: [(&Path, Vec<(&str, &str)>); 4] = [
+        (dir.path(), vec![]),
+        (&dotted, vec![]),
+        (&link, vec![]),
+        (
+            &elsewhere,
+            vec![("PATIENT_DATABASE_URL", database.as_str())],
+        ),
+    ];
+    for (data_dir, env) in &attempts {
+        let (status, stderr) = Serve::refused(data_dir, env);
+        assert_eq!(status.code(), Some(1), "{}: {stderr}", data_dir.display());
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "one line: {stderr}");
+        assert!(
+            lines[0].contains(&dir.path().display().to_string()),
+            "names the directory: {stderr}"
+        );
+        assert!(
+            lines[0].contains(&pid),
+            "names the holder's pid {pid}: {stderr}"
+        );
+    }
+
+    // The first daemon's POST was left alone: its real answer stands.
+    rt.block_on(async {
+        let t = wait_task(addr, &live, is_finished).await;
+        assert_eq!(t["state"], "completed", "{t:#}");
+        assert_eq!(t["outcome"]["response"]["status"], 200, "{t:#}");
+    });
+    assert_eq!(upstream.sequence_count("live"), 1);
+
+    // Killed, the holder leaves its lock file behind; it holds nothing.
+    first.kill_9();
+    let next = Serve::start(dir.path(), &[]);
+    let t = rt.block_on(task(next.addr, &live));
+    assert_eq!(t["state"], "completed");
+    // And the new holder is the one named.
+    let (status, stderr) = Serve::refused(dir.path(), &[]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&next.child.id().to_string()),
+        "names the new holder: {stderr}"
+    );
 }
 
 /// A fresh schema in the test PostgreSQL (`PATIENT_TEST_POSTGRES_URL`, from

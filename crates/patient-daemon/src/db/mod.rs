@@ -37,6 +37,11 @@ pub(crate) use select_task;
 pub(crate) mod sql {
     /// Cancels a task that has not finished.
     pub(crate) const CANCEL: &str = "UPDATE patient_tasks SET state = 'cancelled', finished_at = $1, lease_owner = NULL, lease_until = NULL WHERE id = $2 AND state IN ('scheduled', 'queued', 'running')";
+    /// The tasks a node holds running (`$1`: the node).
+    pub(crate) const HELD: &str = concat!(
+        select_task!(),
+        " WHERE t.state = 'running' AND t.lease_owner = $1"
+    );
     /// Tasks by state as the API shows it at `$1`.
     pub(crate) const COUNTS: &str = "SELECT CASE WHEN state IN ('scheduled', 'queued') THEN (CASE WHEN not_before > $1 THEN 'scheduled' ELSE 'queued' END) ELSE state END AS state, COUNT(*) AS n FROM patient_tasks GROUP BY 1";
     /// Deletes a task's delivery.
@@ -208,6 +213,12 @@ impl Db {
         dispatch!(self.release(owner))
     }
 
+    /// Every task `owner` holds `running` (at a stop, once its attempts
+    /// have ended or been cut off).
+    pub async fn held(&self, owner: &str) -> Result<Vec<TaskRecord>, DbError> {
+        dispatch!(self.held(owner))
+    }
+
     /// Up to `limit` tasks left `running` by a node that is gone (a crash):
     /// on SQLite every running task (asked at the start, when no node runs
     /// any), on PostgreSQL those whose lease ran out before `now`.
@@ -263,14 +274,18 @@ impl Db {
         dispatch!(self.next_delivery(now))
     }
 
-    /// Records a delivery try.
+    /// Records a try of the delivery of message `message_id` (its
+    /// `webhook-id`) that `owner` claimed. It counts only while that message
+    /// is still the task's delivery: the answer to an earlier outcome's
+    /// message (before a retry made a new outcome) changes nothing.
     pub async fn delivered(
         &self,
         task_id: &str,
+        message_id: &str,
         owner: &str,
         result: DeliveryResult,
     ) -> Result<(), DbError> {
-        dispatch!(self.delivered(task_id, owner, result))
+        dispatch!(self.delivered(task_id, message_id, owner, result))
     }
 
     /// Deletes up to `limit` tasks finished before `before` whose delivery
@@ -782,6 +797,7 @@ mod tests {
         assert_eq!(due.len(), 1);
         db.delivered(
             &id,
+            &message,
             "n1",
             DeliveryResult::Retry {
                 error: "503".into(),
@@ -798,6 +814,7 @@ mod tests {
         db.claim_deliveries("n1", 5000, 9000, 10).await.unwrap();
         db.delivered(
             &id,
+            &message,
             "n1",
             DeliveryResult::Failed {
                 error: "gone".into(),
@@ -881,6 +898,75 @@ mod tests {
         let due = db.claim_deliveries("next", at, 200_000, 10).await.unwrap();
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].task.id, id);
+    }
+
+    async fn a_delivery_result_counts_only_for_its_own_message_case(db: &Db) {
+        let t = task(None, 1, 1);
+        let id = t.record.id.clone();
+        db.insert(vec![t]).await.unwrap();
+        db.claim("n", 10, 100_000, 10).await.unwrap();
+        let old = message_id();
+        assert!(db
+            .finish(Finish {
+                id: id.clone(),
+                owner: Some("n".into()),
+                state: TaskState::Failed,
+                outcome: json!({"type": "task.failed"}),
+                attempts: vec![],
+                request_sent: true,
+                finished_at: 20,
+                delivery: Some(old.clone()),
+            })
+            .await
+            .unwrap());
+        let due = db.claim_deliveries("n", 20, 100_000, 10).await.unwrap();
+        assert_eq!(due[0].delivery.message_id, old);
+
+        // While the old outcome's message is in flight the task runs again
+        // and its new outcome's message is claimed by the same node.
+        db.retry(&id, 30).await.unwrap();
+        db.claim("n", 30, 100_000, 10).await.unwrap();
+        let new = message_id();
+        assert!(db
+            .finish(Finish {
+                id: id.clone(),
+                owner: Some("n".into()),
+                state: TaskState::Completed,
+                outcome: json!({"type": "task.completed"}),
+                attempts: vec![],
+                request_sent: true,
+                finished_at: 40,
+                delivery: Some(new.clone()),
+            })
+            .await
+            .unwrap());
+        let due = db.claim_deliveries("n", 40, 100_000, 10).await.unwrap();
+        assert_eq!(due[0].delivery.message_id, new);
+
+        // The old message's answer changes nothing...
+        db.delivered(&id, &old, "n", DeliveryResult::Delivered)
+            .await
+            .unwrap();
+        let d = db.get(&id).await.unwrap().unwrap().delivery.unwrap();
+        assert_eq!(
+            (d.state, d.attempts, d.message_id.as_str()),
+            (DeliveryState::Pending, 0, new.as_str()),
+            "the old message's answer settled the new one"
+        );
+        // ... the new one's counts.
+        db.delivered(
+            &id,
+            &new,
+            "n",
+            DeliveryResult::Retry {
+                error: "the webhook answered 500".into(),
+                next_at: 50,
+            },
+        )
+        .await
+        .unwrap();
+        let d = db.get(&id).await.unwrap().unwrap().delivery.unwrap();
+        assert_eq!((d.state, d.attempts), (DeliveryState::Pending, 1));
     }
 
     async fn claims_follow_priority_then_due_time_and_release_requeues_case(db: &Db) {
@@ -1041,4 +1127,8 @@ mod tests {
         counts_show_a_due_scheduled_task_as_queued_case
     );
     on_each_backend!(cancel_retry_and_purge, cancel_retry_and_purge_case);
+    on_each_backend!(
+        a_delivery_result_counts_only_for_its_own_message,
+        a_delivery_result_counts_only_for_its_own_message_case
+    );
 }

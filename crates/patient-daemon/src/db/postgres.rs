@@ -273,6 +273,15 @@ impl PgDb {
         Ok(done.rows_affected())
     }
 
+    /// See [`Db::held`](super::Db::held).
+    pub async fn held(&self, owner: &str) -> Result<Vec<TaskRecord>, DbError> {
+        let rows = sqlx::query(sql::HELD)
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(task_of).collect()
+    }
+
     /// Up to `limit` running tasks whose lease ran out before `now`.
     pub async fn stale(&self, now: i64, limit: usize) -> Result<Vec<TaskRecord>, DbError> {
         let rows = sqlx::query(concat!(
@@ -411,10 +420,11 @@ impl PgDb {
         Ok(row.try_get::<Option<i64>, _>("at")?)
     }
 
-    /// Records a delivery try.
+    /// See [`Db::delivered`](super::Db::delivered).
     pub async fn delivered(
         &self,
         task_id: &str,
+        message_id: &str,
         owner: &str,
         result: DeliveryResult,
     ) -> Result<(), DbError> {
@@ -426,12 +436,13 @@ impl PgDb {
         sqlx::query(
             "UPDATE patient_deliveries SET state = $1, attempts = attempts + 1, next_at = $2, \
              last_error = COALESCE($3, last_error), lease_owner = NULL, lease_until = NULL \
-             WHERE task_id = $4 AND lease_owner = $5 AND state = 'pending'",
+             WHERE task_id = $4 AND message_id = $5 AND lease_owner = $6 AND state = 'pending'",
         )
         .bind(state)
         .bind(next_at)
         .bind(error)
         .bind(task_id)
+        .bind(message_id)
         .bind(owner)
         .execute(&self.pool)
         .await?;

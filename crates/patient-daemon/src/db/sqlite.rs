@@ -8,7 +8,7 @@
 //! acknowledged after its row is on disk, and many submits share one fsync
 //! (`synchronous = FULL`). Reads go through a small pool of their own.
 
-use std::{path::Path, str::FromStr, sync::Arc, time::Duration};
+use std::{path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
 use futures_util::future::BoxFuture;
 use serde_json::Value;
@@ -57,6 +57,7 @@ enum Job {
     /// A delivery try's result, written together like finishes.
     Delivered {
         task_id: String,
+        message_id: String,
         owner: String,
         result: DeliveryResult,
         done: oneshot::Sender<Result<(), DbError>>,
@@ -82,18 +83,12 @@ impl SqliteDb {
     /// at `url` (`sqlite://PATH`, `sqlite:PATH` or `sqlite::memory:`) and
     /// runs the migration.
     pub async fn open(url: &str) -> Result<SqliteDb, DbError> {
-        let path_part = url
-            .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))
-            .ok_or_else(|| DbError::Backend(format!("not a SQLite URL: {url}")))?;
-        if path_part != ":memory:" {
-            if let Some(parent) = Path::new(path_part).parent() {
-                if !parent.as_os_str().is_empty() {
-                    std::fs::create_dir_all(parent).map_err(|e| {
-                        DbError::Backend(format!("cannot create {}: {e}", parent.display()))
-                    })?;
-                }
-            }
+        if !url.starts_with("sqlite:") {
+            return Err(DbError::Backend(format!("not a SQLite URL: {url}")));
+        }
+        if let Some(dir) = database_dir(url) {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| DbError::Backend(format!("cannot create {}: {e}", dir.display())))?;
         }
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| DbError::Backend(format!("invalid SQLite URL: {e}")))?
@@ -323,6 +318,15 @@ impl SqliteDb {
         .await
     }
 
+    /// See [`Db::held`](super::Db::held).
+    pub async fn held(&self, owner: &str) -> Result<Vec<TaskRecord>, DbError> {
+        let rows = sqlx::query(sql::HELD)
+            .bind(owner)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(task_of).collect()
+    }
+
     /// Every task left `running` (at the start: by a node that stopped
     /// without releasing it, a crash), up to `limit`.
     pub async fn stale(&self, _now: i64, limit: usize) -> Result<Vec<TaskRecord>, DbError> {
@@ -497,10 +501,11 @@ impl SqliteDb {
         Ok(row.try_get::<Option<i64>, _>("at")?)
     }
 
-    /// Records a delivery try.
+    /// See [`Db::delivered`](super::Db::delivered).
     pub async fn delivered(
         &self,
         task_id: &str,
+        message_id: &str,
         owner: &str,
         result: DeliveryResult,
     ) -> Result<(), DbError> {
@@ -508,6 +513,7 @@ impl SqliteDb {
         self.jobs
             .send(Job::Delivered {
                 task_id: task_id.to_owned(),
+                message_id: message_id.to_owned(),
                 owner: owner.to_owned(),
                 result,
                 done,
@@ -592,6 +598,28 @@ impl SqliteDb {
     }
 }
 
+/// The database file a SQLite URL (`sqlite://PATH`, `sqlite:PATH`) names;
+/// `None` for another URL or an in-memory database.
+pub fn database_file(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let in_memory =
+        path.is_empty() || path == ":memory:" || query.split('&').any(|pair| pair == "mode=memory");
+    (!in_memory).then(|| PathBuf::from(path))
+}
+
+/// The directory of the database file a SQLite URL names (`.` for a bare
+/// file name); `None` for another URL or an in-memory database.
+pub fn database_dir(url: &str) -> Option<PathBuf> {
+    let file = database_file(url)?;
+    Some(match file.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    })
+}
+
 async fn write_loop(
     mut conn: SqliteConnection,
     mut rx: mpsc::Receiver<Job>,
@@ -614,10 +642,19 @@ async fn write_loop(
                 Job::Finish { finish, done } => finishes.push((finish, done)),
                 Job::Delivered {
                     task_id,
+                    message_id,
                     owner,
                     result,
                     done,
-                } => delivered.push(((task_id, owner, result), done)),
+                } => delivered.push((
+                    DeliveryTry {
+                        task_id,
+                        message_id,
+                        owner,
+                        result,
+                    },
+                    done,
+                )),
             }
         }
         if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut conn).await {
@@ -803,25 +840,37 @@ async fn finish_bulk(conn: &mut SqliteConnection, items: &[&Finish]) -> Result<V
     Ok(items.iter().map(|f| done.contains(&f.id)).collect())
 }
 
-/// Delivery results in bulk, one `UPDATE … FROM` per chunk.
+/// A delivery try to record: the task, the message tried, the node that
+/// claimed it, and how it went.
+#[derive(Clone)]
+struct DeliveryTry {
+    task_id: String,
+    message_id: String,
+    owner: String,
+    result: DeliveryResult,
+}
+
+/// Delivery results in bulk, one `UPDATE … FROM` per chunk; each counts
+/// only for its own message (see [`Db::delivered`](super::Db::delivered)).
 async fn deliveries_done(
     conn: &mut SqliteConnection,
-    items: Vec<(String, String, DeliveryResult)>,
+    items: Vec<DeliveryTry>,
 ) -> Result<(), DbError> {
     for chunk in items.chunks(BULK_CHUNK) {
         let mut update = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "WITH v (v_id, v_owner, v_state, v_next, v_error) AS (",
+            "WITH v (v_id, v_message, v_owner, v_state, v_next, v_error) AS (",
         );
-        update.push_values(chunk, |mut row, (task_id, owner, result)| {
-            let (state, next_at, error) = match result {
+        update.push_values(chunk, |mut row, t| {
+            let (state, next_at, error) = match &t.result {
                 DeliveryResult::Delivered => ("delivered", None, None),
                 DeliveryResult::Retry { error, next_at } => {
                     ("pending", Some(*next_at), Some(error.clone()))
                 }
                 DeliveryResult::Failed { error } => ("failed", None, Some(error.clone())),
             };
-            row.push_bind(task_id.clone())
-                .push_bind(owner.clone())
+            row.push_bind(t.task_id.clone())
+                .push_bind(t.message_id.clone())
+                .push_bind(t.owner.clone())
                 .push_bind(state)
                 .push_bind(next_at)
                 .push_bind(error);
@@ -830,7 +879,7 @@ async fn deliveries_done(
             ") UPDATE patient_deliveries SET state = v.v_state, attempts = attempts + 1, \
              next_at = v.v_next, last_error = COALESCE(v.v_error, last_error), \
              lease_owner = NULL, lease_until = NULL FROM v WHERE task_id = v.v_id \
-             AND lease_owner = v.v_owner AND state = 'pending'",
+             AND message_id = v.v_message AND lease_owner = v.v_owner AND state = 'pending'",
         );
         update.build().execute(&mut *conn).await?;
     }
@@ -929,4 +978,28 @@ async fn finish_task(conn: &mut SqliteConnection, f: &Finish) -> Result<bool, Db
             .await?;
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_database_directory_of_each_spelling_of_a_sqlite_url() {
+        let dir = |url: &str| database_dir(url).map(|d| d.display().to_string());
+        assert_eq!(
+            dir("sqlite:///var/lib/p/q.db").as_deref(),
+            Some("/var/lib/p")
+        );
+        assert_eq!(
+            dir("sqlite:///var/lib/p/q.db?mode=rwc").as_deref(),
+            Some("/var/lib/p")
+        );
+        assert_eq!(dir("sqlite://data/q.db").as_deref(), Some("data"));
+        assert_eq!(dir("sqlite:q.db").as_deref(), Some("."));
+        assert_eq!(dir("sqlite::memory:"), None);
+        assert_eq!(dir("sqlite://:memory:"), None);
+        assert_eq!(dir("sqlite://q.db?mode=memory&cache=shared"), None);
+        assert_eq!(dir("postgres://h/db"), None);
+    }
 }
