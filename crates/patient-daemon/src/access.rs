@@ -22,7 +22,7 @@ use http::{header, HeaderMap, Request, Response, StatusCode};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::api::ApiError;
+use crate::api::error::ApiError;
 
 /// One entry of `allowed_hosts` (or of a secret's `hosts`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,7 +173,7 @@ impl AccessRules {
         }
         let path = request.uri().path();
         if (path == "/v1" || path.starts_with("/v1/")) && has_body(headers) {
-            if let Err(error) = crate::api::check_json_content_type(headers) {
+            if let Err(error) = check_json_content_type(headers) {
                 return Some(error);
             }
         }
@@ -214,6 +214,38 @@ fn has_body(headers: &HeaderMap) -> bool {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim() != "0")
         || headers.contains_key(header::CONTENT_TYPE)
+}
+
+/// `415 unsupported_media_type` unless the body is declared JSON
+/// (`application/json` or a `+json` type): a browser sends neither without
+/// asking the daemon first, so no cross-site page can post a body.
+pub fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body has no Content-Type; send the header Content-Type: application/json",
+        ));
+    };
+    let essence = value
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json" || essence.ends_with("+json") {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "the body must be application/json, not {essence} (send the header Content-Type: application/json)"
+            ),
+        ))
+    }
 }
 
 /// The layer that applies [`AccessRules`] to every request.

@@ -17,10 +17,10 @@ use base64::{engine::general_purpose::STANDARD, Engine as _};
 use serde_json::{json, Map, Value};
 
 use crate::{
+    app::App,
     db::DbError,
     metrics::{Percentiles, WINDOW_SECONDS},
     model::{now_ms, rfc3339, DeliveryState, TaskRecord, TaskState},
-    server::App,
 };
 
 /// The page.

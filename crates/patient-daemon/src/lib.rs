@@ -9,10 +9,12 @@
 
 pub mod access;
 pub mod api;
+pub mod app;
 pub mod dashboard;
 pub mod db;
 pub mod delivery;
 pub mod egress;
+pub mod error;
 pub mod gateway;
 pub mod listener;
 pub mod lock;
@@ -25,7 +27,8 @@ pub mod settings;
 pub mod token;
 pub mod webhook_secret;
 
-pub use server::{run, run_until, ServeError};
+pub use error::ServeError;
+pub use server::{run, run_until};
 pub use settings::{Flags, Settings, SettingsError};
 
 /// The OpenAPI 3 document of the API, served at `/openapi.json`.

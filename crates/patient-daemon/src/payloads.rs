@@ -29,7 +29,7 @@ use patient_store::{
 };
 use serde_json::Value;
 
-use crate::{server::ServeError, settings::Settings};
+use crate::{error::ServeError, settings::Settings};
 
 /// The fields of an outcome event that hold wire payloads.
 const OUTCOME_FIELDS: [&str; 2] = ["response", "error"];

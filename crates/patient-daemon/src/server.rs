@@ -5,7 +5,7 @@
 //! (except a request that may have reached its upstream and may not be
 //! sent again: that one ends `Interrupted`, as after a crash).
 
-use std::{collections::BTreeMap, future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use patient_http::{
     client::{ClientConfig, HttpClient},
@@ -24,69 +24,19 @@ use crate::{
     egress::Allow,
     gateway::Gateway,
     listener::{Limits, Listener},
-    lock::{DirLock, LockError},
+    lock::DirLock,
     metrics::DaemonMetrics,
     payloads::Payloads,
     runner::{Runner, Stopped},
     settings::Settings,
     webhook_secret,
 };
+pub use crate::{app::App, error::ServeError};
 
 /// How often finished tasks past their retention are purged, and how many
 /// at a time.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 const PURGE_BATCH: usize = 500;
-
-/// Why the daemon could not start (or stopped with an error).
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// A setting that cannot work as given.
-    #[error("{0}")]
-    Settings(String),
-    /// The store could not be opened.
-    #[error("cannot open the store: {0}")]
-    Store(String),
-    /// Another daemon holds the SQLite queue's directory (or it could not
-    /// be locked).
-    #[error("cannot start: {0}")]
-    Locked(#[from] LockError),
-    /// Serving failed.
-    #[error("serving failed: {0}")]
-    Io(#[from] io::Error),
-}
-
-/// What the API handlers share.
-pub struct App {
-    /// The settings the daemon runs with.
-    pub settings: Settings,
-    /// The queue.
-    pub db: Db,
-    /// The workers.
-    pub runner: Arc<Runner>,
-    /// The delivery loop.
-    pub deliverer: Arc<Deliverer>,
-    /// The engine.
-    pub client: AwaitableClient,
-    /// The daemon's metrics.
-    pub metrics: DaemonMetrics,
-    /// The egress guard's exemptions.
-    pub allow: Allow,
-    /// The bounds of submitted requests.
-    pub limits: WireLimits,
-    /// The configured secrets by name, with the hosts a submitted task may
-    /// send each to (`None`: no submitted task may use it).
-    pub secrets: BTreeMap<String, Option<Vec<String>>>,
-    /// Payload stores and encryption of stored and delivered payloads.
-    pub payloads: Payloads,
-    /// The proxy routes.
-    pub gateway: Gateway,
-}
-
-impl std::fmt::Debug for App {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("App").finish_non_exhaustive()
-    }
-}
 
 /// The retry policy of submitted tasks, from the settings.
 fn retry_policy(settings: &Settings) -> Result<RetryPolicy, ServeError> {

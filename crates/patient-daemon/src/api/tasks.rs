@@ -1,399 +1,46 @@
-//! The HTTP API (`/v1`), the dashboard, health, readiness, metrics and the
-//! OpenAPI document, with every error in the contract's shape:
-//! `{"error": {"code", "message", "field"}}`, the framework's own
-//! rejections (unknown route, wrong method, wrong content type, too large a
-//! body) included.
+//! `/v1/tasks`: submit (one or a batch), list, show, cancel, redeliver,
+//! retry.
 
 use std::{sync::Arc, time::Instant};
 
 use axum::{
-    body::Body,
     extract::{Path, Request, State},
-    http::{header, HeaderMap, StatusCode},
-    response::{IntoResponse, Response},
+    http::StatusCode,
     routing::{get, post},
     Router,
 };
-use bytes::Bytes;
 use futures_util::{stream, StreamExt};
-use patient_store::{PayloadStores, StoreError};
+use patient_store::PayloadStores;
 use patient_wire::{HeaderValue as WireHeaderValue, Priority, Request as WireRequest};
 use serde_json::{json, Map, Value};
 
+use super::{
+    body::json_body,
+    error::{json_response, ApiError, ApiResult},
+};
 use crate::{
+    app::App,
     db::{DbError, ListQuery, NewTask},
     egress::literal_denied,
     model::{now_ms, parse_rfc3339, Deliver, TaskRecord, TaskState},
-    server::App,
-    token::{ApiToken, Places},
 };
 
-/// The longest `delay` of a submit: 30 days, in seconds.
-const MAX_DELAY: f64 = 30.0 * 86_400.0;
-
-/// The longest idempotency key, bytes.
-const MAX_IDEMPOTENCY_KEY: usize = 255;
-
-/// An error answer of the API.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    field: Option<String>,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            field: None,
-        }
-    }
-
-    /// `422 invalid_request` naming `field`.
-    fn invalid(field: impl Into<String>, message: impl AsRef<str>) -> Self {
-        let field = field.into();
-        ApiError {
-            status: StatusCode::UNPROCESSABLE_ENTITY,
-            code: "invalid_request",
-            message: format!("{field}: {}", message.as_ref()),
-            field: Some(field),
-        }
-    }
-
-    /// `403 forbidden`.
-    pub(crate) fn forbidden(message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
-    }
-
-    /// `408 request_timeout`: the request body stopped coming.
-    fn body_timeout(e: &dyn std::error::Error) -> Self {
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            e.to_string(),
-        )
-    }
-
-    fn not_found(what: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", what)
-    }
-
-    fn unavailable(e: &DbError) -> Self {
-        tracing::error!(error = %e, "the store failed");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the task store is unavailable; nothing was changed",
-        )
-    }
-
-    /// `503 unavailable`: a stored payload cannot be stored, fetched or
-    /// decrypted.
-    fn payload(e: &StoreError) -> Self {
-        tracing::error!(error = %e, "the payload store failed");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            format!("a payload of the task cannot be stored or loaded: {e}"),
-        )
-    }
-
-    fn from_db(e: DbError) -> Self {
-        match e {
-            DbError::NotFound(id) => ApiError::not_found(format!("no task {id}")),
-            DbError::Conflict(message) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
-            other => ApiError::unavailable(&other),
-        }
-    }
-
-    /// Prefixes the field (and message) with `prefix` (`tasks[3].`).
-    fn within(mut self, prefix: &str) -> Self {
-        if let Some(field) = &self.field {
-            let full = format!("{prefix}{field}");
-            self.message = self.message.replacen(field.as_str(), &full, 1);
-            self.field = Some(full);
-        }
-        self
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut error = Map::new();
-        error.insert("code".into(), self.code.into());
-        error.insert("message".into(), self.message.into());
-        if let Some(field) = self.field {
-            error.insert("field".into(), field.into());
-        }
-        let mut response = json_response(self.status, &json!({ "error": Value::Object(error) }));
-        if self.status == StatusCode::REQUEST_TIMEOUT {
-            // The rest of the body will not be read.
-            response
-                .extensions_mut()
-                .insert(crate::listener::CloseConnection);
-        }
-        response
-    }
-}
-
-fn json_response(status: StatusCode, value: &Value) -> Response {
-    let mut response = Response::new(Body::from(value.to_string()));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-type ApiResult = Result<Response, ApiError>;
-
-/// The router of the API, health, metrics and OpenAPI routes.
-pub fn router(app: Arc<App>) -> Router {
-    let v1 = Router::new()
+/// The routes of `/v1/tasks`.
+pub(super) fn router() -> Router<Arc<App>> {
+    Router::new()
         .route("/v1/tasks", post(submit).get(list))
         .route("/v1/tasks/batch", post(submit_batch))
         .route("/v1/tasks/{id}", get(show))
         .route("/v1/tasks/{id}/cancel", post(cancel))
         .route("/v1/tasks/{id}/redeliver", post(redeliver))
         .route("/v1/tasks/{id}/retry", post(retry))
-        .route("/v1/dashboard", get(dashboard_figures))
-        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&app), auth));
-    Router::new()
-        .route("/", get(dashboard_page))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/openapi.json", get(openapi))
-        .merge(
-            Router::new()
-                .route("/metrics", get(metrics))
-                .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&app), auth)),
-        )
-        .merge(v1)
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .with_state(app)
 }
 
-async fn not_found(request: Request) -> ApiError {
-    ApiError::not_found(format!(
-        "no route {} {}",
-        request.method(),
-        request.uri().path()
-    ))
-}
+/// The longest `delay` of a submit: 30 days, in seconds.
+const MAX_DELAY: f64 = 30.0 * 86_400.0;
 
-async fn method_not_allowed(request: Request) -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        format!(
-            "{} is not allowed on {}",
-            request.method(),
-            request.uri().path()
-        ),
-    )
-}
-
-/// `401 unauthorized` unless `request` presents the daemon's token (or it
-/// has none) as `Authorization: Bearer TOKEN` (the scheme in any case; see
-/// [`crate::token`]).
-fn check_token(app: &App, request: &Request, hint: &str) -> Result<(), Response> {
-    let Some(token) = app.settings.api_token.as_deref() else {
-        return Ok(());
-    };
-    let token = ApiToken::new(token);
-    let admitted = token
-        .admits(request.headers(), Places::Authorization)
-        .is_ok();
-    if admitted {
-        return Ok(());
-    }
-    let mut response =
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", hint).into_response();
-    response.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        header::HeaderValue::from_static("Bearer"),
-    );
-    Err(response)
-}
-
-async fn auth(
-    State(app): State<Arc<App>>,
-    request: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    if let Err(refused) = check_token(
-        &app,
-        &request,
-        "a valid bearer token is required: Authorization: Bearer TOKEN",
-    ) {
-        return refused;
-    }
-    next.run(request).await
-}
-
-async fn dashboard_page() -> Response {
-    let mut response = Response::new(Body::from(crate::dashboard::PAGE));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    if let Ok(csp) = header::HeaderValue::from_str(&crate::dashboard::CSP) {
-        headers.insert(header::CONTENT_SECURITY_POLICY, csp);
-    }
-    headers.insert(
-        header::REFERRER_POLICY,
-        header::HeaderValue::from_static("no-referrer"),
-    );
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        header::HeaderValue::from_static("nosniff"),
-    );
-    headers.insert(
-        header::X_FRAME_OPTIONS,
-        header::HeaderValue::from_static("DENY"),
-    );
-    headers.insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
-    response
-}
-
-async fn dashboard_figures(State(app): State<Arc<App>>) -> ApiResult {
-    let figures = crate::dashboard::figures(&app)
-        .await
-        .map_err(|e| ApiError::unavailable(&e))?;
-    let mut response = json_response(StatusCode::OK, &figures);
-    response.headers_mut().insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
-    Ok(response)
-}
-
-async fn healthz() -> Response {
-    json_response(StatusCode::OK, &json!({"status": "ok"}))
-}
-
-async fn readyz(State(app): State<Arc<App>>) -> ApiResult {
-    app.db.ping().await.map_err(|e| ApiError::unavailable(&e))?;
-    Ok(json_response(StatusCode::OK, &json!({"status": "ready"})))
-}
-
-async fn openapi() -> Response {
-    let mut response = Response::new(Body::from(crate::OPENAPI));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-async fn metrics(State(app): State<Arc<App>>) -> Response {
-    if let Ok(counts) = app.db.counts(now_ms()).await {
-        app.metrics.set_tasks(&counts);
-    }
-    app.metrics.set_in_flight(app.runner.in_flight());
-    let mut text = app.metrics.render(app.client.metrics());
-    // The gateway's families go before the closing `# EOF`.
-    if let Some(body) = text.strip_suffix("# EOF\n").map(str::to_owned) {
-        text = body;
-        app.gateway.metrics().render_into(&mut text);
-        let _ = prometheus_client::encoding::text::encode_registry(
-            &mut text,
-            app.gateway.client().metrics().registry(),
-        );
-        text.push_str("# EOF\n");
-    }
-    let mut response = Response::new(Body::from(text));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(patient_http::metrics::CONTENT_TYPE),
-    );
-    response
-}
-
-/// Reads a JSON body within `max_body`: `413` past it, `415` for another
-/// content type, `400` when it does not parse.
-async fn json_body(app: &App, request: Request) -> Result<Value, ApiError> {
-    let max = usize::try_from(app.settings.max_body).unwrap_or(usize::MAX);
-    let headers = request.headers();
-    check_json_content_type(headers)?;
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("the body is larger than max_body ({max} bytes)"),
-        )
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > app.settings.max_body) {
-        return Err(too_large());
-    }
-    let bytes: Bytes = match axum::body::to_bytes(request.into_body(), max).await {
-        Ok(bytes) => bytes,
-        Err(e) if crate::listener::is_body_timeout(&e) => {
-            return Err(ApiError::body_timeout(&e));
-        }
-        Err(_) => return Err(too_large()),
-    };
-    if bytes.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            "the body is empty; send a JSON object",
-        ));
-    }
-    serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("the body is not JSON: {e}"),
-        )
-    })
-}
-
-/// `415 unsupported_media_type` unless the body is declared JSON
-/// (`application/json` or a `+json` type): a browser sends neither without
-/// asking the daemon first, so no cross-site page can post a body.
-pub(crate) fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "the body has no Content-Type; send the header Content-Type: application/json",
-        ));
-    };
-    let essence = value
-        .to_str()
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    if essence == "application/json" || essence.ends_with("+json") {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!(
-                "the body must be application/json, not {essence} (send the header Content-Type: application/json)"
-            ),
-        ))
-    }
-}
+/// The longest idempotency key, bytes.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 async fn submit(State(app): State<Arc<App>>, request: Request) -> ApiResult {
     let started = Instant::now();
@@ -586,7 +233,7 @@ const SUBMIT_FIELDS: [&str; 8] = [
 ];
 
 /// Checks a submit body and makes the task it asks for.
-fn parse_submit(app: &App, body: &Value, now: i64) -> Result<NewTask, ApiError> {
+pub(super) fn parse_submit(app: &App, body: &Value, now: i64) -> Result<NewTask, ApiError> {
     let Some(object) = body.as_object() else {
         return Err(ApiError::invalid(
             "request",
@@ -612,12 +259,10 @@ fn parse_submit(app: &App, body: &Value, now: i64) -> Result<NewTask, ApiError> 
     let stored_request = request.to_json();
     check_known_keys(request_json, &stored_request)?;
     if let Some((ip, reason)) = literal_denied(&app.allow, request.url()) {
-        let mut e = ApiError::invalid(
+        return Err(ApiError::egress_denied(
             "request.url",
             format!("{ip} is {reason} address, refused by the egress guard"),
-        );
-        e.code = "egress_denied";
-        return Err(e);
+        ));
     }
     if request.url_credentials().is_some() {
         // They would have to be stored in clear: refuse rather than drop them.
@@ -669,12 +314,10 @@ fn parse_submit(app: &App, body: &Value, now: i64) -> Result<NewTask, ApiError> 
             .ok()
             .and_then(|u| literal_denied(&app.allow, &u))
         {
-            let mut e = ApiError::invalid(
+            return Err(ApiError::egress_denied(
                 "deliver.webhook.url",
                 format!("{ip} is {reason} address, refused by the egress guard"),
-            );
-            e.code = "egress_denied";
-            return Err(e);
+            ));
         }
     }
     if matches!(
@@ -782,7 +425,7 @@ fn parse_submit(app: &App, body: &Value, now: i64) -> Result<NewTask, ApiError> 
 /// them (the gem's JSON may grow), but in a submit a misspelt option
 /// (`optoins`, `retyr`) would silently do nothing. A key is known when the
 /// loaded request writes it back; keys given as `null` are left alone.
-fn check_known_keys(given: &Value, loaded: &Value) -> Result<(), ApiError> {
+pub(super) fn check_known_keys(given: &Value, loaded: &Value) -> Result<(), ApiError> {
     fn walk(given: &Value, loaded: &Value, path: &str, depth: usize) -> Result<(), ApiError> {
         let (Some(given), Some(loaded)) = (given.as_object(), loaded.as_object()) else {
             return Ok(());
@@ -816,7 +459,7 @@ fn check_known_keys(given: &Value, loaded: &Value) -> Result<(), ApiError> {
 }
 
 /// Every `{"$secret": NAME}` must name a secret configured on the daemon.
-fn check_secrets(app: &App, request: &WireRequest) -> Result<(), ApiError> {
+pub(super) fn check_secrets(app: &App, request: &WireRequest) -> Result<(), ApiError> {
     let host = request.url().host_str().unwrap_or_default();
     let headers = request
         .headers()
@@ -1002,16 +645,4 @@ async fn retry(State(app): State<Arc<App>>, TaskId(id): TaskId) -> ApiResult {
         StatusCode::OK,
         &present(&app, task, now_ms(), true).await?,
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batch_errors_name_the_item() {
-        let e = ApiError::invalid("request.url", "bad").within("tasks[3].");
-        assert_eq!(e.field.as_deref(), Some("tasks[3].request.url"));
-        assert_eq!(e.message, "tasks[3].request.url: bad");
-    }
 }
