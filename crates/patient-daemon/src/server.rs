@@ -208,7 +208,11 @@ async fn serve(
         .build()
         .map_err(|e| ServeError::Settings(e.to_string()))?;
     let payloads = Payloads::from_settings(&settings, &secret_values, &config).await?;
-    let gateway = Gateway::new(&settings.routes, secret_values, Arc::new(NoHooks))
+    let gateway = Gateway::builder(&settings.routes)
+        .secrets(secret_values)
+        .hooks(Arc::new(NoHooks))
+        .api_token(settings.api_token.as_deref())
+        .build()
         .map_err(|e| ServeError::Settings(e.to_string()))?;
     let client = AwaitableClient::builder()
         .config(config)

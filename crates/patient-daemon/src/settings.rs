@@ -626,9 +626,11 @@ impl Settings {
         let fail = |setting: &str, message: String| {
             Err(SettingsError::new(setting, origin_of(setting), message))
         };
-        if let Err((setting, message)) =
-            check_routes(&self.routes, &|name| self.secrets.contains_key(name))
-        {
+        if let Err((setting, message)) = check_routes(
+            &self.routes,
+            &|name| self.secrets.contains_key(name),
+            self.api_token.is_some(),
+        ) {
             return Err(SettingsError::new(setting, origin_of("routes"), message));
         }
         if let Err(e) = self.listen.parse::<SocketAddr>() {

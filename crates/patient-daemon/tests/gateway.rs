@@ -196,18 +196,13 @@ async fn hop_by_hop_fields_never_pass_forwarding_headers_are_added_and_route_rul
 #[tokio::test]
 async fn a_route_credential_replaces_the_clients_key() {
     let upstream = Upstream::start().await.unwrap();
-    std::env::set_var("PATIENT_GATEWAY_TEST_KEY", "sk-upstream");
-    let config = format!(
-        "[secrets.openai_key]\nenv = \"PATIENT_GATEWAY_TEST_KEY\"\n\n{}",
-        route(&[base(&upstream)], "credential = \"openai_key\"")
-    );
-    let d = Daemon::start_with_config(&config, &[]).await;
+    let d = guarded(&upstream, "credential = \"openai_key\"").await;
     let reply = call(
         "POST",
         &format!("{}/up/v1/chat/completions", d.url),
         &[
             ("content-type", "application/json"),
-            ("authorization", "Bearer client-key"),
+            ("authorization", &format!("Bearer {TOKEN}")),
         ],
         Some(br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#.to_vec()),
     )
@@ -996,4 +991,254 @@ async fn routes_match_by_host_and_header_before_falling_back_to_a_plain_prefix()
     // The upstream's base path goes before the forwarded path.
     assert_eq!(plain.requests_to("/base/x/fast"), 1);
     d.stop().await.unwrap();
+}
+
+/// The API token of the daemons that test route `auth`.
+const TOKEN: &str = "t0k-Secret-42";
+
+/// A daemon with the API token [`TOKEN`], the secret `openai_key`
+/// (`sk-upstream`) and one route at `/up/` to `upstream` with `extra`.
+async fn guarded(upstream: &Upstream, extra: &str) -> Daemon {
+    std::env::set_var("PATIENT_GATEWAY_TEST_KEY", "sk-upstream");
+    let config = format!(
+        "[secrets.openai_key]\nenv = \"PATIENT_GATEWAY_TEST_KEY\"\n\n{}",
+        route(&[base(upstream)], extra)
+    );
+    Daemon::start_with_config(&config, &[("PATIENT_API_TOKEN", TOKEN)]).await
+}
+
+/// The headers the upstream's `/echo` saw, by lower-case name (repeated
+/// fields joined with `, `).
+fn echoed(reply: &common::Reply) -> serde_json::Map<String, Value> {
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()["headers"].as_object().unwrap().clone()
+}
+
+#[tokio::test]
+async fn a_credential_route_asks_for_the_api_token_and_never_forwards_it() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = guarded(&upstream, "credential = \"openai_key\"").await;
+    let url = format!("{}/up/echo", d.url);
+    let bearer = format!("Bearer {TOKEN}");
+    let prefix = format!("Bearer {}", &TOKEN[..TOKEN.len() - 1]);
+    let extension = format!("Bearer {TOKEN}x");
+    let doubled = format!("Bearer {TOKEN}{TOKEN}");
+    let lower = format!("Bearer {}", TOKEN.to_lowercase());
+    let before = upstream.requests();
+    let refused: Vec<Vec<(&str, &str)>> = vec![
+        vec![],
+        vec![("authorization", "Bearer wrong")],
+        vec![("authorization", &prefix)],
+        vec![("authorization", &extension)],
+        vec![("authorization", &doubled)],
+        vec![("authorization", &lower)],
+        vec![("authorization", TOKEN)],
+        vec![("authorization", "Basic dDBrLVNlY3JldC00Mg==")],
+        vec![("authorization", "Bearer")],
+        vec![("x-api-key", "wrong")],
+        vec![("x-api-key", &TOKEN[1..])],
+        vec![("x-api-key", "")],
+        // A right token beside a wrong one, in either order or field.
+        vec![
+            ("authorization", "Bearer wrong"),
+            ("authorization", &bearer),
+        ],
+        vec![
+            ("authorization", &bearer),
+            ("authorization", "Bearer wrong"),
+        ],
+        vec![("authorization", &bearer), ("x-api-key", "wrong")],
+        vec![("x-api-key", TOKEN), ("authorization", "Bearer wrong")],
+        // The token elsewhere does not count.
+        vec![("proxy-authorization", &bearer)],
+        vec![("api-key", TOKEN)],
+    ];
+    for headers in &refused {
+        for (method, body) in [("GET", None), ("POST", Some(b"{}".to_vec()))] {
+            let reply = call(method, &url, headers, body).await;
+            assert_eq!(reply.status, 401, "{headers:?}: {}", reply.text());
+            assert_eq!(reply.headers["www-authenticate"], "Bearer", "{headers:?}");
+            let body = reply.json();
+            assert_eq!(body["error"]["type"], "unauthorized", "{body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(!message.is_empty() && !message.contains(TOKEN), "{message}");
+        }
+    }
+    assert_eq!(
+        upstream.requests(),
+        before,
+        "nothing reached the upstream without the token"
+    );
+
+    let upper = format!("BEARER {TOKEN}");
+    let lower_scheme = format!("bearer  {TOKEN}");
+    let admitted: Vec<Vec<(&str, &str)>> = vec![
+        vec![("authorization", &bearer)],
+        vec![("authorization", &upper)],
+        vec![("authorization", &lower_scheme)],
+        vec![("x-api-key", TOKEN)],
+        vec![("authorization", &bearer), ("x-api-key", TOKEN)],
+    ];
+    for headers in &admitted {
+        let seen = echoed(&call("GET", &url, headers, None).await);
+        assert_eq!(seen["authorization"], "Bearer sk-upstream", "{headers:?}");
+        assert!(!seen.contains_key("x-api-key"), "{headers:?}: {seen:?}");
+        let all = serde_json::to_string(&seen).unwrap();
+        assert!(!all.contains(TOKEN), "the token went upstream: {all}");
+    }
+    // Streams too: the check comes before anything else.
+    let (parts, _) = open(
+        &url,
+        "POST",
+        &[
+            ("content-type", "application/json"),
+            ("accept", "text/event-stream"),
+        ],
+        r#"{"stream": true}"#,
+    )
+    .await;
+    assert_eq!(parts.status, 401);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_api_token_route_without_a_credential_forwards_no_token_and_a_none_route_the_callers_own(
+) {
+    let upstream = Upstream::start().await.unwrap();
+    let d = guarded(
+        &upstream,
+        "auth = \"api_token\"\ncredential_header = \"x-api-key\"",
+    )
+    .await;
+    let url = format!("{}/up/echo", d.url);
+    let reply = call("GET", &url, &[], None).await;
+    assert_eq!(reply.status, 401, "{}", reply.text());
+    let seen = echoed(
+        &call(
+            "GET",
+            &url,
+            &[("x-api-key", TOKEN), ("x-other", "kept")],
+            None,
+        )
+        .await,
+    );
+    assert!(!seen.contains_key("x-api-key"), "{seen:?}");
+    assert!(!seen.contains_key("authorization"), "{seen:?}");
+    assert_eq!(seen["x-other"], "kept");
+    d.stop().await.unwrap();
+
+    // `auth = "none"` (the default without a credential): the caller's own
+    // key goes upstream as it is, even with an API token set.
+    let d = guarded(&upstream, "").await;
+    let seen = echoed(
+        &call(
+            "GET",
+            &format!("{}/up/echo", d.url),
+            &[("authorization", "Bearer sk-callers-own")],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(seen["authorization"], "Bearer sk-callers-own");
+    d.stop().await.unwrap();
+}
+
+/// The settings of a daemon whose file is `config`, with `env` on the
+/// test variables.
+fn load(config: &str, env: &[(&str, &str)]) -> Result<patient_daemon::Settings, String> {
+    let dir = common::TempDir::new("settings");
+    let path = dir.path().join("patient.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut vars = common::base_env();
+    for (k, v) in env {
+        vars.insert((*k).to_owned(), (*v).to_owned());
+    }
+    patient_daemon::Settings::load(
+        Some(&path),
+        vars,
+        &patient_daemon::Flags {
+            listen: Some("127.0.0.1:0".into()),
+            data_dir: Some(dir.path().to_owned()),
+        },
+    )
+    .map_err(|e| e.to_string())
+}
+
+const SECRET_KEY: &str = "[secrets.k]\nenv = \"PATIENT_GATEWAY_TEST_KEY\"\n\n";
+
+fn one_route(extra: &str) -> String {
+    format!(
+        "{SECRET_KEY}[[routes]]\nname = \"llm\"\npath_prefix = \"/llm/\"\nupstreams = [\"http://127.0.0.1:9\"]\n{extra}\n"
+    )
+}
+
+#[tokio::test]
+async fn a_route_that_would_lend_its_credential_is_refused_at_start_and_on_reload() {
+    std::env::set_var("PATIENT_GATEWAY_TEST_KEY", "sk-upstream");
+    let token = [("PATIENT_API_TOKEN", TOKEN)];
+    // A credential with auth = "none": anyone reaching the listener would
+    // use the key.
+    let error = load(&one_route("credential = \"k\"\nauth = \"none\""), &token).unwrap_err();
+    assert!(
+        error.contains("routes[0].auth") && error.contains("llm") && error.contains("credential"),
+        "{error}"
+    );
+    // A route that asks for the API token while the daemon has none.
+    for extra in ["credential = \"k\"", "auth = \"api_token\""] {
+        let error = load(&one_route(extra), &[]).unwrap_err();
+        assert!(
+            error.contains("routes[0].auth")
+                && error.contains("llm")
+                && error.contains("api_token"),
+            "{extra}: {error}"
+        );
+    }
+    let error = load(&one_route("auth = \"maybe\""), &token).unwrap_err();
+    assert!(error.contains("routes"), "{error}");
+    // What works.
+    for (extra, env) in [
+        ("credential = \"k\"", &token[..]),
+        ("credential = \"k\"\nauth = \"api_token\"", &token[..]),
+        ("auth = \"none\"", &[][..]),
+        ("", &[][..]),
+    ] {
+        load(&one_route(extra), env).unwrap_or_else(|e| panic!("{extra}: {e}"));
+    }
+
+    // Settings built in code go through the same checks when the daemon
+    // starts.
+    let mut settings = load(&one_route("credential = \"k\""), &token).unwrap();
+    settings.api_token = None;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let served = tokio::time::timeout(
+        Duration::from_secs(10),
+        patient_daemon::run_until(settings, listener, std::future::pending()),
+    )
+    .await
+    .expect("the daemon refuses to start");
+    let error = served.unwrap_err().to_string();
+    assert!(error.contains("routes[0].auth"), "{error}");
+
+    // A reload (SIGHUP) applies them too, and keeps the routes it had.
+    let settings = load(&one_route(""), &token).unwrap();
+    let gateway = patient_daemon::gateway::Gateway::new(
+        &settings.routes,
+        BTreeMap::from([("k".to_owned(), "sk-upstream".to_owned())]),
+        Arc::new(patient_daemon::gateway::hooks::NoHooks),
+    )
+    .unwrap();
+    for extra in ["credential = \"k\"\nauth = \"none\"", "credential = \"k\""] {
+        let routes: Vec<RouteSettings> = toml::from_str::<RoutesFile>(&one_route(extra))
+            .unwrap()
+            .routes;
+        let error = gateway.reload(&routes).unwrap_err().to_string();
+        assert!(error.contains("routes[0].auth"), "{extra}: {error}");
+        assert_eq!(gateway.route_names(), ["llm"]);
+    }
+}
+
+/// The routes of a settings file.
+#[derive(serde::Deserialize)]
+struct RoutesFile {
+    routes: Vec<RouteSettings>,
 }

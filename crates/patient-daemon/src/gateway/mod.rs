@@ -21,6 +21,11 @@
 //! end reaches the client as an error event. See [`body`] for the timers,
 //! caps and what a client leaving does.
 //!
+//! A route whose `auth` is `api_token` (the default for a route with a
+//! `credential`) first checks that the caller presents the daemon's API
+//! token ([`crate::token`]), then removes it: the route's credential goes
+//! upstream in its place, and no hook sees the token.
+//!
 //! Errors the gateway answers itself have the shape LLM clients parse:
 //! `{"error": {"message": "...", "type": "payload_too_large"}}`.
 
@@ -63,13 +68,17 @@ use self::{
     balance::Balancer,
     body::{ProxyBody, StreamSetup},
     headers::CompiledRules,
-    hooks::{ProxyContext, ProxyHooks, RequestHead, RequestSummary, UpstreamRequest},
+    hooks::{NoHooks, ProxyContext, ProxyHooks, RequestHead, RequestSummary, UpstreamRequest},
     metrics::{GatewayMetrics, RouteMetrics},
-    settings::{secs, OnDisconnect, RouteSettings, StreamEnd, StreamMode},
+    settings::{secs, OnDisconnect, RouteAuth, RouteSettings, StreamEnd, StreamMode},
 };
+use crate::token::{self, ApiToken, Places};
 
 /// The error types of answers the gateway gives itself.
 pub mod error_type {
+    /// The caller did not present the daemon's API token on a route whose
+    /// `auth` is `api_token` (401).
+    pub const UNAUTHORIZED: &str = "unauthorized";
     /// The request body is over the route's cap (413).
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
     /// The upstream could not be reached, failed, or sent a body over the
@@ -104,6 +113,7 @@ pub(crate) struct Route {
     request_rules: CompiledRules,
     response_rules: CompiledRules,
     credential: Option<(HeaderName, HeaderValue)>,
+    auth: RouteAuth,
     max_retry_after: Duration,
     timeout: Duration,
     idle_timeout: Duration,
@@ -135,6 +145,7 @@ struct Shared {
     hooks: Arc<dyn ProxyHooks>,
     metrics: GatewayMetrics,
     secrets: BTreeMap<String, String>,
+    api_token: Option<ApiToken>,
 }
 
 /// The gateway: its routes, the engine they share, its hooks and metrics.
@@ -160,32 +171,103 @@ pub struct GatewayError {
     pub message: String,
 }
 
+/// Sets up a [`Gateway`]: its routes, and what they draw on.
+#[must_use]
+pub struct GatewayBuilder {
+    routes: Vec<RouteSettings>,
+    secrets: BTreeMap<String, String>,
+    hooks: Arc<dyn ProxyHooks>,
+    api_token: Option<ApiToken>,
+}
+
+impl std::fmt::Debug for GatewayBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayBuilder")
+            .field("routes", &self.routes)
+            .field("api_token", &self.api_token)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewayBuilder {
+    /// The secrets (name → value) the routes' credentials name; default
+    /// none.
+    pub fn secrets(mut self, secrets: BTreeMap<String, String>) -> Self {
+        self.secrets = secrets;
+        self
+    }
+
+    /// The hooks of an embedder; default [`NoHooks`].
+    pub fn hooks(mut self, hooks: Arc<dyn ProxyHooks>) -> Self {
+        self.hooks = hooks;
+        self
+    }
+
+    /// The API token that callers of a route whose `auth` is `api_token`
+    /// present; default none, and then such a route is refused.
+    pub fn api_token(mut self, token: Option<&str>) -> Self {
+        self.api_token = token.map(ApiToken::new);
+        self
+    }
+
+    /// The gateway, or what is wrong with its routes.
+    pub fn build(self) -> Result<Gateway, GatewayError> {
+        let metrics = GatewayMetrics::new();
+        let table = build_table(
+            &self.routes,
+            &self.secrets,
+            &metrics,
+            self.api_token.is_some(),
+        )?;
+        Ok(Gateway {
+            shared: Arc::new(Shared {
+                table: RwLock::new(Arc::new(table)),
+                hooks: self.hooks,
+                metrics,
+                secrets: self.secrets,
+                api_token: self.api_token,
+            }),
+        })
+    }
+}
+
 impl Gateway {
     /// A gateway over `routes`, with `secrets` (name → value) for the
     /// routes' credentials and `hooks` for embedders ([`hooks::NoHooks`]
-    /// for none).
+    /// for none), and no API token (a route whose `auth` is `api_token` is
+    /// refused; [`Gateway::builder`] sets one).
     pub fn new(
         routes: &[RouteSettings],
         secrets: BTreeMap<String, String>,
         hooks: Arc<dyn ProxyHooks>,
     ) -> Result<Gateway, GatewayError> {
-        let metrics = GatewayMetrics::new();
-        let table = build_table(routes, &secrets, &metrics)?;
-        Ok(Gateway {
-            shared: Arc::new(Shared {
-                table: RwLock::new(Arc::new(table)),
-                hooks,
-                metrics,
-                secrets,
-            }),
-        })
+        Gateway::builder(routes)
+            .secrets(secrets)
+            .hooks(hooks)
+            .build()
+    }
+
+    /// A builder of a gateway over `routes`.
+    pub fn builder(routes: &[RouteSettings]) -> GatewayBuilder {
+        GatewayBuilder {
+            routes: routes.to_vec(),
+            secrets: BTreeMap::new(),
+            hooks: Arc::new(NoHooks),
+            api_token: None,
+        }
     }
 
     /// Replaces the routes (on SIGHUP): requests in flight finish on the
-    /// routes they started with; connections are not dropped. On an error
-    /// the routes stay as they were.
+    /// routes they started with; connections are not dropped. The new
+    /// routes are checked as at start (the API token stays the one the
+    /// gateway was built with). On an error the routes stay as they were.
     pub fn reload(&self, routes: &[RouteSettings]) -> Result<(), GatewayError> {
-        let table = build_table(routes, &self.shared.secrets, &self.shared.metrics)?;
+        let table = build_table(
+            routes,
+            &self.shared.secrets,
+            &self.shared.metrics,
+            self.shared.api_token.is_some(),
+        )?;
         let mut current = self.shared.table.write().unwrap_or_else(|e| e.into_inner());
         *current = Arc::new(table);
         Ok(())
@@ -264,7 +346,32 @@ impl Gateway {
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0);
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        if route.auth == RouteAuth::ApiToken {
+            // Before anything else: an anonymous caller gets nothing read,
+            // nothing forwarded, and no hook sees the token.
+            let admitted = match &self.shared.api_token {
+                Some(token) => token.admits(&parts.headers, Places::AuthorizationOrApiKey),
+                // Refused when the routes were built; never open by mistake.
+                None => Err(token::TokenRefusal::Missing),
+            };
+            if let Err(refusal) = admitted {
+                let mut response = fail(
+                    &mut ctx,
+                    StatusCode::UNAUTHORIZED,
+                    error_type::UNAUTHORIZED,
+                    format!(
+                        "route {name:?} needs the daemon's API token as Authorization: Bearer TOKEN or x-api-key: TOKEN ({refusal})"
+                    ),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return response;
+            }
+            parts.headers.remove(header::AUTHORIZATION);
+            parts.headers.remove(token::API_KEY);
+        }
         let Some(method) = wire_method(&parts.method) else {
             return fail(
                 &mut ctx,
@@ -808,8 +915,9 @@ fn build_table(
     routes: &[RouteSettings],
     secrets: &BTreeMap<String, String>,
     metrics: &GatewayMetrics,
+    api_token: bool,
 ) -> Result<Table, GatewayError> {
-    settings::check_routes(routes, &|name| secrets.contains_key(name))
+    settings::check_routes(routes, &|name| secrets.contains_key(name), api_token)
         .map_err(|(setting, message)| GatewayError { setting, message })?;
     let invalid = |setting: String, message: String| GatewayError { setting, message };
     let mut resilience = ResilienceConfig::builder();
@@ -903,6 +1011,7 @@ fn build_table(
             request_rules: CompiledRules::new(&s.request_headers),
             response_rules: CompiledRules::new(&s.response_headers),
             credential,
+            auth: s.auth(),
             max_retry_after: secs(s.max_retry_after),
             timeout: secs(s.timeout),
             idle_timeout: secs(s.idle_timeout),

@@ -74,6 +74,16 @@ pub struct RouteSettings {
     /// `Bearer <secret>`) or another name (the secret as is).
     #[serde(default = "default_credential_header")]
     pub credential_header: String,
+    /// Who may call the route: `api_token` (the default for a route with a
+    /// `credential`) asks for the daemon's API token, as
+    /// `Authorization: Bearer TOKEN` (the scheme in any case) or
+    /// `x-api-key: TOKEN`, and removes it before forwarding; `none` (the
+    /// default without a credential) asks for nothing and forwards the
+    /// caller's own `Authorization` as it is. A route with a `credential`
+    /// and `auth = "none"` is refused, and so is an `api_token` route on a
+    /// daemon without an `api_token`: nobody could call it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<RouteAuth>,
     /// Attempts per upstream of a request that may be retried (idempotent
     /// methods; POST with an `Idempotency-Key`); 1 disables retries.
     #[serde(default = "default_max_attempts")]
@@ -101,6 +111,30 @@ pub struct RouteSettings {
     /// unset: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u64>,
+}
+
+impl RouteSettings {
+    /// Who may call the route, the default resolved: `api_token` with a
+    /// `credential`, `none` without.
+    pub fn auth(&self) -> RouteAuth {
+        self.auth.unwrap_or(if self.credential.is_some() {
+            RouteAuth::ApiToken
+        } else {
+            RouteAuth::None
+        })
+    }
+}
+
+/// Who may call a route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteAuth {
+    /// The caller presents the daemon's API token (`Authorization: Bearer
+    /// TOKEN` or `x-api-key: TOKEN`), which is removed before forwarding.
+    ApiToken,
+    /// Anyone who reaches the listener; the caller's `Authorization` goes
+    /// upstream as it is.
+    None,
 }
 
 /// An upstream of a route: a URL, or a URL with a weight.
@@ -251,10 +285,11 @@ pub(crate) fn secs(value: f64) -> Duration {
 
 /// Checks every route; the error names the setting (`routes[1].upstreams`)
 /// and says what is wrong. `secrets` are the names of the configured
-/// secrets.
+/// secrets; `api_token` says whether the daemon has an API token.
 pub fn check_routes(
     routes: &[RouteSettings],
     secrets: &dyn Fn(&str) -> bool,
+    api_token: bool,
 ) -> Result<(), (String, String)> {
     let mut names = std::collections::BTreeSet::new();
     for (i, route) in routes.iter().enumerate() {
@@ -388,6 +423,32 @@ pub fn check_routes(
                     format!("{secret:?} is not a configured secret (add it under [secrets])"),
                 );
             }
+        }
+        match (route.auth(), &route.credential) {
+            (RouteAuth::None, Some(secret)) => {
+                return fail(
+                    "auth",
+                    format!(
+                        "route {:?} sends the credential {secret:?} upstream but asks its callers for nothing (auth = \"none\"): anyone who reaches the listener would use the key; use auth = \"api_token\" (the default with a credential)",
+                        route.name
+                    ),
+                )
+            }
+            (RouteAuth::ApiToken, _) if !api_token => {
+                let why = if route.auth.is_some() {
+                    "auth = \"api_token\""
+                } else {
+                    "auth = \"api_token\", the default for a route with a credential"
+                };
+                return fail(
+                    "auth",
+                    format!(
+                        "route {:?} asks its callers for the daemon's API token ({why}), but api_token is not set, so nobody could call it; set api_token (PATIENT_API_TOKEN)",
+                        route.name
+                    ),
+                );
+            }
+            _ => {}
         }
         if http::HeaderName::from_bytes(route.credential_header.as_bytes()).is_err() {
             return fail(
