@@ -1242,3 +1242,120 @@ async fn a_route_that_would_lend_its_credential_is_refused_at_start_and_on_reloa
 struct RoutesFile {
     routes: Vec<RouteSettings>,
 }
+
+/// Sends `request` (written as it is, request line included) on a new
+/// connection and returns the status and body of the answer.
+async fn raw(addr: &str, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status: {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn dot_segments_and_encoded_separators_never_reach_the_upstream() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = guarded(&upstream, "credential = \"openai_key\"").await;
+    let addr = d.url.trim_start_matches("http://").to_owned();
+    let before = upstream.requests();
+    for path in [
+        "/up/../secret",
+        "/up/./secret",
+        "/up/%2e%2e/secret",
+        "/up/%2E%2E/secret",
+        "/up/.%2E/secret",
+        "/up/%2e./secret",
+        "/up/%2e/secret",
+        "/up/a/../../secret",
+        "/up/a/..",
+        "/up/a/.",
+        "/up/a/%2e%2E",
+        "/up/..?q=1",
+        "/up/..;/secret",
+        "/up/%2e%2e;x/secret",
+        "/up/a%2fb",
+        "/up/a%2F..%2Fsecret",
+        "/up/%2F",
+        "/up/a%5csecret",
+        "/up/a%5C..%5Csecret",
+        "/up/..\\secret",
+        "/up/a\\..\\..\\secret",
+        "/up/.%252e/secret",
+    ] {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+        );
+        let (status, body) = raw(&addr, &request).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        if !body.is_empty() {
+            let json: Value = serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body}"));
+            assert_eq!(json["error"]["type"], "invalid_request", "{path}: {json}");
+        }
+        assert_eq!(upstream.requests(), before, "{path} reached the upstream");
+    }
+    // Dots inside a name, and encoded separators in the query, are fine.
+    for path in ["/up/fast?next=..%2F..%2Fx", "/up/fast?a=.&b=%2e%2e"] {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+        );
+        let (status, body) = raw(&addr, &request).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let request = format!(
+        "GET /up/echo/a..b/.hidden/...x HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+    );
+    let (status, body) = raw(&addr, &request).await;
+    assert!(status != 400, "{body}");
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_the_gateways_and_the_clients_chain_is_kept() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(&[base(&upstream)], "").await;
+    let host = d.url.trim_start_matches("http://").to_owned();
+    let reply = call(
+        "GET",
+        &format!("{}/up/echo", d.url),
+        &[
+            ("x-forwarded-for", "10.1.2.3"),
+            ("x-forwarded-for", "10.4.5.6, 10.7.8.9"),
+            ("x-forwarded-host", "evil.example"),
+            ("X-Forwarded-Host", "evil2.example"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=1.2.3.4;host=evil.example;proto=https"),
+            ("Forwarded", "for=5.6.7.8"),
+        ],
+        None,
+    )
+    .await;
+    let seen = echoed(&reply);
+    assert_eq!(
+        seen["x-forwarded-for"], "10.1.2.3, 10.4.5.6, 10.7.8.9, 127.0.0.1",
+        "{seen:?}"
+    );
+    assert_eq!(seen["x-forwarded-host"], host.as_str(), "{seen:?}");
+    assert_eq!(seen["x-forwarded-proto"], "http", "{seen:?}");
+    assert!(!seen.contains_key("forwarded"), "{seen:?}");
+    // Without a chain of its own: the peer alone.
+    let seen = echoed(&call("GET", &format!("{}/up/echo", d.url), &[], None).await);
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    d.stop().await.unwrap();
+}

@@ -34,6 +34,7 @@ pub mod body;
 pub mod headers;
 pub mod hooks;
 pub mod metrics;
+pub mod path;
 pub mod settings;
 pub mod sse;
 
@@ -76,6 +77,10 @@ use crate::token::{self, ApiToken, Places};
 
 /// The error types of answers the gateway gives itself.
 pub mod error_type {
+    /// The request cannot be forwarded as it is: a path that could leave
+    /// the route's base path, a method the gateway does not forward (400,
+    /// 405).
+    pub const INVALID_REQUEST: &str = "invalid_request";
     /// The caller did not present the daemon's API token on a route whose
     /// `auth` is `api_token` (401).
     pub const UNAUTHORIZED: &str = "unauthorized";
@@ -371,6 +376,14 @@ impl Gateway {
             }
             parts.headers.remove(header::AUTHORIZATION);
             parts.headers.remove(token::API_KEY);
+        }
+        if let Err(refusal) = path::check(parts.uri.path()) {
+            return fail(
+                &mut ctx,
+                StatusCode::BAD_REQUEST,
+                error_type::INVALID_REQUEST,
+                format!("route {name:?} does not forward this path: {refusal}"),
+            );
         }
         let Some(method) = wire_method(&parts.method) else {
             return fail(
