@@ -1243,6 +1243,61 @@ struct RoutesFile {
     routes: Vec<RouteSettings>,
 }
 
+#[tokio::test]
+async fn a_prefix_may_not_shadow_the_daemons_own_paths() {
+    let route = |prefix: &str| {
+        format!(
+            "[[routes]]\nname = \"greedy\"\npath_prefix = \"{prefix}\"\nupstreams = [\"http://127.0.0.1:9\"]\n"
+        )
+    };
+    for prefix in [
+        "/",
+        "/v",
+        "/v1",
+        "/v1/",
+        "/v1/tasks",
+        "/v1/tasks/",
+        "/v1/dashboard",
+        "/m",
+        "/metrics",
+        "/metrics/",
+        "/metrics/x",
+        "/h",
+        "/healthz",
+        "/healthz/",
+        "/readyz",
+        "/readyz/x",
+        "/openapi",
+        "/openapi.json",
+        "/openapi.json/x",
+    ] {
+        let error = load(&route(prefix), &[]).unwrap_err();
+        assert!(
+            error.contains("routes[0].path_prefix") && error.contains("greedy"),
+            "{prefix}: {error}"
+        );
+        let routes = toml::from_str::<RoutesFile>(&route(prefix)).unwrap().routes;
+        let gateway = patient_daemon::gateway::Gateway::new(
+            &[],
+            BTreeMap::new(),
+            Arc::new(patient_daemon::gateway::hooks::NoHooks),
+        )
+        .unwrap();
+        let error = gateway.reload(&routes).unwrap_err().to_string();
+        assert!(error.contains("routes[0].path_prefix"), "{prefix}: {error}");
+    }
+    for prefix in [
+        "/v1x/",
+        "/v2/",
+        "/vendor/",
+        "/metricsx",
+        "/healthzz/",
+        "/x/v1/",
+    ] {
+        load(&route(prefix), &[]).unwrap_or_else(|e| panic!("{prefix}: {e}"));
+    }
+}
+
 /// Sends `request` (written as it is, request line included) on a new
 /// connection and returns the status and body of the answer.
 async fn raw(addr: &str, request: &str) -> (u16, String) {
