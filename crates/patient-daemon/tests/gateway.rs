@@ -1414,3 +1414,41 @@ async fn forwarding_headers_are_the_gateways_and_the_clients_chain_is_kept() {
     assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
     d.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_upstream_head_over_64_kib_is_a_502() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(&[base(&upstream)], "").await;
+    let big = format!("{}/up/headers?n=1&size=70000", d.url);
+    for accept in ["*/*", "text/event-stream"] {
+        let before = upstream.requests_to("/headers");
+        let reply = call("GET", &big, &[("accept", accept)], None).await;
+        assert_eq!(reply.status, 502, "{accept}: {}", reply.text());
+        assert_eq!(reply.json()["error"]["type"], "bad_gateway");
+        assert_eq!(
+            upstream.requests_to("/headers") - before,
+            1,
+            "a head too large is not tried again"
+        );
+    }
+    // Many fields that add up past it too.
+    let reply = call(
+        "GET",
+        &format!("{}/up/headers?n=40&size=2000", d.url),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    // Under it: passed on whole.
+    let reply = call(
+        "GET",
+        &format!("{}/up/headers?n=1&size=60000", d.url),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.headers["x-header-0"].len(), 60000);
+    d.stop().await.unwrap();
+}
