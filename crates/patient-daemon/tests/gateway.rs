@@ -280,7 +280,7 @@ async fn an_upstream_body_over_the_response_cap_is_502_and_a_stream_is_cut_there
     let d = daemon(&[base(&upstream)], "max_response_body = 1000").await;
     let reply = call("GET", &format!("{}/up/bytes?n=5000", d.url), &[], None).await;
     assert_eq!(reply.status, 502, "{}", reply.text());
-    assert_eq!(reply.json()["error"]["type"], "bad_gateway");
+    assert_eq!(reply.json()["error"]["type"], "upstream_body_too_large");
     let ok = call("GET", &format!("{}/up/bytes?n=1000", d.url), &[], None).await;
     assert_eq!((ok.status, ok.body.len()), (200, 1000));
 
@@ -298,7 +298,7 @@ async fn an_upstream_body_over_the_response_cap_is_502_and_a_stream_is_cut_there
     let all = events(&text);
     let last = all.last().unwrap();
     assert!(
-        last.contains("max_response_body") && last.contains("bad_gateway"),
+        last.contains("max_response_body") && last.contains("\"upstream_body_too_large\""),
         "{last}"
     );
     assert!(!text.contains("[DONE]"));
@@ -1450,5 +1450,72 @@ async fn an_upstream_head_over_64_kib_is_a_502() {
     .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.headers["x-header-0"].len(), 60000);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_gateways_own_answers_carry_the_contracts_error_types() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(&[base(&upstream)], "max_response_body = 1000").await;
+    let addr = d.url.trim_start_matches("http://").to_owned();
+    // A method the gateway does not forward: 405 invalid_request.
+    for method in ["TRACE", "CONNECT", "PROPFIND"] {
+        let target = if method == "CONNECT" {
+            "/up/x"
+        } else {
+            "/up/fast"
+        };
+        let (status, body) = raw(
+            &addr,
+            &format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        if method == "CONNECT" && status != 405 {
+            // hyper answers a CONNECT to a path itself.
+            continue;
+        }
+        assert_eq!(status, 405, "{method}: {body}");
+        let json: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["error"]["type"], "invalid_request", "{method}: {json}");
+    }
+    // A buffered body over max_response_body: upstream_body_too_large.
+    let reply = call("GET", &format!("{}/up/bytes?n=5000", d.url), &[], None).await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["type"], "upstream_body_too_large");
+    d.stop().await.unwrap();
+
+    // The gateway's own 429 says when to come back: the rate limit's
+    // interval...
+    let d = daemon(
+        &[base(&upstream)],
+        "rate_limit = 0.5\nburst = 1\nmax_retry_after = 0",
+    )
+    .await;
+    let url = format!("{}/up/fast", d.url);
+    assert_eq!(call("GET", &url, &[], None).await.status, 200);
+    let reply = call("GET", &url, &[], None).await;
+    assert_eq!(reply.status, 429, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["type"], "rate_limited");
+    assert_eq!(reply.headers["retry-after"], "2");
+    d.stop().await.unwrap();
+    // ... or what is left of a 429 cool-down.
+    let d = daemon(&[base(&upstream)], "max_retry_after = 1").await;
+    let first = call(
+        "GET",
+        &format!("{}/up/sequence?key=ra&steps=429,200&retry_after=30", d.url),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(first.status, 429);
+    let reply = call("GET", &format!("{}/up/fast", d.url), &[], None).await;
+    assert_eq!(reply.status, 429, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["type"], "rate_limited");
+    let wait: u64 = reply.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&wait), "{wait}");
     d.stop().await.unwrap();
 }
