@@ -22,7 +22,7 @@ use crate::{
     db::Db,
     delivery::Deliverer,
     egress::Allow,
-    gateway::Gateway,
+    gateway::{hooks::NoHooks, Gateway},
     listener::{Limits, Listener},
     lock::DirLock,
     metrics::DaemonMetrics,
@@ -184,6 +184,7 @@ async fn serve(
     let payloads = Payloads::from_settings(&settings, &secret_values, &config).await?;
     let gateway = Gateway::builder(&settings.routes)
         .secrets(secret_values)
+        .hooks(Arc::new(NoHooks))
         .api_token(settings.api_token.as_deref())
         .build()
         .map_err(|e| ServeError::Settings(e.to_string()))?;

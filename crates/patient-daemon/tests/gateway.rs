@@ -280,7 +280,7 @@ async fn an_upstream_body_over_the_response_cap_is_502_and_a_stream_is_cut_there
     let d = daemon(&[base(&upstream)], "max_response_body = 1000").await;
     let reply = call("GET", &format!("{}/up/bytes?n=5000", d.url), &[], None).await;
     assert_eq!(reply.status, 502, "{}", reply.text());
-    assert_eq!(reply.json()["error"]["type"], "bad_gateway");
+    assert_eq!(reply.json()["error"]["type"], "upstream_body_too_large");
     let ok = call("GET", &format!("{}/up/bytes?n=1000", d.url), &[], None).await;
     assert_eq!((ok.status, ok.body.len()), (200, 1000));
 
@@ -298,7 +298,7 @@ async fn an_upstream_body_over_the_response_cap_is_502_and_a_stream_is_cut_there
     let all = events(&text);
     let last = all.last().unwrap();
     assert!(
-        last.contains("max_response_body") && last.contains("bad_gateway"),
+        last.contains("max_response_body") && last.contains("\"upstream_body_too_large\""),
         "{last}"
     );
     assert!(!text.contains("[DONE]"));
@@ -1242,4 +1242,281 @@ async fn a_route_that_would_lend_its_credential_is_refused_at_start_and_on_reloa
 #[derive(serde::Deserialize)]
 struct RoutesFile {
     routes: Vec<RouteSettings>,
+}
+
+#[tokio::test]
+async fn a_prefix_may_not_shadow_the_daemons_own_paths() {
+    let route = |prefix: &str| {
+        format!(
+            "[[routes]]\nname = \"greedy\"\npath_prefix = \"{prefix}\"\nupstreams = [\"http://127.0.0.1:9\"]\n"
+        )
+    };
+    for prefix in [
+        "/",
+        "/v",
+        "/v1",
+        "/v1/",
+        "/v1/tasks",
+        "/v1/tasks/",
+        "/v1/dashboard",
+        "/m",
+        "/metrics",
+        "/metrics/",
+        "/metrics/x",
+        "/h",
+        "/healthz",
+        "/healthz/",
+        "/readyz",
+        "/readyz/x",
+        "/openapi",
+        "/openapi.json",
+        "/openapi.json/x",
+    ] {
+        let error = load(&route(prefix), &[]).unwrap_err();
+        assert!(
+            error.contains("routes[0].path_prefix") && error.contains("greedy"),
+            "{prefix}: {error}"
+        );
+        let routes = toml::from_str::<RoutesFile>(&route(prefix)).unwrap().routes;
+        let gateway = patient_daemon::gateway::Gateway::new(
+            &[],
+            BTreeMap::new(),
+            Arc::new(patient_daemon::gateway::hooks::NoHooks),
+        )
+        .unwrap();
+        let error = gateway.reload(&routes).unwrap_err().to_string();
+        assert!(error.contains("routes[0].path_prefix"), "{prefix}: {error}");
+    }
+    for prefix in [
+        "/v1x/",
+        "/v2/",
+        "/vendor/",
+        "/metricsx",
+        "/healthzz/",
+        "/x/v1/",
+    ] {
+        load(&route(prefix), &[]).unwrap_or_else(|e| panic!("{prefix}: {e}"));
+    }
+}
+
+/// Sends `request` (written as it is, request line included) on a new
+/// connection and returns the status and body of the answer.
+async fn raw(addr: &str, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status: {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn dot_segments_and_encoded_separators_never_reach_the_upstream() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = guarded(&upstream, "credential = \"openai_key\"").await;
+    let addr = d.url.trim_start_matches("http://").to_owned();
+    let before = upstream.requests();
+    for path in [
+        "/up/../secret",
+        "/up/./secret",
+        "/up/%2e%2e/secret",
+        "/up/%2E%2E/secret",
+        "/up/.%2E/secret",
+        "/up/%2e./secret",
+        "/up/%2e/secret",
+        "/up/a/../../secret",
+        "/up/a/..",
+        "/up/a/.",
+        "/up/a/%2e%2E",
+        "/up/..?q=1",
+        "/up/..;/secret",
+        "/up/%2e%2e;x/secret",
+        "/up/a%2fb",
+        "/up/a%2F..%2Fsecret",
+        "/up/%2F",
+        "/up/a%5csecret",
+        "/up/a%5C..%5Csecret",
+        "/up/..\\secret",
+        "/up/a\\..\\..\\secret",
+        "/up/.%252e/secret",
+    ] {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+        );
+        let (status, body) = raw(&addr, &request).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        if !body.is_empty() {
+            let json: Value = serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body}"));
+            assert_eq!(json["error"]["type"], "invalid_request", "{path}: {json}");
+        }
+        assert_eq!(upstream.requests(), before, "{path} reached the upstream");
+    }
+    // Dots inside a name, and encoded separators in the query, are fine.
+    for path in ["/up/fast?next=..%2F..%2Fx", "/up/fast?a=.&b=%2e%2e"] {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+        );
+        let (status, body) = raw(&addr, &request).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let request = format!(
+        "GET /up/echo/a..b/.hidden/...x HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+    );
+    let (status, body) = raw(&addr, &request).await;
+    assert!(status != 400, "{body}");
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_the_gateways_and_the_clients_chain_is_kept() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(&[base(&upstream)], "").await;
+    let host = d.url.trim_start_matches("http://").to_owned();
+    let reply = call(
+        "GET",
+        &format!("{}/up/echo", d.url),
+        &[
+            ("x-forwarded-for", "10.1.2.3"),
+            ("x-forwarded-for", "10.4.5.6, 10.7.8.9"),
+            ("x-forwarded-host", "evil.example"),
+            ("X-Forwarded-Host", "evil2.example"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=1.2.3.4;host=evil.example;proto=https"),
+            ("Forwarded", "for=5.6.7.8"),
+        ],
+        None,
+    )
+    .await;
+    let seen = echoed(&reply);
+    assert_eq!(
+        seen["x-forwarded-for"], "10.1.2.3, 10.4.5.6, 10.7.8.9, 127.0.0.1",
+        "{seen:?}"
+    );
+    assert_eq!(seen["x-forwarded-host"], host.as_str(), "{seen:?}");
+    assert_eq!(seen["x-forwarded-proto"], "http", "{seen:?}");
+    assert!(!seen.contains_key("forwarded"), "{seen:?}");
+    // Without a chain of its own: the peer alone.
+    let seen = echoed(&call("GET", &format!("{}/up/echo", d.url), &[], None).await);
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_upstream_head_over_64_kib_is_a_502() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(&[base(&upstream)], "").await;
+    let big = format!("{}/up/headers?n=1&size=70000", d.url);
+    for accept in ["*/*", "text/event-stream"] {
+        let before = upstream.requests_to("/headers");
+        let reply = call("GET", &big, &[("accept", accept)], None).await;
+        assert_eq!(reply.status, 502, "{accept}: {}", reply.text());
+        assert_eq!(reply.json()["error"]["type"], "bad_gateway");
+        assert_eq!(
+            upstream.requests_to("/headers") - before,
+            1,
+            "a head too large is not tried again"
+        );
+    }
+    // Many fields that add up past it too.
+    let reply = call(
+        "GET",
+        &format!("{}/up/headers?n=40&size=2000", d.url),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    // Under it: passed on whole.
+    let reply = call(
+        "GET",
+        &format!("{}/up/headers?n=1&size=60000", d.url),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.headers["x-header-0"].len(), 60000);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_gateways_own_answers_carry_the_contracts_error_types() {
+    let upstream = Upstream::start().await.unwrap();
+    let d = daemon(&[base(&upstream)], "max_response_body = 1000").await;
+    let addr = d.url.trim_start_matches("http://").to_owned();
+    // A method the gateway does not forward: 405 invalid_request.
+    for method in ["TRACE", "CONNECT", "PROPFIND"] {
+        let target = if method == "CONNECT" {
+            "/up/x"
+        } else {
+            "/up/fast"
+        };
+        let (status, body) = raw(
+            &addr,
+            &format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        if method == "CONNECT" && status != 405 {
+            // hyper answers a CONNECT to a path itself.
+            continue;
+        }
+        assert_eq!(status, 405, "{method}: {body}");
+        let json: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["error"]["type"], "invalid_request", "{method}: {json}");
+    }
+    // A buffered body over max_response_body: upstream_body_too_large.
+    let reply = call("GET", &format!("{}/up/bytes?n=5000", d.url), &[], None).await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["type"], "upstream_body_too_large");
+    d.stop().await.unwrap();
+
+    // The gateway's own 429 says when to come back: the rate limit's
+    // interval...
+    let d = daemon(
+        &[base(&upstream)],
+        "rate_limit = 0.5\nburst = 1\nmax_retry_after = 0",
+    )
+    .await;
+    let url = format!("{}/up/fast", d.url);
+    assert_eq!(call("GET", &url, &[], None).await.status, 200);
+    let reply = call("GET", &url, &[], None).await;
+    assert_eq!(reply.status, 429, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["type"], "rate_limited");
+    assert_eq!(reply.headers["retry-after"], "2");
+    d.stop().await.unwrap();
+    // ... or what is left of a 429 cool-down.
+    let d = daemon(&[base(&upstream)], "max_retry_after = 1").await;
+    let first = call(
+        "GET",
+        &format!("{}/up/sequence?key=ra&steps=429,200&retry_after=30", d.url),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(first.status, 429);
+    let reply = call("GET", &format!("{}/up/fast", d.url), &[], None).await;
+    assert_eq!(reply.status, 429, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["type"], "rate_limited");
+    let wait: u64 = reply.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&wait), "{wait}");
+    d.stop().await.unwrap();
 }

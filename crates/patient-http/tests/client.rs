@@ -985,8 +985,8 @@ async fn fault_modes_map_to_error_types() {
         ),
         (
             Fault::OversizedHeaders,
-            ErrorType::Connection,
-            "InvalidResponse",
+            ErrorType::ResponseTooLarge,
+            "ResponseHeadTooLarge",
         ),
         (Fault::ShortBody, ErrorType::Connection, "IncompleteMessage"),
     ];
@@ -1144,4 +1144,40 @@ async fn the_address_filter_checks_every_redirect_hop() {
     assert_eq!(error.class_name, "EgressDenied");
     assert!(error.message.contains("127.0.0.2"), "{}", error.message);
     assert_eq!(upstream.requests_to("/echo"), 0);
+}
+
+#[tokio::test]
+async fn a_response_head_over_64_kib_is_refused_on_both_protocols() {
+    // HTTP/1.1 counts the head's bytes (status line included), HTTP/2 the
+    // header list as SETTINGS_MAX_HEADER_LIST_SIZE does (32 bytes more per
+    // field); both stop at 64 KiB.
+    let h1 = Upstream::start().await.unwrap();
+    let h2 = Upstream::start_h2c().await.unwrap();
+    for (upstream, config) in [
+        (&h1, ClientConfig::builder()),
+        (
+            &h2,
+            ClientConfig::builder().http_version(HttpVersionPref::Http2Only),
+        ),
+    ] {
+        let client = client(config);
+        let error = get(&client, &upstream.url("/headers?n=1&size=70000"))
+            .await
+            .unwrap_err();
+        assert!(error.request_sent());
+        if upstream.addr() == h1.addr() {
+            assert!(
+                error.is_too_large() && error.is_head_too_large(),
+                "{error:?}"
+            );
+        } else {
+            // h2 resets the stream with a PROTOCOL_ERROR of its own, which
+            // says nothing more precise.
+            assert!(error.is_connect(), "{error:?}");
+        }
+        let response = get(&client, &upstream.url("/headers?n=1&size=30000"))
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200);
+    }
 }

@@ -717,3 +717,51 @@ async fn upstream_health_reports_breaker_limits_cool_down_and_recent_errors() {
     assert_eq!((health.recent_attempts, health.recent_failures), (0, 0));
     assert_eq!(health.error_rate(), 0.0);
 }
+
+// 9. A response head is bounded: over 64 KiB it fails the task, typed, once.
+
+#[tokio::test]
+async fn a_response_head_over_64_kib_fails_the_task_as_too_large_without_a_retry() {
+    let h1 = Upstream::start().await.unwrap();
+    let retry = RetryPolicy::builder()
+        .max_attempts(3)
+        .base_delay(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    let client = Builder::new()
+        .resilience(
+            ResilienceConfig::builder()
+                .defaults(|p| p.retry(Some(retry)))
+                .build()
+                .unwrap(),
+        )
+        .build_awaitable()
+        .unwrap();
+    // One field of 70,000 bytes; forty of 2,000 (80 KB in all).
+    for query in ["n=1&size=70000", "n=40&size=2000"] {
+        let before = h1.requests_to("/headers");
+        let e = request_error(client.send(get(h1.url(&format!("/headers?{query}")))).await);
+        assert_eq!(
+            e.error_type,
+            patient_http::ErrorType::ResponseTooLarge,
+            "{query}: {e:?}"
+        );
+        assert_eq!(
+            e.class_name,
+            patient_http::client::RESPONSE_HEAD_TOO_LARGE,
+            "{query}"
+        );
+        assert!(e.message.contains("65536"), "{}", e.message);
+        assert_eq!(
+            h1.requests_to("/headers") - before,
+            1,
+            "{query}: the same head would come again; not retried"
+        );
+    }
+    // Under the bound: read whole.
+    let response = client
+        .send(get(h1.url("/headers?n=1&size=60000")))
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+}

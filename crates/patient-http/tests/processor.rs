@@ -469,7 +469,7 @@ fn timeouts_and_faults_become_typed_request_errors() {
         (Fault::CloseBeforeHeaders, ErrorType::Connection),
         (Fault::MalformedChunked, ErrorType::Connection),
         (Fault::ShortBody, ErrorType::Connection),
-        (Fault::OversizedHeaders, ErrorType::Connection),
+        (Fault::OversizedHeaders, ErrorType::ResponseTooLarge),
     ] {
         p.enqueue(task(&up.fault_url(fault))).unwrap();
         match failed(rx.recv_timeout(WAIT).unwrap()) {

@@ -82,7 +82,7 @@ fn each_fault_gives_its_error_type() {
         (Fault::ResetMidBody, "connection", None),
         (Fault::CloseBeforeHeaders, "connection", None),
         (Fault::MalformedChunked, "connection", None),
-        (Fault::OversizedHeaders, "connection", None),
+        (Fault::OversizedHeaders, "response_too_large", None),
         (Fault::ShortBody, "connection", None),
         (Fault::TrickleHeaders, "timeout", Some("0.3")),
     ] {

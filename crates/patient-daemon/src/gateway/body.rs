@@ -247,7 +247,9 @@ impl State {
     fn on_error(&mut self, error: &patient_http::client::TransportError) {
         let (reason, kind) = match error.kind() {
             ErrorType::Timeout => ("idle_timeout", error_type::GATEWAY_TIMEOUT),
-            ErrorType::ResponseTooLarge => ("response_too_large", error_type::BAD_GATEWAY),
+            ErrorType::ResponseTooLarge => {
+                ("response_too_large", error_type::UPSTREAM_BODY_TOO_LARGE)
+            }
             _ => ("upstream_error", error_type::BAD_GATEWAY),
         };
         let message = match error.kind() {

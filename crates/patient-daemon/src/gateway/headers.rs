@@ -78,30 +78,42 @@ impl CompiledRules {
     }
 }
 
-/// Adds `X-Forwarded-For` (appending the client to a list it brought),
-/// `X-Forwarded-Proto` and `X-Forwarded-Host` (the client's `Host`).
+/// Sets the forwarding fields the upstream reads: `X-Forwarded-For` is the
+/// chain the client brought (every field of it, in order) with the client's
+/// address appended; `X-Forwarded-Proto` (`http`) and `X-Forwarded-Host`
+/// (the client's `Host`) are the gateway's, whatever the client sent in
+/// their place (every field of theirs replaced, or removed when there is no
+/// `Host`); `Forwarded` is removed (a client could claim any address or
+/// host in it).
 pub fn add_forwarded(headers: &mut HeaderMap, client: Option<SocketAddr>, host: Option<&str>) {
     static FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
     static PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
     static HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+    let mut chain: Vec<String> = headers
+        .get_all(&FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+        .collect();
     if let Some(client) = client {
-        let ip = client.ip().to_string();
-        let value = match headers.get(&FOR).and_then(|v| v.to_str().ok()) {
-            Some(earlier) if !earlier.trim().is_empty() => format!("{earlier}, {ip}"),
-            _ => ip,
-        };
-        if let Ok(value) = HeaderValue::from_str(&value) {
+        chain.push(client.ip().to_string());
+    }
+    headers.remove(&FOR);
+    if !chain.is_empty() {
+        if let Ok(value) = HeaderValue::from_str(&chain.join(", ")) {
             headers.insert(FOR.clone(), value);
         }
     }
-    if !headers.contains_key(&PROTO) {
-        headers.insert(PROTO.clone(), HeaderValue::from_static("http"));
-    }
-    if let Some(host) = host {
-        if !headers.contains_key(&HOST) {
-            if let Ok(value) = HeaderValue::from_str(host) {
-                headers.insert(HOST.clone(), value);
-            }
+    headers.remove(header::FORWARDED);
+    headers.insert(PROTO.clone(), HeaderValue::from_static("http"));
+    match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        Some(value) => {
+            headers.insert(HOST.clone(), value);
+        }
+        None => {
+            headers.remove(&HOST);
         }
     }
 }
@@ -145,5 +157,36 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.local");
+    }
+
+    #[test]
+    fn the_clients_forwarding_claims_are_replaced_or_removed() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", " 10.0.0.2, 10.0.0.3 "),
+            ("x-forwarded-for", ""),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-host", "evil2.example"),
+            ("forwarded", "for=1.2.3.4;host=evil.example"),
+        ] {
+            h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        add_forwarded(&mut h, Some("127.0.0.2:5000".parse().unwrap()), None);
+        let all = |name: &str| -> Vec<&str> {
+            h.get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect()
+        };
+        assert_eq!(
+            all("x-forwarded-for"),
+            ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.2"]
+        );
+        assert_eq!(all("x-forwarded-proto"), ["http"]);
+        assert!(all("x-forwarded-host").is_empty());
+        assert!(all("forwarded").is_empty());
     }
 }

@@ -34,6 +34,7 @@ pub mod body;
 pub mod headers;
 pub mod hooks;
 pub mod metrics;
+pub mod path;
 pub mod settings;
 pub mod sse;
 
@@ -76,14 +77,21 @@ use crate::token::{self, ApiToken, Places};
 
 /// The error types of answers the gateway gives itself.
 pub mod error_type {
+    /// The request cannot be forwarded as it is: a path that could leave
+    /// the route's base path, a method the gateway does not forward (400,
+    /// 405).
+    pub const INVALID_REQUEST: &str = "invalid_request";
     /// The caller did not present the daemon's API token on a route whose
     /// `auth` is `api_token` (401).
     pub const UNAUTHORIZED: &str = "unauthorized";
     /// The request body is over the route's cap (413).
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
-    /// The upstream could not be reached, failed, or sent a body over the
-    /// cap (502).
+    /// The upstream could not be reached, failed, or sent a head over
+    /// 64 KiB (502).
     pub const BAD_GATEWAY: &str = "bad_gateway";
+    /// The upstream's body passed the route's `max_response_body` (502; a
+    /// stream cut there ends with an error event of this type).
+    pub const UPSTREAM_BODY_TOO_LARGE: &str = "upstream_body_too_large";
     /// The upstream did not answer in time (504).
     pub const GATEWAY_TIMEOUT: &str = "gateway_timeout";
     /// Every upstream's breaker is open or at its concurrency limit (503).
@@ -372,11 +380,19 @@ impl Gateway {
             parts.headers.remove(header::AUTHORIZATION);
             parts.headers.remove(token::API_KEY);
         }
+        if let Err(refusal) = path::check(parts.uri.path()) {
+            return fail(
+                &mut ctx,
+                StatusCode::BAD_REQUEST,
+                error_type::INVALID_REQUEST,
+                format!("route {name:?} does not forward this path: {refusal}"),
+            );
+        }
         let Some(method) = wire_method(&parts.method) else {
             return fail(
                 &mut ctx,
                 StatusCode::METHOD_NOT_ALLOWED,
-                error_type::BAD_GATEWAY,
+                error_type::INVALID_REQUEST,
                 format!("the gateway does not forward {} requests", parts.method),
             );
         };
@@ -413,7 +429,7 @@ impl Gateway {
                 return fail(
                     &mut ctx,
                     StatusCode::BAD_REQUEST,
-                    error_type::BAD_GATEWAY,
+                    error_type::INVALID_REQUEST,
                     format!("cannot read the request body: {e}"),
                 )
             }
@@ -536,7 +552,7 @@ impl Gateway {
                     return fail(
                         &mut ctx,
                         StatusCode::BAD_REQUEST,
-                        error_type::BAD_GATEWAY,
+                        error_type::INVALID_REQUEST,
                         message,
                     )
                 }
@@ -581,7 +597,14 @@ impl Gateway {
                     format!("route {name:?} has no upstream to try"),
                 ),
             };
-            return fail(&mut ctx, status, kind, message);
+            let mut response = fail(&mut ctx, status, kind, message);
+            if kind == error_type::RATE_LIMITED {
+                let wait = retry_after(table, &route, &order);
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(wait));
+            }
+            return response;
         };
         route.metrics.ttfb(started.elapsed());
 
@@ -697,6 +720,24 @@ impl Route {
             .iter()
             .all(|(name, value)| request.headers().get(name) == Some(value))
     }
+}
+
+/// Whole seconds until one of the upstreams `tried` may take a request
+/// again, for the `Retry-After` of a `429 rate_limited`: the shortest 429
+/// cool-down left, else the time the route's rate limit takes to free a
+/// request; at least 1.
+fn retry_after(table: &Table, route: &Route, tried: &[usize]) -> u64 {
+    let cooling = tried
+        .iter()
+        .filter_map(|i| table.client.upstream_health(&route.upstreams[*i].key))
+        .filter_map(|health| health.cooldown_remaining)
+        .min();
+    let wait = cooling
+        .or_else(|| route.settings.rate_limit.map(|rate| secs(1.0 / rate)))
+        .unwrap_or(Duration::from_secs(1));
+    // Rounded up: a client that comes back after it finds room.
+    let whole = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    whole.clamp(1, 86_400)
 }
 
 /// A new request id: 32 hex digits from the thread's fast generator (no
@@ -906,6 +947,15 @@ fn error_answer(error: &TaskError) -> (StatusCode, &'static str, String) {
             error_type::GATEWAY_TIMEOUT,
             message,
         ),
+        (ErrorType::ResponseTooLarge, class)
+            if class != patient_http::client::RESPONSE_HEAD_TOO_LARGE =>
+        {
+            (
+                StatusCode::BAD_GATEWAY,
+                error_type::UPSTREAM_BODY_TOO_LARGE,
+                message,
+            )
+        }
         _ => (StatusCode::BAD_GATEWAY, error_type::BAD_GATEWAY, message),
     }
 }

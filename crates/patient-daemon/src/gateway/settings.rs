@@ -12,7 +12,9 @@ pub struct RouteSettings {
     /// The route's name, in metrics and logs.
     pub name: String,
     /// Requests whose path starts with it take this route (matched before
-    /// `/v1` and the dashboard).
+    /// `/v1` and the dashboard). It may not shadow the daemon's own paths
+    /// ([`OWN_PATHS`]): be one, start one (`/v`) or lie under one
+    /// (`/v1/tasks/`, `/metrics/x`).
     pub path_prefix: String,
     /// Whether the prefix is taken off the path sent upstream (the leading
     /// `/` stays).
@@ -278,6 +280,25 @@ fn default_weight() -> u32 {
     1
 }
 
+/// The daemon's own paths, which no route may take: a prefix may be none
+/// of them, a beginning of one (`/v`), or a path under one (`/v1/tasks/`,
+/// `/metrics/x`). `/` is the dashboard, and a prefix of everything.
+pub const OWN_PATHS: [&str; 6] = [
+    "/",
+    "/v1",
+    "/metrics",
+    "/healthz",
+    "/readyz",
+    "/openapi.json",
+];
+
+/// The daemon's path that `prefix` would shadow, if any.
+fn shadowed(prefix: &str) -> Option<&'static str> {
+    OWN_PATHS.into_iter().find(|own| {
+        own.starts_with(prefix) || (*own != "/" && prefix.starts_with(&format!("{own}/")))
+    })
+}
+
 /// Seconds as a duration, for a value [`check_routes`] accepted.
 pub(crate) fn secs(value: f64) -> Duration {
     Duration::try_from_secs_f64(value).unwrap_or(Duration::MAX)
@@ -307,16 +328,12 @@ pub fn check_routes(
                 format!("{:?} must start with /", route.path_prefix),
             );
         }
-        if ["/v1", "/healthz", "/readyz", "/metrics", "/openapi.json"]
-            .iter()
-            .any(|own| route.path_prefix == *own || route.path_prefix == format!("{own}/"))
-            || route.path_prefix == "/"
-        {
+        if let Some(own) = shadowed(&route.path_prefix) {
             return fail(
                 "path_prefix",
                 format!(
-                    "{:?} would hide the daemon's own routes; give the route a prefix of its own",
-                    route.path_prefix
+                    "route {:?}: {:?} would take requests meant for the daemon's own {own}; give the route a prefix of its own",
+                    route.name, route.path_prefix
                 ),
             );
         }

@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use super::{
     config::{ClientConfig, HttpVersionPref},
     conn::{Conn, H1Conn, H2Conn, H2Streams, StreamLimit},
-    error::{ClientConfigError, Phase, TransportError},
+    error::{ClientConfigError, Phase, TransportError, MAX_RESPONSE_HEAD},
     origin::Origin,
     proxy::ProxyEndpoint,
     request::RequestBody,
@@ -111,6 +111,7 @@ impl Connector {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .initial_max_send_streams(h2_streams)
+                .max_header_list_size(MAX_RESPONSE_HEAD as u32)
                 .keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_timeout(Duration::from_secs(20))
                 .handshake(io)
@@ -130,6 +131,7 @@ impl Connector {
             Ok(Conn::H2(H2Conn { sender, streams }))
         } else {
             let (sender, conn) = http1::Builder::new()
+                .max_header_size(MAX_RESPONSE_HEAD)
                 .handshake(io)
                 .await
                 .map_err(handshake_err)?;

@@ -5,6 +5,17 @@ use std::{error::Error as StdError, fmt, io};
 
 pub use patient_wire::ErrorType;
 
+/// The largest response head (status line and header fields) the client
+/// reads: 64 KiB. A longer one, or one of more than 100 fields (HTTP/1.1),
+/// fails the request with a `response_too_large` error of class
+/// [`RESPONSE_HEAD_TOO_LARGE`], which is not retried: the same server
+/// sends the same head again.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// The class name of a response whose head is over [`MAX_RESPONSE_HEAD`]
+/// (a body over its limit is `"ResponseTooLarge"`).
+pub const RESPONSE_HEAD_TOO_LARGE: &str = "ResponseHeadTooLarge";
+
 /// Where in the life of a request an error happened; chooses the wording of
 /// the message and whether request bytes may have reached the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,6 +174,17 @@ impl TransportError {
 
     /// A hyper error while `phase` with `authority`.
     pub(crate) fn from_hyper(err: hyper::Error, authority: &str, phase: Phase) -> Self {
+        if err.is_parse_too_large() {
+            return TransportError::new(
+                ErrorType::ResponseTooLarge,
+                RESPONSE_HEAD_TOO_LARGE,
+                format!(
+                    "the response head from {authority} is over {MAX_RESPONSE_HEAD} bytes or has too many fields"
+                ),
+            )
+            .sent(phase.request_sent())
+            .with_source(err);
+        }
         let (kind, class_name, sent) = classify_hyper(&err, phase);
         TransportError::new(
             kind,
@@ -181,6 +203,7 @@ impl TransportError {
     /// A stable CamelCase name of the underlying failure, e.g. `"Timeout"`,
     /// `"ConnectTimeout"`, `"ConnectionRefused"`, `"ConnectionReset"`,
     /// `"ConnectionClosed"`, `"DnsError"`, `"TlsError"`, `"ResponseTooLarge"`,
+    /// `"ResponseHeadTooLarge"`,
     /// `"IncompleteMessage"`, `"InvalidResponse"`, `"ProxyError"`,
     /// `"ProxyAuthenticationRequired"`, `"DecompressionError"`,
     /// `"StallTimeout"`, `"RequestBodyError"`.
@@ -209,9 +232,16 @@ impl TransportError {
         self.kind == ErrorType::Ssl
     }
 
-    /// Whether the response exceeded `max_response_size`.
+    /// Whether the response exceeded `max_response_size`, or its head
+    /// [`MAX_RESPONSE_HEAD`].
     pub fn is_too_large(&self) -> bool {
         self.kind == ErrorType::ResponseTooLarge
+    }
+
+    /// Whether the response head was over [`MAX_RESPONSE_HEAD`] (or had too
+    /// many fields).
+    pub fn is_head_too_large(&self) -> bool {
+        self.class_name == RESPONSE_HEAD_TOO_LARGE
     }
 
     /// Whether the request body (a stream) failed while it was being sent
@@ -353,7 +383,7 @@ fn classify_hyper(err: &hyper::Error, phase: Phase) -> (ErrorType, &'static str,
     if err.is_timeout() {
         return (ErrorType::Timeout, "Timeout", sent);
     }
-    if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
+    if err.is_parse() || err.is_parse_status() {
         return (ErrorType::Connection, "InvalidResponse", sent);
     }
     if err.is_incomplete_message() {

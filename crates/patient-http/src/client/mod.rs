@@ -51,7 +51,9 @@ mod tunnel;
 pub(crate) use self::decode::gzip;
 pub use self::{
     config::{AddressFilter, ClientConfig, ClientConfigBuilder, HttpVersionPref},
-    error::{ClientConfigError, ErrorType, TransportError},
+    error::{
+        ClientConfigError, ErrorType, TransportError, MAX_RESPONSE_HEAD, RESPONSE_HEAD_TOO_LARGE,
+    },
     http_client::HttpClient,
     pool::PoolStats,
     proxy::ProxyConfig,
