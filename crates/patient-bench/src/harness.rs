@@ -269,7 +269,7 @@ impl Harness {
         round: u32,
         flags: &[(&str, String)],
     ) -> (Option<Record>, Option<Record>) {
-        let order = if round % 2 == 0 {
+        let order = if round.is_multiple_of(2) {
             [Side::Hyper, Side::Patient]
         } else {
             [Side::Patient, Side::Hyper]

@@ -46,7 +46,7 @@ impl Recording {
         let n = self
             .calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if self.panic_every > 0 && n % self.panic_every == 0 {
+        if self.panic_every > 0 && n.is_multiple_of(self.panic_every) {
             panic!("handler panic (deliberate, after recording)");
         }
     }
