@@ -12,16 +12,23 @@
 //! outcome, the answer to the old outcome's message, still in flight, is
 //! nobody's and changes nothing.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method};
 use patient_http::client::{HttpClient, OutgoingRequest};
 use serde_json::{json, Value};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::{
-    db::{Db, DeliveryResult, DueDelivery},
+    db::{Db, DbError, DeliveryResult, DueDelivery},
     metrics::DaemonMetrics,
     model::{now_ms, rfc3339, Deliver},
     payloads::{Delivered, Payloads},
@@ -39,6 +46,9 @@ const IN_FLIGHT: usize = 512;
 /// The longest sleep of an idle delivery loop between looks at the outbox.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
+/// How long a stop waits for the deliveries it cut off to end.
+const ABORT_GRACE: Duration = Duration::from_secs(1);
+
 /// How long a Redis command may take before the try counts as failed.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -55,6 +65,13 @@ pub struct Deliverer {
     wake: Arc<Notify>,
     metrics: DaemonMetrics,
     payloads: Payloads,
+    /// A place per delivery in flight.
+    slots: Arc<Semaphore>,
+    /// The deliveries in flight, to cut off at the end of a stop.
+    running: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+    next_run: AtomicU64,
+    stopping: AtomicBool,
+    stopped: Notify,
 }
 
 impl std::fmt::Debug for Deliverer {
@@ -130,6 +147,11 @@ impl Deliverer {
             wake: Arc::new(Notify::new()),
             metrics,
             payloads,
+            slots: Arc::new(Semaphore::new(IN_FLIGHT)),
+            running: Mutex::new(HashMap::new()),
+            next_run: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            stopped: Notify::new(),
         })
     }
 
@@ -144,15 +166,15 @@ impl Deliverer {
         Arc::clone(&self.wake)
     }
 
-    /// Delivers until the task is aborted.
+    /// Claims and delivers until [`stop_claiming`](Self::stop_claiming).
     pub async fn run(self: Arc<Self>) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-        loop {
-            let free = slots.available_permits().min(CLAIM_BATCH);
+        while !self.stopping.load(Ordering::Acquire) {
+            let free = self.slots.available_permits().min(CLAIM_BATCH);
             if free == 0 {
                 // Every slot busy: wait for one to come free.
-                if let Ok(permit) = Arc::clone(&slots).acquire_owned().await {
-                    drop(permit);
+                tokio::select! {
+                    permit = Arc::clone(&self.slots).acquire_owned() => drop(permit),
+                    () = self.stopped.notified() => {}
                 }
                 continue;
             }
@@ -171,15 +193,7 @@ impl Deliverer {
             };
             let full = due.len() == free;
             for d in due {
-                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                    break; // cannot happen: no more were claimed than slots were free
-                };
-                let this = Arc::clone(&self);
-                tokio::spawn(async move {
-                    this.deliver(d).await;
-                    drop(permit);
-                    this.wake.notify_one();
-                });
+                self.spawn(d);
             }
             if full {
                 continue;
@@ -192,8 +206,57 @@ impl Deliverer {
             tokio::select! {
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(sleep) => {}
+                () = self.stopped.notified() => {}
             }
         }
+    }
+
+    /// Sends a claimed delivery in a task of its own, holding a slot.
+    fn spawn(self: &Arc<Self>, due: DueDelivery) {
+        let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
+            // Cannot happen: no more are claimed than slots are free. Its
+            // lease runs out and it is claimed again.
+            return;
+        };
+        let key = self.next_run.fetch_add(1, Ordering::Relaxed);
+        let this = Arc::clone(self);
+        let mut running = lock(&self.running);
+        let handle = tokio::spawn(async move {
+            let _permit = permit;
+            this.deliver(due).await;
+            lock(&this.running).remove(&key);
+            this.wake.notify_one();
+        });
+        running.insert(key, handle.abort_handle());
+    }
+
+    /// Stops claiming deliveries at once (those in flight go on): the first
+    /// step of a stop, as soon as the signal arrives.
+    pub fn stop_claiming(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stopped.notify_waiters();
+        self.wake.notify_one();
+    }
+
+    /// Stops claiming, waits up to `timeout` for the deliveries in flight
+    /// to be answered and recorded, cuts off the rest (not delivered: sent
+    /// again, with the same id, by the next start or another node), and
+    /// only then releases this node's delivery leases. How many were
+    /// released.
+    pub async fn stop(&self, timeout: Duration) -> Result<u64, DbError> {
+        self.stop_claiming();
+        let all = u32::try_from(IN_FLIGHT).unwrap_or(u32::MAX);
+        if tokio::time::timeout(timeout, self.slots.acquire_many(all))
+            .await
+            .is_err()
+        {
+            let handles: Vec<_> = lock(&self.running).drain().map(|(_, h)| h).collect();
+            for handle in handles {
+                handle.abort();
+            }
+            let _ = tokio::time::timeout(ABORT_GRACE, self.slots.acquire_many(all)).await;
+        }
+        self.db.release_deliveries(&self.owner).await
     }
 
     async fn deliver(&self, due: DueDelivery) {
@@ -374,6 +437,10 @@ impl Deliverer {
             Err(_) => Err("Redis did not answer in time".into()),
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The wait before delivery try `tries + 1`: the base doubled per try,

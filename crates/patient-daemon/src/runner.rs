@@ -277,9 +277,13 @@ impl Runner {
         Ok(finished)
     }
 
-    /// Claims and runs tasks until [`stop`](Self::stop).
+    /// Claims and runs tasks until [`stop_claiming`](Self::stop_claiming),
+    /// and renews this node's leases (its tasks' and its deliveries') until
+    /// the task running it is aborted: what drains during a stop stays this
+    /// node's, so abort it once [`stop`](Self::stop) and the deliverer's
+    /// stop have ended.
     pub async fn run(self: Arc<Self>) {
-        let heartbeat = tokio::spawn(Arc::clone(&self).heartbeat());
+        let _heartbeat = AbortOnDrop(tokio::spawn(Arc::clone(&self).heartbeat()));
         while !self.stopping.load(Ordering::Acquire) {
             let free = self.slots.available_permits().min(CLAIM_BATCH);
             let mut claimed = 0;
@@ -313,7 +317,7 @@ impl Runner {
                 () = self.stopped.notified() => {}
             }
         }
-        heartbeat.abort();
+        std::future::pending::<()>().await;
     }
 
     fn spawn(self: &Arc<Self>, record: TaskRecord) {
@@ -548,8 +552,8 @@ impl Runner {
     /// as a crash would ([`recover`](Self::recover)): back to the queue with
     /// its attempt count unchanged, except a task whose request may have
     /// reached its upstream and may not be sent again, which ends failed
-    /// with `Interrupted` (its delivery queued). Its deliveries' leases are
-    /// released too.
+    /// with `Interrupted` (its delivery queued, for the next start or
+    /// another node: the deliverer stops with the runner).
     pub async fn stop(&self, timeout: Duration) -> Result<Stopped, DbError> {
         self.stop_claiming();
         let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
@@ -579,6 +583,15 @@ impl Runner {
             released,
             interrupted,
         })
+    }
+}
+
+/// Aborts a spawned task when dropped (its owner ended or was aborted).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

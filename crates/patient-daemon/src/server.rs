@@ -1,7 +1,8 @@
 //! Starting and stopping the daemon: open the store, recover what a crash
 //! left running, start the workers and the delivery loop, serve the API on
-//! the listener, and on shutdown stop claiming, let attempts in flight
-//! finish up to `shutdown_timeout`, then release the rest to the queue
+//! the listener, and on shutdown stop claiming, let attempts and deliveries
+//! in flight finish up to `shutdown_timeout` (their leases still renewed),
+//! then release the rest to the queue
 //! (except a request that may have reached its upstream and may not be
 //! sent again: that one ends `Interrupted`, as after a crash).
 
@@ -293,12 +294,16 @@ async fn serve(
     let stop_deadline = Arc::new(std::sync::OnceLock::<tokio::time::Instant>::new());
     let signalled = {
         let runner = Arc::clone(&runner);
+        let deliverer = Arc::clone(&deliverer);
         let stop_deadline = Arc::clone(&stop_deadline);
         async move {
             shutdown.await;
-            tracing::info!("stopping: no new claims; waiting for attempts in flight");
+            tracing::info!(
+                "stopping: no new claims; waiting for attempts, deliveries and requests in flight"
+            );
             let _ = stop_deadline.set(tokio::time::Instant::now() + shutdown_timeout);
             runner.stop_claiming();
+            deliverer.stop_claiming();
         }
     };
     let remaining = {
@@ -316,7 +321,12 @@ async fn serve(
     }
 
     purging.abort();
-    let stopped = runner.stop(remaining()).await;
+    // Neither claims anything more (since the signal); both drain within
+    // what is left of the same timeout, and each releases its leases only
+    // once what it runs has ended.
+    let left = remaining();
+    let (stopped, undelivered) = tokio::join!(runner.stop(left), deliverer.stop(left));
+    // The workers' task renewed this node's leases until now.
     workers.abort();
     delivering.abort();
     match stopped {
@@ -330,6 +340,13 @@ async fn serve(
         ),
         Ok(_) => {}
         Err(error) => tracing::error!(%error, "cannot release tasks; they resume after the lease"),
+    }
+    match undelivered {
+        Ok(0) => {}
+        Ok(released) => tracing::info!(released, "released deliveries cut off by the stop"),
+        Err(error) => {
+            tracing::error!(%error, "cannot release deliveries; they are sent after the lease")
+        }
     }
     Ok(())
 }

@@ -433,3 +433,92 @@ async fn the_answer_to_an_earlier_outcomes_delivery_does_not_settle_the_new_one_
     assert_eq!(receiver.arrivals().len(), 3);
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_lets_a_delivery_in_flight_end_before_releasing_it() {
+    let upstream = Upstream::start().await.unwrap();
+    let receiver = HoldingReceiver::start().await;
+    let daemon = Daemon::start(&[("PATIENT_SHUTDOWN_TIMEOUT", "5")]).await;
+    let task = daemon
+        .submit(&json!({
+            "request": {"http_method": "get", "url": upstream.url("/fast")},
+            "deliver": {"webhook": {"url": receiver.url}},
+        }))
+        .await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    receiver.wait("the message", |a| a.len() == 1).await;
+
+    // Stopped while the receiver holds the message: the stop waits for
+    // its answer (within shutdown_timeout) and records it.
+    let dir = daemon.dir();
+    let stop = async {
+        let started = std::time::Instant::now();
+        let stopped = daemon.stop().await;
+        (stopped, started.elapsed())
+    };
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        receiver.release();
+    };
+    let ((stopped, took), ()) = tokio::join!(stop, release);
+    stopped.unwrap();
+    assert!(
+        took >= std::time::Duration::from_millis(600),
+        "waited for the delivery: {took:?}"
+    );
+    assert_eq!(receiver.arrivals()[0].answered, 200);
+
+    let daemon = Daemon::start_in(dir, &[]).await;
+    let task = daemon.task(&id).await;
+    assert_eq!(task["delivery"]["state"], "delivered", "{task:#}");
+    assert_eq!(task["delivery"]["attempts"], 1, "{task:#}");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        receiver.arrivals().len(),
+        1,
+        "not sent again: {:?}",
+        receiver.arrivals()
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_still_in_flight_at_the_shutdown_timeout_is_sent_again_at_the_next_start() {
+    let upstream = Upstream::start().await.unwrap();
+    let receiver = HoldingReceiver::start().await;
+    let daemon = Daemon::start(&[("PATIENT_SHUTDOWN_TIMEOUT", "0.5")]).await;
+    let task = daemon
+        .submit(&json!({
+            "request": {"http_method": "get", "url": upstream.url("/fast")},
+            "deliver": {"webhook": {"url": receiver.url}},
+        }))
+        .await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    receiver.wait("the message", |a| a.len() == 1).await;
+    let dir = daemon.dir();
+    let started = std::time::Instant::now();
+    daemon.stop().await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "the stop is bounded: {took:?}"
+    );
+
+    // Cut off, the message counts as not delivered: the next start sends it
+    // again with the same id (here answered 500, then 200).
+    receiver.release();
+    let daemon = Daemon::start_in(dir, &[]).await;
+    let task = daemon.wait_delivery(&id, "delivered").await;
+    let got = receiver.arrivals();
+    assert!(got.len() >= 2, "{got:?}");
+    assert!(
+        got.iter().all(|a| a.id == got[0].id),
+        "one webhook-id: {got:?}"
+    );
+    assert_eq!(
+        task["delivery"]["attempts"],
+        got.len() as u64 - 1,
+        "{task:#}"
+    );
+    daemon.stop().await.unwrap();
+}

@@ -1054,6 +1054,53 @@ fn nodes_on_one_postgres_queue_share_the_work_and_take_up_a_killed_nodes_tasks_o
     );
 }
 
+#[test]
+fn a_stopping_node_keeps_renewing_its_leases_while_its_attempts_drain() {
+    let rt = runtime();
+    let Some(queue) = rt.block_on(postgres_queue("drain")) else {
+        return;
+    };
+    let upstream = rt.block_on(Upstream::start()).unwrap();
+    let env = [
+        ("PATIENT_DATABASE_URL", queue.as_str()),
+        ("PATIENT_LEASE", "1"),
+        ("PATIENT_SHUTDOWN_TIMEOUT", "6"),
+    ];
+    let (dir_a, dir_b) = (TempDir::new("drain-a"), TempDir::new("drain-b"));
+    let mut a = Serve::start(dir_a.path(), &env);
+    // A GET answered after 3 s, three leases: node A holds it when it is
+    // told to stop, and drains it.
+    let id = rt.block_on(async {
+        let body = json!({"request": {"http_method": "get",
+            "url": upstream.url("/sequence?key=drain&delays=3000")}});
+        let (status, task) = call(a.addr, "POST", "/v1/tasks", Some(&body))
+            .await
+            .unwrap();
+        assert_eq!(status, 201, "{task}");
+        wait_until("node A to send it", || {
+            upstream.sequence_count("drain") == 1
+        })
+        .await;
+        task["id"].as_str().unwrap().to_owned()
+    });
+    // Node B looks for expired leases every third of a second.
+    let b = Serve::start(dir_b.path(), &env);
+    let (status, took) = a.terminate();
+    assert_eq!(status.code(), Some(0), "{}", a.log());
+    assert!(took >= Duration::from_millis(1500), "drained: {took:?}");
+    rt.block_on(async {
+        let t = task(b.addr, &id).await;
+        assert_eq!(t["state"], "completed", "node A finished it: {t:#}");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    });
+    assert_eq!(
+        upstream.sequence_count("drain"),
+        1,
+        "node B did not take it up while node A still ran it: {}",
+        b.log()
+    );
+}
+
 /// One GET on a new connection: the status and the body as text.
 async fn get_text(addr: SocketAddr, path: &str) -> (u16, String) {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();

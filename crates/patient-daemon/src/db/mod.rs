@@ -207,10 +207,17 @@ impl Db {
         dispatch!(self.finish(f))
     }
 
-    /// Releases every task `owner` holds back to the queue (a stop), with
-    /// their deliveries' leases.
+    /// Releases every task `owner` holds back to the queue (a stop, once
+    /// its attempts have ended). How many.
     pub async fn release(&self, owner: &str) -> Result<u64, DbError> {
         dispatch!(self.release(owner))
+    }
+
+    /// Frees the deliveries `owner` holds (a stop, once its deliveries in
+    /// flight have ended), so that the next start or another node sends
+    /// them. How many.
+    pub async fn release_deliveries(&self, owner: &str) -> Result<u64, DbError> {
+        dispatch!(self.release_deliveries(owner))
     }
 
     /// Every task `owner` holds `running` (at a stop, once its attempts

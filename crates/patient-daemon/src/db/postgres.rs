@@ -259,16 +259,19 @@ impl PgDb {
 
     /// See [`Db::release`](super::Db::release).
     pub async fn release(&self, owner: &str) -> Result<u64, DbError> {
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(sql::RELEASE_TASKS)
+        self.release_with(sql::RELEASE_TASKS, owner).await
+    }
+
+    /// See [`Db::release_deliveries`](super::Db::release_deliveries).
+    pub async fn release_deliveries(&self, owner: &str) -> Result<u64, DbError> {
+        self.release_with(sql::RELEASE_DELIVERIES, owner).await
+    }
+
+    async fn release_with(&self, statement: &'static str, owner: &str) -> Result<u64, DbError> {
+        let done = sqlx::query(statement)
             .bind(owner)
-            .execute(&mut *tx)
+            .execute(&self.pool)
             .await?;
-        sqlx::query(sql::RELEASE_DELIVERIES)
-            .bind(owner)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
         self.committed();
         Ok(done.rows_affected())
     }

@@ -298,17 +298,21 @@ impl SqliteDb {
         answer.await.map_err(|_| DbError::Closed)?
     }
 
-    /// Releases every task `owner` holds back to the queue (a stop), with
-    /// their deliveries' leases.
+    /// See [`Db::release`](super::Db::release).
     pub async fn release(&self, owner: &str) -> Result<u64, DbError> {
+        self.release_with(sql::RELEASE_TASKS, owner).await
+    }
+
+    /// See [`Db::release_deliveries`](super::Db::release_deliveries).
+    pub async fn release_deliveries(&self, owner: &str) -> Result<u64, DbError> {
+        self.release_with(sql::RELEASE_DELIVERIES, owner).await
+    }
+
+    async fn release_with(&self, statement: &'static str, owner: &str) -> Result<u64, DbError> {
         let owner = owner.to_owned();
         self.write(move |conn| {
             Box::pin(async move {
-                let done = sqlx::query(sql::RELEASE_TASKS)
-                    .bind(&owner)
-                    .execute(&mut *conn)
-                    .await?;
-                sqlx::query(sql::RELEASE_DELIVERIES)
+                let done = sqlx::query(statement)
                     .bind(&owner)
                     .execute(&mut *conn)
                     .await?;
