@@ -178,11 +178,9 @@ impl Deliverer {
                 }
                 continue;
             }
-            let now = now_ms();
-            let lease_until = now + i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX);
             let due = match self
                 .db
-                .claim_deliveries(&self.owner, now, lease_until, free)
+                .claim_deliveries(&self.owner, now_ms(), self.lease, free)
                 .await
             {
                 Ok(due) => due,

@@ -173,7 +173,7 @@ impl Runner {
     pub async fn recover(&self) -> Result<(usize, usize), DbError> {
         let mut counts = (0, 0);
         loop {
-            let batch = self.db.stale(now_ms(), RECOVER_BATCH).await?;
+            let batch = self.db.stale(RECOVER_BATCH).await?;
             let before = counts;
             let full = batch.len() == RECOVER_BATCH;
             self.recover_batch(batch, &mut counts).await?;
@@ -191,7 +191,7 @@ impl Runner {
         for record in batch {
             let request = self.stored_request(&record).await;
             if may_resend(request.as_ref()) {
-                if self.db.requeue(&record.id, now_ms()).await? {
+                if self.db.requeue(&record.id).await? {
                     counts.0 += 1;
                 }
             } else if self.interrupt(&record, request.as_ref(), None).await? {
@@ -288,12 +288,7 @@ impl Runner {
             let free = self.slots.available_permits().min(CLAIM_BATCH);
             let mut claimed = 0;
             if free > 0 {
-                let now = now_ms();
-                match self
-                    .db
-                    .claim(&self.owner, now, now + millis(self.lease), free)
-                    .await
-                {
+                match self.db.claim(&self.owner, now_ms(), self.lease, free).await {
                     Ok(tasks) => {
                         claimed = tasks.len();
                         for task in tasks {
@@ -326,7 +321,7 @@ impl Runner {
             let db = self.db.clone();
             let id = record.id.clone();
             tokio::spawn(async move {
-                let _ = db.requeue(&id, now_ms()).await;
+                let _ = db.requeue(&id).await;
             });
             return;
         };
@@ -520,8 +515,7 @@ impl Runner {
         let every = self.lease / 3;
         loop {
             tokio::time::sleep(every).await;
-            let until = now_ms() + millis(self.lease);
-            if let Err(error) = self.db.renew(&self.owner, until).await {
+            if let Err(error) = self.db.renew(&self.owner, self.lease).await {
                 tracing::error!(%error, "cannot renew leases");
             }
             if self.db.is_shared() {
@@ -636,10 +630,6 @@ fn stored_request_error(record: &TaskRecord, request: &Value, message: &str) -> 
         callback_args: CallbackArgs::from_json(&record.callback_args).unwrap_or_default(),
         attempts: Vec::new(),
     })
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

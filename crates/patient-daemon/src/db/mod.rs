@@ -10,9 +10,18 @@
 //! Both store the same rows (the migrations in `migrations/`), JSON as text,
 //! times as milliseconds since the Unix epoch, and read them back through
 //! one [`task_of`].
+//!
+//! Two clocks, each for what it is good at. Schedules (`not_before`,
+//! `next_at`, `finished_at`) are the caller's times, given as `now`. Leases
+//! are given as a duration and kept on the database's clock: on PostgreSQL
+//! every lease is set, renewed and judged expired against `now()` in SQL,
+//! so nodes whose clocks disagree never take each other's live work for a
+//! dead node's (SQLite has one node: its clock is this process's).
 
 pub mod postgres;
 pub mod sqlite;
+
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -66,14 +75,21 @@ pub(crate) mod sql {
     pub(crate) const RELEASE_DELIVERIES: &str = "UPDATE patient_deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1";
     /// Puts a node's running tasks back in the queue.
     pub(crate) const RELEASE_TASKS: &str = "UPDATE patient_tasks SET state = 'queued', lease_owner = NULL, lease_until = NULL WHERE state = 'running' AND lease_owner = $1";
-    /// Extends a node's delivery leases.
+    /// Extends a node's delivery leases (SQLite; PostgreSQL sets them on its
+    /// own clock).
     pub(crate) const RENEW_DELIVERIES: &str =
         "UPDATE patient_deliveries SET lease_until = $1 WHERE lease_owner = $2";
-    /// Extends a node's task leases.
+    /// Extends a node's task leases (SQLite; PostgreSQL sets them on its own
+    /// clock).
     pub(crate) const RENEW_TASKS: &str =
         "UPDATE patient_tasks SET lease_until = $1 WHERE state = 'running' AND lease_owner = $2";
     /// Puts a running task back to wait for its next step.
     pub(crate) const RESCHEDULE: &str = "UPDATE patient_tasks SET state = 'scheduled', not_before = $1, next_attempt = $2, request_sent = $3, attempts = $4, lease_owner = NULL, lease_until = NULL WHERE id = $5 AND state = 'running' AND lease_owner = $6";
+}
+
+/// A lease's length in milliseconds, as the rows keep times.
+pub(crate) fn lease_ms(lease: Duration) -> i64 {
+    i64::try_from(lease.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// The most jobs one SQLite transaction commits.
@@ -169,16 +185,16 @@ impl Db {
         dispatch!(self.list(query))
     }
 
-    /// Claims up to `limit` due tasks for `owner` until `lease_until`,
-    /// highest priority first, then oldest due.
+    /// Claims up to `limit` tasks due at `now` for `owner`, for `lease` on
+    /// the database's clock, highest priority first, then oldest due.
     pub async fn claim(
         &self,
         owner: &str,
         now: i64,
-        lease_until: i64,
+        lease: Duration,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, DbError> {
-        dispatch!(self.claim(owner, now, lease_until, limit))
+        dispatch!(self.claim(owner, now, lease, limit))
     }
 
     /// The earliest `not_before` of a waiting task, if any.
@@ -186,9 +202,10 @@ impl Db {
         dispatch!(self.next_due())
     }
 
-    /// Extends the leases `owner` holds on running tasks and deliveries.
-    pub async fn renew(&self, owner: &str, lease_until: i64) -> Result<(), DbError> {
-        dispatch!(self.renew(owner, lease_until))
+    /// Extends the leases `owner` holds on running tasks and deliveries to
+    /// `lease` from now on the database's clock.
+    pub async fn renew(&self, owner: &str, lease: Duration) -> Result<(), DbError> {
+        dispatch!(self.renew(owner, lease))
     }
 
     /// Puts a running task back to wait for its next step; false when this
@@ -201,8 +218,8 @@ impl Db {
     /// false when the task was no longer this node's (or already finished).
     /// With `owner` `None` (recovery) it finishes a task whose node is gone:
     /// on SQLite any running task (recovery runs at the start, before any
-    /// claim), on PostgreSQL only one whose lease has run out by
-    /// `finished_at`.
+    /// claim), on PostgreSQL only one whose lease has run out by the
+    /// database's clock.
     pub async fn finish(&self, f: Finish) -> Result<bool, DbError> {
         dispatch!(self.finish(f))
     }
@@ -228,9 +245,10 @@ impl Db {
 
     /// Up to `limit` tasks left `running` by a node that is gone (a crash):
     /// on SQLite every running task (asked at the start, when no node runs
-    /// any), on PostgreSQL those whose lease ran out before `now`.
-    pub async fn stale(&self, now: i64, limit: usize) -> Result<Vec<TaskRecord>, DbError> {
-        dispatch!(self.stale(now, limit))
+    /// any), on PostgreSQL those whose lease has run out by the database's
+    /// clock.
+    pub async fn stale(&self, limit: usize) -> Result<Vec<TaskRecord>, DbError> {
+        dispatch!(self.stale(limit))
     }
 
     /// Frees the deliveries a stopped node left claimed, so that they are
@@ -242,9 +260,9 @@ impl Db {
     }
 
     /// Puts a task left running by a node that is gone back in the queue
-    /// (as [`stale`](Self::stale) judges it at `now`).
-    pub async fn requeue(&self, id: &str, now: i64) -> Result<bool, DbError> {
-        dispatch!(self.requeue(id, now))
+    /// (as [`stale`](Self::stale) judges it).
+    pub async fn requeue(&self, id: &str) -> Result<bool, DbError> {
+        dispatch!(self.requeue(id))
     }
 
     /// Cancels a task that has not finished; its delivery (if any) is not
@@ -264,19 +282,23 @@ impl Db {
         dispatch!(self.retry(id, now))
     }
 
-    /// Claims up to `limit` due deliveries for `owner`.
+    /// Claims up to `limit` deliveries due at `now` for `owner`, for `lease`
+    /// on the database's clock; a delivery whose lease has run out (its
+    /// node is gone) is due again.
     pub async fn claim_deliveries(
         &self,
         owner: &str,
         now: i64,
-        lease_until: i64,
+        lease: Duration,
         limit: usize,
     ) -> Result<Vec<DueDelivery>, DbError> {
-        dispatch!(self.claim_deliveries(owner, now, lease_until, limit))
+        dispatch!(self.claim_deliveries(owner, now, lease, limit))
     }
 
     /// When the next pending delivery may be claimed, if any: its
     /// `next_at`, or for one claimed now (in flight) the end of its lease.
+    /// A hint for a sleep: on PostgreSQL a lease end is on the database's
+    /// clock, `now` on the caller's.
     pub async fn next_delivery(&self, now: i64) -> Result<Option<i64>, DbError> {
         dispatch!(self.next_delivery(now))
     }
@@ -632,6 +654,9 @@ mod tests {
     use super::*;
     use crate::model::{message_id, task_id};
 
+    /// The lease of the claims of these tests, unless one says otherwise.
+    const LEASE: Duration = Duration::from_secs(100);
+
     /// A database of each backend for one test: SQLite in a fresh
     /// directory, and PostgreSQL (`PATIENT_TEST_POSTGRES_URL`, from
     /// `scripts/services.sh`) in a fresh schema.
@@ -748,14 +773,14 @@ mod tests {
         assert_eq!((again[0].0.id.as_str(), again[0].1), (id.as_str(), false));
 
         assert!(
-            db.claim("n1", 999, 5000, 10).await.unwrap().is_empty(),
+            db.claim("n1", 999, LEASE, 10).await.unwrap().is_empty(),
             "not due yet"
         );
-        let claimed = db.claim("n1", 1000, 5000, 10).await.unwrap();
+        let claimed = db.claim("n1", 1000, LEASE, 10).await.unwrap();
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].state, TaskState::Running);
         assert!(
-            db.claim("n2", 1000, 5000, 10).await.unwrap().is_empty(),
+            db.claim("n2", 1000, LEASE, 10).await.unwrap().is_empty(),
             "held"
         );
 
@@ -777,7 +802,7 @@ mod tests {
         );
         assert_eq!(db.next_due().await.unwrap(), Some(3000));
 
-        db.claim("n1", 3000, 9000, 10).await.unwrap();
+        db.claim("n1", 3000, LEASE, 10).await.unwrap();
         let message = message_id();
         assert!(db
             .finish(Finish {
@@ -800,7 +825,7 @@ mod tests {
             (DeliveryState::Pending, message.as_str())
         );
 
-        let due = db.claim_deliveries("n1", 4000, 9000, 10).await.unwrap();
+        let due = db.claim_deliveries("n1", 4000, LEASE, 10).await.unwrap();
         assert_eq!(due.len(), 1);
         db.delivered(
             &id,
@@ -814,11 +839,11 @@ mod tests {
         .await
         .unwrap();
         assert!(db
-            .claim_deliveries("n1", 4500, 9000, 10)
+            .claim_deliveries("n1", 4500, LEASE, 10)
             .await
             .unwrap()
             .is_empty());
-        db.claim_deliveries("n1", 5000, 9000, 10).await.unwrap();
+        db.claim_deliveries("n1", 5000, LEASE, 10).await.unwrap();
         db.delivered(
             &id,
             &message,
@@ -862,7 +887,7 @@ mod tests {
         let t = task(None, 1, 1);
         let id = t.record.id.clone();
         db.insert(vec![t]).await.unwrap();
-        db.claim("gone", 10, 100_000, 10).await.unwrap();
+        db.claim("gone", 10, LEASE, 10).await.unwrap();
         db.finish(Finish {
             id: id.clone(),
             owner: Some("gone".into()),
@@ -875,8 +900,15 @@ mod tests {
         })
         .await
         .unwrap();
+        // Leases run on the database's clock: a short one on PostgreSQL,
+        // where the test waits for it to run out.
+        let lease = if db.is_shared() {
+            Duration::from_millis(300)
+        } else {
+            LEASE
+        };
         assert_eq!(
-            db.claim_deliveries("gone", 20, 100_000, 10)
+            db.claim_deliveries("gone", 20, lease, 10)
                 .await
                 .unwrap()
                 .len(),
@@ -884,25 +916,24 @@ mod tests {
         );
         // The node is killed; the next start's node cannot claim it...
         assert!(db
-            .claim_deliveries("next", 30, 100_000, 10)
+            .claim_deliveries("next", 30, LEASE, 10)
             .await
             .unwrap()
             .is_empty());
         // ... until the recovery at start frees it (SQLite: one node), or
         // the lease runs out (PostgreSQL: the node may only be slow).
-        let at = if db.is_shared() {
+        if db.is_shared() {
             assert_eq!(db.recover_deliveries().await.unwrap(), 0);
             assert!(db
-                .claim_deliveries("next", 99_999, 200_000, 10)
+                .claim_deliveries("next", 30, LEASE, 10)
                 .await
                 .unwrap()
                 .is_empty());
-            100_001
+            tokio::time::sleep(Duration::from_millis(400)).await;
         } else {
             assert_eq!(db.recover_deliveries().await.unwrap(), 1);
-            30
-        };
-        let due = db.claim_deliveries("next", at, 200_000, 10).await.unwrap();
+        }
+        let due = db.claim_deliveries("next", 30, LEASE, 10).await.unwrap();
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].task.id, id);
     }
@@ -911,7 +942,7 @@ mod tests {
         let t = task(None, 1, 1);
         let id = t.record.id.clone();
         db.insert(vec![t]).await.unwrap();
-        db.claim("n", 10, 100_000, 10).await.unwrap();
+        db.claim("n", 10, LEASE, 10).await.unwrap();
         let old = message_id();
         assert!(db
             .finish(Finish {
@@ -926,13 +957,13 @@ mod tests {
             })
             .await
             .unwrap());
-        let due = db.claim_deliveries("n", 20, 100_000, 10).await.unwrap();
+        let due = db.claim_deliveries("n", 20, LEASE, 10).await.unwrap();
         assert_eq!(due[0].delivery.message_id, old);
 
         // While the old outcome's message is in flight the task runs again
         // and its new outcome's message is claimed by the same node.
         db.retry(&id, 30).await.unwrap();
-        db.claim("n", 30, 100_000, 10).await.unwrap();
+        db.claim("n", 30, LEASE, 10).await.unwrap();
         let new = message_id();
         assert!(db
             .finish(Finish {
@@ -947,7 +978,7 @@ mod tests {
             })
             .await
             .unwrap());
-        let due = db.claim_deliveries("n", 40, 100_000, 10).await.unwrap();
+        let due = db.claim_deliveries("n", 40, LEASE, 10).await.unwrap();
         assert_eq!(due[0].delivery.message_id, new);
 
         // The old message's answer changes nothing...
@@ -976,6 +1007,103 @@ mod tests {
         assert_eq!((d.state, d.attempts), (DeliveryState::Pending, 1));
     }
 
+    /// Leases on PostgreSQL are the database's: a node whose clock is
+    /// wrong neither hands out leases that others take for expired nor
+    /// takes others' live leases for expired. (SQLite has one node.)
+    async fn leases_run_on_the_databases_clock_case(db: &Db) {
+        if !db.is_shared() {
+            return;
+        }
+        let hour = 3_600_000;
+        let now = crate::model::now_ms();
+        let (late, early) = (task(None, now - 2 * hour, 1), task(None, now - 2 * hour, 1));
+        let (late_id, early_id) = (late.record.id.clone(), early.record.id.clone());
+        db.insert(vec![late]).await.unwrap();
+        // Node A's clock is an hour behind: its lease nonetheless runs from
+        // now.
+        let claimed = db.claim("a", now - hour, LEASE, 10).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        // Node B's clock is right: nothing of A's has expired.
+        assert!(
+            db.stale(10).await.unwrap().is_empty(),
+            "A's lease taken for expired"
+        );
+        assert!(!db.requeue(&late_id).await.unwrap());
+        // Node C's clock is an hour ahead: neither.
+        db.insert(vec![early]).await.unwrap();
+        db.claim("b", now, LEASE, 10).await.unwrap();
+        assert!(
+            db.stale(10).await.unwrap().is_empty(),
+            "a live lease taken for expired"
+        );
+        assert!(!db.requeue(&early_id).await.unwrap());
+        assert!(!db
+            .finish(Finish {
+                id: early_id.clone(),
+                owner: None,
+                state: TaskState::Failed,
+                outcome: json!({}),
+                attempts: vec![],
+                request_sent: true,
+                finished_at: now + hour,
+                delivery: None,
+            })
+            .await
+            .unwrap());
+        // The same for deliveries: B's, claimed with its lease, is not C's.
+        assert!(db
+            .finish(Finish {
+                id: early_id.clone(),
+                owner: Some("b".into()),
+                state: TaskState::Completed,
+                outcome: json!({}),
+                attempts: vec![],
+                request_sent: true,
+                finished_at: now,
+                delivery: Some(message_id()),
+            })
+            .await
+            .unwrap());
+        assert_eq!(
+            db.claim_deliveries("b", now, LEASE, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            db.claim_deliveries("c", now + hour, LEASE, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "a delivery in flight taken for expired"
+        );
+        // And A renews by the database's clock too.
+        db.renew("a", LEASE).await.unwrap();
+        assert!(
+            db.stale(10).await.unwrap().is_empty(),
+            "a renewal in the past"
+        );
+        // A lease runs out when the database's clock says so, not before,
+        // whoever claimed it.
+        let short = task(None, now - 2 * hour, 1);
+        let short_id = short.record.id.clone();
+        db.insert(vec![short]).await.unwrap();
+        db.claim("d", now + hour, Duration::from_millis(300), 10)
+            .await
+            .unwrap();
+        assert!(db.stale(10).await.unwrap().is_empty());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let stale: Vec<String> = db
+            .stale(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(stale, [short_id]);
+    }
+
     async fn claims_follow_priority_then_due_time_and_release_requeues_case(db: &Db) {
         let low = task(None, 100, 2);
         let normal_late = task(None, 200, 1);
@@ -986,13 +1114,18 @@ mod tests {
             low.record.id.clone(),
         ];
         db.insert(vec![low, normal_late, high]).await.unwrap();
-        let claimed = db.claim("n", 1000, 2000, 10).await.unwrap();
+        let claimed = db.claim("n", 1000, LEASE, 10).await.unwrap();
         let order: Vec<&str> = claimed.iter().map(|t| t.id.as_str()).collect();
         assert_eq!(order, ids.iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(db.release("n").await.unwrap(), 3);
-        assert_eq!(db.claim("m", 1000, 2000, 2).await.unwrap().len(), 2);
-        // Their leases run until 2000: stale after it (on SQLite, at a start).
-        assert_eq!(db.stale(2001, 100).await.unwrap().len(), 2);
+        // Leases that run out at once: stale a moment later (on SQLite,
+        // every running task is, at a start).
+        assert_eq!(
+            db.claim("m", 1000, Duration::ZERO, 2).await.unwrap().len(),
+            2
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(db.stale(100).await.unwrap().len(), 2);
     }
 
     async fn a_batch_is_all_or_nothing_and_submits_share_commits_case(db: &Db) {
@@ -1074,7 +1207,7 @@ mod tests {
         let t = task(None, 1, 1);
         let failed = t.record.id.clone();
         db.insert(vec![t]).await.unwrap();
-        db.claim("n", 10, 100, 10).await.unwrap();
+        db.claim("n", 10, LEASE, 10).await.unwrap();
         db.finish(Finish {
             id: failed.clone(),
             owner: Some("n".into()),
@@ -1134,6 +1267,10 @@ mod tests {
         counts_show_a_due_scheduled_task_as_queued_case
     );
     on_each_backend!(cancel_retry_and_purge, cancel_retry_and_purge_case);
+    on_each_backend!(
+        leases_run_on_the_databases_clock,
+        leases_run_on_the_databases_clock_case
+    );
     on_each_backend!(
         a_delivery_result_counts_only_for_its_own_message,
         a_delivery_result_counts_only_for_its_own_message_case

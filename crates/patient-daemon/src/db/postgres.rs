@@ -8,6 +8,12 @@
 //! the database) is [stale](PgDb::stale), and the recovery rule of the
 //! runner applies to it on any node, guarded by the same expiry, so a node
 //! that renews late keeps its task and two nodes never both recover it.
+//!
+//! Every lease is set, renewed and judged against the database's clock
+//! (`db_now!`), never a node's: a node whose clock runs ahead would take
+//! the others' live leases for expired (and finish their POSTs as
+//! `Interrupted`), one whose clock runs behind would hand out leases that
+//! are expired already.
 
 use std::{
     str::FromStr,
@@ -25,8 +31,8 @@ use sqlx::{
 };
 
 use super::{
-    select_task, sql, task_of, Batch, DbError, DeliveryResult, DueDelivery, Finish, ListQuery,
-    NewTask, Reschedule,
+    lease_ms, select_task, sql, task_of, Batch, DbError, DeliveryResult, DueDelivery, Finish,
+    ListQuery, NewTask, Reschedule,
 };
 use crate::model::{TaskRecord, TaskState};
 
@@ -39,6 +45,14 @@ const INSERT_CHUNK: usize = 256;
 
 /// The connections one node keeps.
 const POOL: u32 = 16;
+
+/// The database's clock in milliseconds since the Unix epoch (the
+/// transaction's start), against which every lease is set and judged.
+macro_rules! db_now {
+    () => {
+        "(EXTRACT(EPOCH FROM now()) * 1000)::bigint"
+    };
+}
 
 /// The columns of a claimed task (an unfinished task has no delivery).
 macro_rules! returning_task {
@@ -161,17 +175,19 @@ impl PgDb {
         &self,
         owner: &str,
         now: i64,
-        lease_until: i64,
+        lease: Duration,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, DbError> {
         let rows = sqlx::query(concat!(
-            "UPDATE patient_tasks SET state = 'running', lease_owner = $1, lease_until = $2 \
+            "UPDATE patient_tasks SET state = 'running', lease_owner = $1, lease_until = ",
+            db_now!(),
+            " + $2 \
              WHERE id IN (SELECT id FROM patient_tasks WHERE state IN ('scheduled', 'queued') \
              AND not_before <= $3 ORDER BY priority, not_before LIMIT $4 FOR UPDATE SKIP LOCKED)",
             returning_task!()
         ))
         .bind(owner)
-        .bind(lease_until)
+        .bind(lease_ms(lease))
         .bind(now)
         .bind(limit_of(limit))
         .fetch_all(&self.pool)
@@ -188,19 +204,27 @@ impl PgDb {
         Ok(row.try_get::<Option<i64>, _>("at")?)
     }
 
-    /// Extends the leases `owner` holds on running tasks and deliveries.
-    pub async fn renew(&self, owner: &str, lease_until: i64) -> Result<(), DbError> {
+    /// See [`Db::renew`](super::Db::renew).
+    pub async fn renew(&self, owner: &str, lease: Duration) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(sql::RENEW_TASKS)
-            .bind(lease_until)
-            .bind(owner)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(sql::RENEW_DELIVERIES)
-            .bind(lease_until)
-            .bind(owner)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(concat!(
+            "UPDATE patient_tasks SET lease_until = ",
+            db_now!(),
+            " + $1 WHERE state = 'running' AND lease_owner = $2"
+        ))
+        .bind(lease_ms(lease))
+        .bind(owner)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(concat!(
+            "UPDATE patient_deliveries SET lease_until = ",
+            db_now!(),
+            " + $1 WHERE lease_owner = $2"
+        ))
+        .bind(lease_ms(lease))
+        .bind(owner)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         self.committed();
         Ok(())
@@ -226,12 +250,13 @@ impl PgDb {
         let mut tx = self.pool.begin().await?;
         // Recovery (no owner) finishes a task only once its lease has run
         // out: a node that is merely slow keeps it.
-        let done = sqlx::query(
+        let done = sqlx::query(concat!(
             "UPDATE patient_tasks SET state = $1, outcome = $2, attempts = $3, request_sent = $4, \
              finished_at = $5, lease_owner = NULL, lease_until = NULL \
-             WHERE id = $6 AND state = 'running' AND \
-             (($7::text IS NULL AND lease_until < $5) OR lease_owner = $7::text)",
-        )
+             WHERE id = $6 AND state = 'running' AND (($7::text IS NULL AND lease_until < ",
+            db_now!(),
+            ") OR lease_owner = $7::text)"
+        ))
         .bind(f.state.as_str())
         .bind(f.outcome.to_string())
         .bind(Value::Array(f.attempts).to_string())
@@ -285,13 +310,15 @@ impl PgDb {
         rows.iter().map(task_of).collect()
     }
 
-    /// Up to `limit` running tasks whose lease ran out before `now`.
-    pub async fn stale(&self, now: i64, limit: usize) -> Result<Vec<TaskRecord>, DbError> {
+    /// Up to `limit` running tasks whose lease has run out by the
+    /// database's clock.
+    pub async fn stale(&self, limit: usize) -> Result<Vec<TaskRecord>, DbError> {
         let rows = sqlx::query(concat!(
             select_task!(),
-            " WHERE t.state = 'running' AND t.lease_until < $1 ORDER BY t.lease_until LIMIT $2"
+            " WHERE t.state = 'running' AND t.lease_until < ",
+            db_now!(),
+            " ORDER BY t.lease_until LIMIT $1"
         ))
-        .bind(now)
         .bind(limit_of(limit))
         .fetch_all(&self.pool)
         .await?;
@@ -303,15 +330,15 @@ impl PgDb {
         Ok(0)
     }
 
-    /// Puts a running task whose lease ran out before `now` back in the
-    /// queue.
-    pub async fn requeue(&self, id: &str, now: i64) -> Result<bool, DbError> {
-        let done = sqlx::query(
+    /// Puts a running task whose lease has run out by the database's clock
+    /// back in the queue.
+    pub async fn requeue(&self, id: &str) -> Result<bool, DbError> {
+        let done = sqlx::query(concat!(
             "UPDATE patient_tasks SET state = 'queued', lease_owner = NULL, lease_until = NULL \
-             WHERE id = $1 AND state = 'running' AND lease_until < $2",
-        )
+             WHERE id = $1 AND state = 'running' AND lease_until < ",
+            db_now!()
+        ))
         .bind(id)
-        .bind(now)
         .execute(&self.pool)
         .await?;
         self.committed();
@@ -381,23 +408,25 @@ impl PgDb {
         &self,
         owner: &str,
         now: i64,
-        lease_until: i64,
+        lease: Duration,
         limit: usize,
     ) -> Result<Vec<DueDelivery>, DbError> {
-        let rows = sqlx::query(
-            "UPDATE patient_deliveries d SET lease_owner = $1, lease_until = $2 \
-             FROM patient_tasks t WHERE t.id = d.task_id AND d.task_id IN \
+        let rows = sqlx::query(concat!(
+            "UPDATE patient_deliveries d SET lease_owner = $1, lease_until = ",
+            db_now!(),
+            " + $2 FROM patient_tasks t WHERE t.id = d.task_id AND d.task_id IN \
              (SELECT task_id FROM patient_deliveries WHERE state = 'pending' AND next_at <= $3 \
-             AND (lease_until IS NULL OR lease_until < $3) ORDER BY next_at LIMIT $4 \
-             FOR UPDATE SKIP LOCKED) \
+             AND (lease_until IS NULL OR lease_until < ",
+            db_now!(),
+            ") ORDER BY next_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
              RETURNING t.id, t.state, t.request, t.callback, t.callback_args, \
              t.raise_error_responses, t.deliver, t.idempotency_key, t.priority, t.created_at, \
              t.not_before, t.deadline, t.finished_at, t.next_attempt, t.request_sent, t.attempts, \
              t.outcome, d.state AS d_state, d.attempts AS d_attempts, \
-             d.last_error AS d_last_error, d.message_id AS d_message_id, d.next_at AS d_next_at",
-        )
+             d.last_error AS d_last_error, d.message_id AS d_message_id, d.next_at AS d_next_at"
+        ))
         .bind(owner)
-        .bind(lease_until)
+        .bind(lease_ms(lease))
         .bind(now)
         .bind(limit_of(limit))
         .fetch_all(&self.pool)

@@ -21,10 +21,10 @@ use sqlx::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    select_task, sql, task_of, Batch, DbError, DeliveryResult, DueDelivery, Finish, ListQuery,
-    NewTask, Reschedule,
+    lease_ms, select_task, sql, task_of, Batch, DbError, DeliveryResult, DueDelivery, Finish,
+    ListQuery, NewTask, Reschedule,
 };
-use crate::model::{TaskRecord, TaskState};
+use crate::model::{now_ms, TaskRecord, TaskState};
 
 super::columns_for!(SqliteRow);
 
@@ -202,16 +202,17 @@ impl SqliteDb {
         rows.iter().map(task_of).collect()
     }
 
-    /// Claims up to `limit` due tasks for `owner` until `lease_until`,
-    /// highest priority first, then oldest due.
+    /// See [`Db::claim`](super::Db::claim): one node, whose clock is the
+    /// database's.
     pub async fn claim(
         &self,
         owner: &str,
         now: i64,
-        lease_until: i64,
+        lease: Duration,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, DbError> {
         let owner = owner.to_owned();
+        let lease_until = now.saturating_add(lease_ms(lease));
         self.write(move |conn| {
             Box::pin(async move {
                 let rows = sqlx::query(
@@ -246,9 +247,10 @@ impl SqliteDb {
         Ok(row.try_get::<Option<i64>, _>("at")?)
     }
 
-    /// Extends the leases `owner` holds on running tasks and deliveries.
-    pub async fn renew(&self, owner: &str, lease_until: i64) -> Result<(), DbError> {
+    /// See [`Db::renew`](super::Db::renew).
+    pub async fn renew(&self, owner: &str, lease: Duration) -> Result<(), DbError> {
         let owner = owner.to_owned();
+        let lease_until = now_ms().saturating_add(lease_ms(lease));
         self.write(move |conn| {
             Box::pin(async move {
                 sqlx::query(sql::RENEW_TASKS)
@@ -333,7 +335,7 @@ impl SqliteDb {
 
     /// Every task left `running` (at the start: by a node that stopped
     /// without releasing it, a crash), up to `limit`.
-    pub async fn stale(&self, _now: i64, limit: usize) -> Result<Vec<TaskRecord>, DbError> {
+    pub async fn stale(&self, limit: usize) -> Result<Vec<TaskRecord>, DbError> {
         let rows = sqlx::query(concat!(
             select_task!(),
             " WHERE t.state = 'running' LIMIT $1"
@@ -363,7 +365,7 @@ impl SqliteDb {
     }
 
     /// Puts a task left running by a crash back in the queue.
-    pub async fn requeue(&self, id: &str, _now: i64) -> Result<bool, DbError> {
+    pub async fn requeue(&self, id: &str) -> Result<bool, DbError> {
         let id = id.to_owned();
         self.write(move |conn| {
             Box::pin(async move {
@@ -446,15 +448,16 @@ impl SqliteDb {
         .await
     }
 
-    /// Claims up to `limit` due deliveries for `owner`.
+    /// See [`Db::claim_deliveries`](super::Db::claim_deliveries).
     pub async fn claim_deliveries(
         &self,
         owner: &str,
         now: i64,
-        lease_until: i64,
+        lease: Duration,
         limit: usize,
     ) -> Result<Vec<DueDelivery>, DbError> {
         let owner = owner.to_owned();
+        let lease_until = now.saturating_add(lease_ms(lease));
         self.write(move |conn| {
             Box::pin(async move {
                 let rows = sqlx::query(
