@@ -284,6 +284,11 @@ impl Runner {
     /// stop have ended.
     pub async fn run(self: Arc<Self>) {
         let _heartbeat = AbortOnDrop(tokio::spawn(Arc::clone(&self).heartbeat()));
+        // Other nodes' submits wake this loop too (PostgreSQL).
+        let _listening = self
+            .db
+            .listen_for_tasks(Arc::clone(&self.wake))
+            .map(AbortOnDrop);
         while !self.stopping.load(Ordering::Acquire) {
             let free = self.slots.available_permits().min(CLAIM_BATCH);
             let mut claimed = 0;

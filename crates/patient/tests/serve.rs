@@ -1101,6 +1101,63 @@ fn a_stopping_node_keeps_renewing_its_leases_while_its_attempts_drain() {
     );
 }
 
+#[test]
+fn a_submit_on_one_node_wakes_the_other_nodes_at_once() {
+    let rt = runtime();
+    let Some(queue) = rt.block_on(postgres_queue("wake")) else {
+        return;
+    };
+    let upstream = rt.block_on(Upstream::start()).unwrap();
+    let env = [("PATIENT_DATABASE_URL", queue.as_str())];
+    let (dir_a, dir_b) = (TempDir::new("wake-a"), TempDir::new("wake-b"));
+    // Node A runs one task at a time, and one holds it: whatever is
+    // submitted to A has to be run by B.
+    let a = Serve::start(dir_a.path(), &[env[0], ("PATIENT_MAX_IN_FLIGHT", "1")]);
+    rt.block_on(async {
+        let body = json!({"request": {"http_method": "get",
+            "url": upstream.url("/sequence?key=busy&delays=60000")}});
+        let (status, task) = call(a.addr, "POST", "/v1/tasks", Some(&body))
+            .await
+            .unwrap();
+        assert_eq!(status, 201, "{task}");
+        wait_until("node A busy", || upstream.sequence_count("busy") == 1).await;
+    });
+    let b = Serve::start(dir_b.path(), &env);
+    // B's claim loop polls an idle queue once a second: picked up well
+    // within that every time, B was woken by the submit.
+    let latencies: Vec<Duration> = rt.block_on(async {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let mut latencies = Vec::new();
+        for i in 0..6u64 {
+            // Submits at different points of B's polling period.
+            tokio::time::sleep(Duration::from_millis(150 + i * 173 % 500)).await;
+            let key = format!("wake-{i}");
+            let body = json!({"request": {"http_method": "get",
+                "url": upstream.url(&format!("/sequence?key={key}"))}});
+            let (status, task) = call(a.addr, "POST", "/v1/tasks", Some(&body))
+                .await
+                .unwrap();
+            assert_eq!(status, 201, "{task}");
+            let submitted = Instant::now();
+            while upstream.sequence_count(&key) == 0 {
+                assert!(
+                    submitted.elapsed() < Duration::from_secs(5),
+                    "{key} was never run: {}",
+                    b.log()
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            latencies.push(submitted.elapsed());
+        }
+        latencies
+    });
+    assert!(
+        latencies.iter().all(|l| *l < Duration::from_millis(400)),
+        "node B was not woken by the submits on node A: {latencies:?}"
+    );
+    drop(a);
+}
+
 /// One GET on a new connection: the status and the body as text.
 async fn get_text(addr: SocketAddr, path: &str) -> (u16, String) {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();

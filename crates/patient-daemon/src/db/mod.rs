@@ -169,6 +169,20 @@ impl Db {
         dispatch!(self.ping())
     }
 
+    /// Wakes `wake` whenever another node (or this one) makes tasks
+    /// claimable, until the returned task is aborted: on PostgreSQL a
+    /// `LISTEN` on a connection of its own. `None` on SQLite, where every
+    /// change comes through this process and wakes the loop itself.
+    pub fn listen_for_tasks(
+        &self,
+        wake: std::sync::Arc<tokio::sync::Notify>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        match &self.0 {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(db) => Some(db.listen(wake)),
+        }
+    }
+
     /// Inserts tasks, all or none. A task whose idempotency key is taken is
     /// not inserted: the existing task comes back instead, with `false`.
     pub async fn insert(&self, tasks: Vec<NewTask>) -> Result<Vec<(TaskRecord, bool)>, DbError> {

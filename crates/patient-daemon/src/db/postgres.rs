@@ -14,6 +14,12 @@
 //! the others' live leases for expired (and finish their POSTs as
 //! `Interrupted`), one whose clock runs behind would hand out leases that
 //! are expired already.
+//!
+//! A node wakes the others when it makes a task claimable (a submit, a
+//! retry, a task released or taken back): `NOTIFY` on one channel with the
+//! schema as payload, committed with the change, and every node
+//! [listens](PgDb::listen) and wakes its claim loop at once; the loop's
+//! polling stays as the fallback for a notification lost with a connection.
 
 use std::{
     str::FromStr,
@@ -26,7 +32,7 @@ use std::{
 
 use serde_json::Value;
 use sqlx::{
-    postgres::{PgConnectOptions, PgPoolOptions, PgRow},
+    postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow},
     PgConnection, PgPool, Row,
 };
 
@@ -43,8 +49,17 @@ const MIGRATION: &str = include_str!("../../migrations/postgres/0001_tasks.sql")
 /// Rows per multi-row insert (12 parameters each).
 const INSERT_CHUNK: usize = 256;
 
-/// The connections one node keeps.
+/// The connections one node keeps (besides its listener's).
 const POOL: u32 = 16;
+
+/// The channel on which a node says that tasks became claimable; the
+/// payload is the queue's schema (nodes of other queues in the same
+/// database ignore it).
+const TASKS_CHANNEL: &str = "patient_tasks_ready";
+
+/// How long a listener whose connection failed waits before connecting
+/// again (the claim loops poll meanwhile).
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
 
 /// The database's clock in milliseconds since the Unix epoch (the
 /// transaction's start), against which every lease is set and judged.
@@ -69,6 +84,10 @@ macro_rules! returning_task {
 #[derive(Clone)]
 pub struct PgDb {
     pool: PgPool,
+    options: PgConnectOptions,
+    /// The schema the queue's tables are in: the payload of its
+    /// notifications.
+    schema: Arc<str>,
     commits: Arc<AtomicU64>,
 }
 
@@ -93,7 +112,7 @@ impl PgDb {
         let pool = PgPoolOptions::new()
             .max_connections(POOL)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('patient_daemon_migration'))")
@@ -101,8 +120,13 @@ impl PgDb {
             .await?;
         sqlx::raw_sql(MIGRATION).execute(&mut *tx).await?;
         tx.commit().await?;
+        let schema: Option<String> = sqlx::query_scalar("SELECT current_schema()")
+            .fetch_one(&pool)
+            .await?;
         Ok(PgDb {
             pool,
+            options,
+            schema: schema.unwrap_or_else(|| "public".to_owned()).into(),
             commits: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -116,6 +140,32 @@ impl PgDb {
         self.commits.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Tells every node listening on this queue that tasks became
+    /// claimable, once `conn`'s transaction commits (at once outside one).
+    async fn notify_tasks(&self, conn: &mut PgConnection) -> Result<(), DbError> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(TASKS_CHANNEL)
+            .bind(&*self.schema)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Listens for the notifications of [`notify_tasks`](Self::notify_tasks)
+    /// on a connection of its own until aborted, and wakes `wake` on each
+    /// (and after each reconnection, for what a lost connection missed).
+    pub fn listen(&self, wake: Arc<tokio::sync::Notify>) -> tokio::task::JoinHandle<()> {
+        let (options, schema) = (self.options.clone(), Arc::clone(&self.schema));
+        tokio::spawn(async move {
+            loop {
+                if let Err(error) = listen_once(&options, &schema, &wake).await {
+                    tracing::warn!(%error, "cannot listen for new tasks; polling meanwhile");
+                }
+                tokio::time::sleep(LISTEN_RETRY).await;
+            }
+        })
+    }
+
     /// Whether the database answers.
     pub async fn ping(&self) -> Result<(), DbError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
@@ -124,8 +174,12 @@ impl PgDb {
 
     /// See [`Db::insert`](super::Db::insert).
     pub async fn insert(&self, tasks: Vec<NewTask>) -> Result<Vec<(TaskRecord, bool)>, DbError> {
+        let claimable = tasks.iter().any(|t| t.record.state == TaskState::Queued);
         let mut tx = self.pool.begin().await?;
         let answer = insert_tasks(&mut tx, tasks).await?;
+        if claimable {
+            self.notify_tasks(&mut tx).await?;
+        }
         tx.commit().await?;
         self.committed();
         Ok(answer)
@@ -284,16 +338,22 @@ impl PgDb {
 
     /// See [`Db::release`](super::Db::release).
     pub async fn release(&self, owner: &str) -> Result<u64, DbError> {
-        self.release_with(sql::RELEASE_TASKS, owner).await
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(sql::RELEASE_TASKS)
+            .bind(owner)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() > 0 {
+            self.notify_tasks(&mut tx).await?;
+        }
+        tx.commit().await?;
+        self.committed();
+        Ok(done.rows_affected())
     }
 
     /// See [`Db::release_deliveries`](super::Db::release_deliveries).
     pub async fn release_deliveries(&self, owner: &str) -> Result<u64, DbError> {
-        self.release_with(sql::RELEASE_DELIVERIES, owner).await
-    }
-
-    async fn release_with(&self, statement: &'static str, owner: &str) -> Result<u64, DbError> {
-        let done = sqlx::query(statement)
+        let done = sqlx::query(sql::RELEASE_DELIVERIES)
             .bind(owner)
             .execute(&self.pool)
             .await?;
@@ -341,6 +401,10 @@ impl PgDb {
         .bind(id)
         .execute(&self.pool)
         .await?;
+        if done.rows_affected() == 1 {
+            let mut conn = self.pool.acquire().await?;
+            self.notify_tasks(&mut conn).await?;
+        }
         self.committed();
         Ok(done.rows_affected() == 1)
     }
@@ -396,6 +460,7 @@ impl PgDb {
         .bind(id)
         .execute(&mut *tx)
         .await?;
+        self.notify_tasks(&mut tx).await?;
         let task = fetch(&mut tx, id).await?;
         tx.commit().await?;
         self.committed();
@@ -541,6 +606,35 @@ impl PgDb {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(task_of).collect()
+    }
+}
+
+/// One listening connection's life: `LISTEN`, then a wake per notification
+/// of this queue's schema and after each reconnection; an error when the
+/// connection fails for good.
+async fn listen_once(
+    options: &PgConnectOptions,
+    schema: &str,
+    wake: &tokio::sync::Notify,
+) -> Result<(), DbError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options.clone())
+        .await?;
+    let mut listener = PgListener::connect_with(&pool).await?;
+    listener.listen(TASKS_CHANNEL).await?;
+    // Anything made claimable before this listened.
+    wake.notify_one();
+    loop {
+        match listener.try_recv().await? {
+            Some(notification) if notification.payload() == schema => wake.notify_one(),
+            Some(_) => {}
+            // Reconnected: what came meanwhile was lost.
+            None => wake.notify_one(),
+        }
     }
 }
 
