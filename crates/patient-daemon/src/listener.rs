@@ -49,6 +49,10 @@ use tower_service::Service;
 /// leaves room for them.
 pub const MAX_CONNECTIONS: u64 = 10_000;
 
+/// How long connections get, once the shutdown timeout has run out and
+/// the streams still open were ended, to send their last bytes.
+const LAST_BYTES: Duration = Duration::from_millis(500);
+
 /// The bounds of the listener (the settings `header_timeout`,
 /// `body_timeout` and `max_connections`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,13 +134,15 @@ impl Listener {
 
     /// Serves `router` until `shutdown` completes, then stops accepting,
     /// lets each connection finish the request in progress for up to
-    /// `grace`, and closes the rest. Returns when every connection is
-    /// closed.
+    /// `grace`, calls `at_deadline` (which ends what streams are still
+    /// open) and gives the connections a moment to send their last bytes,
+    /// then closes the rest. Returns when every connection is closed.
     pub async fn serve(
         self,
         router: Router,
         shutdown: impl Future<Output = ()> + Send,
         grace: impl Fn() -> Duration,
+        at_deadline: impl FnOnce(),
     ) {
         let registry = Arc::new(Registry::new());
         let stopping = Arc::new(Notify::new());
@@ -186,6 +192,10 @@ impl Listener {
         stopping.notify_waiters();
         let drained = tokio::time::timeout(grace(), registry.emptied()).await;
         if drained.is_err() {
+            at_deadline();
+            let _ = tokio::time::timeout(LAST_BYTES, registry.emptied()).await;
+        }
+        if !registry.is_empty() {
             let open = registry.close_all();
             tracing::warn!(
                 open,
@@ -332,6 +342,10 @@ impl Registry {
 
     fn len(&self) -> usize {
         self.lock().len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
     }
 
     fn insert(&self) -> Arc<ConnState> {

@@ -314,7 +314,11 @@ async fn serve(
             })
         }
     };
-    let serving = Listener::new(listener, limits).serve(router, signalled, remaining.clone());
+    let closing = gateway.clone();
+    let serving =
+        Listener::new(listener, limits).serve(router, signalled, remaining.clone(), move || {
+            closing.close_streams()
+        });
     serving.await;
     if let Some(task) = reloading {
         task.abort();

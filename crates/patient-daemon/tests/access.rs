@@ -217,3 +217,28 @@ async fn a_secret_goes_only_to_the_hosts_its_owner_listed() {
         .assert_error(422, "invalid_request");
     assert_eq!(error["field"], "request.params.key");
 }
+
+#[tokio::test]
+async fn proxy_routes_answer_only_their_own_hosts_and_origin_too() {
+    let upstream = Upstream::start().await.unwrap();
+    let config = format!(
+        "[[routes]]\nname = \"open\"\npath_prefix = \"/open/\"\nstrip_prefix = true\nupstreams = [\"http://{}\"]\n",
+        upstream.addr()
+    );
+    let daemon = Daemon::start_with_config(&config, &[]).await;
+    let port = daemon.url.rsplit(':').next().unwrap().to_owned();
+    let url = format!("{}/open/echo", daemon.url);
+    // A page on a rebinding name, or a script on another origin, reaches
+    // nothing behind a route with auth = "none".
+    let rebinding = format!("attacker.example:{port}");
+    call("GET", &url, &[("host", rebinding.as_str())], None)
+        .await
+        .assert_error(403, "forbidden");
+    call("GET", &url, &[("origin", "http://evil.example")], None)
+        .await
+        .assert_error(403, "forbidden");
+    assert_eq!(upstream.requests_to("/echo"), 0);
+    let reply = call("GET", &url, &[], None).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(upstream.requests_to("/echo"), 1);
+}

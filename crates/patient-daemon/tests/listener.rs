@@ -249,3 +249,104 @@ async fn streamed_responses_start_at_once_on_a_kept_alive_connection() {
         "median time to the first byte {median:?} over a kept-alive connection: {first_bytes:?}"
     );
 }
+
+/// A route to `upstream` at `/up/`.
+fn route_config(upstream: &Upstream) -> String {
+    format!(
+        "[[routes]]\nname = \"up\"\npath_prefix = \"/up/\"\nstrip_prefix = true\nupstreams = [\"http://{}\"]\n",
+        upstream.addr()
+    )
+}
+
+#[tokio::test]
+async fn a_proxied_request_body_that_stalls_gets_408_before_any_upstream_call() {
+    let upstream = Upstream::start().await.unwrap();
+    let daemon =
+        Daemon::start_with_config(&route_config(&upstream), &[("PATIENT_BODY_TIMEOUT", "0.5")])
+            .await;
+    let mut stalled = send_raw(
+        &daemon,
+        b"POST /up/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"model\": ",
+    )
+    .await;
+    let read = read_to_close(&mut stalled, Duration::from_secs(5))
+        .await
+        .expect("a stalled body ends within 5 s with body_timeout 0.5 s");
+    let text = String::from_utf8_lossy(&read);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+    assert!(text.contains("\"type\":\"invalid_request\""), "{text}");
+    assert_eq!(upstream.requests_to("/echo"), 0);
+}
+
+#[tokio::test]
+async fn a_stream_still_open_when_the_shutdown_timeout_ends_gets_an_error_event() {
+    let upstream = Upstream::start().await.unwrap();
+    let daemon = Daemon::start_with_config(
+        &route_config(&upstream),
+        &[("PATIENT_SHUTDOWN_TIMEOUT", "1")],
+    )
+    .await;
+    let addr = daemon.url.trim_start_matches("http://").to_owned();
+    let stream = TcpStream::connect(&addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let body = json!({"model": "m", "stream": true,
+        "messages": [{"role": "user", "content": "one two three four five six seven eight"}]})
+    .to_string();
+    let request = http::Request::post("/up/v1/chat/completions?interval_ms=700")
+        .header("host", &addr)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let reading = tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        let mut body = response.into_body();
+        let mut text = String::new();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => {
+                    if let Some(data) = frame.data_ref() {
+                        text.push_str(&String::from_utf8_lossy(data));
+                    }
+                }
+                Err(e) => {
+                    text.push_str(&format!("\n<cut: {e}>"));
+                    break;
+                }
+            }
+        }
+        text
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    daemon.stop().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the stop took {:?} with shutdown_timeout 1 s",
+        started.elapsed()
+    );
+    let text = tokio::time::timeout(Duration::from_secs(5), reading)
+        .await
+        .expect("the stream ends")
+        .unwrap();
+    let last = text
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .last()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        last.starts_with("data: {\"error\"") && last.contains("stopping"),
+        "the stream ends with an error event: {text}"
+    );
+    assert!(!text.contains("[DONE]"), "{text}");
+}

@@ -59,7 +59,12 @@ pub(crate) struct StreamSetup {
     pub(crate) ctx: ProxyContext,
     pub(crate) status: u16,
     pub(crate) attempts: u32,
+    /// Turns true when the daemon stops: the stream ends at once.
+    pub(crate) closing: tokio::sync::watch::Receiver<bool>,
 }
+
+/// A future that completes once the daemon stops.
+type Closing = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
 
 /// The response body of a streamed request.
 pub struct ProxyBody {
@@ -90,6 +95,7 @@ struct State {
     events: u64,
     event_latency: Histogram,
     scratch: Vec<SseEvent>,
+    closing: Option<Closing>,
 }
 
 impl ProxyBody {
@@ -103,7 +109,11 @@ impl ProxyBody {
             ctx,
             status,
             attempts,
+            mut closing,
         } = setup;
+        let closing: Closing = Box::pin(async move {
+            let _ = closing.wait_for(|closed| *closed).await;
+        });
         let event_latency = route.metrics.event_latency().clone();
         let (splitter, first_timer, gap_timer) = if event_stream {
             (
@@ -137,6 +147,7 @@ impl ProxyBody {
                 events: 0,
                 event_latency,
                 scratch: Vec::new(),
+                closing: Some(closing),
             })),
         }
     }
@@ -371,6 +382,18 @@ impl Body for ProxyBody {
                     state.finish(false);
                 }
                 return Poll::Ready(fatal.map(Err));
+            }
+            if let Some(closing) = &mut s.closing {
+                if closing.as_mut().poll(cx).is_ready() {
+                    s.closing = None;
+                    s.cut(
+                        "shutdown",
+                        error_type::UPSTREAM_UNAVAILABLE,
+                        "the gateway is stopping; the stream was ended before the upstream finished it"
+                            .to_owned(),
+                    );
+                    continue;
+                }
             }
             if let Some(timer) = &mut s.first_timer {
                 if timer.as_mut().poll(cx).is_ready() {

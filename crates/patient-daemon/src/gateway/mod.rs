@@ -154,6 +154,9 @@ struct Shared {
     metrics: GatewayMetrics,
     secrets: BTreeMap<String, String>,
     api_token: Option<ApiToken>,
+    /// Set when the daemon stops: every stream still open ends with an
+    /// error event.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// The gateway: its routes, the engine they share, its hooks and metrics.
@@ -234,6 +237,7 @@ impl GatewayBuilder {
                 metrics,
                 secrets: self.secrets,
                 api_token: self.api_token,
+                closing: tokio::sync::watch::Sender::new(false),
             }),
         })
     }
@@ -265,10 +269,19 @@ impl Gateway {
         }
     }
 
+    /// Ends every stream still open with an error event (a cut-off body
+    /// for a stream that is not an event stream), and every stream opened
+    /// from now on at its first poll: what a stopping daemon does once its
+    /// shutdown timeout has run out.
+    pub fn close_streams(&self) {
+        self.shared.closing.send_replace(true);
+    }
+
     /// Replaces the routes (on SIGHUP): requests in flight finish on the
     /// routes they started with; connections are not dropped. The new
     /// routes are checked as at start (the API token stays the one the
     /// gateway was built with). On an error the routes stay as they were.
+
     pub fn reload(&self, routes: &[RouteSettings]) -> Result<(), GatewayError> {
         let table = build_table(
             routes,
@@ -424,6 +437,19 @@ impl Gateway {
                         "the request body is over the {cap} bytes route {name:?} accepts (max_request_body)"
                     ),
                 )
+            }
+            Err(BodyError::TimedOut(e)) => {
+                let mut response = fail(
+                    &mut ctx,
+                    StatusCode::REQUEST_TIMEOUT,
+                    error_type::INVALID_REQUEST,
+                    format!("cannot read the request body: {e}"),
+                );
+                // The rest of the body will not be read.
+                response
+                    .extensions_mut()
+                    .insert(crate::listener::CloseConnection);
+                return response;
             }
             Err(BodyError::Read(e)) => {
                 return fail(
@@ -658,6 +684,7 @@ impl Gateway {
                     ctx,
                     status: status.as_u16(),
                     attempts,
+                    closing: self.shared.closing.subscribe(),
                 }))
             }
         };
@@ -826,6 +853,7 @@ fn wire_method(method: &http::Method) -> Option<Method> {
 
 enum BodyError {
     TooLarge,
+    TimedOut(String),
     Read(String),
 }
 
@@ -835,6 +863,7 @@ async fn read_body(body: Body, cap: usize) -> Result<Bytes, BodyError> {
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
+        Err(e) if crate::listener::is_body_timeout(&*e) => Err(BodyError::TimedOut(e.to_string())),
         Err(e) => Err(BodyError::Read(e.to_string())),
     }
 }
