@@ -281,7 +281,6 @@ impl Gateway {
     /// routes they started with; connections are not dropped. The new
     /// routes are checked as at start (the API token stays the one the
     /// gateway was built with). On an error the routes stay as they were.
-
     pub fn reload(&self, routes: &[RouteSettings]) -> Result<(), GatewayError> {
         let table = build_table(
             routes,
