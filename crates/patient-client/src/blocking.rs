@@ -27,7 +27,7 @@ use crate::{
     client::{Core, DaemonClient},
     error::ClientError,
     submit::Submit,
-    task::TaskInfo,
+    TaskInfo,
 };
 
 type Answer = Result<TaskInfo, ClientError>;

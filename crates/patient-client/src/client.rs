@@ -15,7 +15,7 @@ use crate::{
     blocking::Worker,
     error::ClientError,
     submit::{Deliver, Submit},
-    task::{ListFilter, TaskInfo, TaskList},
+    ListFilter, TaskInfo, TaskList,
 };
 
 /// The environment variable [`DaemonClient::from_env`] reads the daemon's
@@ -170,19 +170,10 @@ fn to_body<T: Serialize>(value: &T) -> Result<Vec<u8>, ClientError> {
 /// The error an error answer describes: the contract's
 /// `{"error": {"code", "message", "field"}}`, or an unexpected answer.
 fn error_answer(status: u16, body: &[u8]) -> ClientError {
-    #[derive(Deserialize)]
-    struct Answer {
-        error: ErrorBody,
-    }
-    #[derive(Deserialize)]
-    struct ErrorBody {
-        code: String,
-        message: String,
-        #[serde(default)]
-        field: Option<String>,
-    }
-    match serde_json::from_slice::<Answer>(body) {
-        Ok(Answer { error }) => ClientError::api(status, error.code, error.message, error.field),
+    match serde_json::from_slice::<patient_api::ErrorBody>(body) {
+        Ok(patient_api::ErrorBody { error }) => {
+            ClientError::api(status, error.code, error.message, error.field)
+        }
         Err(_) => {
             let text = String::from_utf8_lossy(body);
             let text: String = text.chars().take(200).collect();

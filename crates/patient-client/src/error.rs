@@ -4,7 +4,7 @@ use std::{error::Error as StdError, fmt, time::Duration};
 
 use patient_http::client::TransportError;
 
-use crate::task::TaskState;
+use patient_api::TaskState;
 
 /// Why a call to the daemon failed: the daemon's error answer (with the
 /// contract's `code`, `message`, `field` and the HTTP status), a transport

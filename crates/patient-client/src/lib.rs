@@ -54,12 +54,11 @@ mod blocking;
 mod client;
 mod error;
 mod submit;
-mod task;
 
 pub use client::{DaemonClient, DaemonClientBuilder, DEFAULT_URL, TOKEN_ENV, URL_ENV};
 pub use error::ClientError;
-pub use submit::{Deliver, Submit, DEFAULT_SIDEKIQ_WORKER};
-pub use task::{
+pub use patient_api::{
     AttemptInfo, DeliveryChannel, DeliveryInfo, DeliveryState, ListFilter, OutcomeEvent,
     OutcomeType, TaskInfo, TaskList, TaskState,
 };
+pub use submit::{Deliver, Submit, DEFAULT_SIDEKIQ_WORKER};

@@ -223,7 +223,7 @@ pub fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            patient_api::code::UNSUPPORTED_MEDIA_TYPE,
             "the body has no Content-Type; send the header Content-Type: application/json",
         ));
     };
@@ -240,7 +240,7 @@ pub fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     } else {
         Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            patient_api::code::UNSUPPORTED_MEDIA_TYPE,
             format!(
                 "the body must be application/json, not {essence} (send the header Content-Type: application/json)"
             ),

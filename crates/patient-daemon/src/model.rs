@@ -3,72 +3,11 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use patient_api::{DeliveryState, TaskState};
 use serde_json::{json, Map, Value};
 
 /// The worker a Sidekiq delivery names when the submit does not.
 pub const DEFAULT_SIDEKIQ_WORKER: &str = "PatientHttp::Sidekiq::CallbackWorker";
-
-/// A task's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TaskState {
-    /// Waiting for its `not_before` (a delay, or a retry's backoff).
-    Scheduled,
-    /// Due: waiting for a worker.
-    Queued,
-    /// An attempt is running on a node holding its lease.
-    Running,
-    /// Finished with a response.
-    Completed,
-    /// Finished with an error.
-    Failed,
-    /// Cancelled before it finished.
-    Cancelled,
-}
-
-impl TaskState {
-    /// Every state, as the API names them.
-    pub const NAMES: [&'static str; 6] = [
-        "scheduled",
-        "queued",
-        "running",
-        "completed",
-        "failed",
-        "cancelled",
-    ];
-
-    /// The API's name of the state.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskState::Scheduled => "scheduled",
-            TaskState::Queued => "queued",
-            TaskState::Running => "running",
-            TaskState::Completed => "completed",
-            TaskState::Failed => "failed",
-            TaskState::Cancelled => "cancelled",
-        }
-    }
-
-    /// The state of an API name.
-    pub fn from_name(name: &str) -> Option<TaskState> {
-        Some(match name {
-            "scheduled" => TaskState::Scheduled,
-            "queued" => TaskState::Queued,
-            "running" => TaskState::Running,
-            "completed" => TaskState::Completed,
-            "failed" => TaskState::Failed,
-            "cancelled" => TaskState::Cancelled,
-            _ => return None,
-        })
-    }
-
-    /// Whether the task has ended.
-    pub fn is_finished(self) -> bool {
-        matches!(
-            self,
-            TaskState::Completed | TaskState::Failed | TaskState::Cancelled
-        )
-    }
-}
 
 /// Where a task's outcome goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,42 +143,6 @@ impl Deliver {
                 "is not a channel: use webhook, redis or sidekiq",
             ),
         }
-    }
-}
-
-/// A delivery's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeliveryState {
-    /// Not delivered yet (or being retried).
-    Pending,
-    /// Delivered.
-    Delivered,
-    /// Every attempt failed; kept for `redeliver`.
-    Failed,
-    /// The task has no channel.
-    None,
-}
-
-impl DeliveryState {
-    /// The API's name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeliveryState::Pending => "pending",
-            DeliveryState::Delivered => "delivered",
-            DeliveryState::Failed => "failed",
-            DeliveryState::None => "none",
-        }
-    }
-
-    /// The state of an API name.
-    pub fn from_name(name: &str) -> Option<DeliveryState> {
-        Some(match name {
-            "pending" => DeliveryState::Pending,
-            "delivered" => DeliveryState::Delivered,
-            "failed" => DeliveryState::Failed,
-            "none" => DeliveryState::None,
-            _ => return None,
-        })
     }
 }
 

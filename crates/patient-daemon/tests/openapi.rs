@@ -503,3 +503,54 @@ async fn the_submit_schema_matches_what_the_daemon_accepts_and_refuses() {
     reply.assert_error(422, "invalid_request");
     daemon.stop().await.unwrap();
 }
+
+/// The names the document lists are the typed contract's (`patient-api`),
+/// which the daemon writes and `patient-client` reads: error codes, task
+/// states, delivery states and channels.
+#[test]
+fn the_documents_names_are_the_typed_contracts() {
+    let doc = document();
+    let schemas = &doc["components"]["schemas"];
+    let names = |value: &Value| -> Vec<String> {
+        let mut names: Vec<String> = value["enum"]
+            .as_array()
+            .unwrap_or_else(|| panic!("an enum: {value}"))
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let sorted = |list: &[&str]| -> Vec<String> {
+        let mut list: Vec<String> = list.iter().map(|s| (*s).to_owned()).collect();
+        list.sort();
+        list
+    };
+    assert_eq!(
+        names(&schemas["Error"]["properties"]["error"]["properties"]["code"]),
+        sorted(&patient_api::code::ALL),
+        "error codes"
+    );
+    assert_eq!(
+        names(&schemas["State"]),
+        sorted(&patient_api::TaskState::NAMES),
+        "task states"
+    );
+    let delivery = resolve(&doc, &schemas["Task"]["properties"]["delivery"]);
+    for (field, expected) in [
+        ("state", ["pending", "delivered", "failed", "none"]),
+        ("channel", ["webhook", "redis", "sidekiq", "none"]),
+    ] {
+        let listed = names(resolve(&doc, &delivery["properties"][field]));
+        for name in expected {
+            let parsed = match field {
+                "state" => serde_json::from_value::<patient_api::DeliveryState>(Value::from(name))
+                    .map(|s| s.as_str().to_owned()),
+                _ => serde_json::from_value::<patient_api::DeliveryChannel>(Value::from(name))
+                    .map(|c| c.as_str().to_owned()),
+            };
+            assert_eq!(parsed.unwrap(), name);
+        }
+        assert_eq!(listed, sorted(&expected), "delivery {field}");
+    }
+}

@@ -29,8 +29,12 @@ pub(super) fn check_token(app: &App, request: &Request, hint: &str) -> Result<()
     if admitted {
         return Ok(());
     }
-    let mut response =
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", hint).into_response();
+    let mut response = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        patient_api::code::UNAUTHORIZED,
+        hint,
+    )
+    .into_response();
     response.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         header::HeaderValue::from_static("Bearer"),

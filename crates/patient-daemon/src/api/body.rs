@@ -19,7 +19,7 @@ pub(super) async fn json_body(app: &App, request: Request) -> Result<Value, ApiE
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            patient_api::code::PAYLOAD_TOO_LARGE,
             format!("the body is larger than max_body ({max} bytes)"),
         )
     };
@@ -40,14 +40,14 @@ pub(super) async fn json_body(app: &App, request: Request) -> Result<Value, ApiE
     if bytes.is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid_json",
+            patient_api::code::INVALID_JSON,
             "the body is empty; send a JSON object",
         ));
     }
     serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid_json",
+            patient_api::code::INVALID_JSON,
             format!("the body is not JSON: {e}"),
         )
     })

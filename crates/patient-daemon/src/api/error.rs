@@ -6,8 +6,9 @@ use axum::{
     http::{header, StatusCode},
     response::{IntoResponse, Response},
 };
+use patient_api::{code, ErrorBody};
 use patient_store::StoreError;
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 use crate::db::DbError;
 
@@ -35,7 +36,7 @@ impl ApiError {
         let field = field.into();
         ApiError {
             status: StatusCode::UNPROCESSABLE_ENTITY,
-            code: "invalid_request",
+            code: code::INVALID_REQUEST,
             message: format!("{field}: {}", message.as_ref()),
             field: Some(field),
         }
@@ -43,14 +44,14 @@ impl ApiError {
 
     /// `403 forbidden`.
     pub(crate) fn forbidden(message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+        ApiError::new(StatusCode::FORBIDDEN, code::FORBIDDEN, message)
     }
 
     /// `408 request_timeout`: the request body stopped coming.
     pub(crate) fn body_timeout(e: &dyn std::error::Error) -> Self {
         ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
+            code::REQUEST_TIMEOUT,
             e.to_string(),
         )
     }
@@ -59,20 +60,20 @@ impl ApiError {
     /// guard refuses.
     pub(crate) fn egress_denied(field: impl Into<String>, message: impl AsRef<str>) -> Self {
         ApiError {
-            code: "egress_denied",
+            code: code::EGRESS_DENIED,
             ..ApiError::invalid(field, message)
         }
     }
 
     pub(crate) fn not_found(what: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", what)
+        ApiError::new(StatusCode::NOT_FOUND, code::NOT_FOUND, what)
     }
 
     pub(crate) fn unavailable(e: &DbError) -> Self {
         tracing::error!(error = %e, "the store failed");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            code::UNAVAILABLE,
             "the task store is unavailable; nothing was changed",
         )
     }
@@ -83,7 +84,7 @@ impl ApiError {
         tracing::error!(error = %e, "the payload store failed");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            code::UNAVAILABLE,
             format!("a payload of the task cannot be stored or loaded: {e}"),
         )
     }
@@ -91,7 +92,9 @@ impl ApiError {
     pub(crate) fn from_db(e: DbError) -> Self {
         match e {
             DbError::NotFound(id) => ApiError::not_found(format!("no task {id}")),
-            DbError::Conflict(message) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+            DbError::Conflict(message) => {
+                ApiError::new(StatusCode::CONFLICT, code::CONFLICT, message)
+            }
             other => ApiError::unavailable(&other),
         }
     }
@@ -109,13 +112,17 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut error = Map::new();
-        error.insert("code".into(), self.code.into());
-        error.insert("message".into(), self.message.into());
-        if let Some(field) = self.field {
-            error.insert("field".into(), field.into());
-        }
-        let mut response = json_response(self.status, &json!({ "error": Value::Object(error) }));
+        let mut body = ErrorBody::new(self.code, self.message);
+        body.error.field = self.field;
+        let mut response = match serde_json::to_vec(&body) {
+            Ok(bytes) => Response::new(Body::from(bytes)),
+            Err(_) => Response::new(Body::empty()),
+        };
+        *response.status_mut() = self.status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
         if self.status == StatusCode::REQUEST_TIMEOUT {
             // The rest of the body will not be read.
             response

@@ -55,7 +55,7 @@ async fn not_found(request: Request) -> ApiError {
 async fn method_not_allowed(request: Request) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        patient_api::code::METHOD_NOT_ALLOWED,
         format!(
             "{} is not allowed on {}",
             request.method(),

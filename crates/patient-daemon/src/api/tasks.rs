@@ -543,7 +543,7 @@ async fn list(State(app): State<Arc<App>>, request: Request) -> ApiResult {
     {
         match key.as_ref() {
             "state" => {
-                query.state = Some(TaskState::from_name(&value).ok_or_else(|| {
+                query.state = Some(value.parse::<TaskState>().ok().ok_or_else(|| {
                     ApiError::invalid(
                         "state",
                         format!("{value:?} is not one of {}", TaskState::NAMES.join(", ")),

@@ -558,7 +558,9 @@ fn json_column(row: &impl Columns, column: &str) -> Result<Value, DbError> {
 /// [`select_task!`]'s columns.
 pub(crate) fn task_of(row: &impl Columns) -> Result<TaskRecord, DbError> {
     let state = row.text("state")?;
-    let state = TaskState::from_name(&state)
+    let state = state
+        .parse::<TaskState>()
+        .ok()
         .ok_or_else(|| DbError::Backend(format!("unknown task state {state:?}")))?;
     let deliver = json_column(row, "deliver")?;
     let deliver = Deliver::from_json(Some(&deliver))
@@ -575,7 +577,9 @@ pub(crate) fn task_of(row: &impl Columns) -> Result<TaskRecord, DbError> {
     let delivery = match row.opt_text("d_state")? {
         None => None,
         Some(name) => Some(DeliveryRecord {
-            state: DeliveryState::from_name(&name)
+            state: name
+                .parse::<DeliveryState>()
+                .ok()
                 .ok_or_else(|| DbError::Backend(format!("unknown delivery state {name:?}")))?,
             attempts: u32::try_from(row.int("d_attempts")?).unwrap_or(0),
             last_error: row.opt_text("d_last_error")?,

@@ -14,7 +14,6 @@ use serde_json::{Map, Value};
 /// A task's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-#[non_exhaustive]
 pub enum TaskState {
     /// Waiting for its time (a delay, `not_before`, or a retry's backoff).
     Scheduled,
@@ -154,7 +153,6 @@ pub struct AttemptInfo {
 /// A delivery channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-#[non_exhaustive]
 pub enum DeliveryChannel {
     /// A webhook.
     Webhook,
@@ -187,7 +185,6 @@ impl fmt::Display for DeliveryChannel {
 /// A delivery's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-#[non_exhaustive]
 pub enum DeliveryState {
     /// Not delivered yet (or being retried).
     Pending,
@@ -208,6 +205,21 @@ impl DeliveryState {
             DeliveryState::Failed => "failed",
             DeliveryState::None => "none",
         }
+    }
+}
+
+impl std::str::FromStr for DeliveryState {
+    type Err = String;
+
+    /// A delivery state from its API name.
+    fn from_str(s: &str) -> Result<DeliveryState, String> {
+        Ok(match s {
+            "pending" => DeliveryState::Pending,
+            "delivered" => DeliveryState::Delivered,
+            "failed" => DeliveryState::Failed,
+            "none" => DeliveryState::None,
+            other => return Err(format!("{other:?} is not a delivery state")),
+        })
     }
 }
 
@@ -235,7 +247,6 @@ pub struct DeliveryInfo {
 
 /// Which outcome an event carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[non_exhaustive]
 pub enum OutcomeType {
     /// `task.completed`: the request produced a response.
     #[serde(rename = "task.completed")]
@@ -306,10 +317,11 @@ pub struct TaskList {
     pub next_cursor: Option<String>,
 }
 
-/// Which tasks [`DaemonClient::list`](crate::DaemonClient::list) returns.
+/// Which tasks `GET /v1/tasks` returns (`patient_client::DaemonClient::list`
+/// takes it).
 ///
 /// ```
-/// use patient_client::{ListFilter, TaskState};
+/// use patient_api::{ListFilter, TaskState};
 ///
 /// let filter = ListFilter::new().state(TaskState::Failed).limit(20);
 /// assert_eq!(filter.query(), "state=failed&limit=20");
