@@ -67,23 +67,30 @@ async fn a_request_head_sent_halfway_is_closed_after_header_timeout() {
     );
 }
 
-#[tokio::test]
-async fn a_request_body_that_stalls_gets_408_and_its_connection_closed() {
-    let daemon = Daemon::start(&[("PATIENT_BODY_TIMEOUT", "0.5")]).await;
-    let mut stalled = send_raw(
-        &daemon,
-        b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{\"request\": ",
-    )
-    .await;
+/// Posts to `path` a JSON body that declares 1 MB and stops after a few
+/// bytes; the answer, which must be a `408` that closes the connection
+/// (with `body_timeout` 0.5 s, within 5 s).
+async fn stall_body(daemon: &Daemon, path: &str) -> String {
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{{\"a\": "
+    );
+    let mut stalled = send_raw(daemon, head.as_bytes()).await;
     let read = read_to_close(&mut stalled, Duration::from_secs(5))
         .await
         .expect("a stalled body ends within 5 s with body_timeout 0.5 s");
-    let text = String::from_utf8_lossy(&read);
+    let text = String::from_utf8_lossy(&read).into_owned();
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(
         text.to_ascii_lowercase().contains("connection: close"),
         "{text}"
     );
+    text
+}
+
+#[tokio::test]
+async fn a_request_body_that_stalls_gets_408_and_its_connection_closed() {
+    let daemon = Daemon::start(&[("PATIENT_BODY_TIMEOUT", "0.5")]).await;
+    let text = stall_body(&daemon, "/v1/tasks").await;
     assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
     // Nothing was stored.
     let list = daemon.get("/v1/tasks").await.json();
@@ -264,20 +271,7 @@ async fn a_proxied_request_body_that_stalls_gets_408_before_any_upstream_call() 
     let daemon =
         Daemon::start_with_config(&route_config(&upstream), &[("PATIENT_BODY_TIMEOUT", "0.5")])
             .await;
-    let mut stalled = send_raw(
-        &daemon,
-        b"POST /up/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"model\": ",
-    )
-    .await;
-    let read = read_to_close(&mut stalled, Duration::from_secs(5))
-        .await
-        .expect("a stalled body ends within 5 s with body_timeout 0.5 s");
-    let text = String::from_utf8_lossy(&read);
-    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
-    assert!(
-        text.to_ascii_lowercase().contains("connection: close"),
-        "{text}"
-    );
+    let text = stall_body(&daemon, "/up/echo").await;
     assert!(text.contains("\"type\":\"invalid_request\""), "{text}");
     assert_eq!(upstream.requests_to("/echo"), 0);
 }
