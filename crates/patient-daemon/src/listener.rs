@@ -10,6 +10,9 @@
 //! * `body_timeout`: the longest wait between two reads of a request body;
 //!   past it the body fails with [`BodyTimedOut`], which the API and the
 //!   gateway answer with `408` and `Connection: close`.
+//! * `send_timeout`: a client that takes nothing of a response for that
+//!   long (a full socket buffer that does not drain) has its connection
+//!   closed, so a client that asks and never reads cannot hold a place.
 //! * `max_connections`: at the cap, the connection that has waited longest
 //!   for a request head is closed to make room, so a flood of half-sent
 //!   requests cannot lock real clients out; when every connection is busy
@@ -62,6 +65,8 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// The longest wait between two reads of a request body.
     pub body_timeout: Duration,
+    /// The longest a response may wait for the client to take more of it.
+    pub send_timeout: Duration,
     /// Open client connections at most.
     pub max_connections: usize,
 }
@@ -253,7 +258,10 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(
+            TokioIo::new(SendTimed::new(stream, limits.send_timeout)),
+            service,
+        );
     tokio::pin!(connection);
     // Registered before the flag is read, so a shutdown between the two is
     // not missed.
@@ -517,5 +525,95 @@ impl http_body::Body for IdleWhenDone {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// A client socket whose writes fail with `TimedOut` once one has waited
+/// `timeout` for the client to take anything (its receive window stays
+/// full): hyper then closes the connection.
+struct SendTimed {
+    stream: tokio::net::TcpStream,
+    timeout: Duration,
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl SendTimed {
+    fn new(stream: tokio::net::TcpStream, timeout: Duration) -> SendTimed {
+        SendTimed {
+            stream,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// A write that could not go on: arms the clock, or fails when it ran
+    /// out.
+    fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let timeout = self.timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client took nothing of the response for {:.3}s (send_timeout)",
+                    timeout.as_secs_f64()
+                ),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for SendTimed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SendTimed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.stream).poll_write(cx, buf) {
+            Poll::Pending => self.pending(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.stream).poll_write_vectored(cx, bufs) {
+            Poll::Pending => self.pending(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

@@ -278,6 +278,7 @@ async fn serve(
     let limits = Limits {
         header_timeout: app.settings.header_timeout(),
         body_timeout: app.settings.body_timeout(),
+        send_timeout: app.settings.send_timeout(),
         max_connections: usize::try_from(app.settings.max_connections()).unwrap_or(usize::MAX),
     };
     let access = AccessLayer::new(AccessRules::new(

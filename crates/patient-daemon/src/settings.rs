@@ -369,6 +369,9 @@ pub struct Settings {
     /// Seconds a request body may go without sending anything (30), on the
     /// API and on proxy routes: `408` and the connection is closed.
     pub body_timeout: f64,
+    /// Seconds a response may wait for the client to take more of it (60):
+    /// past it the connection is closed.
+    pub send_timeout: f64,
     /// Open client connections at most; at the cap, the one that has waited
     /// longest for its request head is closed to make room. Unset: 10000,
     /// or half the open-files limit when that is less.
@@ -421,6 +424,7 @@ impl fmt::Debug for Settings {
             .field("allowed_hosts", &self.allowed_hosts)
             .field("header_timeout", &self.header_timeout)
             .field("body_timeout", &self.body_timeout)
+            .field("send_timeout", &self.send_timeout)
             .field("max_connections", &self.max_connections)
             .field("max_batch", &self.max_batch)
             .field("lease", &self.lease)
@@ -464,6 +468,7 @@ impl Default for Settings {
             allowed_hosts: None,
             header_timeout: 10.0,
             body_timeout: 30.0,
+            send_timeout: 60.0,
             max_connections: None,
             max_batch: 1000,
             lease: 30.0,
@@ -744,6 +749,7 @@ impl Settings {
             ("shutdown_timeout", self.shutdown_timeout, 0.0, 86_400.0),
             ("header_timeout", self.header_timeout, 0.001, 3600.0),
             ("body_timeout", self.body_timeout, 0.001, 86_400.0),
+            ("send_timeout", self.send_timeout, 0.001, 86_400.0),
             ("lease", self.lease, 1.0, 86_400.0),
             ("retention", self.retention, 0.0, 10.0 * 365.0 * 86_400.0),
             ("retry.base_delay", self.retry.base_delay, 0.0, 86_400.0),
@@ -1080,6 +1086,11 @@ impl Settings {
     /// `body_timeout` as a duration.
     pub fn body_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.body_timeout)
+    }
+
+    /// `send_timeout` as a duration.
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.send_timeout)
     }
 
     /// `max_connections`, or its default for this process's open-files

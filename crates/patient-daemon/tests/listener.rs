@@ -344,3 +344,28 @@ async fn a_stream_still_open_when_the_shutdown_timeout_ends_gets_an_error_event(
     );
     assert!(!text.contains("[DONE]"), "{text}");
 }
+
+#[tokio::test]
+async fn a_client_that_asks_and_never_reads_is_closed_after_send_timeout() {
+    let upstream = Upstream::start().await.unwrap();
+    let config = format!("{}max_response_body = 0\n", route_config(&upstream));
+    let daemon = Daemon::start_with_config(&config, &[("PATIENT_SEND_TIMEOUT", "0.5")]).await;
+    const SIZE: usize = 32 * 1024 * 1024;
+    let request = format!("GET /up/bytes?n={SIZE} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut reader = send_raw(&daemon, request.as_bytes()).await;
+    // Read nothing while the daemon fills the socket, well past the timeout.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let read = read_to_close(&mut reader, Duration::from_secs(10))
+        .await
+        .expect("the connection is closed");
+    assert!(
+        read.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&read[..read.len().min(200)])
+    );
+    assert!(
+        read.len() < SIZE,
+        "the whole body came ({} bytes): the daemon waited for a client that did not read",
+        read.len()
+    );
+}

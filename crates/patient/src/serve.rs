@@ -25,6 +25,7 @@ the API on 127.0.0.1:8750. docs/patient.toml documents every setting:
   allowed_hosts     PATIENT_ALLOWED_HOSTS     loopback listener: localhost, 127.0.0.1, [::1]; else any
   header_timeout    PATIENT_HEADER_TIMEOUT    10 (seconds; also the keep-alive idle limit)
   body_timeout      PATIENT_BODY_TIMEOUT      30 (seconds between reads of a body)
+  send_timeout      PATIENT_SEND_TIMEOUT      60 (seconds a response waits for its client)
   max_connections   PATIENT_MAX_CONNECTIONS   10000, or half the open-files limit
   max_batch         PATIENT_MAX_BATCH         1000
   lease             PATIENT_LEASE             30 (seconds)
