@@ -1,13 +1,18 @@
 //! What an operator's `tracing` subscriber sees of the daemon, recorded by
 //! a test layer: a `task` span per step with the engine's `attempt` spans
-//! as its children and a `delivery` span per try with the message id, with
-//! no secret value in any field.
+//! as its children, a `delivery` span per try with the message id, and a
+//! `proxied_request` span that a streamed response keeps open until its
+//! end, with no secret value in any field.
 
 mod common;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
+use bytes::Bytes;
 use common::{wait_for, Daemon, Receiver, TempDir, WAIT};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use patient_testkit::{
     spans::{RecordedSpan, SpanRecorder},
     Upstream,
@@ -128,4 +133,98 @@ async fn a_task_step_its_attempts_and_its_deliveries_are_spans_without_secrets()
     }
     daemon.stop().await.unwrap();
     drop(dir);
+}
+
+/// A request whose response body is read as it comes.
+async fn open(url: &str, headers: &[(&str, &str)]) -> (http::response::Parts, Incoming) {
+    let url = url::Url::parse(url).unwrap();
+    let authority = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+    let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let path = format!("{}?{}", url.path(), url.query().unwrap_or_default());
+    let mut request = http::Request::builder()
+        .method("GET")
+        .uri(path)
+        .header("host", &authority);
+    for (n, v) in headers {
+        request = request.header(*n, *v);
+    }
+    let response = sender
+        .send_request(request.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    response.into_parts()
+}
+
+/// The next data frame of a body, `None` at its end.
+async fn next_data(body: &mut Incoming) -> Option<Bytes> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("a frame within 10 s")?
+            .expect("the body does not fail");
+        if let Ok(data) = frame.into_data() {
+            if !data.is_empty() {
+                return Some(data);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_streamed_proxied_request_keeps_its_span_open_until_the_stream_ends() {
+    let (recorder, _guard) = SpanRecorder::install();
+    let upstream = Upstream::start().await.unwrap();
+    let config = format!(
+        "[[routes]]\nname = \"r\"\npath_prefix = \"/up/\"\nstrip_prefix = true\nupstreams = [\"http://{}\"]\n",
+        upstream.addr()
+    );
+    let daemon = Daemon::start_with_config(&config, &[]).await;
+    let feed = upstream.feed("s");
+    let (parts, mut body) = open(
+        &format!(
+            "{}/up/feed?key=s&content-type=text/event-stream",
+            daemon.url
+        ),
+        &[("accept", "text/event-stream"), ("x-request-id", "rid-1")],
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert!(feed.send("data: {\"n\":0}\n\n").await);
+    assert_eq!(next_data(&mut body).await.unwrap(), "data: {\"n\":0}\n\n");
+
+    // Mid-stream: the request's span is open, its attempt is its child.
+    let request = recorder.one("proxied_request");
+    assert!(!request.closed, "open while the stream runs: {request:#?}");
+    assert_eq!(request.parent, None);
+    assert_eq!(request.field("route"), Some("r"));
+    assert_eq!(request.field("http.request.method"), Some("GET"));
+    assert_eq!(request.field("url.path"), Some("/up/feed"));
+    assert_eq!(request.field("http.response.status_code"), Some("200"));
+    assert_eq!(
+        request.field("upstream"),
+        Some(format!("http://{}", upstream.addr()).as_str())
+    );
+    let request_id = request.field("request.id").unwrap();
+    assert_eq!(request_id.len(), 32, "the gateway's own id: {request_id}");
+    let attempts = recorder.children_of(&request);
+    assert_eq!(attempts.len(), 1, "{attempts:#?}");
+    assert_eq!(attempts[0].name, "attempt");
+    assert_eq!(attempts[0].field("attempt"), Some("1"));
+    assert_eq!(attempts[0].field("http.response.status_code"), Some("200"));
+
+    // The stream ends: the span closes.
+    assert!(feed.send("data: [DONE]\n\n").await);
+    drop(feed);
+    assert_eq!(next_data(&mut body).await.unwrap(), "data: [DONE]\n\n");
+    assert_eq!(next_data(&mut body).await, None);
+    settled(&recorder, "proxied_request", 1, |s| s.closed).await;
+    assert_eq!(
+        recorder.named("proxied_request")[0].field("error.type"),
+        None
+    );
+    daemon.stop().await.unwrap();
 }
