@@ -11,6 +11,11 @@
 //! delivery with that `webhook-id`): once a retry has given the task a new
 //! outcome, the answer to the old outcome's message, still in flight, is
 //! nobody's and changes nothing.
+//!
+//! Each try runs in a `tracing` span `delivery` (level INFO) with the
+//! fields `task.id`, `message.id` (the `webhook-id`, from which a Sidekiq
+//! `jid` is made), `channel`, `delivery.attempt` (this try's number) and,
+//! when it ends, `result`: `delivered`, `retry` or `failed`.
 
 use std::{
     collections::HashMap,
@@ -26,6 +31,7 @@ use http::{HeaderMap, HeaderValue, Method};
 use patient_http::client::{HttpClient, OutgoingRequest};
 use serde_json::{json, Value};
 use tokio::sync::{Notify, Semaphore};
+use tracing::Instrument;
 
 use crate::{
     db::{Db, DbError, DeliveryResult, DueDelivery},
@@ -218,13 +224,24 @@ impl Deliverer {
         };
         let key = self.next_run.fetch_add(1, Ordering::Relaxed);
         let this = Arc::clone(self);
+        let span = tracing::info_span!(
+            "delivery",
+            "task.id" = %due.task.id,
+            "message.id" = %due.delivery.message_id,
+            channel = due.task.deliver.channel(),
+            "delivery.attempt" = due.delivery.attempts.saturating_add(1),
+            result = tracing::field::Empty,
+        );
         let mut running = lock(&self.running);
-        let handle = tokio::spawn(async move {
-            let _permit = permit;
-            this.deliver(due).await;
-            lock(&this.running).remove(&key);
-            this.wake.notify_one();
-        });
+        let handle = tokio::spawn(
+            async move {
+                let _permit = permit;
+                this.deliver(due).await;
+                lock(&this.running).remove(&key);
+                this.wake.notify_one();
+            }
+            .instrument(span),
+        );
         running.insert(key, handle.abort_handle());
     }
 
@@ -352,18 +369,22 @@ impl Deliverer {
     /// Records a delivery try: delivered, retried later, or failed for good.
     async fn record(&self, due: &DueDelivery, channel: &'static str, sent: Result<(), String>) {
         let tries = due.delivery.attempts + 1;
+        let span = tracing::Span::current();
         let result = match sent {
             Ok(()) => {
                 self.metrics.delivery(channel, "delivered");
+                span.record("result", "delivered");
                 DeliveryResult::Delivered
             }
             Err(error) if tries >= self.delivery.max_attempts => {
                 self.metrics.delivery(channel, "failed");
+                span.record("result", "failed");
                 tracing::warn!(task = %due.task.id, %error, tries, "delivery failed for good; kept for redeliver");
                 DeliveryResult::Failed { error }
             }
             Err(error) => {
                 self.metrics.delivery(channel, "retry");
+                span.record("result", "retry");
                 let delay = backoff(&self.delivery, tries);
                 tracing::info!(task = %due.task.id, %error, tries, ?delay, "delivery failed; will retry");
                 DeliveryResult::Retry {

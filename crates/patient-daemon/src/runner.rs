@@ -2,6 +2,12 @@
 //! decision API, and store what comes next (an outcome with its delivery,
 //! or the time of the next step). No backoff lives in memory: a restart
 //! resumes every task where the database says.
+//!
+//! Each step runs in a `tracing` span `task` (level INFO) with the fields
+//! `task.id`, `callback`, `attempts_so_far` (attempts made before this
+//! step), `attempt` (the number of the attempt it makes), `owner` (this
+//! node) and, when it ends, `state`: `completed`, `failed`, or `scheduled`
+//! for a retry or a wait. The engine's `attempt` spans are its children.
 
 use std::{
     collections::HashMap,
@@ -19,6 +25,7 @@ use patient_wire::{
 };
 use serde_json::{json, Value};
 use tokio::sync::{Notify, Semaphore};
+use tracing::Instrument;
 
 use crate::{
     db::{Db, DbError, Finish, Reschedule},
@@ -332,16 +339,28 @@ impl Runner {
         };
         let runner = Arc::clone(self);
         let id = record.id.clone();
+        let span = tracing::info_span!(
+            "task",
+            "task.id" = %record.id,
+            callback = %record.callback,
+            attempts_so_far = record.attempts.len(),
+            attempt = record.next_attempt.max(1),
+            owner = %self.owner,
+            state = tracing::field::Empty,
+        );
         let mut running = lock(&self.running);
-        let handle = tokio::spawn(async move {
-            let _permit = permit;
-            let id = record.id.clone();
-            if let Err(error) = runner.step(record).await {
-                tracing::error!(task = %id, %error, "cannot store a step's result; the task stays leased and resumes after a restart");
+        let handle = tokio::spawn(
+            async move {
+                let _permit = permit;
+                let id = record.id.clone();
+                if let Err(error) = runner.step(record).await {
+                    tracing::error!(task = %id, %error, "cannot store a step's result; the task stays leased and resumes after a restart");
+                }
+                lock(&runner.running).remove(&id);
+                runner.wake.notify_one();
             }
-            lock(&runner.running).remove(&id);
-            runner.wake.notify_one();
-        });
+            .instrument(span),
+        );
         running.insert(id, handle.abort_handle());
     }
 
@@ -459,6 +478,7 @@ impl Runner {
                 attempts,
             })
             .await?;
+        tracing::Span::current().record("state", TaskState::Scheduled.as_str());
         Ok(())
     }
 
@@ -496,6 +516,7 @@ impl Runner {
             })
             .await?;
         if stored {
+            tracing::Span::current().record("state", state.as_str());
             if record.deliver != Deliver::None {
                 if let Some(deliverer) = self.on_outcome.get() {
                     deliverer.notify_one();

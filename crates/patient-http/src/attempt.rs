@@ -7,6 +7,16 @@
 //! (secrets, request hooks, preprocessors) and the response hooks are each
 //! bounded by what the attempt has left, and the transport gets what is left
 //! after the hooks ran.
+//!
+//! Each attempt runs in a `tracing` span `attempt` (level DEBUG), a child of
+//! the span current where the task runs (a daemon's task, a gateway's
+//! proxied request, an embedder's own). Its fields follow OpenTelemetry's
+//! HTTP client conventions: `attempt` (its number), `hedged`,
+//! `http.request.method`, `url.full` (the task's URL: no secret query
+//! parameter and no credentials, which are added only when it is sent),
+//! `server.address`, `server.port`, and when it ends
+//! `http.response.status_code` or `error.type` (the error's class, such as
+//! `ConnectionRefused`, `Timeout` or `CircuitOpen`).
 
 use std::{borrow::Cow, time::Duration};
 
@@ -101,6 +111,45 @@ const CROSS_ORIGIN_STRIPPED: [HeaderName; 3] = [
     header::COOKIE,
     header::PROXY_AUTHORIZATION,
 ];
+
+/// The span of attempt `number` of `task`; see the module's overview.
+/// Nothing is computed when no subscriber wants it.
+pub(crate) fn attempt_span(task: &Task, number: u32, hedged: bool) -> tracing::Span {
+    let url = task.request.url();
+    tracing::debug_span!(
+        "attempt",
+        attempt = number,
+        hedged,
+        "http.request.method" = task.request.method().as_str(),
+        "url.full" = url.as_str(),
+        "server.address" = url.host_str().unwrap_or_default(),
+        "server.port" = url.port_or_known_default(),
+        "http.response.status_code" = tracing::field::Empty,
+        "error.type" = tracing::field::Empty,
+    )
+}
+
+/// Records how an attempt ended on its span: the status of a response, the
+/// class of an error.
+pub(crate) fn record_attempt_end(span: &tracing::Span, result: Result<&Response, &TaskError>) {
+    if span.is_disabled() {
+        return;
+    }
+    match result {
+        Ok(response) => {
+            span.record("http.response.status_code", response.status);
+        }
+        Err(TaskError::Request(e)) => {
+            span.record("error.type", e.class_name.as_str());
+        }
+        Err(TaskError::Redirect(e)) => {
+            span.record("error.type", e.kind.class_name());
+        }
+        Err(TaskError::Http(e)) => {
+            span.record("http.response.status_code", e.response.status);
+        }
+    }
+}
 
 /// One send of a hop: its number, whether it is the replay, and the
 /// attempt's times.

@@ -23,9 +23,10 @@ use patient_wire::{
     Attempt, DeadlineMode, ErrorType, Headers, HttpError, Priority, Response, Strategy, TaskError,
 };
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::{
-    attempt::{AttemptPlan, AttemptResult},
+    attempt::{attempt_span, record_attempt_end, AttemptPlan, AttemptResult},
     breaker::BreakerPermit,
     engine::Engine,
     exchange::{Exchange, ExchangeOptions, RawParts},
@@ -681,8 +682,31 @@ impl Engine {
         }
     }
 
-    /// One attempt with the limits and the breaker around it.
+    /// One attempt with the limits and the breaker around it, in its span
+    /// `attempt` (see `attempt.rs`).
     async fn guarded_attempt(
+        &self,
+        task: &Task,
+        plan: &Plan<'_>,
+        deadline: Option<Instant>,
+        number: u32,
+        hedged: bool,
+        wait: LimitWait,
+    ) -> (Guarded, Attempt) {
+        let span = attempt_span(task, number, hedged);
+        let (guarded, attempt) = self
+            .limited_attempt(task, plan, deadline, number, hedged, wait)
+            .instrument(span.clone())
+            .await;
+        match &guarded {
+            Guarded::Ran(result) => record_attempt_end(&span, result.result.as_ref()),
+            Guarded::Refused { error, .. } => record_attempt_end(&span, Err(error)),
+        }
+        (guarded, attempt)
+    }
+
+    /// One attempt with the limits and the breaker around it.
+    async fn limited_attempt(
         &self,
         task: &Task,
         plan: &Plan<'_>,

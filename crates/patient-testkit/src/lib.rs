@@ -12,6 +12,8 @@
 //! * [`ForwardProxy`] — an HTTP forward proxy (`CONNECT` tunnels and
 //!   absolute-form requests) with optional Basic authentication.
 //! * [`TestCert`] — a CA and a server certificate signed by it.
+//! * [`spans::SpanRecorder`] — a `tracing` layer that records spans, their
+//!   fields and parents, for tests of what an operator sees.
 //!
 //! Everything listens on `127.0.0.1:0` and stops when dropped. The
 //! `patient-upstream` binary runs an [`Upstream`] in its own process for
@@ -37,6 +39,7 @@ mod fault;
 mod listener;
 mod proxy;
 pub mod services;
+pub mod spans;
 mod tls;
 mod upstream;
 

@@ -35,6 +35,7 @@ use patient_http::{client::ErrorType, exchange::StreamBody};
 use prometheus_client::metrics::histogram::Histogram;
 use serde_json::json;
 use tokio::time::Sleep;
+use tracing::Instrument;
 
 use super::{
     error_type,
@@ -61,6 +62,8 @@ pub(crate) struct StreamSetup {
     pub(crate) attempts: u32,
     /// Turns true when the daemon stops: the stream ends at once.
     pub(crate) closing: tokio::sync::watch::Receiver<bool>,
+    /// The request's span, held open until the stream ends.
+    pub(crate) span: tracing::Span,
 }
 
 /// A future that completes once the daemon stops.
@@ -69,6 +72,10 @@ type Closing = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
 /// The response body of a streamed request.
 pub struct ProxyBody {
     state: Option<Box<State>>,
+    /// The request's `proxied_request` span: entered while the body is
+    /// polled, closed when the body ends (or, after a client left with
+    /// `on_disconnect = "drain"`, when the drain ends).
+    span: tracing::Span,
 }
 
 struct State {
@@ -110,6 +117,7 @@ impl ProxyBody {
             status,
             attempts,
             mut closing,
+            span,
         } = setup;
         let closing: Closing = Box::pin(async move {
             let _ = closing.wait_for(|closed| *closed).await;
@@ -149,6 +157,7 @@ impl ProxyBody {
                 scratch: Vec::new(),
                 closing: Some(closing),
             })),
+            span,
         }
     }
 }
@@ -161,6 +170,8 @@ impl State {
         self.first_timer = None;
         self.gap_timer = None;
         self.cut = true;
+        // Polled or drained within the request's span.
+        tracing::Span::current().record("error.type", kind);
         self.route
             .metrics
             .families()
@@ -362,7 +373,9 @@ impl Body for ProxyBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, StreamCut>>> {
-        let Some(s) = self.state.as_mut() else {
+        let this = &mut *self;
+        let _entered = this.span.enter();
+        let Some(s) = this.state.as_mut() else {
             return Poll::Ready(None);
         };
         loop {
@@ -378,7 +391,7 @@ impl Body for ProxyBody {
                     return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                 }
                 let fatal = s.fatal.take();
-                if let Some(state) = self.state.take() {
+                if let Some(state) = this.state.take() {
                     state.finish(false);
                 }
                 return Poll::Ready(fatal.map(Err));
@@ -448,6 +461,7 @@ impl Drop for ProxyBody {
         let Some(state) = self.state.take() else {
             return;
         };
+        let _entered = self.span.enter();
         if state.upstream.is_none() {
             // Ended, but the client left before taking the last pieces.
             let gone = !state.out.is_empty();
@@ -457,7 +471,7 @@ impl Drop for ProxyBody {
         let drain = state.route.on_disconnect() == OnDisconnect::Drain;
         match tokio::runtime::Handle::try_current() {
             Ok(handle) if drain => {
-                handle.spawn(state.drain());
+                handle.spawn(state.drain().instrument(self.span.clone()));
             }
             _ => {
                 // Dropping the upstream body closes its connection: the

@@ -26,6 +26,15 @@
 //! token ([`crate::token`]), then removes it: the route's credential goes
 //! upstream in its place, and no hook sees the token.
 //!
+//! Each proxied request runs in a `tracing` span `proxied_request` (level
+//! INFO) with the fields `route`, `request.id` (the id sent upstream as
+//! `X-Request-Id` when the client sent none), `http.request.method`,
+//! `url.path` (as the client sent it), `upstream` (the origin that
+//! answered), and at its end `http.response.status_code` and, for an
+//! answer the gateway gave itself or a stream it cut, `error.type`. The
+//! engine's `attempt` spans are its children. A streamed response keeps
+//! the span open until its body ends.
+//!
 //! Errors the gateway answers itself have the shape LLM clients parse:
 //! `{"error": {"message": "...", "type": "payload_too_large"}}`.
 
@@ -64,6 +73,7 @@ use patient_http::{
     RequestOptions, Secrets, Task, TaskError,
 };
 use serde_json::json;
+use tracing::Instrument;
 
 use self::{
     balance::Balancer,
@@ -332,14 +342,43 @@ impl Gateway {
         Some((table, route))
     }
 
+    /// Proxies `request` on `route` in its span `proxied_request` (see the
+    /// module's overview); a streamed body holds the span until it ends.
     async fn proxy(&self, table: &Table, route: Arc<Route>, request: Request) -> Response {
+        let id = request_id();
+        let span = tracing::info_span!(
+            "proxied_request",
+            route = route.settings.name.as_str(),
+            "request.id" = id.as_str(),
+            "http.request.method" = request.method().as_str(),
+            "url.path" = request.uri().path(),
+            upstream = tracing::field::Empty,
+            "http.response.status_code" = tracing::field::Empty,
+            "error.type" = tracing::field::Empty,
+        );
+        let response = self
+            .forward(table, route, request, id, &span)
+            .instrument(span.clone())
+            .await;
+        span.record("http.response.status_code", response.status().as_u16());
+        response
+    }
+
+    async fn forward(
+        &self,
+        table: &Table,
+        route: Arc<Route>,
+        request: Request,
+        request_id: String,
+        span: &tracing::Span,
+    ) -> Response {
         let started = Instant::now();
         let hooks = &self.shared.hooks;
         let metrics = &self.shared.metrics;
         let name = route.settings.name.as_str();
         let mut ctx = ProxyContext {
             route: name.to_owned(),
-            request_id: request_id(),
+            request_id,
             upstream: None,
             streaming: false,
             started,
@@ -347,6 +386,7 @@ impl Gateway {
         };
         let fail =
             |ctx: &mut ProxyContext, status: StatusCode, kind: &'static str, message: String| {
+                span.record("error.type", kind);
                 metrics.error(name, kind);
                 route.metrics.request(None, status.as_u16());
                 hooks.logging(
@@ -591,6 +631,7 @@ impl Gateway {
                 .await;
             match result {
                 Ok(ex) => {
+                    span.record("upstream", upstream.origin.as_str());
                     attempts += ex.attempts;
                     exchange = Some((index, ex));
                     break;
@@ -684,6 +725,7 @@ impl Gateway {
                     status: status.as_u16(),
                     attempts,
                     closing: self.shared.closing.subscribe(),
+                    span: span.clone(),
                 }))
             }
         };
