@@ -240,11 +240,10 @@ async fn serve_connection(
                 Ok(response) => response,
                 Err(never) => match never {},
             };
-            let mut response = response.map(|body| {
-                Body::new(IdleWhenDone {
-                    body,
-                    conn: Some(state),
-                })
+            // hyper takes any body: no second box around the router's.
+            let mut response = response.map(|body| IdleWhenDone {
+                body,
+                conn: Some(state),
             });
             if response.extensions().get::<CloseConnection>().is_some() {
                 response
