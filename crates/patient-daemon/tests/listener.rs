@@ -172,11 +172,11 @@ async fn a_stop_ends_within_shutdown_timeout_whatever_clients_hold_open() {
 #[tokio::test]
 async fn no_task_is_claimed_after_the_stop_signal() {
     let upstream = Upstream::start().await.unwrap();
-    let config = format!(
-        "[[routes]]\nname = \"up\"\npath_prefix = \"/up/\"\nstrip_prefix = true\nupstreams = [\"http://{}\"]\n",
-        upstream.addr()
-    );
-    let daemon = Daemon::start_with_config(&config, &[("PATIENT_SHUTDOWN_TIMEOUT", "5")]).await;
+    let daemon = Daemon::start_with_config(
+        &route_config(&upstream),
+        &[("PATIENT_SHUTDOWN_TIMEOUT", "5")],
+    )
+    .await;
     // A task that becomes due while the stop waits for...
     let mut later = get_request(&upstream.url("/echo?later"));
     later["delay"] = json!(0.6);
@@ -211,24 +211,14 @@ async fn no_task_is_claimed_after_the_stop_signal() {
 #[tokio::test]
 async fn streamed_responses_start_at_once_on_a_kept_alive_connection() {
     let upstream = Upstream::start().await.unwrap();
-    let config = format!(
-        "[[routes]]\nname = \"llm\"\npath_prefix = \"/llm/\"\nstrip_prefix = true\nupstreams = [\"http://{}\"]\n",
-        upstream.addr()
-    );
-    let daemon = Daemon::start_with_config(&config, &[]).await;
-    let addr = daemon.url.trim_start_matches("http://").to_owned();
-    let stream = TcpStream::connect(&addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let daemon = Daemon::start_with_config(&route_config(&upstream), &[]).await;
+    let (addr, mut sender) = kept_alive(&daemon).await;
     let body =
         json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
             .to_string();
     let mut first_bytes = Vec::new();
     for _ in 0..30 {
-        let request = http::Request::post("/llm/v1/chat/completions?first_delay_ms=5")
+        let request = http::Request::post("/up/v1/chat/completions?first_delay_ms=5")
             .header("host", &addr)
             .header("content-type", "application/json")
             .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
@@ -255,6 +245,24 @@ async fn streamed_responses_start_at_once_on_a_kept_alive_connection() {
         median < Duration::from_millis(25),
         "median time to the first byte {median:?} over a kept-alive connection: {first_bytes:?}"
     );
+}
+
+/// One kept-alive HTTP/1.1 connection to the daemon: its address (for
+/// `Host`) and the sender of requests over it.
+async fn kept_alive(
+    daemon: &Daemon,
+) -> (
+    String,
+    hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+) {
+    let addr = daemon.url.trim_start_matches("http://").to_owned();
+    let stream = TcpStream::connect(&addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    (addr, sender)
 }
 
 /// A route to `upstream` at `/up/`.
@@ -284,13 +292,7 @@ async fn a_stream_still_open_when_the_shutdown_timeout_ends_gets_an_error_event(
         &[("PATIENT_SHUTDOWN_TIMEOUT", "1")],
     )
     .await;
-    let addr = daemon.url.trim_start_matches("http://").to_owned();
-    let stream = TcpStream::connect(&addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (addr, mut sender) = kept_alive(&daemon).await;
     let body = json!({"model": "m", "stream": true,
         "messages": [{"role": "user", "content": "one two three four five six seven eight"}]})
     .to_string();
